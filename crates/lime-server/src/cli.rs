@@ -1,0 +1,211 @@
+//! The command line: `serve`, `db init`, `check-config`.
+
+use crate::config::{AuthMode, Settings};
+use crate::startup::Application;
+use crate::store::sqlite::{self, schema::SchemaState};
+use crate::telemetry;
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use lime_protocol::Curve;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// LIME X3DH key server: the public-key directory behind Linphone's end-to-end
+/// encrypted messaging.
+#[derive(Debug, Parser)]
+#[command(name = "lime-server", version, about, long_about = None)]
+pub struct Cli {
+    /// Config file (TOML). Default: /etc/lime-server/lime-server.toml when present,
+    /// else built-in defaults (loopback, SQLite in ./lime-data, all five curves).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the key server.
+    Serve(ServeArgs),
+    /// Database management.
+    #[command(subcommand)]
+    Db(DbCommand),
+    /// Load and check the config, print what it means, and exit.
+    CheckConfig,
+}
+
+/// Options of `serve`; each overrides its config key.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on, e.g. 127.0.0.1:25519 (repeatable; replaces server.listen).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Vec<SocketAddr>,
+    /// Data directory: SQLite databases and self-signed certificate (storage.data_dir).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Serve plain HTTP instead of HTTPS on every listener (behind a reverse proxy,
+    /// or for local tests).
+    #[arg(long)]
+    pub plain_http: bool,
+    /// Allow non-loopback listeners with authentication off (server.insecure_no_auth).
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+}
+
+/// `db` sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum DbCommand {
+    /// Create a base algorithm's database with its schema; does nothing to one
+    /// that exists (the counterpart of the original's `lime-createBase.php --curve`).
+    Init {
+        /// c25519, c448, c25519k512, c25519mlk512 or c448mlk1024 (repeatable;
+        /// default: every curve enabled in the config).
+        #[arg(long, value_name = "CURVE")]
+        curve: Vec<Curve>,
+        /// Data directory (storage.data_dir).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    let (mut settings, source) = Settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Serve(args) => {
+            apply_serve_overrides(&mut settings, args);
+            settings.validate()?;
+            telemetry::init(&settings.log);
+            serve(settings, source)
+        }
+        Command::Db(DbCommand::Init { curve, data_dir }) => {
+            if let Some(dir) = data_dir {
+                settings.storage.data_dir = dir;
+            }
+            settings.validate()?;
+            let curves = if curve.is_empty() {
+                settings.storage.enabled_curves()
+            } else {
+                curve
+            };
+            db_init(&settings, &curves)
+        }
+        Command::CheckConfig => {
+            settings.validate()?;
+            print_summary(&settings, source);
+            Ok(())
+        }
+    }
+}
+
+fn apply_serve_overrides(settings: &mut Settings, args: ServeArgs) {
+    if !args.listen.is_empty() {
+        settings.server.listen = args.listen;
+        settings.server.plain_http_listen.clear();
+    }
+    if args.plain_http {
+        let tls_listeners = std::mem::take(&mut settings.server.listen);
+        settings.server.plain_http_listen.extend(tls_listeners);
+    }
+    if let Some(dir) = args.data_dir {
+        settings.storage.data_dir = dir;
+    }
+    if args.insecure_no_auth {
+        settings.server.insecure_no_auth = true;
+    }
+}
+
+fn serve(settings: Settings, source: Option<PathBuf>) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        match &source {
+            Some(path) => tracing::info!(config = %path.display(), "config loaded"),
+            None => {
+                tracing::info!("no config file: built-in defaults (see lime-server.example.toml)")
+            }
+        }
+        if settings.auth.mode == AuthMode::None {
+            tracing::warn!(
+                "authentication is OFF: any client can publish, replace or delete the keys of any \
+                 device id it names. Use only on loopback, for tests, or behind a proxy that \
+                 authenticates"
+            );
+        }
+        let app = Application::build(&settings).await?;
+        app.run_until(shutdown_signal()).await
+    })
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+}
+
+fn db_init(settings: &Settings, curves: &[Curve]) -> Result<()> {
+    let dir = &settings.storage.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for curve in curves {
+        let path = settings.storage.sqlite_path(*curve);
+        let state = sqlite::init_database(&path)?;
+        let what = match state {
+            SchemaState::Created => "created",
+            SchemaState::Current => "already present, left as it is",
+        };
+        println!("{curve}: {} {what}", path.display());
+    }
+    Ok(())
+}
+
+fn print_summary(settings: &Settings, source: Option<PathBuf>) {
+    match source {
+        Some(path) => println!("config file: {}", path.display()),
+        None => println!("config file: none, built-in defaults"),
+    }
+    for addr in &settings.server.listen {
+        println!("listen: https://{addr}");
+    }
+    for addr in &settings.server.plain_http_listen {
+        println!("listen: http://{addr} (plain HTTP)");
+    }
+    println!("paths: {}", settings.server.paths.join(", "));
+    match &settings.tls.certificate {
+        Some(path) => println!("TLS certificate: {}", path.display()),
+        None => println!(
+            "TLS certificate: self-signed, in {}",
+            settings.storage.data_dir.join("tls").display()
+        ),
+    }
+    for curve in settings.storage.enabled_curves() {
+        println!(
+            "{curve}: sqlite {}",
+            settings.storage.sqlite_path(curve).display()
+        );
+    }
+    match settings.auth.mode {
+        AuthMode::None => println!("authentication: OFF (loopback or trusted proxy only)"),
+    }
+    println!("config is valid");
+}

@@ -1,0 +1,175 @@
+//! HTTP in front of the service: routes, method, body cap, content type and
+//! sender, then the X3DH answer as an HTTP 200.
+//!
+//! Every X3DH answer, errors included, goes out as `200` with
+//! `Content-Type: x3dh/octet-stream` (the client reads no other status). Requests
+//! that are not X3DH at all get a plain 4xx: 404 for another path, 405 for another
+//! method, 413 for a body over the cap (refused before it is read whole).
+
+use crate::auth;
+use crate::error::RequestError;
+use crate::service::{KeyService, error_answer};
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use std::convert::Infallible;
+use std::time::Duration;
+
+/// The media type of every X3DH message.
+pub const X3DH_CONTENT_TYPE: &str = "x3dh/octet-stream";
+
+/// What the HTTP layer needs to answer a request.
+pub struct HttpState {
+    /// The protocol handlers.
+    pub service: KeyService,
+    /// Paths that accept X3DH requests.
+    pub paths: Vec<String>,
+    /// Largest body accepted.
+    pub max_body_bytes: usize,
+    /// Longest wait for a store in the readiness check.
+    pub readiness_timeout: Duration,
+}
+
+/// Answers one HTTP request.
+pub async fn handle(
+    state: &HttpState,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = request.uri().path();
+    let response = if state.paths.iter().any(|accepted| accepted == path) {
+        if request.method() == Method::POST {
+            x3dh(state, request).await
+        } else {
+            tracing::warn!(method = %request.method(), path, "refused: X3DH requests are POSTed");
+            method_not_allowed("POST")
+        }
+    } else {
+        match path {
+            "/health" if request.method() == Method::GET => plain(StatusCode::OK, "ok\n"),
+            "/ready" if request.method() == Method::GET => readiness(state).await,
+            "/health" | "/ready" => method_not_allowed("GET"),
+            _ => {
+                tracing::warn!(method = %request.method(), path, "refused: no such path");
+                plain(StatusCode::NOT_FOUND, "not found\n")
+            }
+        }
+    };
+    Ok(response)
+}
+
+async fn x3dh(state: &HttpState, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > state.max_body_bytes as u64) {
+        return too_large(state, declared);
+    }
+    let body = match Limited::new(body, state.max_body_bytes).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
+            return too_large(state, declared);
+        }
+        Err(error) => {
+            tracing::warn!(%error, "refused: request body could not be read");
+            return plain(StatusCode::BAD_REQUEST, "request body could not be read\n");
+        }
+    };
+    let curve_byte = body.get(2).copied().unwrap_or(0);
+    let answer = match check_content_type(&parts.headers)
+        .and_then(|()| auth::sender_from_headers(&parts.headers))
+    {
+        Ok(sender) => state.service.handle(&sender, &body).await,
+        Err(error) => error_answer(curve_byte, None, &error),
+    };
+    match answer.encode() {
+        Ok(bytes) => x3dh_response(bytes),
+        Err(error) => {
+            let error = RequestError::from(error);
+            let fallback = error_answer(curve_byte, None, &error);
+            // An error answer has no list in it: it always encodes.
+            x3dh_response(fallback.encode().unwrap_or_default())
+        }
+    }
+}
+
+fn check_content_type(headers: &HeaderMap) -> Result<(), RequestError> {
+    let value = headers
+        .get(CONTENT_TYPE)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
+    let media_type = value
+        .as_deref()
+        .and_then(|value| value.split(';').next())
+        .map(str::trim);
+    match media_type {
+        Some(media_type) if media_type.eq_ignore_ascii_case(X3DH_CONTENT_TYPE) => Ok(()),
+        _ => Err(RequestError::BadContentType(value)),
+    }
+}
+
+async fn readiness(state: &HttpState) -> Response<Full<Bytes>> {
+    let mut down = Vec::new();
+    for (curve, store) in state.service.stores().iter() {
+        let ping = tokio::time::timeout(state.readiness_timeout, store.ping()).await;
+        match ping {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => down.push(format!("{curve}: {error}")),
+            Err(_) => down.push(format!(
+                "{curve}: no answer within {:?}",
+                state.readiness_timeout
+            )),
+        }
+    }
+    if down.is_empty() {
+        plain(StatusCode::OK, "ready\n")
+    } else {
+        tracing::warn!(stores = ?down, "not ready: store down");
+        plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready\n{}\n", down.join("\n")),
+        )
+    }
+}
+
+fn too_large(state: &HttpState, declared: Option<u64>) -> Response<Full<Bytes>> {
+    tracing::warn!(
+        limit = state.max_body_bytes,
+        declared = ?declared,
+        "refused: request body over server.max_body_bytes"
+    );
+    plain(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body over {} bytes\n", state.max_body_bytes),
+    )
+}
+
+fn x3dh_response(body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        http::HeaderValue::from_static(X3DH_CONTENT_TYPE),
+    );
+    response
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    response
+        .headers_mut()
+        .insert(ALLOW, http::HeaderValue::from_static(allow));
+    response
+}
+
+fn plain(status: StatusCode, text: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(text.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}

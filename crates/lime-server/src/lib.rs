@@ -1,0 +1,31 @@
+//! lime-server: the LIME X3DH key server, the public-key directory behind
+//! Linphone's end-to-end encrypted messaging.
+//!
+//! The request path reads straight down:
+//! listener ([`startup`]) -> TLS ([`tls`]) / HTTP ([`http`]) -> sender ([`auth`])
+//! -> decode (`lime-protocol`) -> handler ([`service`]) -> store ([`store`]) ->
+//! encode -> response.
+//!
+//! - [`config`]: typed settings from one TOML file, checked once at start.
+//! - [`cli`]: `serve`, `db init`, `check-config`.
+//! - [`startup`]: builds stores, TLS and listeners; runs until stopped.
+//! - [`tls`]: certificate (configured or self-signed) and rustls config.
+//! - [`http`]: routes, method, body cap, content type; X3DH answers as HTTP 200.
+//! - [`auth`]: who a request acts for ([`auth::Sender`]).
+//! - [`service`]: one handler per X3DH request type.
+//! - [`store`]: the [`store::KeyStore`] trait and the SQLite backend.
+//! - [`error`]: one error type for the request path, mapped to X3DH error codes.
+//! - [`telemetry`]: log set-up.
+//! - [`client`]: a small X3DH client for tests and tools (not used by the server).
+
+pub mod auth;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod service;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+pub mod tls;

@@ -1,0 +1,276 @@
+//! Builds the application from settings (stores, TLS, listeners), then runs it
+//! until told to stop.
+//!
+//! Each listener has an accept loop; each connection is served by hyper (HTTP/1.1
+//! keep-alive and HTTP/2) on its own task. A semaphore bounds the connections
+//! served at once; a watch channel tells the accept loops to stop, and hyper's
+//! graceful shutdown lets the requests in flight finish.
+
+use crate::config::Settings;
+use crate::http::{self, HttpState};
+use crate::service::KeyService;
+use crate::store::Stores;
+use crate::store::sqlite::{self, SqliteOptions};
+use crate::tls::{self, CertificateFiles};
+use anyhow::{Context, Result};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+
+/// How long a client has to finish its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long requests in flight may take to finish once a stop is asked.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A bound listener and whether it speaks TLS.
+struct Listener {
+    tcp: TcpListener,
+    /// `None` for a plain HTTP listener.
+    tls: Option<TlsAcceptor>,
+}
+
+/// The server, built and bound, not yet serving.
+pub struct Application {
+    listeners: Vec<Listener>,
+    state: Arc<HttpState>,
+    /// Bounds the connections served at once.
+    connections: Arc<Semaphore>,
+    /// The certificate of the TLS listeners, when there are any.
+    certificate: Option<CertificateFiles>,
+}
+
+impl Application {
+    /// Opens the stores, prepares TLS and binds every listener.
+    pub async fn build(settings: &Settings) -> Result<Application> {
+        settings.validate()?;
+        let storage = &settings.storage;
+        std::fs::create_dir_all(&storage.data_dir).with_context(|| {
+            format!(
+                "cannot create data directory {}",
+                storage.data_dir.display()
+            )
+        })?;
+        let mut stores = Stores::default();
+        for curve in storage.enabled_curves() {
+            let options = SqliteOptions {
+                path: storage.sqlite_path(curve),
+                synchronous: storage.sqlite_synchronous,
+                max_batch: storage.sqlite_max_batch,
+                limits: settings.limits.store_limits(),
+            };
+            let store = sqlite::open_shared(curve, &options)?;
+            tracing::info!(%curve, path = %options.path.display(), "store opened");
+            stores.insert(curve, store);
+        }
+
+        let certificate = if settings.server.listen.is_empty() {
+            None
+        } else {
+            Some(certificate_files(settings)?)
+        };
+        let acceptor = certificate
+            .as_ref()
+            .map(|files| tls::server_config(files).map(TlsAcceptor::from))
+            .transpose()?;
+
+        let mut listeners = Vec::new();
+        for addr in &settings.server.listen {
+            listeners.push(Listener {
+                tcp: bind(*addr).await?,
+                tls: acceptor.clone(),
+            });
+        }
+        for addr in &settings.server.plain_http_listen {
+            listeners.push(Listener {
+                tcp: bind(*addr).await?,
+                tls: None,
+            });
+        }
+
+        let store_timeout = Duration::from_millis(storage.timeout_ms);
+        let state = Arc::new(HttpState {
+            service: KeyService::new(stores, store_timeout),
+            paths: settings.server.paths.clone(),
+            max_body_bytes: settings.server.max_body_bytes,
+            readiness_timeout: store_timeout,
+        });
+        Ok(Application {
+            listeners,
+            state,
+            connections: Arc::new(Semaphore::new(settings.server.max_connections)),
+            certificate,
+        })
+    }
+
+    /// The bound addresses, each with its URL scheme (`https` or `http`).
+    pub fn local_addrs(&self) -> Vec<(SocketAddr, &'static str)> {
+        self.listeners
+            .iter()
+            .filter_map(|listener| {
+                let scheme = if listener.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                listener.tcp.local_addr().ok().map(|addr| (addr, scheme))
+            })
+            .collect()
+    }
+
+    /// The certificate the HTTPS listeners present, when there are any.
+    pub fn certificate(&self) -> Option<&CertificateFiles> {
+        self.certificate.as_ref()
+    }
+
+    /// Serves until `shutdown` completes, then lets requests in flight finish.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let (stop, stopped) = watch::channel(false);
+        let graceful = Arc::new(GracefulShutdown::new());
+        let mut loops = Vec::new();
+        for listener in self.listeners {
+            let addr = listener.tcp.local_addr()?;
+            let scheme = if listener.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            tracing::info!(%addr, scheme, "listening");
+            loops.push(tokio::spawn(accept_loop(
+                listener,
+                self.state.clone(),
+                self.connections.clone(),
+                graceful.clone(),
+                stopped.clone(),
+            )));
+        }
+        shutdown.await;
+        tracing::info!("stopping: no new connections, letting requests in flight finish");
+        let _ = stop.send(true);
+        for accept in loops {
+            let _ = accept.await;
+        }
+        // The accept loops held the other references; the connections hold watchers.
+        let Ok(graceful) = Arc::try_unwrap(graceful) else {
+            tracing::warn!("connections not tracked, stopping without waiting for them");
+            return Ok(());
+        };
+        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some connections did not finish within {SHUTDOWN_GRACE:?}");
+        }
+        Ok(())
+    }
+}
+
+fn certificate_files(settings: &Settings) -> Result<CertificateFiles> {
+    match (&settings.tls.certificate, &settings.tls.private_key) {
+        (Some(certificate), Some(private_key)) => Ok(CertificateFiles {
+            certificate: certificate.clone(),
+            private_key: private_key.clone(),
+        }),
+        _ => {
+            let files = CertificateFiles::self_signed_in(&settings.storage.data_dir);
+            if tls::ensure_self_signed(&files)? {
+                tracing::warn!(
+                    certificate = %files.certificate.display(),
+                    "no tls.certificate configured: generated a self-signed certificate for localhost"
+                );
+            }
+            Ok(files)
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+async fn accept_loop(
+    listener: Listener,
+    state: Arc<HttpState>,
+    connections: Arc<Semaphore>,
+    graceful: Arc<GracefulShutdown>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = stopped.changed() => return,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.tcp.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait a little, go on.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let tls = listener.tls.clone();
+        let graceful = graceful.watcher();
+        tokio::spawn(async move {
+            serve_connection(stream, peer, tls, state, graceful).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    state: Arc<HttpState>,
+    graceful: Watcher,
+) {
+    let service = service_fn(move |request| {
+        let state = state.clone();
+        async move { http::handle(&state, request).await }
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let result = match tls {
+        Some(acceptor) => {
+            let stream =
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        tracing::debug!(%peer, %error, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            graceful.watch(connection.into_owned()).await
+        }
+        None => {
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            graceful.watch(connection.into_owned()).await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%peer, %error, "connection ended with an error");
+    }
+}

@@ -1,0 +1,131 @@
+//! Where keys live: the [`KeyStore`] trait and its backends.
+//!
+//! A store keeps one base algorithm's devices and keys, in tables named and shaped
+//! like the original PHP server's (`Users`, `OPk`, `Requests`, `Config`). It sees
+//! typed keys, never protocol bytes. Every method is one transaction: it happens
+//! whole or not at all. Invariant: a one-time pre-key leaves a store only inside
+//! [`KeyStore::claim_key_bundles`], in the same transaction that deletes it.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
+use std::sync::Arc;
+
+/// What a store can fail with. The domain variants are answers the client gets;
+/// [`StoreError::Backend`] is a database failure, logged in full and answered
+/// with `db_error`.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The device is not registered.
+    #[error("device is not registered")]
+    DeviceNotFound,
+    /// registerUser for a device registered with other keys.
+    #[error("device is already registered with other keys")]
+    DeviceRegisteredWithOtherKeys,
+    /// A one-time pre-key id the device already uses, with a different key.
+    #[error("OPk id {0} is already used by this device for another key")]
+    ConflictingOneTimePreKeyId(u32),
+    /// The device would hold more one-time pre-keys than allowed.
+    #[error("device would hold {would_hold} one-time pre-keys, the limit is {limit}")]
+    TooManyOneTimePreKeys {
+        /// How many it would hold after the request.
+        would_hold: u64,
+        /// The configured limit.
+        limit: u32,
+    },
+    /// The database failed; nothing was changed.
+    #[error("database error: {0}")]
+    Backend(String),
+}
+
+/// The answer to a registerUser that did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registered {
+    /// The device is new and now stored with its keys.
+    New,
+    /// The device was already stored with exactly these keys; nothing changed.
+    AlreadyWithSameKeys,
+}
+
+/// Limits a store enforces inside its transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Most one-time pre-keys one device may hold on the server.
+    pub max_one_time_pre_keys_per_device: u32,
+}
+
+/// One base algorithm's key directory.
+#[async_trait]
+pub trait KeyStore: Send + Sync {
+    /// Stores a new device with its keys, all or nothing. The same device with
+    /// the same Ik and SPk is a retry: success, nothing changes.
+    async fn register_device(
+        &self,
+        device: DeviceId,
+        registration: Registration,
+    ) -> Result<Registered, StoreError>;
+
+    /// Deletes a device and its one-time pre-keys; an unknown device is not an error.
+    async fn delete_device(&self, device: DeviceId) -> Result<(), StoreError>;
+
+    /// Replaces the device's signed pre-key.
+    async fn replace_signed_pre_key(
+        &self,
+        device: DeviceId,
+        key: SignedPreKey,
+    ) -> Result<(), StoreError>;
+
+    /// Adds one-time pre-keys to a device, all or nothing. A key identical to one
+    /// the device already has (same id, same bytes) is skipped, so a retried upload
+    /// is harmless; the same id with other bytes refuses the whole upload.
+    async fn add_one_time_pre_keys(
+        &self,
+        device: DeviceId,
+        keys: Vec<OneTimePreKey>,
+    ) -> Result<(), StoreError>;
+
+    /// The key bundles of `devices`, in their order, each taking (and deleting) one
+    /// one-time pre-key when the device has one left: one transaction for all.
+    /// No bundle for a device that is unknown or has no signed pre-key. A device
+    /// named twice takes at most one one-time pre-key.
+    async fn claim_key_bundles(
+        &self,
+        devices: Vec<DeviceId>,
+    ) -> Result<Vec<PeerBundle>, StoreError>;
+
+    /// Ids of the device's one-time pre-keys still stored, oldest first.
+    async fn one_time_pre_key_ids(&self, device: DeviceId) -> Result<Vec<u32>, StoreError>;
+
+    /// Checks that the database answers (for readiness).
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// The stores of the enabled base algorithms.
+#[derive(Clone, Default)]
+pub struct Stores {
+    by_curve: [Option<Arc<dyn KeyStore>>; 5],
+}
+
+impl Stores {
+    /// Adds the store serving `curve`.
+    pub fn insert(&mut self, curve: Curve, store: Arc<dyn KeyStore>) {
+        self.by_curve[Self::slot(curve)] = Some(store);
+    }
+
+    /// The store serving `curve`, if the curve is enabled.
+    pub fn get(&self, curve: Curve) -> Option<&Arc<dyn KeyStore>> {
+        self.by_curve[Self::slot(curve)].as_ref()
+    }
+
+    /// The enabled curves and their stores.
+    pub fn iter(&self) -> impl Iterator<Item = (Curve, &Arc<dyn KeyStore>)> {
+        Curve::ALL
+            .into_iter()
+            .filter_map(|curve| self.get(curve).map(|store| (curve, store)))
+    }
+
+    fn slot(curve: Curve) -> usize {
+        usize::from(curve.id() - 1)
+    }
+}
