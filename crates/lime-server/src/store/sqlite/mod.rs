@@ -101,6 +101,33 @@ pub fn init_database(path: &Path) -> Result<SchemaState, OpenError> {
     open_connection(path, Synchronous::Full).map(|(_, state)| state)
 }
 
+/// A connection set up exactly as the store's own (WAL, `synchronous`, foreign
+/// keys, schema checked): for tools and benchmarks that measure the database
+/// without the server in front.
+pub fn connect(path: &Path, synchronous: Synchronous) -> Result<Connection, OpenError> {
+    open_connection(path, synchronous).map(|(conn, _)| conn)
+}
+
+/// The getPeerBundle claim as the store runs it, in a transaction of its own: the
+/// reference ("raw") rate the server's throughput is compared with.
+pub fn claim_key_bundles_in_transaction(
+    conn: &Connection,
+    curve: Curve,
+    devices: Vec<DeviceId>,
+) -> Result<Vec<PeerBundle>, StoreError> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    match queries::claim_key_bundles(conn, curve, devices) {
+        Ok(bundles) => {
+            conn.execute_batch("COMMIT")?;
+            Ok(bundles)
+        }
+        Err(error) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(error)
+        }
+    }
+}
+
 fn open_connection(
     path: &Path,
     synchronous: Synchronous,

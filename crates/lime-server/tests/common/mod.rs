@@ -1,0 +1,186 @@
+//! Test harness: start a real server in-process on an ephemeral port, with its own
+//! data directory, and talk to it over real HTTPS.
+//!
+//! Every test binary compiles this module and uses only part of it.
+#![allow(dead_code)]
+
+pub mod liblime;
+
+use lime_protocol::{
+    Curve, DeviceId, IdentityKey, OneTimePreKey, Registration, Request, RequestMessage,
+    ResponseMessage, SignedPreKey,
+};
+use lime_server::client::{LimeClient, RawAnswer};
+use lime_server::config::Settings;
+use lime_server::startup::Application;
+use rand::RngCore;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+/// A running server and a client that trusts it.
+pub struct TestApp {
+    /// `https://127.0.0.1:PORT/`
+    pub base_url: String,
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// A client trusting the server's self-signed certificate.
+    pub client: LimeClient,
+    /// The settings the server runs with.
+    pub settings: Settings,
+    /// Holds the data directory for the life of the test.
+    pub data_dir: TempDir,
+    /// Dropping it stops the server.
+    _stop: oneshot::Sender<()>,
+}
+
+/// Starts a server with the defaults (TLS, all five curves, SQLite in a fresh
+/// temporary directory) on an ephemeral loopback port.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Like [`spawn_app`], with settings changed by `configure` first.
+pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    init_test_log();
+    let data_dir = tempfile::tempdir().expect("temporary data directory");
+    let mut settings = Settings::default();
+    settings.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    settings.storage.data_dir = data_dir.path().to_owned();
+    configure(&mut settings);
+    let app = Application::build(&settings)
+        .await
+        .expect("the server starts with the test settings");
+    let (addr, scheme) = app.local_addrs()[0];
+    let client = match app.certificate() {
+        Some(files) => {
+            LimeClient::trusting(&files.certificate).expect("client trusting the server")
+        }
+        None => LimeClient::plain().expect("plain HTTP client"),
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(app.run_until(async {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        base_url: format!("{scheme}://{addr}/"),
+        addr,
+        client,
+        settings,
+        data_dir,
+        _stop: stop,
+    }
+}
+
+/// Logs to stderr when `TEST_LOG` is set; silent otherwise.
+fn init_test_log() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+impl TestApp {
+    /// Sends one X3DH request as `sender` (header X-Lime-user-identity) and parses
+    /// the answer. Panics when the answer is not an HTTP 200 X3DH message.
+    pub async fn send(&self, sender: &str, message: &RequestMessage) -> ResponseMessage {
+        self.client
+            .send(&self.base_url, sender, message)
+            .await
+            .unwrap_or_else(|error| {
+                panic!(
+                    "{:?} as {sender}: {error:#}",
+                    message.request.message_type()
+                )
+            })
+    }
+
+    /// Sends a request made of `curve` and `request`.
+    pub async fn ask(&self, sender: &str, curve: Curve, request: Request) -> ResponseMessage {
+        self.send(sender, &RequestMessage { curve, request }).await
+    }
+
+    /// POSTs raw bytes to the base URL with exactly these headers.
+    pub async fn post_raw(&self, headers: &[(&str, &str)], body: Vec<u8>) -> RawAnswer {
+        self.client
+            .post(&self.base_url, headers, body)
+            .await
+            .expect("the server answers")
+    }
+
+    /// The SQLite file of one curve.
+    pub fn sqlite_path(&self, curve: Curve) -> PathBuf {
+        self.settings.storage.sqlite_path(curve)
+    }
+
+    /// Removes a device (and its OPks) directly in the store, bypassing the protocol:
+    /// what a server that lost a device looks like to its client.
+    pub async fn delete_device_in_store(&self, curve: Curve, device_id: &str) {
+        let conn = rusqlite::Connection::open(self.sqlite_path(curve)).expect("open the store");
+        conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;")
+            .unwrap();
+        let deleted = conn
+            .execute("DELETE FROM Users WHERE UserId = ?1", [device_id])
+            .expect("delete the device");
+        assert_eq!(deleted, 1, "{device_id} was not in the {curve} store");
+    }
+
+    /// Number of OPk rows in a curve's store, all devices together.
+    pub async fn stored_one_time_pre_keys(&self, curve: Curve) -> u64 {
+        let conn = rusqlite::Connection::open(self.sqlite_path(curve)).expect("open the store");
+        conn.query_row("SELECT COUNT(*) FROM OPk", [], |row| row.get(0))
+            .expect("count OPks")
+    }
+}
+
+/// A device id unique to this test run: `sip:NAME-RANDOM@example.org;gr=urn:uuid:...`.
+pub fn device_id(name: &str) -> String {
+    let mut rng = rand::rng();
+    format!(
+        "sip:{name}-{:08x}@example.org;gr=urn:uuid:{:032x}",
+        rng.next_u32(),
+        u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64())
+    )
+}
+
+/// `len` random bytes.
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    let mut bytes = vec![0; len];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes
+}
+
+/// A one-time pre-key of the curve's size with random bytes.
+pub fn one_time_pre_key(curve: Curve, id: u32) -> OneTimePreKey {
+    OneTimePreKey::new(curve, random_bytes(curve.pre_key_len()), id).unwrap()
+}
+
+/// A signed pre-key of the curve's sizes with random bytes.
+pub fn signed_pre_key(curve: Curve, id: u32) -> SignedPreKey {
+    SignedPreKey::new(
+        curve,
+        random_bytes(curve.pre_key_len()),
+        random_bytes(curve.signature_len()),
+        id,
+    )
+    .unwrap()
+}
+
+/// A registration with random keys and OPks with ids `first_opk_id..first_opk_id+opks`.
+pub fn registration(curve: Curve, opks: u32, first_opk_id: u32) -> Registration {
+    Registration {
+        identity_key: IdentityKey::new(curve, random_bytes(curve.identity_key_len())).unwrap(),
+        signed_pre_key: signed_pre_key(curve, 1),
+        one_time_pre_keys: (first_opk_id..first_opk_id + opks)
+            .map(|id| one_time_pre_key(curve, id))
+            .collect(),
+    }
+}
+
+/// `DeviceId` from a string known to be valid.
+pub fn id(text: &str) -> DeviceId {
+    DeviceId::new(text).unwrap()
+}

@@ -1,0 +1,370 @@
+//! The real client against our server: Debian's liblime 5.1 driven through FFI
+//! (`common::liblime`), its X3DH traffic posted to the server over HTTPS.
+//!
+//! Each story runs for both curves liblime 5.1 knows. Users register, fetch each
+//! other's key bundles (with a one-time pre-key, served once), exchange messages
+//! both ways and to a group, refill their one-time pre-keys and delete
+//! themselves; and a device the server lost registers again on its next update.
+//! What the server says is checked beside liblime, with `TestApp::send`.
+
+mod common;
+
+use std::path::Path;
+
+use common::liblime::{EncryptionPolicy, Exchange, LimeDevice, X3dhInit, describe_exchanges};
+use common::{TestApp, spawn_app};
+use lime_protocol::{Curve, DeviceId, ErrorCode, KeyBundle, Request, RequestMessage, Response};
+
+/// One-time pre-keys each user uploads when created: few, so a refill is easy to provoke.
+const INITIAL_OPKS: u16 = 5;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c25519_alice_bob_and_carol_exchange_messages_through_the_server() {
+    conversation(Curve::C25519).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c448_alice_bob_and_carol_exchange_messages_through_the_server() {
+    conversation(Curve::C448).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c25519_device_lost_by_the_server_registers_again_on_update() {
+    lost_device_recovers(Curve::C25519).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c448_device_lost_by_the_server_registers_again_on_update() {
+    lost_device_recovers(Curve::C448).await;
+}
+
+/// alice and bob talk, alice refills her OPks, carol joins a group message, bob leaves.
+async fn conversation(curve: Curve) {
+    let app = spawn_app().await;
+    let dir = tempfile::tempdir().expect("temp dir for the liblime databases");
+
+    // 1. Two users, each on their own manager and database.
+    let mut alice = new_device(&app, dir.path(), "alice", curve).await;
+    let mut bob = new_device(&app, dir.path(), "bob", curve).await;
+    let bob_opks = server_opk_ids(&app, curve, &bob.device_id).await;
+    assert_eq!(
+        bob_opks.len(),
+        usize::from(INITIAL_OPKS),
+        "step 1: bob registered {INITIAL_OPKS} OPks, the server holds {bob_opks:?}"
+    );
+
+    // 2. alice writes to bob: liblime fetches bob's bundle and opens the session
+    //    with one of his OPks, which leaves the server.
+    let bob_user = "sip:bob@example.org";
+    let hello = b"Hello bob, alice here.";
+    let sent = alice
+        .encrypt(
+            bob_user,
+            &[&bob.device_id],
+            hello,
+            EncryptionPolicy::DrMessage,
+        )
+        .await
+        .expect("step 2: alice encrypts to bob");
+    let to_bob = sent
+        .dr_message_for(&bob.device_id)
+        .expect("step 2: alice's message to bob");
+    let bundle = served_bundle(alice.manager.last_operation_exchanges(), &bob.device_id);
+    let init = x3dh_init(curve, to_bob, "step 2: alice's first message to bob");
+    assert_eq!(
+        init.identity_key,
+        alice.identity_key().expect("alice's identity key"),
+        "step 2: the X3DH init does not carry alice's identity key"
+    );
+    assert_eq!(
+        init.signed_pre_key_id,
+        bundle.signed_pre_key.id(),
+        "step 2: the X3DH init names another SPk than the one the server served"
+    );
+    let opk_id = init.one_time_pre_key_id.unwrap_or_else(|| {
+        panic!(
+            "step 2: alice opened the session without an OPk although bob had {} on the server; exchanges:\n{}",
+            bob_opks.len(),
+            describe_exchanges(alice.manager.last_operation_exchanges())
+        )
+    });
+    assert_eq!(
+        Some(opk_id),
+        bundle.one_time_pre_key.as_ref().map(|key| key.id()),
+        "step 2: the X3DH init names another OPk than the one the server served"
+    );
+    assert!(
+        bob_opks.contains(&opk_id),
+        "step 2: OPk {opk_id} was never one of bob's ({bob_opks:?})"
+    );
+    let bob_opks_left = server_opk_ids(&app, curve, &bob.device_id).await;
+    assert!(
+        !bob_opks_left.contains(&opk_id) && bob_opks_left.len() == bob_opks.len() - 1,
+        "step 2: after serving OPk {opk_id}, bob's OPks on the server are {bob_opks_left:?} (were {bob_opks:?})"
+    );
+    let received = bob
+        .decrypt(bob_user, &alice.device_id, to_bob, &sent.cipher_message)
+        .expect("step 2: bob decrypts alice's message");
+    assert_eq!(
+        received.plaintext, hello,
+        "step 2: bob read another plaintext"
+    );
+
+    // 3. bob answers in the session alice opened.
+    let alice_user = "sip:alice@example.org";
+    let reply = b"Hi alice, bob here. Loud and clear.";
+    let sent = bob
+        .encrypt(
+            alice_user,
+            &[&alice.device_id],
+            reply,
+            EncryptionPolicy::CipherMessage,
+        )
+        .await
+        .expect("step 3: bob encrypts to alice");
+    let to_alice = sent
+        .dr_message_for(&alice.device_id)
+        .expect("step 3: bob's message to alice");
+    let received = alice
+        .decrypt(alice_user, &bob.device_id, to_alice, &sent.cipher_message)
+        .expect("step 3: alice decrypts bob's reply");
+    assert_eq!(
+        received.plaintext, reply,
+        "step 3: alice read another plaintext"
+    );
+
+    // 4. alice's update finds fewer OPks on the server than her low limit and uploads more.
+    let alice_opks = server_opk_ids(&app, curve, &alice.device_id).await;
+    let low_limit = u16::try_from(alice_opks.len()).expect("a few OPks") + 3;
+    let batch = 4;
+    alice
+        .update(low_limit, batch)
+        .await
+        .expect("step 4: alice's update");
+    let alice_opks_now = server_opk_ids(&app, curve, &alice.device_id).await;
+    assert!(
+        alice_opks_now.len() >= usize::from(low_limit)
+            && alice_opks.iter().all(|id| alice_opks_now.contains(id)),
+        "step 4: after an update with low limit {low_limit}, alice's OPks on the server are {alice_opks_now:?} (were {alice_opks:?}); exchanges:\n{}",
+        describe_exchanges(alice.manager.last_operation_exchanges())
+    );
+
+    // 5. carol joins; alice writes to bob and carol in a conference.
+    let mut carol = new_device(&app, dir.path(), "carol", curve).await;
+    let conference = "sip:conference-factory@conference.example.org";
+    let to_all = b"Welcome carol! Hello bob.";
+    let sent = alice
+        .encrypt(
+            conference,
+            &[&bob.device_id, &carol.device_id],
+            to_all,
+            EncryptionPolicy::CipherMessage,
+        )
+        .await
+        .expect("step 5: alice encrypts to bob and carol");
+    let to_carol = sent
+        .dr_message_for(&carol.device_id)
+        .expect("step 5: alice's message to carol");
+    let init = x3dh_init(curve, to_carol, "step 5: alice's first message to carol");
+    assert!(
+        init.one_time_pre_key_id.is_some(),
+        "step 5: alice opened the session with carol without an OPk; exchanges:\n{}",
+        describe_exchanges(alice.manager.last_operation_exchanges())
+    );
+    for recipient in [&mut bob, &mut carol] {
+        let dr_message = sent
+            .dr_message_for(&recipient.device_id)
+            .expect("step 5: alice's group message");
+        let received = recipient
+            .decrypt(
+                conference,
+                &alice.device_id,
+                dr_message,
+                &sent.cipher_message,
+            )
+            .unwrap_or_else(|error| {
+                panic!(
+                    "step 5: {} decrypts the group message: {error:#}",
+                    recipient.device_id
+                )
+            });
+        assert_eq!(
+            received.plaintext, to_all,
+            "step 5: {} read another plaintext",
+            recipient.device_id
+        );
+    }
+
+    // 6. bob deletes himself: the server has no bundle for him any more.
+    bob.delete().await.expect("step 6: bob deletes his user");
+    assert!(
+        !bob.manager
+            .is_user(&bob.device_id)
+            .expect("lime_ffi_is_user"),
+        "step 6: bob is still a local user after deleting himself"
+    );
+    let flag = bundle_flag(&app, curve, &alice.device_id, &bob.device_id).await;
+    assert_eq!(flag, 2, "step 6: bundle for deleted bob has flag {flag}");
+}
+
+/// The server loses bob; his next update gets user_not_found and registers him
+/// again with the same identity, after which alice can open a session with him.
+async fn lost_device_recovers(curve: Curve) {
+    let app = spawn_app().await;
+    let dir = tempfile::tempdir().expect("temp dir for the liblime databases");
+    let mut alice = new_device(&app, dir.path(), "alice", curve).await;
+    let mut bob = new_device(&app, dir.path(), "bob", curve).await;
+
+    app.delete_device_in_store(curve, &bob.device_id).await;
+    let flag = bundle_flag(&app, curve, &alice.device_id, &bob.device_id).await;
+    assert_eq!(
+        flag, 2,
+        "bundle for bob after removing him from the store has flag {flag}"
+    );
+
+    // liblime logs the user_not_found answer as an error: expected here.
+    bob.update(INITIAL_OPKS, INITIAL_OPKS)
+        .await
+        .expect("bob's update after the server lost him");
+    let exchanges = bob.manager.last_operation_exchanges();
+    let lost = exchanges.iter().any(|exchange| {
+        exchange.request_name() == "getSelfOPks"
+            && matches!(
+                exchange.answer().map(|answer| answer.response),
+                Some(Response::Error(error)) if error.code == ErrorCode::UserNotFound
+            )
+    });
+    let registered = exchanges.iter().any(|exchange| {
+        exchange.request_name() == "registerUser"
+            && matches!(
+                exchange.answer().map(|answer| answer.response),
+                Some(Response::Done(_))
+            )
+    });
+    assert!(
+        lost && registered,
+        "bob's update should meet user_not_found on getSelfOPks and register again; exchanges:\n{}",
+        describe_exchanges(exchanges)
+    );
+    let bob_opks = server_opk_ids(&app, curve, &bob.device_id).await;
+    assert!(
+        !bob_opks.is_empty(),
+        "bob registered again without OPks; exchanges:\n{}",
+        describe_exchanges(exchanges)
+    );
+
+    let bob_user = "sip:bob@example.org";
+    let hello = b"Are you back, bob?";
+    let sent = alice
+        .encrypt(
+            bob_user,
+            &[&bob.device_id],
+            hello,
+            EncryptionPolicy::DrMessage,
+        )
+        .await
+        .expect("alice encrypts to bob after his recovery");
+    let to_bob = sent
+        .dr_message_for(&bob.device_id)
+        .expect("alice's message to recovered bob");
+    let init = x3dh_init(curve, to_bob, "alice's first message to recovered bob");
+    assert!(
+        init.one_time_pre_key_id
+            .is_some_and(|opk_id| bob_opks.contains(&opk_id)),
+        "alice's session with recovered bob should use one of his new OPks {bob_opks:?}, X3DH init names {:?}",
+        init.one_time_pre_key_id
+    );
+    let received = bob
+        .decrypt(bob_user, &alice.device_id, to_bob, &sent.cipher_message)
+        .expect("recovered bob decrypts alice's message");
+    assert_eq!(
+        received.plaintext, hello,
+        "recovered bob read another plaintext"
+    );
+}
+
+/// Creates user `name` with a fresh GRUU on its own manager and database in `dir`.
+async fn new_device(app: &TestApp, dir: &Path, name: &str, curve: Curve) -> LimeDevice {
+    let device_id = common::device_id(name);
+    let db = dir.join(format!("{name}.sqlite3"));
+    LimeDevice::create(
+        &db,
+        app.client.clone(),
+        &app.base_url,
+        device_id,
+        curve,
+        INITIAL_OPKS,
+    )
+    .await
+    .unwrap_or_else(|error| panic!("creating {name} ({curve}): {error:#}"))
+}
+
+/// The ids of `device`'s OPks still on the server (getSelfOPks sent as `device`).
+async fn server_opk_ids(app: &TestApp, curve: Curve, device: &str) -> Vec<u32> {
+    let request = RequestMessage {
+        curve,
+        request: Request::GetSelfOneTimePreKeys,
+    };
+    let answer = app.send(device, &request).await;
+    assert_eq!(
+        answer.curve_byte,
+        curve.id(),
+        "getSelfOPks answer for {device}: curve byte"
+    );
+    match answer.response {
+        Response::SelfOneTimePreKeys(ids) => ids,
+        other => panic!("getSelfOPks for {device}: the server answered {other:?}"),
+    }
+}
+
+/// The flag of the bundle the server gives `asker` for `device`.
+async fn bundle_flag(app: &TestApp, curve: Curve, asker: &str, device: &str) -> u8 {
+    let device_id = DeviceId::new(device).expect("a GRUU is a valid device id");
+    let request = RequestMessage {
+        curve,
+        request: Request::GetPeerBundle(vec![device_id.clone()]),
+    };
+    let answer = app.send(asker, &request).await;
+    assert_eq!(
+        answer.curve_byte,
+        curve.id(),
+        "getPeerBundle answer for {device}: curve byte"
+    );
+    match answer.response {
+        Response::PeerBundles(bundles)
+            if bundles.len() == 1 && bundles[0].device_id == device_id =>
+        {
+            bundles[0].flag()
+        }
+        other => panic!("getPeerBundle for {device}: the server answered {other:?}"),
+    }
+}
+
+/// The key bundle for `device` that the server gave liblime in `exchanges`.
+fn served_bundle(exchanges: &[Exchange], device: &str) -> KeyBundle {
+    exchanges
+        .iter()
+        .filter_map(Exchange::answer)
+        .find_map(|answer| match answer.response {
+            Response::PeerBundles(bundles) => bundles
+                .into_iter()
+                .find(|bundle| bundle.device_id.as_str() == device)
+                .and_then(|bundle| bundle.bundle),
+            _ => None,
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "liblime got no key bundle for {device}; exchanges:\n{}",
+                describe_exchanges(exchanges)
+            )
+        })
+}
+
+/// The X3DH init of a session-opening DR message, or a panic saying what is wrong.
+fn x3dh_init(curve: Curve, dr_message: &[u8], what: &str) -> X3dhInit {
+    match X3dhInit::from_dr_message(curve, dr_message) {
+        Ok(Some(init)) => init,
+        Ok(None) => panic!("{what} carries no X3DH init"),
+        Err(error) => panic!("{what} is not a liblime DR message: {error:#}"),
+    }
+}
