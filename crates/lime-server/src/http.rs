@@ -17,6 +17,9 @@ use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::time::Duration;
 
+/// How long a client has to send a request's body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The media type of every X3DH message.
 pub const X3DH_CONTENT_TYPE: &str = "x3dh/octet-stream";
 
@@ -69,14 +72,22 @@ async fn x3dh(state: &HttpState, request: Request<Incoming>) -> Response<Full<By
     if declared.is_some_and(|len| len > state.max_body_bytes as u64) {
         return too_large(state, declared);
     }
-    let body = match Limited::new(body, state.max_body_bytes).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
+    let read = tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        Limited::new(body, state.max_body_bytes).collect(),
+    );
+    let body = match read.await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
             return too_large(state, declared);
         }
-        Err(error) => {
+        Ok(Err(error)) => {
             tracing::warn!(%error, "refused: request body could not be read");
             return plain(StatusCode::BAD_REQUEST, "request body could not be read\n");
+        }
+        Err(_) => {
+            tracing::warn!("refused: request body not received within {BODY_READ_TIMEOUT:?}");
+            return plain(StatusCode::REQUEST_TIMEOUT, "request body too slow\n");
         }
     };
     let curve_byte = body.get(2).copied().unwrap_or(0);

@@ -14,7 +14,7 @@ use crate::store::sqlite::{self, SqliteOptions};
 use crate::tls::{self, CertificateFiles};
 use anyhow::{Context, Result};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::future::Future;
@@ -27,6 +27,9 @@ use tokio_rustls::TlsAcceptor;
 
 /// How long a client has to finish its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a client has to send a request's headers.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long requests in flight may take to finish once a stop is asked.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -247,7 +250,12 @@ async fn serve_connection(
         let state = state.clone();
         async move { http::handle(&state, request).await }
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client that trickles its headers is cut off instead of holding a slot.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_READ_TIMEOUT);
     let result = match tls {
         Some(acceptor) => {
             let stream =
