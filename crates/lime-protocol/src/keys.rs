@@ -7,7 +7,8 @@ use crate::Curve;
 use std::fmt;
 
 /// A device id (the device's GRUU, e.g. `sip:alice@example.org;gr=urn:uuid:...`):
-/// non-empty UTF-8 of at most 65,535 bytes (its length travels as a u16).
+/// non-empty UTF-8 of at most 65,535 bytes (its length travels as a u16), without
+/// NUL characters.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceId(String);
 
@@ -23,6 +24,9 @@ pub enum InvalidDeviceId {
     /// Not valid UTF-8 (the original stores device ids as utf8 text).
     #[error("device id is not valid UTF-8")]
     NotUtf8,
+    /// Contains a NUL character, which no GRUU has and some databases cannot store.
+    #[error("device id contains a NUL character")]
+    ContainsNul,
 }
 
 impl DeviceId {
@@ -40,6 +44,9 @@ impl DeviceId {
         }
         if text.len() > usize::from(u16::MAX) {
             return Err(InvalidDeviceId::TooLong(text.len()));
+        }
+        if text.contains('\0') {
+            return Err(InvalidDeviceId::ContainsNul);
         }
         Ok(DeviceId(text))
     }
@@ -210,6 +217,7 @@ mod tests {
             Err(InvalidDeviceId::NotUtf8)
         );
         assert!(DeviceId::new("x".repeat(65_535)).is_ok());
+        assert_eq!(DeviceId::new("sip:a\0b"), Err(InvalidDeviceId::ContainsNul));
         assert_eq!(
             DeviceId::new("x".repeat(65_536)),
             Err(InvalidDeviceId::TooLong(65_536))

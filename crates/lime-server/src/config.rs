@@ -126,12 +126,15 @@ pub struct LimitSettings {
     /// Most one-time pre-keys one device may hold (at most 65535, the most one
     /// selfOPks answer can list).
     pub max_one_time_pre_keys_per_device: u32,
+    /// Most devices one getPeerBundle may ask for: bounds the size of an answer.
+    pub max_devices_per_bundle_request: u16,
 }
 
 impl Default for LimitSettings {
     fn default() -> Self {
         LimitSettings {
             max_one_time_pre_keys_per_device: 10_000,
+            max_devices_per_bundle_request: 1_000,
         }
     }
 }

@@ -6,7 +6,6 @@
 
 use crate::store::StoreError;
 use lime_protocol::{Curve, EncodeError, ErrorCode, ParseError};
-use std::time::Duration;
 
 /// A request that gets an X3DH error answer.
 #[derive(Debug, thiserror::Error)]
@@ -31,12 +30,17 @@ pub enum RequestError {
     /// The curve is known but not served here.
     #[error("curve {0} is not enabled on this server")]
     CurveNotEnabled(Curve),
+    /// A getPeerBundle asks for more devices than allowed.
+    #[error("getPeerBundle asks for {asked} devices, the limit is {limit}")]
+    TooManyDevicesRequested {
+        /// How many were asked for.
+        asked: usize,
+        /// `limits.max_devices_per_bundle_request`.
+        limit: u16,
+    },
     /// The store refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The store did not answer in time.
-    #[error("store did not answer within {0:?}")]
-    StoreTimeout(Duration),
     /// The answer could not be encoded.
     #[error("cannot encode the answer: {0}")]
     Encode(#[from] EncodeError),
@@ -51,6 +55,7 @@ impl RequestError {
             RequestError::InvalidSender { .. } => ErrorCode::BadRequest,
             RequestError::Parse(error) => error.code(),
             RequestError::CurveNotEnabled(_) => ErrorCode::BadCurve,
+            RequestError::TooManyDevicesRequested { .. } => ErrorCode::ResourceLimitReached,
             RequestError::Store(StoreError::DeviceNotFound) => ErrorCode::UserNotFound,
             RequestError::Store(StoreError::DeviceRegisteredWithOtherKeys) => {
                 ErrorCode::UserAlreadyIn
@@ -59,7 +64,7 @@ impl RequestError {
             RequestError::Store(StoreError::TooManyOneTimePreKeys { .. }) => {
                 ErrorCode::ResourceLimitReached
             }
-            RequestError::Store(StoreError::Backend(_)) | RequestError::StoreTimeout(_) => {
+            RequestError::Store(StoreError::Backend(_) | StoreError::Timeout(_)) => {
                 ErrorCode::DbError
             }
             RequestError::Encode(_) => ErrorCode::ServerFailure,
@@ -70,7 +75,7 @@ impl RequestError {
     /// nothing about the server's internals.
     pub fn client_text(&self) -> String {
         match self {
-            RequestError::Store(StoreError::Backend(_)) | RequestError::StoreTimeout(_) => {
+            RequestError::Store(StoreError::Backend(_) | StoreError::Timeout(_)) => {
                 "database error, nothing was changed".into()
             }
             RequestError::Encode(_) => "internal error".into(),

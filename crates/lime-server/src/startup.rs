@@ -68,6 +68,7 @@ impl Application {
                 path: storage.sqlite_path(curve),
                 synchronous: storage.sqlite_synchronous,
                 max_batch: storage.sqlite_max_batch,
+                timeout: Duration::from_millis(storage.timeout_ms),
                 limits: settings.limits.store_limits(),
             };
             let store = sqlite::open_shared(curve, &options)?;
@@ -101,7 +102,7 @@ impl Application {
 
         let store_timeout = Duration::from_millis(storage.timeout_ms);
         let state = Arc::new(HttpState {
-            service: KeyService::new(stores, store_timeout),
+            service: KeyService::new(stores, settings.limits.max_devices_per_bundle_request),
             paths: settings.server.paths.clone(),
             max_body_bytes: settings.server.max_body_bytes,
             readiness_timeout: store_timeout,

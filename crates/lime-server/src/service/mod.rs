@@ -15,22 +15,22 @@ use crate::auth::Sender;
 use crate::error::RequestError;
 use crate::store::{KeyStore, Stores};
 use lime_protocol::{Request, RequestMessage, Response, ResponseMessage};
-use std::time::Duration;
 
 /// Answers X3DH requests from the stores of the enabled curves.
 pub struct KeyService {
     /// One store per enabled base algorithm.
     stores: Stores,
-    /// Longest wait for a store before answering `db_error`.
-    store_timeout: Duration,
+    /// `limits.max_devices_per_bundle_request`.
+    max_devices_per_bundle_request: u16,
 }
 
 impl KeyService {
-    /// A service over `stores`, giving up on a store after `store_timeout`.
-    pub fn new(stores: Stores, store_timeout: Duration) -> KeyService {
+    /// A service over `stores`. Each store keeps its own time-out (see
+    /// [`KeyStore`]): the service never abandons a store call.
+    pub fn new(stores: Stores, max_devices_per_bundle_request: u16) -> KeyService {
         KeyService {
             stores,
-            store_timeout,
+            max_devices_per_bundle_request,
         }
     }
 
@@ -59,11 +59,16 @@ impl KeyService {
             .get(curve)
             .ok_or(RequestError::CurveNotEnabled(curve))?
             .as_ref();
-        let device = sender.device_id().clone();
-        let work = run(store, device, request);
-        tokio::time::timeout(self.store_timeout, work)
-            .await
-            .map_err(|_| RequestError::StoreTimeout(self.store_timeout))?
+        if let Request::GetPeerBundle(devices) = &request {
+            let limit = self.max_devices_per_bundle_request;
+            if devices.len() > usize::from(limit) {
+                return Err(RequestError::TooManyDevicesRequested {
+                    asked: devices.len(),
+                    limit,
+                });
+            }
+        }
+        run(store, sender.device_id().clone(), request).await
     }
 }
 

@@ -37,6 +37,9 @@ pub enum StoreError {
     /// The database failed; nothing was changed.
     #[error("database error: {0}")]
     Backend(String),
+    /// The request could not start within the store's time-out; nothing was changed.
+    #[error("database busy: the request could not start within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 /// The answer to a registerUser that did not fail.
@@ -56,6 +59,13 @@ pub struct StoreLimits {
 }
 
 /// One base algorithm's key directory.
+///
+/// Time-outs are the store's business, not its caller's: a store answers within
+/// its configured time-out (plus the duration of a transaction already under way),
+/// and [`StoreError::Timeout`] means nothing was changed. A caller must not give
+/// up on a call by dropping it, because a store cannot promise that a transaction
+/// it already started is rolled back then: a one-time pre-key could leave the store
+/// with nobody to receive it.
 #[async_trait]
 pub trait KeyStore: Send + Sync {
     /// Stores a new device with its keys, all or nothing. The same device with

@@ -19,6 +19,7 @@ use schema::SchemaState;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// How hard SQLite works to keep a commit through a power cut
@@ -43,6 +44,8 @@ pub struct SqliteOptions {
     pub synchronous: Synchronous,
     /// Most jobs run in one transaction.
     pub max_batch: usize,
+    /// A job not started within this time is answered with a time-out, undone.
+    pub timeout: Duration,
     /// Limits enforced inside transactions.
     pub limits: StoreLimits,
 }
@@ -51,6 +54,8 @@ pub struct SqliteOptions {
 pub struct SqliteStore {
     curve: Curve,
     limits: StoreLimits,
+    /// How long a job may wait for the writer before it is answered with a time-out.
+    timeout: Duration,
     /// Jobs for the writer thread; closing it stops the thread.
     jobs: mpsc::Sender<Box<dyn Job>>,
 }
@@ -60,6 +65,9 @@ impl SqliteStore {
     /// its writer thread.
     pub fn open(curve: Curve, options: &SqliteOptions) -> Result<SqliteStore, OpenError> {
         let (conn, _) = open_connection(&options.path, options.synchronous)?;
+        // Waiting for another process's lock counts against the jobs' time-out.
+        conn.busy_timeout(options.timeout)
+            .map_err(|error| OpenError::Sqlite(options.path.clone(), error))?;
         let (jobs, queue) = mpsc::channel(4096);
         let max_batch = options.max_batch.max(1);
         std::thread::Builder::new()
@@ -69,12 +77,14 @@ impl SqliteStore {
         Ok(SqliteStore {
             curve,
             limits: options.limits,
+            timeout: options.timeout,
             jobs,
         })
     }
 
     /// Runs `work` on the writer thread, inside a transaction, and waits for the
-    /// commit.
+    /// commit. The writer does not start the work past the time-out; once started,
+    /// it is waited for, so that its answer is never lost.
     async fn execute<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -83,6 +93,8 @@ impl SqliteStore {
         let (reply, answer) = oneshot::channel();
         let job = Box::new(PendingJob {
             work: Some(work),
+            deadline: Instant::now() + self.timeout,
+            timeout: self.timeout,
             result: None,
             reply,
         });
@@ -224,14 +236,19 @@ trait Job: Send {
     /// The caller stopped waiting (its request timed out): skip the work, so that
     /// nothing is claimed for an answer nobody will read.
     fn abandoned(&self) -> bool;
-    /// Runs the work; `false` when it failed and its savepoint must be rolled back.
-    fn run(&mut self, conn: &Connection) -> bool;
+    /// Runs the work, unless its deadline has passed; `false` when it failed (or
+    /// was not run) and its savepoint must be rolled back.
+    fn run(&mut self, conn: &Connection, now: Instant) -> bool;
     /// Sends the answer once the transaction's fate is known.
     fn finish(self: Box<Self>, committed: &Result<(), String>);
 }
 
 struct PendingJob<T, F> {
     work: Option<F>,
+    /// Past it, the work is not started.
+    deadline: Instant,
+    /// The time-out the deadline came from, for the error.
+    timeout: Duration,
     result: Option<Result<T, StoreError>>,
     reply: oneshot::Sender<Result<T, StoreError>>,
 }
@@ -245,8 +262,9 @@ where
         self.reply.is_closed()
     }
 
-    fn run(&mut self, conn: &Connection) -> bool {
+    fn run(&mut self, conn: &Connection, now: Instant) -> bool {
         let result = match self.work.take() {
+            _ if now > self.deadline => Err(StoreError::Timeout(self.timeout)),
             Some(work) => work(conn),
             None => Err(StoreError::Backend("job run twice".into())),
         };
@@ -296,7 +314,7 @@ fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), String
         conn.execute_batch("BEGIN IMMEDIATE")?;
         for job in batch.iter_mut() {
             conn.execute_batch("SAVEPOINT job")?;
-            if !job.run(conn) {
+            if !job.run(conn, Instant::now()) {
                 conn.execute_batch("ROLLBACK TO job")?;
             }
             conn.execute_batch("RELEASE job")?;
