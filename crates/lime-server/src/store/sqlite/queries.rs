@@ -2,34 +2,23 @@
 //! it opened (see `mod.rs`). Functions here never commit: they succeed, or fail
 //! and leave their savepoint to be rolled back.
 
+use crate::store::rules::{self, StoredDevice};
 use crate::store::{Registered, StoreError, StoreLimits};
-use lime_protocol::{
-    Curve, DeviceId, IdentityKey, KeyBundle, OneTimePreKey, PeerBundle, Registration, SignedPreKey,
-};
+use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use rusqlite::{Connection, OptionalExtension, params};
-use std::collections::HashSet;
 
-/// A stored device row, keys as stored (`SPk` may be NULL in databases written by
-/// old servers).
-struct DeviceRow {
-    uid: i64,
-    identity_key: Vec<u8>,
-    signed_pre_key: Option<(Vec<u8>, Vec<u8>, u32)>,
-}
-
-fn find_device(conn: &Connection, device: &DeviceId) -> Result<Option<DeviceRow>, StoreError> {
+fn find_device(conn: &Connection, device: &DeviceId) -> Result<Option<StoredDevice>, StoreError> {
     let mut select =
         conn.prepare_cached("SELECT Uid, Ik, SPk, SPk_sig, SPk_id FROM Users WHERE UserId = ?1")?;
     let row = select
         .query_row([device.as_str()], |row| {
-            let spk: Option<Vec<u8>> = row.get(2)?;
-            let sig: Option<Vec<u8>> = row.get(3)?;
-            let id: Option<u32> = row.get(4)?;
-            Ok(DeviceRow {
-                uid: row.get(0)?,
-                identity_key: row.get(1)?,
-                signed_pre_key: spk.zip(sig).zip(id).map(|((spk, sig), id)| (spk, sig, id)),
-            })
+            Ok(StoredDevice::from_columns(
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+            ))
         })
         .optional()?;
     Ok(row)
@@ -49,21 +38,10 @@ pub(super) fn register_device(
     device: &DeviceId,
     registration: &Registration,
 ) -> Result<Registered, StoreError> {
-    let spk = &registration.signed_pre_key;
     if let Some(existing) = find_device(conn, device)? {
-        let same_keys = existing.identity_key == registration.identity_key.as_bytes()
-            && existing
-                .signed_pre_key
-                .as_ref()
-                .is_some_and(|(public, signature, id)| {
-                    public == spk.public() && signature == spk.signature() && *id == spk.id()
-                });
-        return if same_keys {
-            Ok(Registered::AlreadyWithSameKeys)
-        } else {
-            Err(StoreError::DeviceRegisteredWithOtherKeys)
-        };
+        return rules::reregistration(&existing, registration);
     }
+    let spk = &registration.signed_pre_key;
     conn.prepare_cached(
         "INSERT INTO Users (UserId, Ik, SPk, SPk_sig, SPk_id) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
@@ -134,22 +112,13 @@ fn insert_one_time_pre_keys(
     for key in keys {
         if insert.execute(params![uid, key.public(), key.id()])? == 0 {
             let stored: Vec<u8> = stored_key.query_row(params![uid, key.id()], |row| row.get(0))?;
-            if stored != key.public() {
-                return Err(StoreError::ConflictingOneTimePreKeyId(key.id()));
-            }
+            rules::existing_one_time_pre_key(&stored, key)?;
         }
     }
     let held: u64 = conn
         .prepare_cached("SELECT COUNT(*) FROM OPk WHERE Uid = ?1")?
         .query_row([uid], |row| row.get(0))?;
-    let limit = limits.max_one_time_pre_keys_per_device;
-    if held > u64::from(limit) {
-        return Err(StoreError::TooManyOneTimePreKeys {
-            would_hold: held,
-            limit,
-        });
-    }
-    Ok(())
+    rules::one_time_pre_key_limit(held, limits)
 }
 
 pub(super) fn claim_key_bundles(
@@ -157,50 +126,26 @@ pub(super) fn claim_key_bundles(
     curve: Curve,
     devices: Vec<DeviceId>,
 ) -> Result<Vec<PeerBundle>, StoreError> {
-    // A device named twice in one request takes at most one OPk: only its first
-    // occurrence claims one.
-    let first_occurrence: Vec<bool> = {
-        let mut seen = HashSet::with_capacity(devices.len());
-        devices.iter().map(|device| seen.insert(device)).collect()
-    };
+    let may_claim = rules::may_claim(&devices);
     let mut claim = conn.prepare_cached(
         "DELETE FROM OPk WHERE id = (SELECT id FROM OPk WHERE Uid = ?1 LIMIT 1) RETURNING OPk, OPk_id",
     )?;
     let mut bundles = Vec::with_capacity(devices.len());
-    for (device_id, may_claim) in devices.into_iter().zip(first_occurrence) {
-        let Some(DeviceRow {
-            uid,
-            identity_key,
-            signed_pre_key: Some((public, signature, id)),
-        }) = find_device(conn, &device_id)?
-        else {
-            bundles.push(PeerBundle {
-                device_id,
-                bundle: None,
-            });
-            continue;
+    for (device_id, may_claim) in devices.into_iter().zip(may_claim) {
+        let bundle = match find_device(conn, &device_id)? {
+            Some(device) if device.signed_pre_key.is_some() => {
+                let one_time_pre_key = if may_claim {
+                    claim
+                        .query_row([device.uid], |row| Ok((row.get(0)?, row.get(1)?)))
+                        .optional()?
+                } else {
+                    None
+                };
+                rules::key_bundle(curve, device, one_time_pre_key)?
+            }
+            _ => None,
         };
-        let one_time_pre_key = if may_claim {
-            claim
-                .query_row([uid], |row| {
-                    Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, u32>(1)?))
-                })
-                .optional()?
-                .map(|(public, id)| OneTimePreKey::new(curve, public, id))
-                .transpose()
-                .map_err(corrupt)?
-        } else {
-            None
-        };
-        let bundle = KeyBundle {
-            identity_key: IdentityKey::new(curve, identity_key).map_err(corrupt)?,
-            signed_pre_key: SignedPreKey::new(curve, public, signature, id).map_err(corrupt)?,
-            one_time_pre_key,
-        };
-        bundles.push(PeerBundle {
-            device_id,
-            bundle: Some(bundle),
-        });
+        bundles.push(PeerBundle { device_id, bundle });
     }
     Ok(bundles)
 }
@@ -215,12 +160,6 @@ pub(super) fn one_time_pre_key_ids(
         .query_map([uid], |row| row.get(0))?
         .collect::<Result<Vec<u32>, _>>()?;
     Ok(ids)
-}
-
-/// A stored key of the wrong size: the database holds something this curve's
-/// clients cannot use. Refuse rather than send a malformed bundle.
-fn corrupt(error: lime_protocol::WrongKeyLength) -> StoreError {
-    StoreError::Backend(format!("stored key of the wrong size: {error}"))
 }
 
 impl From<rusqlite::Error> for StoreError {
