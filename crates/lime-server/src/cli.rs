@@ -2,7 +2,7 @@
 
 use crate::config::{AuthMode, Settings};
 use crate::startup::Application;
-use crate::store::sqlite::{self, schema::SchemaState};
+use crate::store::{self, SCHEMA_VERSION, SchemaState};
 use crate::telemetry;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -53,22 +53,53 @@ pub struct ServeArgs {
     /// Allow non-loopback listeners with authentication off (server.insecure_no_auth).
     #[arg(long)]
     pub insecure_no_auth: bool,
+    #[command(flatten)]
+    pub store: StoreArg,
+}
+
+/// `--store URL`, shared by `serve` and the `db` commands.
+#[derive(Debug, Args)]
+pub struct StoreArg {
+    /// Database of every enabled curve, a URL in which {curve} is replaced by the
+    /// curve's name (sqlite://PATH, mysql://USER@HOST/lime_{curve},
+    /// postgres://USER@HOST/lime_{curve}); replaces storage.url and storage.urls.
+    /// Give the password with storage.password_file or storage.password_env, not here.
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
+}
+
+impl StoreArg {
+    fn apply(self, settings: &mut Settings) {
+        if let Some(url) = self.store {
+            settings.storage.url = Some(url);
+            settings.storage.urls.clear();
+        }
+    }
 }
 
 /// `db` sub-commands.
 #[derive(Debug, Subcommand)]
 pub enum DbCommand {
-    /// Create a base algorithm's database with its schema; does nothing to one
-    /// that exists (the counterpart of the original's `lime-createBase.php --curve`).
-    Init {
-        /// c25519, c448, c25519k512, c25519mlk512 or c448mlk1024 (repeatable;
-        /// default: every curve enabled in the config).
-        #[arg(long, value_name = "CURVE")]
-        curve: Vec<Curve>,
-        /// Data directory (storage.data_dir).
-        #[arg(long, value_name = "DIR")]
-        data_dir: Option<PathBuf>,
-    },
+    /// Create a base algorithm's database schema; does nothing to one that exists
+    /// (the counterpart of the original's `lime-createBase.php --curve`).
+    Init(DbArgs),
+    /// Bring existing databases to this server's schema version. Only adds
+    /// (indexes, constraints, rows in Config): the PHP server keeps working on them.
+    Migrate(DbArgs),
+}
+
+/// Which databases a `db` command works on.
+#[derive(Debug, Args)]
+pub struct DbArgs {
+    /// c25519, c448, c25519k512, c25519mlk512 or c448mlk1024 (repeatable;
+    /// default: every curve enabled in the config).
+    #[arg(long, value_name = "CURVE")]
+    pub curve: Vec<Curve>,
+    /// Data directory of the SQLite databases (storage.data_dir).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub store: StoreArg,
 }
 
 /// Runs the parsed command line.
@@ -81,17 +112,22 @@ pub fn run(cli: Cli) -> Result<()> {
             telemetry::init(&settings.log);
             serve(settings, source)
         }
-        Command::Db(DbCommand::Init { curve, data_dir }) => {
-            if let Some(dir) = data_dir {
-                settings.storage.data_dir = dir;
+        Command::Db(command) => {
+            let (DbCommand::Init(args) | DbCommand::Migrate(args)) = &command;
+            if let Some(dir) = &args.data_dir {
+                settings.storage.data_dir = dir.clone();
+            }
+            if let Some(url) = &args.store.store {
+                settings.storage.url = Some(url.clone());
+                settings.storage.urls.clear();
             }
             settings.validate()?;
-            let curves = if curve.is_empty() {
+            let curves = if args.curve.is_empty() {
                 settings.storage.enabled_curves()
             } else {
-                curve
+                args.curve.clone()
             };
-            db_init(&settings, &curves)
+            db(&settings, &curves, matches!(command, DbCommand::Migrate(_)))
         }
         Command::CheckConfig => {
             settings.validate()?;
@@ -116,6 +152,7 @@ fn apply_serve_overrides(settings: &mut Settings, args: ServeArgs) {
     if args.insecure_no_auth {
         settings.server.insecure_no_auth = true;
     }
+    args.store.apply(settings);
 }
 
 fn serve(settings: Settings, source: Option<PathBuf>) -> Result<()> {
@@ -164,19 +201,34 @@ async fn shutdown_signal() {
     }
 }
 
-fn db_init(settings: &Settings, curves: &[Curve]) -> Result<()> {
-    let dir = &settings.storage.data_dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    for curve in curves {
-        let path = settings.storage.sqlite_path(*curve);
-        let state = sqlite::init_database(&path)?;
-        let what = match state {
-            SchemaState::Created => "created",
-            SchemaState::Current => "already present, left as it is",
-        };
-        println!("{curve}: {} {what}", path.display());
-    }
-    Ok(())
+/// `db init` (or `db migrate` when `migrate`) on the databases of `curves`.
+fn db(settings: &Settings, curves: &[Curve], migrate: bool) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        for curve in curves {
+            let location = settings.storage.location_with_password(*curve)?;
+            let shown = settings.storage.location(*curve)?;
+            if migrate {
+                let migration = store::migrate(&location).await?;
+                if migration.applied.is_empty() {
+                    println!("{curve}: {shown} already at schema version {SCHEMA_VERSION}");
+                }
+                for step in &migration.applied {
+                    println!("{curve}: {shown} added {step}");
+                }
+            } else {
+                let what = match store::init(&location).await? {
+                    SchemaState::Created => "created",
+                    SchemaState::Present => "already present, left as it is",
+                };
+                println!("{curve}: {shown} {what}");
+            }
+        }
+        Ok(())
+    })
 }
 
 fn print_summary(settings: &Settings, source: Option<PathBuf>) {

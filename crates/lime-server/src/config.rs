@@ -4,10 +4,11 @@
 //! Unknown keys and bad values stop the start with the key's name and why.
 //! `lime-server.example.toml` at the repository root documents every key.
 
-use crate::store::StoreLimits;
 use crate::store::sqlite::Synchronous;
+use crate::store::{StoreLimits, StoreLocation};
 use lime_protocol::Curve;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -87,6 +88,20 @@ pub struct StorageSettings {
     pub sqlite_synchronous: Synchronous,
     /// Most requests committed together in one SQLite transaction.
     pub sqlite_max_batch: usize,
+    /// Database of every enabled curve: a URL in which `{curve}` is replaced by the
+    /// curve's name. Absent: `sqlite://<data_dir>/lime-{curve}.sqlite3`.
+    pub url: Option<String>,
+    /// Database of one curve, by curve name, overriding `url`.
+    pub urls: BTreeMap<String, String>,
+    /// Most connections per database server (MariaDB, PostgreSQL).
+    pub pool_size: u32,
+    /// Longest wait to open a connection to a database server, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// File holding the database password, for server URLs given without one.
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the database password, for server URLs given
+    /// without one (read when `password_file` is not set).
+    pub password_env: Option<String>,
 }
 
 impl Default for StorageSettings {
@@ -100,14 +115,59 @@ impl Default for StorageSettings {
             timeout_ms: 5_000,
             sqlite_synchronous: Synchronous::Full,
             sqlite_max_batch: 64,
+            url: None,
+            urls: BTreeMap::new(),
+            pool_size: 16,
+            connect_timeout_ms: 5_000,
+            password_file: None,
+            password_env: None,
         }
     }
 }
 
 impl StorageSettings {
-    /// The SQLite file of one base algorithm.
+    /// The SQLite file of one base algorithm when no URL names its database.
     pub fn sqlite_path(&self, curve: Curve) -> PathBuf {
         self.data_dir.join(format!("lime-{}.sqlite3", curve.name()))
+    }
+
+    /// Where the database of `curve` is, without its password.
+    pub fn location(&self, curve: Curve) -> Result<StoreLocation, ConfigError> {
+        let (key, url) = match (self.urls.get(curve.name()), &self.url) {
+            (Some(url), _) => ("storage.urls", url),
+            (None, Some(url)) => ("storage.url", url),
+            (None, None) => return Ok(StoreLocation::Sqlite(self.sqlite_path(curve))),
+        };
+        StoreLocation::parse(url, curve).map_err(|error| invalid(key, error.to_string()))
+    }
+
+    /// The database password from `password_file` or `password_env`, if either is set.
+    pub fn password(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path).map_err(|error| {
+                invalid(
+                    "storage.password_file",
+                    format!("cannot read {}: {error}", path.display()),
+                )
+            })?;
+            return Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()));
+        }
+        if let Some(name) = &self.password_env {
+            return std::env::var(name).map(Some).map_err(|_| {
+                invalid(
+                    "storage.password_env",
+                    format!("environment variable {name} is not set"),
+                )
+            });
+        }
+        Ok(None)
+    }
+
+    /// Where the database of `curve` is, with the configured password filled in.
+    pub fn location_with_password(&self, curve: Curve) -> Result<StoreLocation, ConfigError> {
+        Ok(self
+            .location(curve)?
+            .with_password(self.password()?.as_deref()))
     }
 
     /// The enabled curves (valid once [`Settings::validate`] passed).
@@ -317,6 +377,19 @@ impl Settings {
         }
         if storage.timeout_ms == 0 {
             return Err(invalid("storage.timeout_ms", "must be at least 1"));
+        }
+        for name in storage.urls.keys() {
+            name.parse::<Curve>()
+                .map_err(|error| invalid("storage.urls", error.to_string()))?;
+        }
+        for curve in storage.enabled_curves() {
+            storage.location(curve)?;
+        }
+        if storage.pool_size == 0 {
+            return Err(invalid("storage.pool_size", "must be at least 1"));
+        }
+        if storage.connect_timeout_ms == 0 {
+            return Err(invalid("storage.connect_timeout_ms", "must be at least 1"));
         }
         if storage.sqlite_max_batch == 0 {
             return Err(invalid("storage.sqlite_max_batch", "must be at least 1"));

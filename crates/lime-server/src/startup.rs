@@ -9,8 +9,8 @@
 use crate::config::Settings;
 use crate::http::{self, HttpState};
 use crate::service::KeyService;
-use crate::store::Stores;
-use crate::store::sqlite::{self, SqliteOptions};
+use crate::store::sqlite::SqliteOptions;
+use crate::store::{self, ServerStoreOptions, Stores};
 use crate::tls::{self, CertificateFiles};
 use anyhow::{Context, Result};
 use hyper::service::service_fn;
@@ -19,6 +19,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -63,16 +64,24 @@ impl Application {
             )
         })?;
         let mut stores = Stores::default();
+        let timeout = Duration::from_millis(storage.timeout_ms);
+        let sqlite_options = SqliteOptions {
+            path: PathBuf::new(),
+            synchronous: storage.sqlite_synchronous,
+            max_batch: storage.sqlite_max_batch,
+            timeout,
+            limits: settings.limits.store_limits(),
+        };
+        let server_options = ServerStoreOptions {
+            pool_size: storage.pool_size,
+            connect_timeout: Duration::from_millis(storage.connect_timeout_ms),
+            timeout,
+            limits: settings.limits.store_limits(),
+        };
         for curve in storage.enabled_curves() {
-            let options = SqliteOptions {
-                path: storage.sqlite_path(curve),
-                synchronous: storage.sqlite_synchronous,
-                max_batch: storage.sqlite_max_batch,
-                timeout: Duration::from_millis(storage.timeout_ms),
-                limits: settings.limits.store_limits(),
-            };
-            let store = sqlite::open_shared(curve, &options)?;
-            tracing::info!(%curve, path = %options.path.display(), "store opened");
+            let location = storage.location_with_password(curve)?;
+            let store = store::open(curve, &location, &sqlite_options, &server_options).await?;
+            tracing::info!(%curve, %location, "store opened");
             stores.insert(curve, store);
         }
 
@@ -100,12 +109,11 @@ impl Application {
             });
         }
 
-        let store_timeout = Duration::from_millis(storage.timeout_ms);
         let state = Arc::new(HttpState {
             service: KeyService::new(stores, settings.limits.max_devices_per_bundle_request),
             paths: settings.server.paths.clone(),
             max_body_bytes: settings.server.max_body_bytes,
-            readiness_timeout: store_timeout,
+            readiness_timeout: timeout,
         });
         Ok(Application {
             listeners,

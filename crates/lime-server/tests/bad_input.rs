@@ -17,7 +17,6 @@ use lime_protocol::{
 };
 use lime_server::client::RawAnswer;
 use lime_server::http::X3DH_CONTENT_TYPE;
-use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The header a sender's device id is sent in.
@@ -78,7 +77,7 @@ async fn assert_still_serving(app: &TestApp, sentinels: &[Sentinel]) {
             Response::SelfOneTimePreKeys(vec![1, 2, 3]),
             "{curve}: the sentinel's OPks"
         );
-        assert_store_holds_only(app, sentinel);
+        assert_store_holds_only(app, sentinel).await;
 
         let fresh = device_id("fresh");
         let keys = registration(curve, 1, 1);
@@ -110,51 +109,39 @@ async fn assert_still_serving(app: &TestApp, sentinels: &[Sentinel]) {
         );
         let answer = app.ask(&fresh, curve, Request::DeleteUser).await;
         assert_eq!(answer.response, Response::Done(MessageType::DeleteUser));
-        assert_store_holds_only(app, sentinel);
+        assert_store_holds_only(app, sentinel).await;
     }
 }
 
 /// Reads the store directly: one device, the sentinel, with exactly its keys.
-fn assert_store_holds_only(app: &TestApp, sentinel: &Sentinel) {
+async fn assert_store_holds_only(app: &TestApp, sentinel: &Sentinel) {
     let curve = sentinel.curve;
-    let conn = rusqlite::Connection::open(app.sqlite_path(curve)).unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    let devices: Vec<String> = conn
-        .prepare("SELECT UserId FROM Users")
-        .unwrap()
-        .query_map([], |row| row.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
     assert_eq!(
-        devices,
+        app.probe.device_ids(curve).await,
         std::slice::from_ref(&sentinel.device),
         "{curve}: the store holds the sentinel and nothing else"
     );
-    let (ik, spk, spk_sig, spk_id): (Vec<u8>, Vec<u8>, Vec<u8>, u32) = conn
-        .query_row("SELECT Ik, SPk, SPk_sig, SPk_id FROM Users", [], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-        })
-        .unwrap();
     let keys = &sentinel.keys;
-    assert_eq!(ik, keys.identity_key.as_bytes(), "{curve}: sentinel Ik");
-    assert_eq!(spk, keys.signed_pre_key.public(), "{curve}: sentinel SPk");
-    assert_eq!(spk_sig, keys.signed_pre_key.signature(), "{curve}: SPk_sig");
-    assert_eq!(spk_id, keys.signed_pre_key.id(), "{curve}: sentinel SPk_id");
-    let opks: Vec<(u32, Vec<u8>)> = conn
-        .prepare("SELECT OPk_id, OPk FROM OPk ORDER BY OPk_id")
-        .unwrap()
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let spk = &keys.signed_pre_key;
+    let expected = (
+        keys.identity_key.as_bytes().to_vec(),
+        Some(spk.public().to_vec()),
+        Some(spk.signature().to_vec()),
+        Some(spk.id()),
+    );
+    assert_eq!(
+        app.probe.device_row(curve, &sentinel.device).await,
+        Some(expected),
+        "{curve}: the sentinel's Ik, SPk, SPk_sig and SPk_id"
+    );
     let registered: Vec<(u32, Vec<u8>)> = keys
         .one_time_pre_keys
         .iter()
         .map(|key| (key.id(), key.public().to_vec()))
         .collect();
     assert_eq!(
-        opks, registered,
+        app.probe.one_time_pre_keys(curve).await,
+        registered,
         "{curve}: the sentinel's OPks, byte for byte"
     );
 }
@@ -1041,16 +1028,10 @@ async fn device_ids_with_quotes_and_sql_are_ordinary_ids() {
             let answer = app.ask(device, curve, Request::DeleteUser).await;
             assert_eq!(answer.response, Response::Done(MessageType::DeleteUser));
         }
-        let conn = rusqlite::Connection::open(app.sqlite_path(curve)).unwrap();
-        let tables: i64 = conn
-            .query_row(
-                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' \
-                 AND name IN ('Users', 'OPk', 'Requests', 'Config')",
-                [],
-                |row| row.get(0),
-            )
-            .unwrap();
-        assert_eq!(tables, 4, "{curve}: the tables survive");
+        assert!(
+            app.probe.tables_intact(curve).await,
+            "{curve}: the tables survive"
+        );
     }
     assert_still_serving(&app, &sentinels).await;
 }

@@ -655,22 +655,14 @@ async fn device_without_signed_pre_key_gets_flag_2_and_keeps_its_opks() {
         let old = device_id("old");
         let identity_key = random_bytes(curve.identity_key_len());
         let old_opk = one_time_pre_key(curve, 9);
-        {
-            let conn = rusqlite::Connection::open(app.sqlite_path(curve)).unwrap();
-            conn.busy_timeout(std::time::Duration::from_secs(5))
-                .unwrap();
-            conn.execute(
-                "INSERT INTO Users (UserId, Ik) VALUES (?1, ?2)",
-                rusqlite::params![old, identity_key],
+        app.probe
+            .insert_device_without_signed_pre_key(
+                curve,
+                &old,
+                &identity_key,
+                (old_opk.public(), old_opk.id()),
             )
-            .unwrap();
-            conn.execute(
-                "INSERT INTO OPk (Uid, OPk, OPk_id) \
-                 VALUES ((SELECT Uid FROM Users WHERE UserId = ?1), ?2, ?3)",
-                rusqlite::params![old, old_opk.public(), old_opk.id()],
-            )
-            .unwrap();
-        }
+            .await;
         let bob = device_id("bob");
         register(&app, curve, &bob, 1).await;
 
@@ -867,29 +859,12 @@ async fn every_request_on_a_curve_not_enabled_is_bad_curve() {
     assert_eq!(self_opk_ids(&app, Curve::C25519, &alice).await, [1]);
 }
 
-/// Holds SQLite's write lock on a curve's store, as another process could.
-struct WriteLock(rusqlite::Connection);
-
-impl WriteLock {
-    fn take(app: &TestApp, curve: Curve) -> WriteLock {
-        let conn = rusqlite::Connection::open(app.sqlite_path(curve)).unwrap();
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .unwrap();
-        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
-        WriteLock(conn)
-    }
-
-    fn release(self) {
-        self.0.execute_batch("ROLLBACK").unwrap();
-    }
-}
-
 #[tokio::test]
 async fn store_that_does_not_answer_in_time_is_db_error_and_registers_nothing() {
     let app = spawn_app_with(|s| s.storage.timeout_ms = 300).await;
     for curve in Curve::ALL {
         let alice = device_id("alice");
-        let lock = WriteLock::take(&app, curve);
+        let lock = app.probe.lock_for_writing(curve).await;
         expect_error(
             &app,
             &alice,
@@ -898,7 +873,7 @@ async fn store_that_does_not_answer_in_time_is_db_error_and_registers_nothing() 
             ErrorCode::DbError,
         )
         .await;
-        lock.release();
+        lock.release().await;
         // db_error promises that nothing changed. This request queues behind the
         // failed one, so it sees whatever that one left.
         expect_error(
@@ -919,7 +894,7 @@ async fn store_that_does_not_answer_in_time_is_db_error_and_serves_no_opk() {
     for curve in Curve::ALL {
         let bob = device_id("bob");
         register(&app, curve, &bob, 2).await;
-        let lock = WriteLock::take(&app, curve);
+        let lock = app.probe.lock_for_writing(curve).await;
         expect_error(
             &app,
             ASKER,
@@ -928,7 +903,7 @@ async fn store_that_does_not_answer_in_time_is_db_error_and_serves_no_opk() {
             ErrorCode::DbError,
         )
         .await;
-        lock.release();
+        lock.release().await;
         // An OPk taken for an answer nobody received would be lost to bob.
         assert_eq!(self_opk_ids(&app, curve, &bob).await, [1, 2], "{curve}");
     }

@@ -6,12 +6,71 @@
 //! whole or not at all. Invariant: a one-time pre-key leaves a store only inside
 //! [`KeyStore::claim_key_bundles`], in the same transaction that deletes it.
 
+pub mod location;
+pub mod mysql;
+pub mod postgres;
 pub mod rules;
 pub mod sqlite;
 
 use async_trait::async_trait;
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
+pub use location::StoreLocation;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// The version of this server's schema additions, kept in `Config` as
+/// `('lime_rs_schema', N)` beside the original's `('version', 1)`, which is left
+/// as it is so that the PHP server keeps working on a migrated database.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// The `Config.Name` of [`SCHEMA_VERSION`].
+pub const SCHEMA_VERSION_NAME: &str = "lime_rs_schema";
+
+/// What `db init` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaState {
+    /// The tables were created just now.
+    Created,
+    /// The tables were there already and were left as they are.
+    Present,
+}
+
+/// What `db migrate` did: the steps applied, none when the schema was current.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Migration {
+    /// One line per step applied, e.g. "unique index OPk(Uid, OPk_id)".
+    pub applied: Vec<String>,
+}
+
+/// How a database-server store (MariaDB/MySQL, PostgreSQL) is run.
+#[derive(Debug, Clone)]
+pub struct ServerStoreOptions {
+    /// Most connections the pool opens.
+    pub pool_size: u32,
+    /// Longest wait to open a connection.
+    pub connect_timeout: Duration,
+    /// Longest a request may take, waiting for a connection included; past it the
+    /// client gets `db_error`.
+    pub timeout: Duration,
+    /// Limits enforced inside transactions.
+    pub limits: StoreLimits,
+}
+
+/// A store that cannot be opened, created or migrated.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// SQLite refused.
+    #[error(transparent)]
+    Sqlite(#[from] sqlite::OpenError),
+    /// A database server refused or failed (the location hides any password).
+    #[error("{location}: {message}")]
+    Database {
+        /// Where, password hidden.
+        location: String,
+        /// What went wrong.
+        message: String,
+    },
+}
 
 /// What a store can fail with. The domain variants are answers the client gets;
 /// [`StoreError::Backend`] is a database failure, logged in full and answered
@@ -138,5 +197,52 @@ impl Stores {
 
     fn slot(curve: Curve) -> usize {
         usize::from(curve.id() - 1)
+    }
+}
+
+/// Opens the store of `curve` at `location`, ready to serve. A database server
+/// is connected to and its schema checked; an SQLite file is created if absent.
+pub async fn open(
+    curve: Curve,
+    location: &StoreLocation,
+    sqlite_options: &sqlite::SqliteOptions,
+    server_options: &ServerStoreOptions,
+) -> Result<Arc<dyn KeyStore>, SetupError> {
+    match location {
+        StoreLocation::Sqlite(path) => {
+            let options = sqlite::SqliteOptions {
+                path: path.clone(),
+                ..sqlite_options.clone()
+            };
+            Ok(sqlite::open_shared(curve, &options)?)
+        }
+        StoreLocation::Mysql(url) => mysql::open(curve, url, server_options).await,
+        StoreLocation::Postgres(url) => postgres::open(curve, url, server_options).await,
+    }
+}
+
+/// Creates the schema at `location` when absent; leaves an existing one as it is.
+pub async fn init(location: &StoreLocation) -> Result<SchemaState, SetupError> {
+    match location {
+        StoreLocation::Sqlite(path) => {
+            if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|error| SetupError::Database {
+                    location: location.to_string(),
+                    message: format!("cannot create {}: {error}", dir.display()),
+                })?;
+            }
+            Ok(sqlite::init_database(path)?)
+        }
+        StoreLocation::Mysql(url) => mysql::init(url).await,
+        StoreLocation::Postgres(url) => postgres::init(url).await,
+    }
+}
+
+/// Brings the database at `location` to [`SCHEMA_VERSION`], only adding to it.
+pub async fn migrate(location: &StoreLocation) -> Result<Migration, SetupError> {
+    match location {
+        StoreLocation::Sqlite(path) => Ok(sqlite::migrate_database(path)?),
+        StoreLocation::Mysql(url) => mysql::migrate(url).await,
+        StoreLocation::Postgres(url) => postgres::migrate(url).await,
     }
 }

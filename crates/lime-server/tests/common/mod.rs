@@ -4,8 +4,11 @@
 //! Every test binary compiles this module and uses only part of it.
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod liblime;
+pub mod store_probe;
 
+use backend::{Backend, TestDatabases};
 use lime_protocol::{
     Curve, DeviceId, IdentityKey, OneTimePreKey, Registration, Request, RequestMessage,
     ResponseMessage, SignedPreKey,
@@ -15,11 +18,13 @@ use lime_server::config::Settings;
 use lime_server::startup::Application;
 use rand::RngCore;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use store_probe::StoreProbe;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 
 /// A running server and a client that trusts it.
+///
+/// Fields drop in order: the server stops before its databases are dropped.
 pub struct TestApp {
     /// `https://127.0.0.1:PORT/`
     pub base_url: String,
@@ -29,14 +34,22 @@ pub struct TestApp {
     pub client: LimeClient,
     /// The settings the server runs with.
     pub settings: Settings,
-    /// Holds the data directory for the life of the test.
-    pub data_dir: TempDir,
+    /// The store backend the test runs on (`LIME_TEST_BACKEND`).
+    pub backend: Backend,
+    /// Direct access to the stores, bypassing the protocol.
+    pub probe: StoreProbe,
     /// Dropping it stops the server.
     _stop: oneshot::Sender<()>,
+    /// The test's databases on a database server, dropped after the server stops.
+    _databases: TestDatabases,
+    /// Holds the data directory for the life of the test.
+    pub data_dir: TempDir,
 }
 
-/// Starts a server with the defaults (TLS, all five curves, SQLite in a fresh
-/// temporary directory) on an ephemeral loopback port.
+/// Starts a server with the defaults (TLS, all five curves) on an ephemeral
+/// loopback port, its stores on the backend `LIME_TEST_BACKEND` names: SQLite in a
+/// fresh temporary directory, or fresh databases on the machine's MariaDB or
+/// PostgreSQL.
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
@@ -49,6 +62,11 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     settings.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
     settings.storage.data_dir = data_dir.path().to_owned();
     configure(&mut settings);
+    let backend = Backend::from_env();
+    let (databases, url) = TestDatabases::create(backend, &settings.storage.enabled_curves()).await;
+    if url.is_some() {
+        settings.storage.url = url;
+    }
     let app = Application::build(&settings)
         .await
         .expect("the server starts with the test settings");
@@ -67,9 +85,12 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
         base_url: format!("{scheme}://{addr}/"),
         addr,
         client,
+        probe: StoreProbe::new(&settings),
         settings,
-        data_dir,
+        backend,
         _stop: stop,
+        _databases: databases,
+        data_dir,
     }
 }
 
@@ -111,28 +132,15 @@ impl TestApp {
             .expect("the server answers")
     }
 
-    /// The SQLite file of one curve.
-    pub fn sqlite_path(&self, curve: Curve) -> PathBuf {
-        self.settings.storage.sqlite_path(curve)
-    }
-
     /// Removes a device (and its OPks) directly in the store, bypassing the protocol:
     /// what a server that lost a device looks like to its client.
     pub async fn delete_device_in_store(&self, curve: Curve, device_id: &str) {
-        let conn = rusqlite::Connection::open(self.sqlite_path(curve)).expect("open the store");
-        conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;")
-            .unwrap();
-        let deleted = conn
-            .execute("DELETE FROM Users WHERE UserId = ?1", [device_id])
-            .expect("delete the device");
-        assert_eq!(deleted, 1, "{device_id} was not in the {curve} store");
+        self.probe.delete_device(curve, device_id).await;
     }
 
     /// Number of OPk rows in a curve's store, all devices together.
     pub async fn stored_one_time_pre_keys(&self, curve: Curve) -> u64 {
-        let conn = rusqlite::Connection::open(self.sqlite_path(curve)).expect("open the store");
-        conn.query_row("SELECT COUNT(*) FROM OPk", [], |row| row.get(0))
-            .expect("count OPks")
+        self.probe.count_one_time_pre_keys(curve).await
     }
 }
 

@@ -11,11 +11,10 @@
 mod queries;
 pub mod schema;
 
-use crate::store::{KeyStore, Registered, StoreError, StoreLimits};
+use crate::store::{KeyStore, Migration, Registered, SchemaState, StoreError, StoreLimits};
 use async_trait::async_trait;
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use rusqlite::Connection;
-use schema::SchemaState;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -113,6 +112,15 @@ pub fn init_database(path: &Path) -> Result<SchemaState, OpenError> {
     open_connection(path, Synchronous::Full).map(|(_, state)| state)
 }
 
+/// Brings an existing database to our schema version (`lime-server db migrate`).
+pub fn migrate_database(path: &Path) -> Result<Migration, OpenError> {
+    if !path.exists() {
+        return Err(OpenError::Missing(path.to_owned()));
+    }
+    let conn = Connection::open(path).map_err(|error| OpenError::Sqlite(path.to_owned(), error))?;
+    schema::migrate(&conn).map_err(|error| OpenError::Schema(path.to_owned(), error))
+}
+
 /// A connection set up exactly as the store's own (WAL, `synchronous`, foreign
 /// keys, schema checked): for tools and benchmarks that measure the database
 /// without the server in front.
@@ -170,6 +178,9 @@ pub enum OpenError {
     /// The file is not a database this server can serve.
     #[error("SQLite database {0}: {1}")]
     Schema(PathBuf, schema::SchemaError),
+    /// `db migrate` on a file that does not exist.
+    #[error("SQLite database {0} does not exist (db init creates it)")]
+    Missing(PathBuf),
     /// The writer thread could not be started.
     #[error("cannot start the SQLite writer thread: {0}")]
     Thread(String),

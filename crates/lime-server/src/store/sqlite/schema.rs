@@ -1,15 +1,16 @@
 //! The SQLite schema: the original server's tables (`Users`, `OPk`, `Requests`,
 //! `Config`) with SQLite types, plus the indexes that keep every request's cost
-//! independent of the number of stored devices.
+//! independent of the number of stored devices. `Config` holds the original's
+//! `('version', 1)` and our `('lime_rs_schema', N)`.
 
+use crate::store::{Migration, SCHEMA_VERSION, SCHEMA_VERSION_NAME, SchemaState};
 use rusqlite::{Connection, OptionalExtension};
 
-/// The schema version this server writes and expects, kept in `Config` as
-/// `('version', N)` like the original's.
-pub const SCHEMA_VERSION: i64 = 1;
+/// The original layout's version, in `Config` as `('version', 1)`.
+const LAYOUT_VERSION: i64 = 1;
 
-const CREATE_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS Users (
+const CREATE_TABLES: &str = "
+CREATE TABLE Users (
     Uid INTEGER PRIMARY KEY AUTOINCREMENT,
     UserId TEXT NOT NULL,
     Ik BLOB NOT NULL,
@@ -17,64 +18,107 @@ CREATE TABLE IF NOT EXISTS Users (
     SPk_sig BLOB DEFAULT NULL,
     SPk_id INTEGER DEFAULT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS Users_UserId ON Users(UserId);
-CREATE TABLE IF NOT EXISTS OPk (
+CREATE TABLE OPk (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     Uid INTEGER NOT NULL REFERENCES Users(Uid) ON UPDATE CASCADE ON DELETE CASCADE,
     OPk BLOB NOT NULL,
     OPk_id INTEGER NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS OPk_Uid_OPk_id ON OPk(Uid, OPk_id);
-CREATE TABLE IF NOT EXISTS Requests (
+CREATE TABLE Requests (
     source TEXT NOT NULL,
     target TEXT NOT NULL,
     at TIMESTAMP DEFAULT CURRENT_TIMESTAMP
 );
-CREATE TABLE IF NOT EXISTS Config (
+CREATE TABLE Config (
     Name VARCHAR(20) DEFAULT NULL,
     Value INTEGER NOT NULL
 );
+INSERT INTO Config (Name, Value) VALUES ('version', 1);
 ";
 
-/// What [`ensure_schema`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SchemaState {
-    /// The tables were created just now.
-    Created,
-    /// The tables were there, at our version.
-    Current,
+/// Our additions, each idempotent: one device per id, one key per (device, id).
+const ADDITIONS: [(&str, &str); 2] = [
+    (
+        "unique index Users(UserId)",
+        "CREATE UNIQUE INDEX IF NOT EXISTS Users_UserId ON Users(UserId)",
+    ),
+    (
+        "unique index OPk(Uid, OPk_id)",
+        "CREATE UNIQUE INDEX IF NOT EXISTS OPk_Uid_OPk_id ON OPk(Uid, OPk_id)",
+    ),
+];
+
+/// Creates the schema in an empty database, or checks an existing one: the
+/// original layout at our version. Anything else is refused rather than touched.
+pub fn ensure_schema(conn: &Connection) -> Result<SchemaState, SchemaError> {
+    if !has_config(conn)? {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(CREATE_TABLES)?;
+        apply_additions(&tx)?;
+        tx.commit()?;
+        return Ok(SchemaState::Created);
+    }
+    match versions(conn)? {
+        (Some(LAYOUT_VERSION), Some(SCHEMA_VERSION)) => Ok(SchemaState::Present),
+        (Some(LAYOUT_VERSION), None) => Err(SchemaError::NeedsMigration),
+        (Some(LAYOUT_VERSION), Some(ours)) => Err(SchemaError::Newer(ours)),
+        (Some(layout), _) => Err(SchemaError::Layout(layout)),
+        (None, _) => Err(SchemaError::NoVersion),
+    }
 }
 
-/// Creates the schema in an empty database, or checks the version of an existing
-/// one. A database at another version is refused rather than touched.
-pub fn ensure_schema(conn: &Connection) -> Result<SchemaState, SchemaError> {
-    let has_config: bool = conn.query_row(
+/// Brings a database of the original layout to our schema version.
+pub fn migrate(conn: &Connection) -> Result<Migration, SchemaError> {
+    match versions(conn)? {
+        (Some(LAYOUT_VERSION), Some(SCHEMA_VERSION)) => Ok(Migration::default()),
+        (Some(LAYOUT_VERSION), None) => {
+            let tx = conn.unchecked_transaction()?;
+            let applied = apply_additions(&tx)?;
+            tx.commit()?;
+            Ok(Migration { applied })
+        }
+        (Some(LAYOUT_VERSION), Some(ours)) => Err(SchemaError::Newer(ours)),
+        (Some(layout), _) => Err(SchemaError::Layout(layout)),
+        (None, _) => Err(SchemaError::NoVersion),
+    }
+}
+
+fn apply_additions(conn: &Connection) -> Result<Vec<String>, SchemaError> {
+    let mut applied = Vec::new();
+    for (name, sql) in ADDITIONS {
+        conn.execute_batch(sql)?;
+        applied.push(name.to_owned());
+    }
+    conn.execute(
+        "INSERT INTO Config (Name, Value) VALUES (?1, ?2)",
+        (SCHEMA_VERSION_NAME, SCHEMA_VERSION),
+    )?;
+    applied.push(format!(
+        "Config ('{SCHEMA_VERSION_NAME}', {SCHEMA_VERSION})"
+    ));
+    Ok(applied)
+}
+
+fn has_config(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'Config')",
         [],
         |row| row.get(0),
-    )?;
-    if has_config {
-        let version: Option<i64> = conn
-            .query_row(
-                "SELECT Value FROM Config WHERE Name = 'version'",
-                [],
-                |row| row.get(0),
-            )
-            .optional()?;
-        return match version {
-            Some(SCHEMA_VERSION) => Ok(SchemaState::Current),
-            Some(found) => Err(SchemaError::Version(found)),
-            None => Err(SchemaError::NoVersion),
-        };
+    )
+}
+
+/// The original's `version` and our schema version, as found in `Config`.
+fn versions(conn: &Connection) -> Result<(Option<i64>, Option<i64>), SchemaError> {
+    if !has_config(conn)? {
+        return Err(SchemaError::NoVersion);
     }
-    let tx = conn.unchecked_transaction()?;
-    tx.execute_batch(CREATE_SCHEMA)?;
-    tx.execute(
-        "INSERT INTO Config (Name, Value) VALUES ('version', ?1)",
-        [SCHEMA_VERSION],
-    )?;
-    tx.commit()?;
-    Ok(SchemaState::Created)
+    let value = |name: &str| {
+        conn.query_row("SELECT Value FROM Config WHERE Name = ?1", [name], |row| {
+            row.get(0)
+        })
+        .optional()
+    };
+    Ok((value("version")?, value(SCHEMA_VERSION_NAME)?))
 }
 
 /// Why a database cannot be used.
@@ -83,10 +127,16 @@ pub enum SchemaError {
     /// SQLite failed.
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
-    /// `Config` has a version row with another version.
-    #[error("schema version {0} in table Config, this server serves version {SCHEMA_VERSION}")]
-    Version(i64),
-    /// `Config` exists without a version row.
-    #[error("table Config has no ('version', N) row: not a lime-server database")]
+    /// `Config` says another layout than the original's version 1.
+    #[error("table Config has ('version', {0}); this server serves version 1")]
+    Layout(i64),
+    /// Written by a newer lime-server.
+    #[error("schema version {0} in table Config is newer than this server's {SCHEMA_VERSION}")]
+    Newer(i64),
+    /// The original layout without our additions: `db migrate` adds them.
+    #[error("schema not migrated: run `lime-server db migrate`")]
+    NeedsMigration,
+    /// No `Config` table or no `('version', N)` row.
+    #[error("no ('version', N) row in a Config table: not a lime-server database")]
     NoVersion,
 }

@@ -1,0 +1,335 @@
+//! `bundles`: getPeerBundle load against a running server.
+//!
+//! C tasks, each with its own [`LimeClient`] and so its own keep-alive connection,
+//! send getPeerBundle requests for one random seeded device each until R requests
+//! have been sent in all. Each task first sends one untimed request (TCP and TLS
+//! set-up); the clock starts when every connection is up. After the run the tool
+//! counts the TCP connections it holds to the server, to show that C connections
+//! (and no more) carried the load.
+
+use crate::device_name;
+use crate::stats::{Flags, Latencies, cpu_count, load_average, machine_busy, ms, process_cpu};
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use lime_protocol::{Curve, DeviceId, Request, RequestMessage, Response};
+use lime_server::client::LimeClient;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::Barrier;
+
+/// Options of `bundles`.
+#[derive(Debug, Args)]
+pub struct BundlesArgs {
+    /// The server's X3DH URL, e.g. https://127.0.0.1:25519/ (http:// for a
+    /// plain-HTTP listener).
+    #[arg(long)]
+    url: String,
+    /// PEM certificate to trust for https:// URLs, e.g.
+    /// <data_dir>/tls/self-signed.crt.
+    #[arg(long, value_name = "CERT")]
+    ca: Option<PathBuf>,
+    /// Base algorithm of the requests.
+    #[arg(long, default_value = "c25519")]
+    curve: Curve,
+    /// Number of seeded devices to pick from (devices 0..N).
+    #[arg(long, value_name = "N")]
+    devices: u64,
+    /// Concurrent connections, one task each.
+    #[arg(long, value_name = "C", default_value_t = 1)]
+    connections: usize,
+    /// Timed requests in all (the per-connection warm-up requests not counted).
+    #[arg(long, value_name = "R")]
+    requests: u64,
+    /// The server's process id: report its CPU time per request.
+    #[arg(long, value_name = "PID")]
+    server_pid: Option<u32>,
+    /// Device id the requests are sent as.
+    #[arg(
+        long,
+        default_value = "sip:load-client@example.org;gr=urn:uuid:00000000-0000-0000-0000-ffffffffffff"
+    )]
+    sender: String,
+}
+
+/// What one task measured.
+struct TaskReport {
+    latencies: Vec<Duration>,
+    flags: Flags,
+    errors: u64,
+    first_error: Option<String>,
+    /// Kept alive until the connections have been counted.
+    client: LimeClient,
+}
+
+/// Runs the load and prints the figures.
+pub fn run(args: &BundlesArgs) -> Result<()> {
+    if args.connections == 0 || args.devices == 0 || args.requests == 0 {
+        bail!("--connections, --devices and --requests must be at least 1");
+    }
+    let port = url_port(&args.url)?;
+    let https = args.url.starts_with("https://");
+    let clients = (0..args.connections)
+        .map(|_| match (&args.ca, https) {
+            (Some(ca), _) => LimeClient::trusting(ca),
+            (None, false) => LimeClient::plain(),
+            (None, true) => bail!("an https:// URL needs --ca <certificate to trust>"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(load(args, clients, port))
+}
+
+async fn load(args: &BundlesArgs, clients: Vec<LimeClient>, port: u16) -> Result<()> {
+    let load_before = load_average();
+    let shared = Arc::new(Shared {
+        url: args.url.clone(),
+        sender: args.sender.clone(),
+        curve: args.curve,
+        devices: args.devices,
+        requests: args.requests,
+        sent: AtomicU64::new(0),
+        start: Barrier::new(args.connections + 1),
+    });
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|client| tokio::spawn(connection_task(shared.clone(), client)))
+        .collect();
+
+    // Every task has its connection up (or has failed) once this returns.
+    shared.start.wait().await;
+    let started = Instant::now();
+    let server_cpu_before = args
+        .server_pid
+        .map(|pid| process_cpu(Some(pid)))
+        .transpose()?;
+    let client_cpu_before = process_cpu(None)?;
+    let machine_before = machine_busy()?;
+
+    let mut reports = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        reports.push(task.await.context("a load task panicked")??);
+    }
+    let elapsed = started.elapsed();
+    let server_cpu = match (args.server_pid, server_cpu_before) {
+        (Some(pid), Some(before)) => Some(process_cpu(Some(pid))? - before),
+        _ => None,
+    };
+    let client_cpu = process_cpu(None)? - client_cpu_before;
+    let machine = machine_busy()?.saturating_sub(machine_before);
+    let open = count_connections(port)
+        .map(|count| count.to_string())
+        .unwrap_or_else(|error| format!("unknown ({error:#})"));
+
+    let mut flags = Flags::default();
+    let mut errors = 0;
+    let mut first_error = None;
+    let mut latencies = Vec::with_capacity(args.requests as usize);
+    let mut clients = Vec::with_capacity(reports.len());
+    for report in reports {
+        flags.merge(report.flags);
+        errors += report.errors;
+        first_error = first_error.or(report.first_error);
+        latencies.extend(report.latencies);
+        clients.push(report.client);
+    }
+    drop(clients);
+    let done = latencies.len() as u64;
+    let latencies = Latencies::new(latencies)?;
+
+    println!(
+        "bundles: {done} requests ({} {}) over {} connections ({open} open at the end) in {:.2} s; load average before: {load_before}",
+        args.curve,
+        args.url,
+        args.connections,
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "  rate: {:.0} requests/s",
+        done as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "  latency: p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
+        ms(latencies.percentile(50.0)),
+        ms(latencies.percentile(90.0)),
+        ms(latencies.percentile(99.0)),
+        ms(latencies.percentile(99.9)),
+        ms(latencies.percentile(100.0))
+    );
+    println!("  bundles: {flags}; errors {errors}");
+    if let (Some(pid), Some(cpu)) = (args.server_pid, server_cpu) {
+        println!(
+            "  server CPU: {:.3} ms/request (pid {pid}, {:.2} s in all)",
+            ms(cpu) / done as f64,
+            cpu.as_secs_f64()
+        );
+    }
+    println!(
+        "  client CPU: {:.3} ms/request (this process, {:.2} s in all)",
+        ms(client_cpu) / done as f64,
+        client_cpu.as_secs_f64()
+    );
+    // What else ran meanwhile: the figures are only as good as this is small.
+    let others = machine
+        .saturating_sub(client_cpu)
+        .saturating_sub(server_cpu.unwrap_or_default());
+    println!(
+        "  machine: {:.0}% of {} CPUs busy; other processes {:.2} s CPU{}",
+        100.0 * machine.as_secs_f64() / (elapsed.as_secs_f64() * cpu_count() as f64),
+        cpu_count(),
+        others.as_secs_f64(),
+        if server_cpu.is_none() {
+            " (server included: no --server-pid)"
+        } else {
+            ""
+        }
+    );
+    if let Some(error) = first_error {
+        println!("  first error: {error}");
+    }
+    if errors > 0 {
+        bail!("{errors} requests did not get a peerBundle answer");
+    }
+    Ok(())
+}
+
+/// What the tasks share.
+struct Shared {
+    url: String,
+    sender: String,
+    curve: Curve,
+    devices: u64,
+    requests: u64,
+    /// Timed requests started so far, all tasks together.
+    sent: AtomicU64,
+    /// Passed when every task has its connection up.
+    start: Barrier,
+}
+
+/// One connection's loop: a warm-up request, the start barrier, then requests
+/// until the shared count reaches R.
+async fn connection_task(shared: Arc<Shared>, client: LimeClient) -> Result<TaskReport> {
+    let mut rng = StdRng::from_rng(&mut rand::rng());
+    let warm_up = get_bundle(&shared, &client, &mut rng).await;
+    // Wait even when the warm-up failed: the main task waits for everyone.
+    shared.start.wait().await;
+    warm_up.context("warm-up request (connection set-up) failed")?;
+
+    let mut report = TaskReport {
+        latencies: Vec::new(),
+        flags: Flags::default(),
+        errors: 0,
+        first_error: None,
+        client,
+    };
+    while shared.sent.fetch_add(1, Ordering::Relaxed) < shared.requests {
+        let sent = Instant::now();
+        let answer = get_bundle(&shared, &report.client, &mut rng).await;
+        report.latencies.push(sent.elapsed());
+        match answer {
+            Ok(flag) => report.flags.add(flag),
+            Err(error) => {
+                report.errors += 1;
+                report
+                    .first_error
+                    .get_or_insert_with(|| format!("{error:#}"));
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Sends one getPeerBundle for a random seeded device; the flag of the bundle,
+/// or why the answer is not a one-bundle peerBundle.
+async fn get_bundle(shared: &Shared, client: &LimeClient, rng: &mut StdRng) -> Result<u8> {
+    let device = DeviceId::new(device_name(rng.random_range(0..shared.devices)))?;
+    let message = RequestMessage {
+        curve: shared.curve,
+        request: Request::GetPeerBundle(vec![device]),
+    };
+    let answer = client.send(&shared.url, &shared.sender, &message).await?;
+    match answer.response {
+        Response::PeerBundles(bundles) if bundles.len() == 1 => Ok(bundles[0].flag()),
+        Response::PeerBundles(bundles) => bail!("peerBundle with {} entries, not 1", bundles.len()),
+        other => bail!("answer is not a peerBundle: {other:?}"),
+    }
+}
+
+/// The port of `url` (explicit, or 443 / 80 by scheme).
+fn url_port(url: &str) -> Result<u16> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .with_context(|| format!("{url}: not an http:// or https:// URL"))?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    match authority.rsplit_once(':') {
+        Some((_, port)) if !port.ends_with(']') => port
+            .parse()
+            .with_context(|| format!("{url}: bad port {port:?}")),
+        _ => match scheme {
+            "https" => Ok(443),
+            "http" => Ok(80),
+            _ => bail!("{url}: not an http:// or https:// URL"),
+        },
+    }
+}
+
+/// Established TCP connections this process holds to remote port `port`: its
+/// socket inodes (`/proc/self/fd`) matched against `/proc/self/net/tcp{,6}`.
+fn count_connections(port: u16) -> Result<usize> {
+    let mut inodes = HashSet::new();
+    for entry in std::fs::read_dir("/proc/self/fd").context("cannot list /proc/self/fd")? {
+        let Ok(target) = std::fs::read_link(entry?.path()) else {
+            continue; // closed meanwhile
+        };
+        let target = target.to_string_lossy();
+        if let Some(inode) = target
+            .strip_prefix("socket:[")
+            .and_then(|rest| rest.strip_suffix(']'))
+        {
+            inodes.insert(inode.to_owned());
+        }
+    }
+    let wanted_port = format!("{port:04X}");
+    let mut count = 0;
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let text =
+            std::fs::read_to_string(table).with_context(|| format!("cannot read {table}"))?;
+        for line in text.lines().skip(1) {
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(remote), Some(state), Some(inode)) =
+                (fields.get(2), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            let established = *state == "01";
+            let to_port = remote.rsplit(':').next() == Some(wanted_port.as_str());
+            if established && to_port && inodes.contains(*inode) {
+                count += 1;
+            }
+        }
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url_port;
+
+    #[test]
+    fn ports_of_urls() {
+        assert_eq!(url_port("https://127.0.0.1:25519/").unwrap(), 25519);
+        assert_eq!(url_port("http://localhost:8080").unwrap(), 8080);
+        assert_eq!(url_port("https://[::1]:9000/x").unwrap(), 9000);
+        assert_eq!(url_port("https://example.org/").unwrap(), 443);
+        assert_eq!(url_port("http://[::1]/").unwrap(), 80);
+        assert!(url_port("example.org").is_err());
+    }
+}

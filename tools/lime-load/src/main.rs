@@ -1,0 +1,58 @@
+//! lime-load: the benchmark tooling of lime-server.
+//!
+//! - `seed`: fills a curve's SQLite store directly with synthetic devices and
+//!   one-time pre-keys (the server's own schema, plain SQL in large transactions).
+//! - `bundles`: getPeerBundle load against a running server over HTTP(S), from C
+//!   concurrent keep-alive connections; requests/s, latency, server CPU per request.
+//! - `raw-claims`: the server's claim transaction in a tight loop directly on the
+//!   database file (server stopped): the reference ("raw") rate.
+//!
+//! The three agree on device names ([`device_name`]), so `bundles` and `raw-claims`
+//! ask for devices that `seed` created. `docs/benchmarks.md` has the procedure.
+
+mod bundles;
+mod raw;
+mod seed;
+mod stats;
+
+use clap::{Parser, Subcommand};
+use lime_protocol::Curve;
+use std::path::{Path, PathBuf};
+
+/// Load generator and raw-database reference for lime-server benchmarks.
+#[derive(Debug, Parser)]
+#[command(name = "lime-load", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Fill a curve's SQLite store with synthetic devices and one-time pre-keys.
+    Seed(seed::SeedArgs),
+    /// getPeerBundle load against a running server.
+    Bundles(bundles::BundlesArgs),
+    /// The claim transaction in a tight loop on the database file (server stopped).
+    RawClaims(raw::RawArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Seed(args) => seed::run(&args),
+        Command::Bundles(args) => bundles::run(&args),
+        Command::RawClaims(args) => raw::run(&args),
+    }
+}
+
+/// The device id of seeded device `index`: `sip:load-{index}@example.org;gr=...`.
+/// Deterministic, so every subcommand names the same devices.
+pub fn device_name(index: u64) -> String {
+    format!("sip:load-{index}@example.org;gr=urn:uuid:00000000-0000-0000-0000-{index:012}")
+}
+
+/// The SQLite file of `curve` in the server's data directory (the server's own
+/// naming: `lime-<curve>.sqlite3`).
+pub fn sqlite_path(data_dir: &Path, curve: Curve) -> PathBuf {
+    data_dir.join(format!("lime-{}.sqlite3", curve.name()))
+}
