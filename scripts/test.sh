@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a fresh machine: installs what the tests need
-# (the real liblime client, for the interop test) and runs every test of the
-# workspace. Usage: scripts/test.sh [extra cargo test arguments]
+# Runs the whole test suite on a fresh machine: installs what the tests need,
+# starts the local MariaDB and PostgreSQL when they are installed but stopped, runs
+# every test of the workspace (stores on SQLite), then the black-box suites and the
+# liblime interop test again on MariaDB and on PostgreSQL.
+# Usage: scripts/test.sh [extra cargo test arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+sudo_cmd=()
+[ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
 
 # liblime-dev: the real client's C API (lime_ffi.h, liblime.so) for the interop test.
 # libsoci-sqlite3-4.0: liblime keeps its local keys through SOCI's sqlite3 backend,
@@ -16,10 +21,34 @@ for package in "${needed[@]}"; do
 done
 if ((${#missing[@]})); then
     echo "test.sh: installing ${missing[*]}" >&2
-    sudo_cmd=()
-    [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
     "${sudo_cmd[@]}" apt-get update -q
     DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q "${missing[@]}"
 fi
 
+# The database servers the store tests use: 127.0.0.1:3306 (root, no password) and
+# 127.0.0.1:5432 (postgres, trust), started here when installed but stopped.
+wait_for() { # NAME COMMAND...: up to 30 s for COMMAND to succeed
+    local name=$1; shift
+    for _ in $(seq 60); do "$@" >/dev/null 2>&1 && return 0; sleep 0.5; done
+    echo "test.sh: $name did not come up" >&2
+    return 1
+}
+if ! mysqladmin -h 127.0.0.1 -u root ping >/dev/null 2>&1; then
+    echo "test.sh: starting MariaDB" >&2
+    "${sudo_cmd[@]}" start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
+    wait_for MariaDB mysqladmin -h 127.0.0.1 -u root ping
+fi
+if ! pg_isready -h 127.0.0.1 -p 5432 >/dev/null 2>&1; then
+    echo "test.sh: starting PostgreSQL" >&2
+    "${sudo_cmd[@]}" pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start
+    wait_for PostgreSQL pg_isready -h 127.0.0.1 -p 5432
+fi
+
 cargo test --workspace --locked "$@"
+
+# The same black-box code, on each database server.
+for backend in mariadb postgres; do
+    echo "test.sh: black-box suites on $backend" >&2
+    LIME_TEST_BACKEND=$backend cargo test -p lime-server --locked \
+        --test protocol --test bad_input --test concurrency --test liblime_interop "$@"
+done

@@ -109,7 +109,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => {
             apply_serve_overrides(&mut settings, args);
             settings.validate()?;
-            telemetry::init(&settings.log);
+            let _log_guard = telemetry::init(&settings.log);
             serve(settings, source)
         }
         Command::Db(command) => {

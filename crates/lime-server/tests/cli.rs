@@ -1,12 +1,11 @@
 //! The `lime-server` binary as an operator uses it: help, check-config, db init and
 //! the first run of `serve` with no config.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_lime-server");
+use common::process::{BIN, ServerProcess};
+use std::path::Path;
+use std::process::{Command, Output};
 
 fn lime_server(args: &[&str]) -> Output {
     Command::new(BIN)
@@ -164,42 +163,14 @@ fn serve_refuses_a_public_listener_without_authentication() {
     );
 }
 
-/// A `serve` process that is killed when dropped.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `serve` on an ephemeral port and waits for its "listening" log line.
-fn start_serving(data_dir: &Path, extra: &[&str]) -> (Server, String) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start lime-server serve");
-    let stderr = child.stderr.take().unwrap();
-    let server = Server(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut log = String::new();
-    for line in BufReader::new(stderr).lines() {
-        let line = line.unwrap();
-        log.push_str(&line);
-        log.push('\n');
-        if line.contains("listening") {
-            return (server, log);
-        }
-        assert!(Instant::now() < deadline, "no 'listening' line:\n{log}");
-    }
-    panic!("serve exited before listening:\n{log}");
+/// Starts `serve` on an ephemeral port of loopback with `data_dir`.
+fn start_serving(data_dir: &Path, extra: &[&str]) -> (ServerProcess, String) {
+    let data_dir = data_dir.to_str().unwrap();
+    let mut args = vec!["--listen", "127.0.0.1:0", "--data-dir", data_dir];
+    args.extend(extra);
+    let server = ServerProcess::start(&args);
+    let log = server.log.clone();
+    (server, log)
 }
 
 #[test]

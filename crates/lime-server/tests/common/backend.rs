@@ -66,12 +66,15 @@ impl TestDatabases {
             Backend::Mariadb => format!("{MARIADB_ADMIN_URL}/{prefix}_{{curve}}"),
             Backend::Postgres => format!("postgres://postgres@127.0.0.1:5432/{prefix}_{{curve}}"),
         };
-        let names: Vec<String> = curves
-            .iter()
-            .map(|curve| format!("{prefix}_{}", curve.name()))
-            .collect();
-        for name in &names {
+        let mut databases = TestDatabases {
+            backend,
+            names: Vec::new(),
+        };
+        for curve in curves {
+            let name = format!("{prefix}_{}", curve.name());
             admin(backend, &format!("CREATE DATABASE {name}")).await;
+            // Owned from here: dropped even if what follows panics.
+            databases.names.push(name);
         }
         for curve in curves {
             let location = StoreLocation::parse(&template, *curve).unwrap();
@@ -79,7 +82,7 @@ impl TestDatabases {
                 .await
                 .unwrap_or_else(|error| panic!("db init {location}: {error}"));
         }
-        (TestDatabases { backend, names }, Some(template))
+        (databases, Some(template))
     }
 }
 

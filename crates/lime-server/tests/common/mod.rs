@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod liblime;
+pub mod process;
 pub mod store_probe;
 
 use backend::{Backend, TestDatabases};

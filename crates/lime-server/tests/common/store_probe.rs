@@ -120,12 +120,13 @@ impl StoreProbe {
                 .unwrap()
                 .collect::<Result<_, _>>()
                 .unwrap(),
+            // utf8_bin text comes back as bytes.
             Conn::Mysql(conn) => sqlx::query(sql)
                 .fetch_all(conn)
                 .await
                 .unwrap()
                 .iter()
-                .map(|row| row.get(0))
+                .map(|row| String::from_utf8(row.get(0)).unwrap())
                 .collect(),
             Conn::Postgres(conn) => sqlx::query(&postgres_sql(sql))
                 .fetch_all(conn)

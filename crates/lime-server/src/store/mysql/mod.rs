@@ -1,0 +1,514 @@
+//! The MariaDB/MySQL store: serves the original PHP server's databases as they are.
+//!
+//! A pool of connections (sqlx) runs each store method as one InnoDB transaction
+//! at REPEATABLE READ. Nothing here is a process-local lock: several server
+//! instances may share the database.
+//!
+//! - One-time pre-keys are claimed with `SELECT ... FOR UPDATE SKIP LOCKED` and
+//!   deleted in the same transaction (MariaDB 10.6+, MySQL 8.0+; checked at open).
+//! - The original schema has no unique index on `Users.UserId` (a TEXT with a
+//!   100-character prefix index) and none on `OPk(Uid, OPk_id)` before
+//!   `db migrate`, so every write first locks the device's `Users` rows (or the
+//!   index gap where the device would go) with `SELECT ... FOR UPDATE`: two
+//!   instances registering the same device, or uploading the same key ids, are
+//!   serialised by InnoDB. Two registrations may deadlock on that gap instead;
+//!   InnoDB then rolls one back whole and it is run again.
+//! - Time-outs: the connection wait, `BEGIN` and every statement run within the
+//!   store's time-out; past it the transaction is abandoned uncommitted and its
+//!   connection closed rather than reused ([`StoreError::Timeout`], nothing
+//!   changed). `COMMIT` is never abandoned that way: it has a bound of its own and
+//!   its failure is a [`StoreError::Backend`] (outcome unknown), so that a
+//!   `Timeout` always means nothing changed. Each connection's lock waits
+//!   (`innodb_lock_wait_timeout`, `lock_wait_timeout`) are set to the time-out
+//!   too, so that an abandoned statement does not hold locks for long.
+
+mod queries;
+pub mod schema;
+
+use crate::store::location::redact;
+use crate::store::{
+    KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError, StoreError,
+    StoreLimits,
+};
+use async_trait::async_trait;
+use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlDatabaseError, MySqlPoolOptions};
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, Executor, MySql, MySqlPool};
+use std::future::Future;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::{Instant, timeout, timeout_at};
+
+/// The work of one store method on a connection, as [`MysqlStore::run`] takes it.
+type Work<'c, T> = Pin<Box<dyn Future<Output = Result<T, Fault>> + Send + 'c>>;
+
+/// How often a transaction that InnoDB chose as a deadlock victim is run again.
+const DEADLOCK_ATTEMPTS: u32 = 5;
+
+/// A connection idle for longer than this is pinged before use: firewalls and the
+/// server's `wait_timeout` close idle connections silently.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(60);
+
+/// A base algorithm's keys in a MariaDB/MySQL database.
+pub struct MysqlStore {
+    curve: Curve,
+    limits: StoreLimits,
+    /// Longest a method may take before its transaction is abandoned.
+    timeout: Duration,
+    pool: MySqlPool,
+    /// The pool size: how many stale connections a method may meet in a row
+    /// after the database restarted.
+    pool_size: u32,
+}
+
+/// Connects to the database at `url`, checks its schema, and serves `curve` from it.
+pub async fn open(
+    curve: Curve,
+    url: &str,
+    options: &ServerStoreOptions,
+) -> Result<Arc<dyn KeyStore>, SetupError> {
+    let pool = connect(url, options)?;
+    let fail = setup_error(url);
+    let mut conn = timeout(options.connect_timeout, pool.acquire())
+        .await
+        .map_err(|_| {
+            fail(format!(
+                "cannot connect within {:?}: is the database server running and reachable?",
+                options.connect_timeout
+            ))
+        })?
+        .map_err(|error| fail(connect_failure(&error)))?;
+    let ours = schema::check(&mut conn).await.map_err(&fail)?;
+    match ours {
+        None => tracing::warn!(
+            location = %redact(url),
+            "database has the original PHP server's schema without this server's additions \
+             (served anyway); run `lime-server db migrate` to add them"
+        ),
+        Some(version) if version < crate::store::SCHEMA_VERSION => tracing::warn!(
+            location = %redact(url),
+            version,
+            "database schema is older than this server's; run `lime-server db migrate`"
+        ),
+        Some(_) => {}
+    }
+    drop(conn);
+    Ok(Arc::new(MysqlStore {
+        curve,
+        limits: options.limits,
+        timeout: options.timeout,
+        pool,
+        pool_size: options.pool_size.max(1),
+    }))
+}
+
+/// Creates the schema when absent; leaves an existing one as it is.
+pub async fn init(url: &str) -> Result<SchemaState, SetupError> {
+    let mut conn = connect_one(url).await?;
+    let state = schema::init(&mut conn).await.map_err(setup_error(url));
+    let _ = conn.close().await;
+    state
+}
+
+/// Brings an existing database to our schema version, only adding to it.
+pub async fn migrate(url: &str) -> Result<Migration, SetupError> {
+    let mut conn = connect_one(url).await?;
+    let migration = schema::migrate(&mut conn).await.map_err(setup_error(url));
+    let _ = conn.close().await;
+    migration
+}
+
+/// The pool, not yet connected: every connection it opens is set up by
+/// [`prepare_connection`].
+fn connect(url: &str, options: &ServerStoreOptions) -> Result<MySqlPool, SetupError> {
+    let connect_options = connect_options(url)?;
+    let lock_wait = lock_wait_seconds(options.timeout);
+    Ok(MySqlPoolOptions::new()
+        .max_connections(options.pool_size.max(1))
+        .min_connections(0)
+        // Requests are bounded by `options.timeout` on top of this.
+        .acquire_timeout(options.connect_timeout)
+        // sqlx pings every connection when it comes back to the pool; a second
+        // ping on the way out would cost every request a round trip. Connections
+        // idle for long are pinged, and a stale one met anyway is replaced and
+        // the method run again (see `MysqlStore::run`).
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > PING_IF_IDLE_FOR {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
+        .after_connect(move |conn, _| Box::pin(prepare_connection(conn, lock_wait)))
+        .connect_lazy_with(connect_options))
+}
+
+/// Session settings every store connection needs.
+async fn prepare_connection(conn: &mut MySqlConnection, lock_wait: u64) -> sqlx::Result<()> {
+    // The registration race is settled by gap locks, which READ COMMITTED does
+    // not take: whatever the server's default, store sessions use REPEATABLE READ.
+    // A statement abandoned at the time-out keeps waiting on the server until its
+    // lock wait ends: keep that wait as short as the time-out.
+    let settings = format!(
+        "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ; \
+         SET SESSION innodb_lock_wait_timeout = {lock_wait}, SESSION lock_wait_timeout = {lock_wait}"
+    );
+    conn.execute(settings.as_str()).await?;
+    Ok(())
+}
+
+/// Lock waits are whole seconds (at least 1 on MySQL).
+fn lock_wait_seconds(timeout: Duration) -> u64 {
+    (timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0)).max(1)
+}
+
+fn connect_options(url: &str) -> Result<MySqlConnectOptions, SetupError> {
+    let options = MySqlConnectOptions::from_str(url)
+        .map_err(|error| setup_error(url)(format!("bad URL: {error}")))?;
+    if options.get_database().is_none_or(str::is_empty) {
+        return Err(setup_error(url)(
+            "the URL names no database: add /DATABASE after the host".into(),
+        ));
+    }
+    Ok(options)
+}
+
+/// One connection for `db init` and `db migrate`.
+async fn connect_one(url: &str) -> Result<MySqlConnection, SetupError> {
+    let options = connect_options(url)?;
+    let mut conn = timeout(
+        Duration::from_secs(30),
+        MySqlConnection::connect_with(&options),
+    )
+    .await
+    .map_err(|_| setup_error(url)("cannot connect within 30 s".into()))?
+    .map_err(|error| setup_error(url)(connect_failure(&error)))?;
+    prepare_connection(&mut conn, 30)
+        .await
+        .map_err(|error| setup_error(url)(error.to_string()))?;
+    Ok(conn)
+}
+
+fn setup_error(url: &str) -> impl Fn(String) -> SetupError + '_ {
+    move |message| SetupError::Database {
+        location: redact(url),
+        message,
+    }
+}
+
+/// What to tell an operator whose database refused the connection.
+fn connect_failure(error: &sqlx::Error) -> String {
+    match mysql_error_number(error) {
+        // ER_BAD_DB_ERROR
+        Some(1049) => format!(
+            "{error}: the database does not exist; this server does not create databases: \
+             create it (CREATE DATABASE name CHARACTER SET utf8 COLLATE utf8_bin), grant the \
+             user access, then run `lime-server db init`"
+        ),
+        // ER_ACCESS_DENIED_ERROR, ER_DBACCESS_DENIED_ERROR
+        Some(1045 | 1044) => format!("{error}: check the user, password and grants"),
+        _ => format!("cannot connect: {error}"),
+    }
+}
+
+/// The MySQL error number of a database error (e.g. 1213 for a deadlock).
+fn mysql_error_number(error: &sqlx::Error) -> Option<u16> {
+    error
+        .as_database_error()
+        .and_then(|error| error.try_downcast_ref::<MySqlDatabaseError>())
+        .map(MySqlDatabaseError::number)
+}
+
+/// What a query can fail with: an answer for the client, or the database's error,
+/// which [`MysqlStore::run`] sorts into retry, time-out and failure.
+#[derive(Debug)]
+enum Fault {
+    Store(StoreError),
+    Sql(sqlx::Error),
+}
+
+impl From<StoreError> for Fault {
+    fn from(error: StoreError) -> Fault {
+        Fault::Store(error)
+    }
+}
+
+impl From<sqlx::Error> for Fault {
+    fn from(error: sqlx::Error) -> Fault {
+        Fault::Sql(error)
+    }
+}
+
+/// How a method's work is wrapped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `BEGIN` ... `COMMIT`: for anything that writes or locks.
+    Transaction,
+    /// One statement on its own (autocommit): for a read that is one statement.
+    Statement,
+}
+
+/// A pooled connection that is closed, not returned to the pool, unless the work
+/// on it finished cleanly: a connection abandoned mid-transaction (time-out) or
+/// broken must never serve another request.
+struct Checkout {
+    conn: Option<PoolConnection<MySql>>,
+    clean: bool,
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if !self.clean {
+                // Dropping the detached connection closes its socket; the server
+                // rolls back whatever was under way on it.
+                drop(conn.detach());
+            }
+        }
+    }
+}
+
+/// What one attempt came to.
+enum Attempt<T> {
+    Done(Result<T, StoreError>),
+    /// Deadlock victim, or a stale connection met before anything was done: run
+    /// again (on a fresh connection when `fresh_connection`).
+    Again {
+        fresh_connection: bool,
+    },
+}
+
+impl MysqlStore {
+    /// Runs `work` on a pooled connection as one transaction (or one statement),
+    /// within the store's time-out; see the module documentation.
+    async fn run<D, T, F>(&self, mode: Mode, data: D, work: F) -> Result<T, StoreError>
+    where
+        D: Sync,
+        T: Send,
+        F: for<'c> Fn(&'c mut MySqlConnection, &'c D) -> Work<'c, T> + Sync,
+    {
+        let deadline = Instant::now() + self.timeout;
+        let mut deadlocks = 0;
+        let mut stale = 0;
+        loop {
+            let mut checkout = Checkout {
+                conn: None,
+                clean: false,
+            };
+            let attempt =
+                match timeout_at(deadline, self.attempt(mode, &mut checkout, &data, &work)).await {
+                    // Abandoned: `checkout` is not clean and closes its connection.
+                    Err(_) => return Err(StoreError::Timeout(self.timeout)),
+                    Ok(Err(error)) => return Err(error),
+                    Ok(Ok(attempt)) => attempt,
+                };
+            match attempt {
+                Attempt::Done(result) => return result,
+                Attempt::Again { fresh_connection } => {
+                    if fresh_connection {
+                        stale += 1;
+                        if stale > self.pool_size {
+                            return Err(StoreError::Backend(
+                                "every pooled connection is broken".into(),
+                            ));
+                        }
+                    } else {
+                        deadlocks += 1;
+                        if deadlocks >= DEADLOCK_ATTEMPTS {
+                            return Err(StoreError::Backend(format!(
+                                "deadlock, {DEADLOCK_ATTEMPTS} times in a row"
+                            )));
+                        }
+                        // Let the winner finish before trying again.
+                        tokio::time::sleep(Duration::from_millis(2 * u64::from(deadlocks))).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One try: acquire, begin, work, and commit or roll back. The `Err` case is
+    /// a failure to report as is; `checkout` is marked clean when its connection
+    /// may go back to the pool.
+    async fn attempt<D, T, F>(
+        &self,
+        mode: Mode,
+        checkout: &mut Checkout,
+        data: &D,
+        work: &F,
+    ) -> Result<Attempt<T>, StoreError>
+    where
+        D: Sync,
+        T: Send,
+        F: for<'c> Fn(&'c mut MySqlConnection, &'c D) -> Work<'c, T> + Sync,
+    {
+        let pooled = self.pool.acquire().await.map_err(|error| match error {
+            sqlx::Error::PoolTimedOut => StoreError::Timeout(self.timeout),
+            error => StoreError::Backend(format!("cannot connect: {error}")),
+        })?;
+        let conn: &mut MySqlConnection = checkout.conn.insert(pooled);
+        if mode == Mode::Statement {
+            let result = work(conn, data).await;
+            return Ok(match result {
+                Ok(value) => {
+                    checkout.clean = true;
+                    Attempt::Done(Ok(value))
+                }
+                // A read that met a stale connection is simply read again.
+                Err(Fault::Sql(error)) if is_connection_error(&error) => Attempt::Again {
+                    fresh_connection: true,
+                },
+                Err(fault) => {
+                    checkout.clean = matches!(fault, Fault::Store(_));
+                    Attempt::Done(Err(self.store_error(fault)))
+                }
+            });
+        }
+        let mut transaction = match conn.begin().await {
+            Ok(transaction) => transaction,
+            // Nothing was done yet: safe to start again elsewhere.
+            Err(error) if is_connection_error(&error) => {
+                return Ok(Attempt::Again {
+                    fresh_connection: true,
+                });
+            }
+            Err(error) => return Err(StoreError::Backend(error.to_string())),
+        };
+        match work(&mut transaction, data).await {
+            Ok(value) => {
+                // Past this point the transaction is not abandoned: an unanswered
+                // COMMIT may have happened, so it is not reported as a time-out.
+                match timeout(self.timeout, transaction.commit()).await {
+                    Ok(Ok(())) => {
+                        checkout.clean = true;
+                        Ok(Attempt::Done(Ok(value)))
+                    }
+                    Ok(Err(error)) => Err(StoreError::Backend(format!("COMMIT failed: {error}"))),
+                    Err(_) => Err(StoreError::Backend(format!(
+                        "COMMIT not answered within {:?}; its outcome is unknown",
+                        self.timeout
+                    ))),
+                }
+            }
+            Err(fault) => {
+                let deadlock =
+                    matches!(&fault, Fault::Sql(error) if mysql_error_number(error) == Some(1213));
+                let rolled_back = transaction.rollback().await.is_ok();
+                checkout.clean = rolled_back;
+                if deadlock {
+                    Ok(Attempt::Again {
+                        fresh_connection: false,
+                    })
+                } else {
+                    Ok(Attempt::Done(Err(self.store_error(fault))))
+                }
+            }
+        }
+    }
+
+    fn store_error(&self, fault: Fault) -> StoreError {
+        match fault {
+            Fault::Store(error) => error,
+            // ER_LOCK_WAIT_TIMEOUT, ER_LOCK_WAIT_TIMEOUT for metadata (LOCK TABLES),
+            // ER_STATEMENT_TIMEOUT: the database gave up waiting; rolled back.
+            Fault::Sql(error) if matches!(mysql_error_number(&error), Some(1205 | 1969)) => {
+                StoreError::Timeout(self.timeout)
+            }
+            Fault::Sql(error) => StoreError::Backend(error.to_string()),
+        }
+    }
+}
+
+/// The connection is unusable (closed by the server, network gone), as opposed to
+/// an error the server answered with.
+fn is_connection_error(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Io(_) | sqlx::Error::Protocol(_))
+        // ER_CLIENT_INTERACTION_TIMEOUT (MySQL 8.0.24+), ER_CONNECTION_KILLED (MariaDB)
+        || matches!(mysql_error_number(error), Some(4031 | 1927))
+}
+
+#[async_trait]
+impl KeyStore for MysqlStore {
+    async fn register_device(
+        &self,
+        device: DeviceId,
+        registration: Registration,
+    ) -> Result<Registered, StoreError> {
+        let limits = self.limits;
+        self.run(
+            Mode::Transaction,
+            (device, registration),
+            move |conn, (device, registration)| {
+                Box::pin(queries::register_device(conn, limits, device, registration))
+            },
+        )
+        .await
+    }
+
+    async fn delete_device(&self, device: DeviceId) -> Result<(), StoreError> {
+        self.run(Mode::Transaction, device, |conn, device| {
+            Box::pin(queries::delete_device(conn, device))
+        })
+        .await
+    }
+
+    async fn replace_signed_pre_key(
+        &self,
+        device: DeviceId,
+        key: SignedPreKey,
+    ) -> Result<(), StoreError> {
+        self.run(Mode::Transaction, (device, key), |conn, (device, key)| {
+            Box::pin(queries::replace_signed_pre_key(conn, device, key))
+        })
+        .await
+    }
+
+    async fn add_one_time_pre_keys(
+        &self,
+        device: DeviceId,
+        keys: Vec<OneTimePreKey>,
+    ) -> Result<(), StoreError> {
+        let limits = self.limits;
+        self.run(
+            Mode::Transaction,
+            (device, keys),
+            move |conn, (device, keys)| {
+                Box::pin(queries::add_one_time_pre_keys(conn, limits, device, keys))
+            },
+        )
+        .await
+    }
+
+    async fn claim_key_bundles(
+        &self,
+        devices: Vec<DeviceId>,
+    ) -> Result<Vec<PeerBundle>, StoreError> {
+        let curve = self.curve;
+        self.run(Mode::Transaction, devices, move |conn, devices| {
+            Box::pin(queries::claim_key_bundles(conn, curve, devices))
+        })
+        .await
+    }
+
+    async fn one_time_pre_key_ids(&self, device: DeviceId) -> Result<Vec<u32>, StoreError> {
+        self.run(Mode::Statement, device, |conn, device| {
+            Box::pin(queries::one_time_pre_key_ids(conn, device))
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.run(Mode::Statement, (), |conn, ()| {
+            Box::pin(async move {
+                sqlx::query("SELECT 1").execute(conn).await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,370 @@
+//! The SQL of each store operation, run inside the transaction `mod.rs` opened.
+//! Functions here never commit: they succeed, or fail and leave the transaction
+//! to be rolled back. Every decision about what rows mean is `rules`'s.
+//!
+//! Device ids are compared with `UserId = ?` (served by the original's prefix
+//! index) and an exact check on top, because `utf8_bin` pads with spaces:
+//! `'a' = 'a '` is true in MySQL. Where a database written by another server
+//! holds a device twice, its lowest `Uid` is the device.
+//!
+//! Statements whose number of values varies (`IN (...)` lists, multi-row
+//! `INSERT`) are cut in power-of-two sizes, so that a few prepared statements
+//! serve every request size.
+
+use super::Fault;
+use crate::store::rules::{self, StoredDevice};
+use crate::store::{Registered, StoreError, StoreLimits};
+use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
+use sqlx::mysql::MySqlConnection;
+use sqlx::{Executor, Row};
+use std::collections::{HashMap, HashSet};
+
+/// Most values in one `IN (...)` list or rows in one `INSERT`: far below the
+/// protocol's 65,535 placeholders and `max_allowed_packet` with the largest keys.
+const MAX_CHUNK: usize = 64;
+
+/// Locks the device's `Users` rows, or when it is unknown the index gap where it
+/// would go, so that no other transaction can register it or write its keys until
+/// this one ends.
+async fn lock_device(
+    conn: &mut MySqlConnection,
+    device: &DeviceId,
+) -> Result<Option<StoredDevice>, Fault> {
+    let row = sqlx::query(
+        "SELECT Uid, Ik, SPk, SPk_sig, SPk_id FROM Users \
+         WHERE UserId = ? AND OCTET_LENGTH(UserId) = ? ORDER BY Uid LIMIT 1 FOR UPDATE",
+    )
+    .bind(device.as_str())
+    .bind(device.as_str().len() as u64)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|row| stored_device(&row)).transpose()
+}
+
+fn stored_device(row: &sqlx::mysql::MySqlRow) -> Result<StoredDevice, Fault> {
+    let uid: i32 = row.try_get("Uid")?;
+    Ok(StoredDevice::from_columns(
+        i64::from(uid),
+        row.try_get("Ik")?,
+        row.try_get("SPk")?,
+        row.try_get("SPk_sig")?,
+        row.try_get("SPk_id")?,
+    ))
+}
+
+pub(super) async fn register_device(
+    conn: &mut MySqlConnection,
+    limits: StoreLimits,
+    device: &DeviceId,
+    registration: &Registration,
+) -> Result<Registered, Fault> {
+    if let Some(existing) = lock_device(conn, device).await? {
+        return Ok(rules::reregistration(&existing, registration)?);
+    }
+    let new_keys = keys_to_insert(&HashMap::new(), &registration.one_time_pre_keys)?;
+    rules::one_time_pre_key_limit(new_keys.len() as u64, &limits)?;
+    let spk = &registration.signed_pre_key;
+    let uid =
+        sqlx::query("INSERT INTO Users (UserId, Ik, SPk, SPk_sig, SPk_id) VALUES (?, ?, ?, ?, ?)")
+            .bind(device.as_str())
+            .bind(registration.identity_key.as_bytes())
+            .bind(spk.public())
+            .bind(spk.signature())
+            .bind(spk.id())
+            .execute(&mut *conn)
+            .await?
+            .last_insert_id() as i64;
+    insert_one_time_pre_keys(conn, uid, &new_keys).await?;
+    Ok(Registered::New)
+}
+
+pub(super) async fn delete_device(
+    conn: &mut MySqlConnection,
+    device: &DeviceId,
+) -> Result<(), Fault> {
+    // OPk rows go with it: the original's foreign key is ON DELETE CASCADE.
+    sqlx::query("DELETE FROM Users WHERE UserId = ? AND OCTET_LENGTH(UserId) = ?")
+        .bind(device.as_str())
+        .bind(device.as_str().len() as u64)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn replace_signed_pre_key(
+    conn: &mut MySqlConnection,
+    device: &DeviceId,
+    key: &SignedPreKey,
+) -> Result<(), Fault> {
+    // sqlx connects with CLIENT_FOUND_ROWS: rows matched, not rows changed, so
+    // posting the same SPk again is not mistaken for an unknown device.
+    let matched = sqlx::query(
+        "UPDATE Users SET SPk = ?, SPk_sig = ?, SPk_id = ? \
+         WHERE UserId = ? AND OCTET_LENGTH(UserId) = ?",
+    )
+    .bind(key.public())
+    .bind(key.signature())
+    .bind(key.id())
+    .bind(device.as_str())
+    .bind(device.as_str().len() as u64)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    match matched {
+        0 => Err(StoreError::DeviceNotFound.into()),
+        _ => Ok(()),
+    }
+}
+
+pub(super) async fn add_one_time_pre_keys(
+    conn: &mut MySqlConnection,
+    limits: StoreLimits,
+    device: &DeviceId,
+    keys: &[OneTimePreKey],
+) -> Result<(), Fault> {
+    // The device row lock serialises uploads for a device, so that two uploads
+    // of the same ids cannot both insert them even without the unique index.
+    let uid = lock_device(conn, device)
+        .await?
+        .ok_or(StoreError::DeviceNotFound)?
+        .uid;
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let stored_ids: Vec<u32> = sqlx::query_scalar("SELECT OPk_id FROM OPk WHERE Uid = ?")
+        .bind(uid)
+        .fetch_all(&mut *conn)
+        .await?;
+    let stored_ids: HashSet<u32> = stored_ids.into_iter().collect();
+    let reused: Vec<u32> = keys
+        .iter()
+        .map(OneTimePreKey::id)
+        .filter(|id| stored_ids.contains(id))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let stored = stored_keys(conn, uid, &reused).await?;
+    let new_keys = keys_to_insert(&stored, keys)?;
+    rules::one_time_pre_key_limit((stored_ids.len() + new_keys.len()) as u64, &limits)?;
+    insert_one_time_pre_keys(conn, uid, &new_keys).await
+}
+
+/// The stored bytes of the device's keys with these ids (the oldest, if an id is
+/// stored twice).
+async fn stored_keys(
+    conn: &mut MySqlConnection,
+    uid: i64,
+    ids: &[u32],
+) -> Result<HashMap<u32, Vec<u8>>, Fault> {
+    let mut stored = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(MAX_CHUNK) {
+        let size = chunk.len().next_power_of_two();
+        let sql = format!(
+            "SELECT OPk_id, OPk FROM OPk WHERE Uid = ? AND OPk_id IN ({}) ORDER BY id",
+            placeholders(size)
+        );
+        let mut query = sqlx::query(&sql).bind(uid);
+        for index in 0..size {
+            query = query.bind(chunk[index.min(chunk.len() - 1)]);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            stored
+                .entry(row.try_get::<u32, _>(0)?)
+                .or_insert(row.try_get::<Vec<u8>, _>(1)?);
+        }
+    }
+    Ok(stored)
+}
+
+/// The uploaded keys to insert: a key whose id is stored (or came earlier in the
+/// upload) is skipped when its bytes are the same and refuses the upload when not.
+fn keys_to_insert<'k>(
+    stored: &HashMap<u32, Vec<u8>>,
+    keys: &'k [OneTimePreKey],
+) -> Result<Vec<&'k OneTimePreKey>, StoreError> {
+    let mut uploaded: HashMap<u32, &[u8]> = HashMap::with_capacity(keys.len());
+    let mut new_keys = Vec::with_capacity(keys.len());
+    for key in keys {
+        if let Some(public) = stored.get(&key.id()) {
+            rules::existing_one_time_pre_key(public, key)?;
+        } else if let Some(public) = uploaded.get(&key.id()) {
+            rules::existing_one_time_pre_key(public, key)?;
+        } else {
+            uploaded.insert(key.id(), key.public());
+            new_keys.push(key);
+        }
+    }
+    Ok(new_keys)
+}
+
+/// Multi-row inserts, in power-of-two batches (100 keys: 64 + 32 + 4).
+async fn insert_one_time_pre_keys(
+    conn: &mut MySqlConnection,
+    uid: i64,
+    keys: &[&OneTimePreKey],
+) -> Result<(), Fault> {
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let size = power_of_two_at_most(rest.len().min(MAX_CHUNK));
+        let (batch, after) = rest.split_at(size);
+        let sql = format!(
+            "INSERT INTO OPk (Uid, OPk, OPk_id) VALUES {}",
+            vec!["(?, ?, ?)"; size].join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for key in batch {
+            query = query.bind(uid).bind(key.public()).bind(key.id());
+        }
+        conn.execute(query).await?;
+        rest = after;
+    }
+    Ok(())
+}
+
+pub(super) async fn claim_key_bundles(
+    conn: &mut MySqlConnection,
+    curve: Curve,
+    devices: &[DeviceId],
+) -> Result<Vec<PeerBundle>, Fault> {
+    let may_claim = rules::may_claim(devices);
+    let stored = find_devices(conn, devices).await?;
+    let mut claimed = Vec::new();
+    let mut bundles = Vec::with_capacity(devices.len());
+    for (device_id, may_claim) in devices.iter().zip(may_claim) {
+        let bundle = match stored.get(device_id.as_str()) {
+            Some(device) if device.signed_pre_key.is_some() => {
+                let one_time_pre_key = if may_claim {
+                    claim_one_time_pre_key(conn, device.uid, &mut claimed).await?
+                } else {
+                    None
+                };
+                rules::key_bundle(curve, device.clone(), one_time_pre_key)?
+            }
+            _ => None,
+        };
+        bundles.push(PeerBundle {
+            device_id: device_id.clone(),
+            bundle,
+        });
+    }
+    delete_one_time_pre_keys(conn, &claimed).await?;
+    Ok(bundles)
+}
+
+/// Takes one of the device's keys: `SKIP LOCKED` passes over keys that another
+/// transaction (another request, another server) is claiming, so no key is
+/// handed out twice and claims never wait for each other. The row stays locked
+/// until this transaction deletes it and commits.
+async fn claim_one_time_pre_key(
+    conn: &mut MySqlConnection,
+    uid: i64,
+    claimed: &mut Vec<i32>,
+) -> Result<Option<(Vec<u8>, u32)>, Fault> {
+    let row = sqlx::query(
+        "SELECT id, OPk, OPk_id FROM OPk WHERE Uid = ? ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(uid)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    claimed.push(row.try_get(0)?);
+    Ok(Some((row.try_get(1)?, row.try_get(2)?)))
+}
+
+async fn delete_one_time_pre_keys(conn: &mut MySqlConnection, ids: &[i32]) -> Result<(), Fault> {
+    for chunk in ids.chunks(MAX_CHUNK) {
+        let size = chunk.len().next_power_of_two();
+        let sql = format!("DELETE FROM OPk WHERE id IN ({})", placeholders(size));
+        let mut query = sqlx::query(&sql);
+        for index in 0..size {
+            query = query.bind(chunk[index.min(chunk.len() - 1)]);
+        }
+        let deleted = conn.execute(query).await?.rows_affected();
+        if deleted != chunk.len() as u64 {
+            // Cannot happen while the rows are locked; refuse rather than hand out
+            // a key that may not have been removed.
+            return Err(StoreError::Backend(format!(
+                "claimed {} one-time pre-keys but deleted {deleted}",
+                chunk.len()
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// The stored devices among `devices`, by device id, read without locking.
+async fn find_devices(
+    conn: &mut MySqlConnection,
+    devices: &[DeviceId],
+) -> Result<HashMap<String, StoredDevice>, Fault> {
+    let distinct: Vec<&str> = devices
+        .iter()
+        .map(DeviceId::as_str)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let mut found = HashMap::with_capacity(distinct.len());
+    for chunk in distinct.chunks(MAX_CHUNK) {
+        let size = chunk.len().next_power_of_two();
+        let sql = format!(
+            "SELECT Uid, UserId, Ik, SPk, SPk_sig, SPk_id FROM Users WHERE UserId IN ({}) \
+             ORDER BY Uid",
+            placeholders(size)
+        );
+        let mut query = sqlx::query(&sql);
+        for index in 0..size {
+            query = query.bind(chunk[index.min(chunk.len() - 1)]);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            // Exact match only (see the module documentation); lowest Uid first.
+            // sqlx reads a `utf8_bin` column as bytes.
+            let user_id: Vec<u8> = row.try_get("UserId")?;
+            let Some(user_id) = chunk.iter().find(|id| id.as_bytes() == user_id) else {
+                continue;
+            };
+            if !found.contains_key(*user_id) {
+                found.insert((*user_id).to_owned(), stored_device(&row)?);
+            }
+        }
+    }
+    Ok(found)
+}
+
+pub(super) async fn one_time_pre_key_ids(
+    conn: &mut MySqlConnection,
+    device: &DeviceId,
+) -> Result<Vec<u32>, Fault> {
+    // One statement: the device (no row: unknown) joined with its keys (one row
+    // with a NULL id: none).
+    let rows = sqlx::query(
+        "SELECT o.OPk_id FROM \
+         (SELECT Uid FROM Users WHERE UserId = ? AND OCTET_LENGTH(UserId) = ? \
+          ORDER BY Uid LIMIT 1) AS u \
+         LEFT JOIN OPk AS o ON o.Uid = u.Uid ORDER BY o.id",
+    )
+    .bind(device.as_str())
+    .bind(device.as_str().len() as u64)
+    .fetch_all(&mut *conn)
+    .await?;
+    if rows.is_empty() {
+        return Err(StoreError::DeviceNotFound.into());
+    }
+    let mut ids = Vec::with_capacity(rows.len());
+    for row in rows {
+        if let Some(id) = row.try_get::<Option<u32>, _>(0)? {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
+}
+
+fn placeholders(count: usize) -> String {
+    vec!["?"; count].join(", ")
+}
+
+fn power_of_two_at_most(n: usize) -> usize {
+    1 << (usize::BITS - 1 - n.leading_zeros())
+}

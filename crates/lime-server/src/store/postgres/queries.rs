@@ -1,0 +1,309 @@
+//! The SQL of each store operation, run inside a transaction that
+//! `transaction.rs` opened and will end. Functions here never commit: they
+//! succeed, or fail and leave the transaction to be rolled back. What the rows
+//! mean is decided by `rules`, as for every backend.
+//!
+//! A device is found through the unique index on `md5("UserId")` (see
+//! `schema.rs`), with `"UserId" = $1` checked as well, so a digest collision can
+//! never answer for another device.
+
+use super::transaction::Failure;
+use crate::store::rules::{self, StoredDevice};
+use crate::store::{Registered, StoreError, StoreLimits};
+use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, Row};
+use std::collections::HashMap;
+
+/// Each statement is prepared once per connection (sqlx caches it).
+const FIND_DEVICE: &str = r#"SELECT "Uid", "Ik", "SPk", "SPk_sig", "SPk_id" FROM "Users"
+    WHERE md5("UserId") = md5($1) AND "UserId" = $1"#;
+
+/// Locks the device's row for the rest of the transaction, so that two uploads
+/// for one device take turns and its key count is exact.
+const LOCK_DEVICE: &str = r#"SELECT "Uid" FROM "Users"
+    WHERE md5("UserId") = md5($1) AND "UserId" = $1 FOR NO KEY UPDATE"#;
+
+/// Inserts the device unless it exists; when another transaction is inserting
+/// it at the same moment, waits for that one and then inserts nothing.
+const INSERT_DEVICE: &str = r#"INSERT INTO "Users" ("UserId", "Ik", "SPk", "SPk_sig", "SPk_id")
+    VALUES ($1, $2, $3, $4, $5)
+    ON CONFLICT ((md5("UserId"))) DO NOTHING
+    RETURNING "Uid""#;
+
+const DELETE_DEVICE: &str =
+    r#"DELETE FROM "Users" WHERE md5("UserId") = md5($1) AND "UserId" = $1"#;
+
+const REPLACE_SIGNED_PRE_KEY: &str = r#"UPDATE "Users" SET "SPk" = $2, "SPk_sig" = $3, "SPk_id" = $4
+    WHERE md5("UserId") = md5($1) AND "UserId" = $1"#;
+
+/// Inserts a batch of keys in one statement, skipping ids the device already
+/// uses; answers the ids inserted and how many keys the device held before (the
+/// statement's snapshot does not see its own inserts).
+const INSERT_ONE_TIME_PRE_KEYS: &str = r#"WITH inserted AS (
+        INSERT INTO "OPk" ("Uid", "OPk", "OPk_id")
+        SELECT $1, upload.key, upload.id FROM unnest($2::bytea[], $3::bigint[]) AS upload(key, id)
+        ON CONFLICT ("Uid", "OPk_id") DO NOTHING
+        RETURNING "OPk_id")
+    SELECT (SELECT count(*) FROM "OPk" WHERE "Uid" = $1) AS held_before,
+           ARRAY(SELECT "OPk_id" FROM inserted) AS inserted_ids"#;
+
+const STORED_ONE_TIME_PRE_KEYS: &str =
+    r#"SELECT "OPk_id", "OPk" FROM "OPk" WHERE "Uid" = $1 AND "OPk_id" = ANY($2)"#;
+
+/// The one-time key claim: takes one of the device's keys that no concurrent
+/// transaction holds, and deletes it, in one statement. `SKIP LOCKED` lets
+/// concurrent claims for one device take different keys instead of queueing.
+const CLAIM_ONE_TIME_PRE_KEY: &str = r#"DELETE FROM "OPk" WHERE "id" = (
+        SELECT "id" FROM "OPk" WHERE "Uid" = $1 LIMIT 1 FOR UPDATE SKIP LOCKED)
+    RETURNING "OPk", "OPk_id""#;
+
+/// The device's key ids, oldest first; one row with a NULL id for a device
+/// without keys, no row for an unknown device.
+const ONE_TIME_PRE_KEY_IDS: &str = r#"SELECT "OPk"."OPk_id" FROM "Users"
+    LEFT JOIN "OPk" ON "OPk"."Uid" = "Users"."Uid"
+    WHERE md5("Users"."UserId") = md5($1) AND "Users"."UserId" = $1
+    ORDER BY "OPk"."id""#;
+
+/// How many times registration looks again for a device that a concurrent
+/// transaction inserted and then deleted before we could read it.
+const REGISTRATION_ROUNDS: usize = 3;
+
+async fn find_device(
+    conn: &mut PgConnection,
+    device: &DeviceId,
+) -> Result<Option<StoredDevice>, Failure> {
+    let row = sqlx::query(FIND_DEVICE)
+        .bind(device.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(|row| stored_device(&row)).transpose()
+}
+
+fn stored_device(row: &PgRow) -> Result<StoredDevice, Failure> {
+    let spk_id = row
+        .try_get::<Option<i64>, _>("SPk_id")?
+        .map(|id| key_id(id, "SPk_id"))
+        .transpose()?;
+    Ok(StoredDevice::from_columns(
+        row.try_get("Uid")?,
+        row.try_get("Ik")?,
+        row.try_get("SPk")?,
+        row.try_get("SPk_sig")?,
+        spk_id,
+    ))
+}
+
+/// A u32 id stored in a BIGINT column (its CHECK keeps it in range).
+fn key_id(stored: i64, column: &str) -> Result<u32, Failure> {
+    u32::try_from(stored).map_err(|_| {
+        Failure::Store(StoreError::Backend(format!(
+            "stored {column} {stored} is not a u32"
+        )))
+    })
+}
+
+pub(super) async fn register_device(
+    conn: &mut PgConnection,
+    limits: StoreLimits,
+    device: &DeviceId,
+    registration: &Registration,
+) -> Result<Registered, Failure> {
+    let spk = &registration.signed_pre_key;
+    for _ in 0..REGISTRATION_ROUNDS {
+        if let Some(existing) = find_device(conn, device).await? {
+            return Ok(rules::reregistration(&existing, registration)?);
+        }
+        let inserted = sqlx::query(INSERT_DEVICE)
+            .bind(device.as_str())
+            .bind(registration.identity_key.as_bytes())
+            .bind(spk.public())
+            .bind(spk.signature())
+            .bind(i64::from(spk.id()))
+            .fetch_optional(&mut *conn)
+            .await?;
+        if let Some(row) = inserted {
+            let uid: i64 = row.try_get("Uid")?;
+            insert_one_time_pre_keys(conn, limits, uid, &registration.one_time_pre_keys).await?;
+            return Ok(Registered::New);
+        }
+        // Another server registered the device meanwhile and has committed:
+        // read committed, the next statement sees its row, and the rules decide.
+    }
+    Err(Failure::Store(StoreError::Backend(format!(
+        "device {device} kept appearing and disappearing during registration"
+    ))))
+}
+
+pub(super) async fn delete_device(
+    conn: &mut PgConnection,
+    device: &DeviceId,
+) -> Result<(), Failure> {
+    // OPk rows go with it: ON DELETE CASCADE.
+    sqlx::query(DELETE_DEVICE)
+        .bind(device.as_str())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn replace_signed_pre_key(
+    conn: &mut PgConnection,
+    device: &DeviceId,
+    key: &SignedPreKey,
+) -> Result<(), Failure> {
+    let changed = sqlx::query(REPLACE_SIGNED_PRE_KEY)
+        .bind(device.as_str())
+        .bind(key.public())
+        .bind(key.signature())
+        .bind(i64::from(key.id()))
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    match changed {
+        0 => Err(StoreError::DeviceNotFound.into()),
+        _ => Ok(()),
+    }
+}
+
+pub(super) async fn add_one_time_pre_keys(
+    conn: &mut PgConnection,
+    limits: StoreLimits,
+    device: &DeviceId,
+    keys: &[OneTimePreKey],
+) -> Result<(), Failure> {
+    let uid: i64 = sqlx::query(LOCK_DEVICE)
+        .bind(device.as_str())
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or(StoreError::DeviceNotFound)?
+        .try_get("Uid")?;
+    insert_one_time_pre_keys(conn, limits, uid, keys).await
+}
+
+/// Inserts keys for device `uid`: a key identical to a stored one is skipped, an
+/// id already used for other bytes fails, and so does going past the limit.
+async fn insert_one_time_pre_keys(
+    conn: &mut PgConnection,
+    limits: StoreLimits,
+    uid: i64,
+    keys: &[OneTimePreKey],
+) -> Result<(), Failure> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let publics: Vec<&[u8]> = keys.iter().map(OneTimePreKey::public).collect();
+    let ids: Vec<i64> = keys.iter().map(|key| i64::from(key.id())).collect();
+    let row = sqlx::query(INSERT_ONE_TIME_PRE_KEYS)
+        .bind(uid)
+        .bind(&publics)
+        .bind(&ids)
+        .fetch_one(&mut *conn)
+        .await?;
+    let held_before: i64 = row.try_get("held_before")?;
+    let inserted_ids: Vec<i64> = row.try_get("inserted_ids")?;
+
+    // The keys not inserted (each inserted id accounts for one uploaded key)
+    // had an id the device already used: compare them with what is stored.
+    let mut inserted: HashMap<i64, usize> = HashMap::with_capacity(inserted_ids.len());
+    for id in &inserted_ids {
+        *inserted.entry(*id).or_default() += 1;
+    }
+    let skipped: Vec<&OneTimePreKey> = keys
+        .iter()
+        .filter(|key| match inserted.get_mut(&i64::from(key.id())) {
+            Some(count) if *count > 0 => {
+                *count -= 1;
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    if !skipped.is_empty() {
+        let skipped_ids: Vec<i64> = skipped.iter().map(|key| i64::from(key.id())).collect();
+        let stored: HashMap<i64, Vec<u8>> = sqlx::query(STORED_ONE_TIME_PRE_KEYS)
+            .bind(uid)
+            .bind(&skipped_ids)
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|row| Ok((row.try_get("OPk_id")?, row.try_get("OPk")?)))
+            .collect::<Result<_, sqlx::Error>>()?;
+        for key in skipped {
+            let stored_public = stored.get(&i64::from(key.id())).ok_or_else(|| {
+                StoreError::Backend(format!("OPk id {} neither inserted nor stored", key.id()))
+            })?;
+            rules::existing_one_time_pre_key(stored_public, key)?;
+        }
+    }
+
+    let held = u64::try_from(held_before).unwrap_or(0) + inserted_ids.len() as u64;
+    Ok(rules::one_time_pre_key_limit(held, &limits)?)
+}
+
+pub(super) async fn claim_key_bundles(
+    conn: &mut PgConnection,
+    curve: Curve,
+    devices: &[DeviceId],
+) -> Result<Vec<PeerBundle>, Failure> {
+    let may_claim = rules::may_claim(devices);
+    let mut bundles = Vec::with_capacity(devices.len());
+    for (device_id, may_claim) in devices.iter().zip(may_claim) {
+        let bundle = match find_device(conn, device_id).await? {
+            Some(device) if device.signed_pre_key.is_some() => {
+                let one_time_pre_key = if may_claim {
+                    claim_one_time_pre_key(conn, device.uid).await?
+                } else {
+                    None
+                };
+                rules::key_bundle(curve, device, one_time_pre_key)?
+            }
+            _ => None,
+        };
+        bundles.push(PeerBundle {
+            device_id: device_id.clone(),
+            bundle,
+        });
+    }
+    Ok(bundles)
+}
+
+async fn claim_one_time_pre_key(
+    conn: &mut PgConnection,
+    uid: i64,
+) -> Result<Option<(Vec<u8>, u32)>, Failure> {
+    let Some(row) = sqlx::query(CLAIM_ONE_TIME_PRE_KEY)
+        .bind(uid)
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let id = key_id(row.try_get("OPk_id")?, "OPk_id")?;
+    Ok(Some((row.try_get("OPk")?, id)))
+}
+
+pub(super) async fn one_time_pre_key_ids(
+    conn: &mut PgConnection,
+    device: &DeviceId,
+) -> Result<Vec<u32>, Failure> {
+    let rows = sqlx::query(ONE_TIME_PRE_KEY_IDS)
+        .bind(device.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
+    if rows.is_empty() {
+        return Err(StoreError::DeviceNotFound.into());
+    }
+    let mut ids = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if let Some(id) = row.try_get::<Option<i64>, _>("OPk_id")? {
+            ids.push(key_id(id, "OPk_id")?);
+        }
+    }
+    Ok(ids)
+}
+
+pub(super) async fn ping(conn: &mut PgConnection) -> Result<(), Failure> {
+    sqlx::query("SELECT 1").execute(&mut *conn).await?;
+    Ok(())
+}

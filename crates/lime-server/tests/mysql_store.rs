@@ -1,0 +1,803 @@
+//! The MariaDB/MySQL store against the real server on this machine
+//! (127.0.0.1:3306, root without password, or `LIME_TEST_MYSQL_URL`, a URL
+//! without database): each test creates its own database `lime_t_<random>` and
+//! drops it at the end. A test that cannot reach the server fails and says so.
+
+use lime_protocol::{
+    Curve, DeviceId, IdentityKey, OneTimePreKey, PeerBundle, Registration, SignedPreKey,
+};
+use lime_server::store::{
+    self, KeyStore, Registered, SchemaState, ServerStoreOptions, SetupError, StoreError,
+    StoreLimits,
+};
+use sqlx::{Connection, Executor, MySqlConnection, Row};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const CURVE: Curve = Curve::C25519;
+
+const FIXTURE: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../../shared/fixtures/original-lime-server-schema.mysql.sql"
+));
+
+/// The original's bundle query, as the PHP server runs it.
+const ORIGINAL_BUNDLE_QUERY: &str = "SELECT u.Ik, u.SPk, u.SPk_id, u.SPk_sig, o.OPk, o.OPk_id \
+     FROM Users AS u LEFT JOIN OPk AS o ON u.Uid=o.Uid WHERE UserId = ? LIMIT 1";
+
+fn server_url() -> String {
+    std::env::var("LIME_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
+}
+
+/// A database of its own for one test, dropped at the end (even on panic).
+struct TestDb {
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    async fn new() -> TestDb {
+        let name = format!("lime_t_{:016x}", rand::random::<u64>());
+        let mut admin = admin().await;
+        admin
+            .execute(format!("CREATE DATABASE `{name}`").as_str())
+            .await
+            .expect("CREATE DATABASE");
+        let url = format!("{}/{name}", server_url());
+        TestDb { name, url }
+    }
+
+    /// A database created with the original PHP server's script, as is.
+    async fn original() -> TestDb {
+        let db = TestDb::new().await;
+        let mut conn = db.connect().await;
+        for statement in fixture_statements() {
+            if let Err(error) = conn.execute(statement.as_str()).await {
+                // The event needs the EVENT privilege; everything else must pass.
+                assert!(
+                    statement.starts_with("CREATE EVENT"),
+                    "fixture statement failed: {statement}: {error}"
+                );
+            }
+        }
+        db
+    }
+
+    async fn connect(&self) -> MySqlConnection {
+        MySqlConnection::connect(&self.url)
+            .await
+            .expect("connect to the test database")
+    }
+
+    async fn open(&self, timeout: Duration) -> Arc<dyn KeyStore> {
+        store::mysql::open(CURVE, &self.url, &options(timeout))
+            .await
+            .unwrap_or_else(|error| panic!("open {}: {error}", self.url))
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        let mut conn = self.connect().await;
+        sqlx::query_scalar(sql)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap_or_else(|error| panic!("{sql}: {error}"))
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime: do the async work on a thread.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                if let Ok(mut admin) = MySqlConnection::connect(&server_url()).await {
+                    let _ = admin
+                        .execute(format!("DROP DATABASE IF EXISTS `{name}`").as_str())
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+async fn admin() -> MySqlConnection {
+    let url = server_url();
+    match MySqlConnection::connect(&url).await {
+        Ok(conn) => conn,
+        Err(error) => panic!(
+            "cannot reach MariaDB/MySQL at {url} ({error}): these tests need a running \
+             server with user root without password (or set LIME_TEST_MYSQL_URL); start it \
+             with `sudo service mariadb start`"
+        ),
+    }
+}
+
+/// The fixture's statements, comments left out.
+fn fixture_statements() -> Vec<String> {
+    let text: String = FIXTURE
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("--"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    text.split(";\n")
+        .map(str::trim)
+        .filter(|statement| !statement.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn options(timeout: Duration) -> ServerStoreOptions {
+    ServerStoreOptions {
+        pool_size: 4,
+        connect_timeout: Duration::from_secs(5),
+        timeout,
+        limits: StoreLimits {
+            max_one_time_pre_keys_per_device: 500,
+        },
+    }
+}
+
+fn id(text: &str) -> DeviceId {
+    DeviceId::new(text).unwrap()
+}
+
+fn device(name: &str) -> DeviceId {
+    id(&format!(
+        "sip:{name}@example.org;gr=urn:uuid:00000000-0000-0000-0000-{:012x}",
+        rand::random::<u64>() & 0xffff_ffff_ffff
+    ))
+}
+
+fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|index| (seed.wrapping_mul(31).wrapping_add(index as u64) % 251) as u8)
+        .collect()
+}
+
+fn opk(id: u32) -> OneTimePreKey {
+    OneTimePreKey::new(CURVE, bytes(u64::from(id) + 1000, 32), id).unwrap()
+}
+
+fn spk(id: u32) -> SignedPreKey {
+    SignedPreKey::new(CURVE, bytes(u64::from(id), 32), bytes(7, 64), id).unwrap()
+}
+
+fn registration(seed: u64, opks: std::ops::Range<u32>) -> Registration {
+    Registration {
+        identity_key: IdentityKey::new(CURVE, bytes(seed, 32)).unwrap(),
+        signed_pre_key: spk(1),
+        one_time_pre_keys: opks.map(opk).collect(),
+    }
+}
+
+/// Inserts a device the way the PHP server does.
+async fn php_register(conn: &mut MySqlConnection, device: &DeviceId, opk_ids: &[u32]) {
+    let uid = sqlx::query("INSERT INTO Users(UserId,Ik) VALUES(?,?)")
+        .bind(device.as_str())
+        .bind(bytes(99, 32))
+        .execute(&mut *conn)
+        .await
+        .unwrap()
+        .last_insert_id();
+    sqlx::query("UPDATE Users SET SPk=?, SPk_sig=?, SPk_id=? WHERE Uid=?")
+        .bind(spk(5).public())
+        .bind(spk(5).signature())
+        .bind(5u32)
+        .bind(uid)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    for &opk_id in opk_ids {
+        sqlx::query("INSERT INTO OPk(Uid, OPk, OPk_id) VALUES(?,?,?)")
+            .bind(uid)
+            .bind(opk(opk_id).public())
+            .bind(opk_id)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+}
+
+fn claimed_id(bundle: &PeerBundle) -> Option<u32> {
+    bundle
+        .bundle
+        .as_ref()
+        .and_then(|bundle| bundle.one_time_pre_key.as_ref())
+        .map(OneTimePreKey::id)
+}
+
+#[tokio::test]
+async fn init_creates_the_original_schema_with_our_additions_once() {
+    let db = TestDb::new().await;
+    assert_eq!(
+        store::mysql::init(&db.url).await.unwrap(),
+        SchemaState::Created
+    );
+    let mut conn = db.connect().await;
+    let columns: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT CONVERT(CONCAT(TABLE_NAME, '.', COLUMN_NAME) USING utf8mb4), \
+         CONVERT(COLUMN_TYPE USING utf8mb4), CONVERT(IFNULL(COLLATION_NAME, '') USING utf8mb4) \
+         FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() \
+         ORDER BY TABLE_NAME, ORDINAL_POSITION",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let column = |name: &str| {
+        columns
+            .iter()
+            .find(|(column, _, _)| column == name)
+            .unwrap_or_else(|| panic!("no column {name}"))
+            .clone()
+    };
+    assert_eq!(column("Users.Uid").1, "int(11)");
+    assert_eq!(column("Users.SPk_id").1, "int(10) unsigned");
+    assert_eq!(column("OPk.OPk_id").1, "int(10) unsigned");
+    assert!(column("Users.UserId").2.ends_with("_bin"));
+    assert_eq!(column("Requests.at").1, "timestamp");
+    assert_eq!(column("Config.Name").1, "varchar(20)");
+    let engines: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT CONVERT(ENGINE USING utf8mb4) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(engines, ["InnoDB"]);
+    let unique: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE() \
+         AND TABLE_NAME = 'OPk' AND INDEX_NAME = 'OPk_Uid_OPk_id' AND NON_UNIQUE = 0",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(unique, 2, "unique index on OPk(Uid, OPk_id)");
+    let config: Vec<(String, i32)> =
+        sqlx::query_as("SELECT CONVERT(Name USING utf8mb4), Value FROM Config ORDER BY Name")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(
+        config,
+        [("lime_rs_schema".into(), 1), ("version".into(), 1)]
+    );
+
+    assert_eq!(
+        store::mysql::init(&db.url).await.unwrap(),
+        SchemaState::Present
+    );
+    assert!(
+        store::mysql::migrate(&db.url)
+            .await
+            .unwrap()
+            .applied
+            .is_empty()
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM Config").await, 2);
+    db.open(Duration::from_secs(5)).await.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_original_database_is_served_as_it_is() {
+    let db = TestDb::original().await;
+    let mut conn = db.connect().await;
+    let alice = device("alice");
+    let old = device("old");
+    php_register(&mut conn, &alice, &[11, 12, 13]).await;
+    sqlx::query("INSERT INTO Users(UserId,Ik) VALUES(?,?)")
+        .bind(old.as_str())
+        .bind(bytes(3, 32))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+
+    let store = db.open(Duration::from_secs(5)).await;
+    let bundles = store
+        .claim_key_bundles(vec![
+            alice.clone(),
+            old.clone(),
+            device("nobody"),
+            alice.clone(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(bundles.len(), 4);
+    let first = bundles[0].bundle.as_ref().expect("alice has a bundle");
+    assert_eq!(first.identity_key.as_bytes(), bytes(99, 32));
+    assert_eq!(first.signed_pre_key, spk(5));
+    assert_eq!(first.one_time_pre_key, Some(opk(11)), "oldest key first");
+    assert_eq!(bundles[1].bundle, None, "no SPk: flag 2");
+    assert_eq!(bundles[2].bundle, None, "unknown: flag 2");
+    assert_eq!(bundles[3].flag(), 0, "a device named twice takes one key");
+    assert_eq!(
+        store.one_time_pre_key_ids(alice.clone()).await.unwrap(),
+        [12, 13]
+    );
+
+    // New registrations and uploads on the unmigrated database.
+    let bob = device("bob");
+    assert_eq!(
+        store
+            .register_device(bob.clone(), registration(1, 0..5))
+            .await
+            .unwrap(),
+        Registered::New
+    );
+    assert_eq!(
+        store
+            .register_device(bob.clone(), registration(1, 100..105))
+            .await
+            .unwrap(),
+        Registered::AlreadyWithSameKeys
+    );
+    assert!(matches!(
+        store
+            .register_device(bob.clone(), registration(2, 0..0))
+            .await,
+        Err(StoreError::DeviceRegisteredWithOtherKeys)
+    ));
+    store
+        .add_one_time_pre_keys(bob.clone(), vec![opk(4), opk(5), opk(6), opk(6)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.one_time_pre_key_ids(bob.clone()).await.unwrap(),
+        [0, 1, 2, 3, 4, 5, 6]
+    );
+    store
+        .add_one_time_pre_keys(alice.clone(), vec![opk(14)])
+        .await
+        .unwrap();
+    store
+        .replace_signed_pre_key(alice.clone(), spk(6))
+        .await
+        .unwrap();
+    // The PHP server's own bundle query still reads what we wrote.
+    let row = sqlx::query(ORIGINAL_BUNDLE_QUERY)
+        .bind(alice.as_str())
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(row.get::<u32, _>("SPk_id"), 6);
+    assert!(row.get::<Option<u32>, _>("OPk_id").is_some());
+}
+
+#[tokio::test]
+async fn store_rules_hold() {
+    let db = TestDb::new().await;
+    store::mysql::init(&db.url).await.unwrap();
+    let store = db.open(Duration::from_secs(5)).await;
+    let carol = device("carol");
+    let unknown = device("unknown");
+
+    store.delete_device(unknown.clone()).await.unwrap();
+    assert!(matches!(
+        store.replace_signed_pre_key(unknown.clone(), spk(2)).await,
+        Err(StoreError::DeviceNotFound)
+    ));
+    assert!(matches!(
+        store
+            .add_one_time_pre_keys(unknown.clone(), vec![opk(1)])
+            .await,
+        Err(StoreError::DeviceNotFound)
+    ));
+    assert!(matches!(
+        store.add_one_time_pre_keys(unknown.clone(), vec![]).await,
+        Err(StoreError::DeviceNotFound)
+    ));
+    assert!(matches!(
+        store.one_time_pre_key_ids(unknown.clone()).await,
+        Err(StoreError::DeviceNotFound)
+    ));
+
+    // Registration is all or nothing: a conflicting id inside it stores nothing.
+    let mut bad = registration(5, 0..3);
+    bad.one_time_pre_keys
+        .push(OneTimePreKey::new(CURVE, bytes(1, 32), 1).unwrap());
+    assert!(matches!(
+        store.register_device(carol.clone(), bad).await,
+        Err(StoreError::ConflictingOneTimePreKeyId(1))
+    ));
+    assert!(matches!(
+        store.one_time_pre_key_ids(carol.clone()).await,
+        Err(StoreError::DeviceNotFound)
+    ));
+    assert!(matches!(
+        store
+            .register_device(carol.clone(), registration(5, 0..501))
+            .await,
+        Err(StoreError::TooManyOneTimePreKeys {
+            would_hold: 501,
+            limit: 500
+        })
+    ));
+    store
+        .register_device(carol.clone(), registration(5, 0..3))
+        .await
+        .unwrap();
+
+    // Uploads: identical keys skipped, a conflicting id refuses the whole upload.
+    store
+        .add_one_time_pre_keys(carol.clone(), vec![])
+        .await
+        .unwrap();
+    store
+        .add_one_time_pre_keys(carol.clone(), vec![opk(2), opk(3)])
+        .await
+        .unwrap();
+    let conflicting = OneTimePreKey::new(CURVE, bytes(77, 32), 0).unwrap();
+    assert!(matches!(
+        store
+            .add_one_time_pre_keys(carol.clone(), vec![opk(10), conflicting])
+            .await,
+        Err(StoreError::ConflictingOneTimePreKeyId(0))
+    ));
+    assert_eq!(
+        store.one_time_pre_key_ids(carol.clone()).await.unwrap(),
+        [0, 1, 2, 3]
+    );
+    assert!(matches!(
+        store
+            .add_one_time_pre_keys(carol.clone(), (100..597).map(opk).collect())
+            .await,
+        Err(StoreError::TooManyOneTimePreKeys {
+            would_hold: 501,
+            limit: 500
+        })
+    ));
+    store
+        .add_one_time_pre_keys(carol.clone(), (100..596).map(opk).collect())
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .one_time_pre_key_ids(carol.clone())
+            .await
+            .unwrap()
+            .len(),
+        500
+    );
+
+    // Same SPk posted again is not "unknown device" (rows matched, not changed).
+    store
+        .replace_signed_pre_key(carol.clone(), spk(1))
+        .await
+        .unwrap();
+    // utf8_bin pads with spaces: 'x ' must not reach the device 'x'.
+    let padded = id(&format!("{carol} "));
+    assert!(matches!(
+        store.replace_signed_pre_key(padded.clone(), spk(9)).await,
+        Err(StoreError::DeviceNotFound)
+    ));
+    assert_eq!(
+        store.claim_key_bundles(vec![padded]).await.unwrap()[0].bundle,
+        None
+    );
+
+    store.delete_device(carol.clone()).await.unwrap();
+    assert_eq!(db.count("SELECT COUNT(*) FROM OPk").await, 0);
+}
+
+#[tokio::test]
+async fn migrate_only_adds_is_idempotent_and_keeps_the_original_queries_working() {
+    let db = TestDb::original().await;
+    let mut conn = db.connect().await;
+    let dave = device("dave");
+    php_register(&mut conn, &dave, &[1, 2]).await;
+
+    let migration = store::mysql::migrate(&db.url).await.unwrap();
+    assert_eq!(
+        migration.applied,
+        [
+            "unique index OPk(Uid, OPk_id)",
+            "Config ('lime_rs_schema', 1)"
+        ]
+    );
+    assert!(
+        store::mysql::migrate(&db.url)
+            .await
+            .unwrap()
+            .applied
+            .is_empty()
+    );
+    assert_eq!(
+        db.count("SELECT Value FROM Config WHERE Name = 'version'")
+            .await,
+        1
+    );
+
+    // The PHP server's queries on the migrated database.
+    let row = sqlx::query(ORIGINAL_BUNDLE_QUERY)
+        .bind(dave.as_str())
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(row.get::<u32, _>("SPk_id"), 5);
+    assert_eq!(row.get::<Option<u32>, _>("OPk_id"), Some(1));
+    php_register(&mut conn, &device("erin"), &[1, 2, 3]).await;
+    let duplicate = sqlx::query(
+        "INSERT INTO OPk(Uid, OPk, OPk_id) SELECT Uid, OPk, OPk_id FROM OPk WHERE OPk_id = 1 LIMIT 1",
+    )
+    .execute(&mut conn)
+    .await;
+    assert!(duplicate.is_err(), "the unique index guards OPk ids");
+
+    let store = db.open(Duration::from_secs(5)).await;
+    assert_eq!(
+        claimed_id(&store.claim_key_bundles(vec![dave]).await.unwrap()[0]),
+        Some(1)
+    );
+}
+
+#[tokio::test]
+async fn migrate_refuses_duplicate_key_ids_naming_the_device_and_changes_nothing() {
+    let db = TestDb::original().await;
+    let mut conn = db.connect().await;
+    let frank = device("frank");
+    php_register(&mut conn, &frank, &[7, 7, 8]).await;
+    let error = store::mysql::migrate(&db.url).await.unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains(frank.as_str()), "{message}");
+    assert!(message.contains("OPk_id 7"), "{message}");
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM Config").await,
+        1,
+        "no version row added"
+    );
+    assert_eq!(
+        db.count(
+            "SELECT COUNT(*) FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE() \
+             AND INDEX_NAME = 'OPk_Uid_OPk_id'"
+        )
+        .await,
+        0
+    );
+    // Still served, unmigrated.
+    let store = db.open(Duration::from_secs(5)).await;
+    assert_eq!(store.one_time_pre_key_ids(frank).await.unwrap(), [7, 7, 8]);
+}
+
+#[tokio::test]
+async fn open_checks_the_schema_and_hides_the_password() {
+    let db = TestDb::new().await;
+    let error = store::mysql::open(CURVE, &db.url, &options(Duration::from_secs(2)))
+        .await
+        .err()
+        .expect("no Config table");
+    assert!(error.to_string().contains("db init"), "{error}");
+
+    store::mysql::init(&db.url).await.unwrap();
+    let mut conn = db.connect().await;
+    conn.execute("UPDATE Config SET Value = 99 WHERE Name = 'lime_rs_schema'")
+        .await
+        .unwrap();
+    let error = store::mysql::open(CURVE, &db.url, &options(Duration::from_secs(2)))
+        .await
+        .err()
+        .expect("newer schema");
+    assert!(error.to_string().contains("newer"), "{error}");
+
+    let missing = format!("{}/lime_t_does_not_exist", server_url());
+    let error = store::mysql::open(CURVE, &missing, &options(Duration::from_secs(2)))
+        .await
+        .err()
+        .expect("no such database");
+    assert!(error.to_string().contains("CREATE DATABASE"), "{error}");
+    assert!(matches!(
+        store::mysql::init(&missing).await,
+        Err(SetupError::Database { .. })
+    ));
+
+    let started = Instant::now();
+    let error = store::mysql::open(
+        CURVE,
+        "mysql://lime:secret@127.0.0.1:1/lime",
+        &options(Duration::from_secs(2)),
+    )
+    .await
+    .err()
+    .expect("nothing listens on port 1");
+    let message = error.to_string();
+    assert!(message.contains("lime:***@127.0.0.1:1"), "{message}");
+    assert!(!message.contains("secret"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_claims_from_two_servers_never_hand_out_a_key_twice() {
+    let db = TestDb::new().await;
+    store::mysql::init(&db.url).await.unwrap();
+    let servers = [
+        db.open(Duration::from_secs(10)).await,
+        db.open(Duration::from_secs(10)).await,
+    ];
+    let grace = device("grace");
+    let henry = device("henry");
+    servers[0]
+        .register_device(grace.clone(), registration(1, 0..300))
+        .await
+        .unwrap();
+    servers[1]
+        .register_device(henry.clone(), registration(2, 0..100))
+        .await
+        .unwrap();
+
+    let mut tasks = Vec::new();
+    for task in 0..16 {
+        let server = servers[task % 2].clone();
+        let (grace, henry) = (grace.clone(), henry.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut claimed = Vec::new();
+            for round in 0..30 {
+                let devices = if (task + round) % 3 == 0 {
+                    vec![grace.clone(), henry.clone(), grace.clone()]
+                } else {
+                    vec![grace.clone()]
+                };
+                for bundle in server.claim_key_bundles(devices).await.unwrap() {
+                    if let Some(id) = claimed_id(&bundle) {
+                        claimed.push((bundle.device_id.to_string(), id));
+                    }
+                }
+            }
+            claimed
+        }));
+    }
+    let mut seen = HashSet::new();
+    for task in tasks {
+        for claim in task.await.unwrap() {
+            assert!(seen.insert(claim.clone()), "{claim:?} handed out twice");
+        }
+    }
+    // Every key went to exactly one bundle: claimed + left = stored.
+    let left = servers[0].one_time_pre_key_ids(grace).await.unwrap().len()
+        + servers[0].one_time_pre_key_ids(henry).await.unwrap().len();
+    assert_eq!(seen.len() + left, 400);
+    assert_eq!(db.count("SELECT COUNT(*) FROM OPk").await as usize, left);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_registrations_and_uploads_on_an_unmigrated_database_store_once() {
+    let db = TestDb::original().await;
+    let servers = [
+        db.open(Duration::from_secs(10)).await,
+        db.open(Duration::from_secs(10)).await,
+    ];
+    let ivan = device("ivan");
+    let mut tasks = Vec::new();
+    for task in 0..12 {
+        let server = servers[task % 2].clone();
+        let ivan = ivan.clone();
+        tasks.push(tokio::spawn(async move {
+            server
+                .register_device(ivan.clone(), registration(4, 0..20))
+                .await
+                .unwrap();
+            server
+                .add_one_time_pre_keys(ivan, (20..40).map(opk).collect())
+                .await
+                .unwrap();
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(db.count("SELECT COUNT(*) FROM Users").await, 1);
+    assert_eq!(db.count("SELECT COUNT(*) FROM OPk").await, 40);
+    assert_eq!(db.count("SELECT COUNT(DISTINCT OPk_id) FROM OPk").await, 40);
+
+    // Different keys racing for one new device: exactly one wins.
+    let judy = device("judy");
+    let mut tasks = Vec::new();
+    for task in 0..8u64 {
+        let server = servers[(task % 2) as usize].clone();
+        let judy = judy.clone();
+        tasks.push(tokio::spawn(async move {
+            server.register_device(judy, registration(task, 0..3)).await
+        }));
+    }
+    let mut new = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(Registered::New) => new += 1,
+            Err(StoreError::DeviceRegisteredWithOtherKeys) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(new, 1);
+    assert_eq!(db.count("SELECT COUNT(*) FROM Users").await, 2);
+    assert_eq!(db.count("SELECT COUNT(*) FROM OPk").await, 43);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_held_up_by_a_lock_times_out_and_changes_nothing() {
+    let db = TestDb::new().await;
+    store::mysql::init(&db.url).await.unwrap();
+    let timeout = Duration::from_secs(1);
+    let store = db.open(timeout).await;
+    let kate = device("kate");
+    store
+        .register_device(kate.clone(), registration(1, 0..5))
+        .await
+        .unwrap();
+
+    // Another server holds the device row: an upload cannot go through.
+    let mut other = db.connect().await;
+    other.execute("BEGIN").await.unwrap();
+    sqlx::query("SELECT Uid FROM Users WHERE UserId = ? FOR UPDATE")
+        .bind(kate.as_str())
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let answer = store
+        .add_one_time_pre_keys(kate.clone(), vec![opk(50), opk(51)])
+        .await;
+    assert!(matches!(answer, Err(StoreError::Timeout(_))), "{answer:?}");
+    assert!(started.elapsed() < timeout * 3, "{:?}", started.elapsed());
+    other.execute("ROLLBACK").await.unwrap();
+
+    // A table lock stops claims the same way.
+    other.execute("LOCK TABLES OPk WRITE").await.unwrap();
+    let started = Instant::now();
+    let answer = store.claim_key_bundles(vec![kate.clone()]).await;
+    assert!(matches!(answer, Err(StoreError::Timeout(_))), "{answer:?}");
+    assert!(started.elapsed() < timeout * 3, "{:?}", started.elapsed());
+    other.execute("UNLOCK TABLES").await.unwrap();
+
+    // Nothing was changed, and the store serves again at once.
+    assert_eq!(
+        store.one_time_pre_key_ids(kate.clone()).await.unwrap(),
+        [0, 1, 2, 3, 4]
+    );
+    assert_eq!(
+        claimed_id(&store.claim_key_bundles(vec![kate.clone()]).await.unwrap()[0]),
+        Some(0)
+    );
+    store.ping().await.unwrap();
+    // Give the abandoned statements time to end on the server, then check again.
+    tokio::time::sleep(timeout * 2).await;
+    assert_eq!(
+        store.one_time_pre_key_ids(kate).await.unwrap(),
+        [1, 2, 3, 4]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_recovers_when_its_connections_are_killed() {
+    let db = TestDb::new().await;
+    store::mysql::init(&db.url).await.unwrap();
+    let store = db.open(Duration::from_secs(5)).await;
+    let liam = device("liam");
+    store
+        .register_device(liam.clone(), registration(1, 0..3))
+        .await
+        .unwrap();
+    // Kill every connection of the store (as a database restart would).
+    let mut admin = admin().await;
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = ? AND ID <> CONNECTION_ID()",
+    )
+    .bind(&db.name)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(!ids.is_empty());
+    for id in ids {
+        let _ = admin.execute(format!("KILL {id}").as_str()).await;
+    }
+    store.ping().await.unwrap();
+    assert_eq!(
+        store.one_time_pre_key_ids(liam.clone()).await.unwrap(),
+        [0, 1, 2]
+    );
+    store
+        .add_one_time_pre_keys(liam.clone(), vec![opk(3)])
+        .await
+        .unwrap();
+}

@@ -1,0 +1,840 @@
+//! The PostgreSQL store against the machine's PostgreSQL (127.0.0.1:5432, user
+//! postgres, trust; `LIME_TEST_POSTGRES_URL` names another maintenance database).
+//! Each test makes its own database `lime_t_<random>` and drops it when it ends.
+//! A PostgreSQL that cannot be reached fails the test, it never passes silently.
+
+use lime_protocol::{Curve, DeviceId, IdentityKey, OneTimePreKey, Registration, SignedPreKey};
+use lime_server::store::{
+    KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, StoreError, StoreLimits,
+    postgres,
+};
+use rand::RngCore;
+use sqlx::{Connection, PgConnection, Row};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+const CURVE: Curve = Curve::C25519;
+const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+fn admin_url() -> String {
+    std::env::var("LIME_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
+}
+
+/// A database of its own for one test, dropped (connections and all) at the end.
+struct TestDatabase {
+    name: String,
+    url: String,
+}
+
+impl TestDatabase {
+    /// An empty database, no schema.
+    async fn empty() -> TestDatabase {
+        let admin = admin_url();
+        let name = format!("lime_t_{:016x}", rand::rng().next_u64());
+        let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|error| {
+            panic!(
+                "PostgreSQL is not reachable at {admin} ({error}): these tests need it; \
+                 start it (e.g. `service postgresql start`) or set LIME_TEST_POSTGRES_URL"
+            )
+        });
+        sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+            .await
+            .unwrap();
+        let _ = conn.close().await;
+        let base = admin
+            .rsplit_once('/')
+            .map_or(admin.as_str(), |(base, _)| base);
+        let url = format!("{base}/{name}");
+        TestDatabase { name, url }
+    }
+
+    /// A database with our schema (`db init`).
+    async fn initialised() -> TestDatabase {
+        let database = TestDatabase::empty().await;
+        assert_eq!(
+            postgres::init(&database.url).await.unwrap(),
+            SchemaState::Created
+        );
+        database
+    }
+
+    async fn connect(&self) -> PgConnection {
+        PgConnection::connect(&self.url).await.unwrap()
+    }
+
+    async fn open(&self, timeout: Duration) -> Arc<dyn KeyStore> {
+        postgres::open(CURVE, &self.url, &options(timeout))
+            .await
+            .unwrap()
+    }
+
+    async fn scalar(&self, sql: &str) -> i64 {
+        let mut conn = self.connect().await;
+        let value = sqlx::query(sql).fetch_one(&mut conn).await.unwrap().get(0);
+        let _ = conn.close().await;
+        value
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime: drop the database from a thread
+        // with a runtime of its own.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let mut conn = PgConnection::connect(&admin_url()).await?;
+                let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                sqlx::Executor::execute(&mut conn, sql.as_str()).await?;
+                conn.close().await
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test database {}", self.name);
+        }
+    }
+}
+
+fn options(timeout: Duration) -> ServerStoreOptions {
+    ServerStoreOptions {
+        pool_size: 4,
+        connect_timeout: Duration::from_secs(5),
+        timeout,
+        limits: StoreLimits {
+            max_one_time_pre_keys_per_device: 50,
+        },
+    }
+}
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn device(name: &str) -> DeviceId {
+    DeviceId::new(format!("sip:{name}@example.org;gr=urn:uuid:1")).unwrap()
+}
+
+fn one_time_pre_key(byte: u8, id: u32) -> OneTimePreKey {
+    OneTimePreKey::new(CURVE, vec![byte; 32], id).unwrap()
+}
+
+fn one_time_pre_keys(ids: std::ops::Range<u32>) -> Vec<OneTimePreKey> {
+    ids.map(|id| one_time_pre_key(id as u8, id)).collect()
+}
+
+fn registration(ik: u8, one_time_pre_keys: Vec<OneTimePreKey>) -> Registration {
+    Registration {
+        identity_key: IdentityKey::new(CURVE, vec![ik; 32]).unwrap(),
+        signed_pre_key: SignedPreKey::new(CURVE, vec![2; 32], vec![3; 64], 7).unwrap(),
+        one_time_pre_keys,
+    }
+}
+
+#[tokio::test]
+async fn init_creates_the_original_tables_once_and_leaves_them_afterwards() {
+    let database = TestDatabase::initialised().await;
+    let mut conn = database.connect().await;
+    let columns: Vec<(String, String)> = sqlx::query(
+        "SELECT table_name::text, column_name::text FROM information_schema.columns \
+         WHERE table_schema = 'public' ORDER BY table_name, ordinal_position",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| (row.get(0), row.get(1)))
+    .collect();
+    let expected = [
+        ("Config", "Name"),
+        ("Config", "Value"),
+        ("OPk", "id"),
+        ("OPk", "Uid"),
+        ("OPk", "OPk"),
+        ("OPk", "OPk_id"),
+        ("Requests", "source"),
+        ("Requests", "target"),
+        ("Requests", "at"),
+        ("Users", "Uid"),
+        ("Users", "UserId"),
+        ("Users", "Ik"),
+        ("Users", "SPk"),
+        ("Users", "SPk_sig"),
+        ("Users", "SPk_id"),
+    ];
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(table, column)| (table.to_string(), column.to_string()))
+        .collect();
+    assert_eq!(columns, expected);
+    let config: Vec<(String, i32)> =
+        sqlx::query(r#"SELECT "Name", "Value" FROM "Config" ORDER BY "Name""#)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+    assert_eq!(
+        config,
+        [("lime_rs_schema".to_owned(), 1), ("version".to_owned(), 1)]
+    );
+
+    let store = database.open(TIMEOUT).await;
+    store
+        .register_device(device("alice"), registration(1, one_time_pre_keys(0..3)))
+        .await
+        .unwrap();
+    assert_eq!(
+        postgres::init(&database.url).await.unwrap(),
+        SchemaState::Present
+    );
+    assert_eq!(database.scalar(r#"SELECT count(*) FROM "Users""#).await, 1);
+    assert_eq!(database.scalar(r#"SELECT count(*) FROM "OPk""#).await, 3);
+    assert_eq!(
+        postgres::migrate(&database.url).await.unwrap(),
+        Migration::default()
+    );
+    let _ = conn.close().await;
+}
+
+#[tokio::test]
+async fn migrate_adds_what_an_older_layout_lacks_once_and_refuses_a_newer_one() {
+    let database = TestDatabase::initialised().await;
+    let mut conn = database.connect().await;
+    // The layout before our additions: no indexes, no ('lime_rs_schema', N).
+    sqlx::Executor::execute(
+        &mut conn,
+        r#"DROP INDEX "Users_UserId_md5"; DROP INDEX "OPk_Uid_OPk_id";
+           DELETE FROM "Config" WHERE "Name" = 'lime_rs_schema'"#,
+    )
+    .await
+    .unwrap();
+    let refused = postgres::open(CURVE, &database.url, &options(TIMEOUT))
+        .await
+        .err()
+        .expect("an unmigrated database must be refused")
+        .to_string();
+    assert!(refused.contains("db migrate"), "{refused}");
+
+    let first = postgres::migrate(&database.url).await.unwrap();
+    assert_eq!(first.applied.len(), 3, "{first:?}");
+    assert_eq!(
+        postgres::migrate(&database.url).await.unwrap(),
+        Migration::default()
+    );
+    database.open(TIMEOUT).await;
+
+    sqlx::Executor::execute(
+        &mut conn,
+        r#"UPDATE "Config" SET "Value" = 99 WHERE "Name" = 'lime_rs_schema'"#,
+    )
+    .await
+    .unwrap();
+    let newer = postgres::migrate(&database.url)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(newer.contains("newer"), "{newer}");
+    assert!(
+        postgres::open(CURVE, &database.url, &options(TIMEOUT))
+            .await
+            .is_err()
+    );
+    let _ = conn.close().await;
+}
+
+#[tokio::test]
+async fn open_says_what_is_missing_and_never_shows_the_password() {
+    let database = TestDatabase::empty().await;
+    let no_schema = postgres::open(CURVE, &database.url, &options(TIMEOUT))
+        .await
+        .err()
+        .expect("a database without tables must be refused")
+        .to_string();
+    assert!(no_schema.contains("db init"), "{no_schema}");
+    let no_migrate = postgres::migrate(&database.url)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(no_migrate.contains("db init"), "{no_migrate}");
+
+    let missing = format!("{}_missing", database.url);
+    let error = postgres::init(&missing).await.unwrap_err().to_string();
+    assert!(error.contains("create it first"), "{error}");
+
+    let unreachable = "postgres://lime:secret@127.0.0.1:1/lime";
+    let error = postgres::open(CURVE, unreachable, &options(TIMEOUT))
+        .await
+        .err()
+        .expect("nothing listens on port 1")
+        .to_string();
+    assert!(
+        error.contains("postgres://lime:***@127.0.0.1:1/lime"),
+        "{error}"
+    );
+    assert!(!error.contains("secret"), "{error}");
+}
+
+#[tokio::test]
+async fn registration_is_idempotent_and_all_or_nothing() {
+    let database = TestDatabase::initialised().await;
+    let store = database.open(TIMEOUT).await;
+    let alice = device("alice");
+    assert_eq!(
+        store
+            .register_device(alice.clone(), registration(1, one_time_pre_keys(0..3)))
+            .await
+            .unwrap(),
+        Registered::New
+    );
+    assert_eq!(
+        store
+            .register_device(alice.clone(), registration(1, one_time_pre_keys(10..20)))
+            .await
+            .unwrap(),
+        Registered::AlreadyWithSameKeys
+    );
+    assert!(matches!(
+        store
+            .register_device(alice.clone(), registration(9, Vec::new()))
+            .await,
+        Err(StoreError::DeviceRegisteredWithOtherKeys)
+    ));
+    assert_eq!(store.one_time_pre_key_ids(alice).await.unwrap(), [0, 1, 2]);
+
+    // Same OPk id twice with other bytes: nothing of the device is stored.
+    let bob = device("bob");
+    let conflicting = vec![one_time_pre_key(1, 5), one_time_pre_key(2, 5)];
+    assert!(matches!(
+        store
+            .register_device(bob.clone(), registration(1, conflicting))
+            .await,
+        Err(StoreError::ConflictingOneTimePreKeyId(5))
+    ));
+    assert!(matches!(
+        store.one_time_pre_key_ids(bob.clone()).await,
+        Err(StoreError::DeviceNotFound)
+    ));
+    // Past the per-device limit: refused whole too.
+    assert!(matches!(
+        store
+            .register_device(bob.clone(), registration(1, one_time_pre_keys(0..51)))
+            .await,
+        Err(StoreError::TooManyOneTimePreKeys {
+            would_hold: 51,
+            limit: 50
+        })
+    ));
+    // The same key twice is one key.
+    let repeated = vec![one_time_pre_key(1, 5), one_time_pre_key(1, 5)];
+    store
+        .register_device(bob.clone(), registration(1, repeated))
+        .await
+        .unwrap();
+    assert_eq!(store.one_time_pre_key_ids(bob).await.unwrap(), [5]);
+    assert_eq!(database.scalar(r#"SELECT count(*) FROM "Users""#).await, 2);
+}
+
+#[tokio::test]
+async fn uploads_skip_identical_keys_and_refuse_conflicts_and_excess_whole() {
+    let database = TestDatabase::initialised().await;
+    let store = database.open(TIMEOUT).await;
+    let alice = device("alice");
+    store
+        .register_device(alice.clone(), registration(1, one_time_pre_keys(0..10)))
+        .await
+        .unwrap();
+
+    // A retried upload (same ids, same bytes) plus new keys: the new ones are added.
+    store
+        .add_one_time_pre_keys(alice.clone(), one_time_pre_keys(5..15))
+        .await
+        .unwrap();
+    let ids: Vec<u32> = (0..15).collect();
+    assert_eq!(
+        store.one_time_pre_key_ids(alice.clone()).await.unwrap(),
+        ids
+    );
+
+    // An id in use with other bytes refuses the whole upload.
+    let mut upload = one_time_pre_keys(20..25);
+    upload.push(one_time_pre_key(99, 3));
+    assert!(matches!(
+        store.add_one_time_pre_keys(alice.clone(), upload).await,
+        Err(StoreError::ConflictingOneTimePreKeyId(3))
+    ));
+    // So does going past the limit.
+    assert!(matches!(
+        store
+            .add_one_time_pre_keys(alice.clone(), one_time_pre_keys(100..136))
+            .await,
+        Err(StoreError::TooManyOneTimePreKeys {
+            would_hold: 51,
+            limit: 50
+        })
+    ));
+    assert_eq!(
+        store.one_time_pre_key_ids(alice.clone()).await.unwrap(),
+        ids
+    );
+    store
+        .add_one_time_pre_keys(alice.clone(), one_time_pre_keys(100..135))
+        .await
+        .unwrap();
+    store
+        .add_one_time_pre_keys(alice, Vec::new())
+        .await
+        .unwrap();
+
+    let nobody = device("nobody");
+    for keys in [Vec::new(), one_time_pre_keys(0..2)] {
+        assert!(matches!(
+            store.add_one_time_pre_keys(nobody.clone(), keys).await,
+            Err(StoreError::DeviceNotFound)
+        ));
+    }
+    let spk = SignedPreKey::new(CURVE, vec![4; 32], vec![5; 64], 8).unwrap();
+    assert!(matches!(
+        store.replace_signed_pre_key(nobody.clone(), spk).await,
+        Err(StoreError::DeviceNotFound)
+    ));
+    assert!(matches!(
+        store.one_time_pre_key_ids(nobody.clone()).await,
+        Err(StoreError::DeviceNotFound)
+    ));
+    store.delete_device(nobody).await.unwrap();
+}
+
+#[tokio::test]
+async fn bundles_take_each_key_once_and_a_repeated_device_takes_one() {
+    let database = TestDatabase::initialised().await;
+    let store = database.open(TIMEOUT).await;
+    let (alice, bob, carol) = (device("alice"), device("bob"), device("carol"));
+    store
+        .register_device(alice.clone(), registration(1, one_time_pre_keys(0..2)))
+        .await
+        .unwrap();
+    store
+        .register_device(bob.clone(), registration(1, Vec::new()))
+        .await
+        .unwrap();
+    // A device without SPk, as old servers could leave one.
+    let mut conn = database.connect().await;
+    sqlx::query(r#"INSERT INTO "Users" ("UserId", "Ik") VALUES ($1, $2)"#)
+        .bind(carol.as_str())
+        .bind(vec![1u8; 32])
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let _ = conn.close().await;
+
+    let asked = vec![
+        alice.clone(),
+        device("unknown"),
+        alice.clone(),
+        bob.clone(),
+        carol.clone(),
+    ];
+    let bundles = store.claim_key_bundles(asked.clone()).await.unwrap();
+    let flags: Vec<u8> = bundles.iter().map(|bundle| bundle.flag()).collect();
+    assert_eq!(flags, [1, 2, 0, 0, 2]);
+    assert_eq!(
+        bundles
+            .iter()
+            .map(|b| b.device_id.clone())
+            .collect::<Vec<_>>(),
+        asked
+    );
+    let first = bundles[0].bundle.clone().unwrap();
+    assert_eq!(first.identity_key.as_bytes(), [1; 32]);
+    assert_eq!(first.signed_pre_key.id(), 7);
+    let taken = first.one_time_pre_key.unwrap();
+    assert_eq!(
+        store
+            .one_time_pre_key_ids(alice.clone())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let again = store.claim_key_bundles(vec![alice.clone()]).await.unwrap();
+    let other = again[0].bundle.clone().unwrap().one_time_pre_key.unwrap();
+    assert_ne!(taken.id(), other.id());
+    let none_left = store.claim_key_bundles(vec![alice.clone()]).await.unwrap();
+    assert_eq!(none_left[0].flag(), 0);
+
+    // A new SPk is served; deleting the device takes its keys with it.
+    let spk = SignedPreKey::new(CURVE, vec![4; 32], vec![5; 64], 8).unwrap();
+    store
+        .replace_signed_pre_key(bob.clone(), spk)
+        .await
+        .unwrap();
+    let bundles = store.claim_key_bundles(vec![bob.clone()]).await.unwrap();
+    assert_eq!(bundles[0].bundle.as_ref().unwrap().signed_pre_key.id(), 8);
+    store
+        .add_one_time_pre_keys(bob.clone(), one_time_pre_keys(0..4))
+        .await
+        .unwrap();
+    store.delete_device(bob.clone()).await.unwrap();
+    assert_eq!(database.scalar(r#"SELECT count(*) FROM "OPk""#).await, 0);
+    assert_eq!(
+        store.claim_key_bundles(vec![bob]).await.unwrap()[0].flag(),
+        2
+    );
+    store.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_device_id_of_65535_bytes_registers_and_is_found() {
+    let database = TestDatabase::initialised().await;
+    let store = database.open(TIMEOUT).await;
+    let prefix = "sip:long@example.org;gr=";
+    let long = |last: char| {
+        let mut id = String::from(prefix);
+        id.extend(std::iter::repeat_n('x', 65_534 - prefix.len()));
+        id.push(last);
+        DeviceId::new(id).unwrap()
+    };
+    let (first, second) = (long('a'), long('b'));
+    assert_eq!(first.as_str().len(), 65_535);
+    for id in [&first, &second] {
+        assert_eq!(
+            store
+                .register_device(id.clone(), registration(1, one_time_pre_keys(0..2)))
+                .await
+                .unwrap(),
+            Registered::New
+        );
+    }
+    assert_eq!(
+        store
+            .register_device(first.clone(), registration(1, Vec::new()))
+            .await
+            .unwrap(),
+        Registered::AlreadyWithSameKeys
+    );
+    let bundles = store.claim_key_bundles(vec![first.clone()]).await.unwrap();
+    assert_eq!(bundles[0].flag(), 1);
+    assert_eq!(bundles[0].device_id, first);
+    assert_eq!(
+        store
+            .one_time_pre_key_ids(first.clone())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        store
+            .one_time_pre_key_ids(second.clone())
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    store.delete_device(first.clone()).await.unwrap();
+    assert!(matches!(
+        store.one_time_pre_key_ids(first).await,
+        Err(StoreError::DeviceNotFound)
+    ));
+    assert_eq!(store.one_time_pre_key_ids(second).await.unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_servers_claiming_at_once_never_hand_out_the_same_key() {
+    const DEVICES: u32 = 8;
+    const KEYS: u32 = 40;
+    let database = TestDatabase::initialised().await;
+    // Two stores with two pools: two server instances on one database.
+    let servers = [database.open(TIMEOUT).await, database.open(TIMEOUT).await];
+    let devices: Vec<DeviceId> = (0..DEVICES).map(|n| device(&format!("d{n}"))).collect();
+    for device in &devices {
+        servers[0]
+            .register_device(device.clone(), registration(1, one_time_pre_keys(0..KEYS)))
+            .await
+            .unwrap();
+    }
+
+    let mut tasks = Vec::new();
+    for task in 0..32usize {
+        let store = servers[task % 2].clone();
+        let devices = devices.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut claimed = Vec::new();
+            for round in 0..30usize {
+                // Several devices per request, in an order of this task's own.
+                let asked: Vec<DeviceId> = (0..3)
+                    .map(|k| devices[(task + round * 3 + k) % devices.len()].clone())
+                    .collect();
+                for bundle in store.claim_key_bundles(asked).await.unwrap() {
+                    if let Some(key) = bundle.bundle.and_then(|b| b.one_time_pre_key) {
+                        claimed.push((bundle.device_id.as_str().to_owned(), key.id()));
+                    }
+                }
+            }
+            claimed
+        }));
+    }
+    let mut claimed = Vec::new();
+    for task in tasks {
+        claimed.extend(task.await.unwrap());
+    }
+    let distinct: HashSet<&(String, u32)> = claimed.iter().collect();
+    assert_eq!(distinct.len(), claimed.len(), "a key was handed out twice");
+
+    // What was handed out and what is left are exactly what was uploaded.
+    let mut remaining = 0;
+    for device in &devices {
+        let left = servers[1]
+            .one_time_pre_key_ids(device.clone())
+            .await
+            .unwrap();
+        for id in &left {
+            assert!(!distinct.contains(&(device.as_str().to_owned(), *id)));
+        }
+        remaining += left.len();
+    }
+    assert_eq!(claimed.len() + remaining, (DEVICES * KEYS) as usize);
+    assert!(!claimed.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_servers_registering_one_device_at_once_store_it_once() {
+    let database = TestDatabase::initialised().await;
+    let servers = [database.open(TIMEOUT).await, database.open(TIMEOUT).await];
+    for round in 0..20u8 {
+        let same_keys = round % 2 == 0;
+        let device = device(&format!("race{round}"));
+        let mut attempts = Vec::new();
+        for server in &servers {
+            let (store, device) = (server.clone(), device.clone());
+            let ik = if same_keys {
+                1
+            } else {
+                2 + attempts.len() as u8
+            };
+            attempts.push(tokio::spawn(async move {
+                store
+                    .register_device(device, registration(ik, one_time_pre_keys(0..5)))
+                    .await
+            }));
+        }
+        let mut new = 0;
+        for attempt in attempts {
+            match attempt.await.unwrap() {
+                Ok(Registered::New) => new += 1,
+                Ok(Registered::AlreadyWithSameKeys) => assert!(same_keys),
+                Err(StoreError::DeviceRegisteredWithOtherKeys) => assert!(!same_keys),
+                other => panic!("unexpected answer {other:?}"),
+            }
+        }
+        assert_eq!(new, 1, "round {round}");
+        assert_eq!(
+            servers[0].one_time_pre_key_ids(device).await.unwrap().len(),
+            5
+        );
+    }
+    assert_eq!(database.scalar(r#"SELECT count(*) FROM "Users""#).await, 20);
+}
+
+#[tokio::test]
+async fn a_call_held_up_past_its_timeout_reports_timeout_and_changes_nothing() {
+    let database = TestDatabase::initialised().await;
+    let timeout = Duration::from_millis(400);
+    let store = database.open(timeout).await;
+    let alice = device("alice");
+    store
+        .register_device(alice.clone(), registration(1, one_time_pre_keys(0..3)))
+        .await
+        .unwrap();
+
+    let mut locker = database.connect().await;
+    sqlx::Executor::execute(
+        &mut locker,
+        r#"BEGIN; LOCK TABLE "OPk" IN ACCESS EXCLUSIVE MODE"#,
+    )
+    .await
+    .unwrap();
+    // Each call answers about when its time-out says (with slack for a loaded
+    // machine: this checks that it answers, not how fast).
+    let bound = timeout + Duration::from_secs(2);
+    let started = std::time::Instant::now();
+    let claimed = store.claim_key_bundles(vec![alice.clone()]).await;
+    assert!(
+        matches!(claimed, Err(StoreError::Timeout(_))),
+        "{claimed:?}"
+    );
+    assert!(started.elapsed() < bound, "{:?}", started.elapsed());
+    let started = std::time::Instant::now();
+    let registered = store
+        .register_device(device("bob"), registration(1, one_time_pre_keys(0..3)))
+        .await;
+    assert!(
+        matches!(registered, Err(StoreError::Timeout(_))),
+        "{registered:?}"
+    );
+    assert!(started.elapsed() < bound, "{:?}", started.elapsed());
+    let started = std::time::Instant::now();
+    let added = store
+        .add_one_time_pre_keys(alice.clone(), one_time_pre_keys(3..5))
+        .await;
+    assert!(matches!(added, Err(StoreError::Timeout(_))), "{added:?}");
+    assert!(started.elapsed() < bound, "{:?}", started.elapsed());
+    sqlx::Executor::execute(&mut locker, "COMMIT")
+        .await
+        .unwrap();
+    let _ = locker.close().await;
+
+    // Nothing was claimed, registered or added, and the store serves again.
+    assert_eq!(
+        store.one_time_pre_key_ids(alice.clone()).await.unwrap(),
+        [0, 1, 2]
+    );
+    assert!(matches!(
+        store.one_time_pre_key_ids(device("bob")).await,
+        Err(StoreError::DeviceNotFound)
+    ));
+    assert_eq!(database.scalar(r#"SELECT count(*) FROM "Users""#).await, 1);
+    let bundles = store.claim_key_bundles(vec![alice]).await.unwrap();
+    assert_eq!(bundles[0].flag(), 1);
+    store.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn connections_ended_by_the_server_are_replaced_without_failing_a_call() {
+    let database = TestDatabase::initialised().await;
+    let store = database.open(TIMEOUT).await;
+    let alice = device("alice");
+    store
+        .register_device(alice.clone(), registration(1, one_time_pre_keys(0..20)))
+        .await
+        .unwrap();
+    // Fill the pool with connections.
+    let calls = (0..8).map(|_| store.one_time_pre_key_ids(alice.clone()));
+    for answer in futures::future::join_all(calls).await {
+        answer.unwrap();
+    }
+    // What a database restart does to them.
+    let terminated = database
+        .scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .await;
+    assert!(terminated > 0);
+    for _ in 0..10 {
+        store.claim_key_bundles(vec![alice.clone()]).await.unwrap();
+    }
+    assert_eq!(store.one_time_pre_key_ids(alice).await.unwrap().len(), 10);
+}
+
+#[tokio::test]
+async fn the_store_serves_again_once_the_database_is_back() {
+    let database = TestDatabase::initialised().await;
+    let proxy = proxy::Proxy::start("127.0.0.1:5432").await;
+    let url = database
+        .url
+        .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
+    let timeout = Duration::from_secs(1);
+    let store = postgres::open(CURVE, &url, &options(timeout))
+        .await
+        .unwrap();
+    let alice = device("alice");
+    store
+        .register_device(alice.clone(), registration(1, one_time_pre_keys(0..20)))
+        .await
+        .unwrap();
+    let calls = (0..8).map(|_| store.one_time_pre_key_ids(alice.clone()));
+    for answer in futures::future::join_all(calls).await {
+        answer.unwrap();
+    }
+
+    proxy.cut();
+    let started = std::time::Instant::now();
+    match store.claim_key_bundles(vec![alice.clone()]).await {
+        Err(StoreError::Backend(_) | StoreError::Timeout(_)) => {}
+        other => panic!("the database is unreachable, yet: {other:?}"),
+    }
+    assert!(store.ping().await.is_err());
+    // Two calls, each bounded by its time-out (slack for a loaded machine).
+    let bound = 2 * timeout + Duration::from_secs(3);
+    assert!(started.elapsed() < bound, "{:?}", started.elapsed());
+
+    proxy.restore();
+    for _ in 0..5 {
+        store.claim_key_bundles(vec![alice.clone()]).await.unwrap();
+    }
+    store.ping().await.unwrap();
+    assert_eq!(store.one_time_pre_key_ids(alice).await.unwrap().len(), 15);
+}
+
+/// A TCP relay to PostgreSQL that can be cut (every link dropped, new ones
+/// refused) and restored: a database going away and coming back.
+mod proxy {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::task::JoinHandle;
+
+    pub struct Proxy {
+        pub port: u16,
+        up: Arc<AtomicBool>,
+        links: Arc<Mutex<Vec<JoinHandle<()>>>>,
+        accept: JoinHandle<()>,
+    }
+
+    impl Proxy {
+        pub async fn start(target: &'static str) -> Proxy {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let up = Arc::new(AtomicBool::new(true));
+            let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+            let accept = tokio::spawn({
+                let (up, links) = (up.clone(), links.clone());
+                async move {
+                    while let Ok((mut client, _)) = listener.accept().await {
+                        if !up.load(Ordering::SeqCst) {
+                            continue; // dropped: closed at once
+                        }
+                        let link = tokio::spawn(async move {
+                            if let Ok(mut server) = TcpStream::connect(target).await {
+                                let _ =
+                                    tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                            }
+                        });
+                        links.lock().unwrap().push(link);
+                    }
+                }
+            });
+            Proxy {
+                port,
+                up,
+                links,
+                accept,
+            }
+        }
+
+        pub fn cut(&self) {
+            self.up.store(false, Ordering::SeqCst);
+            for link in self.links.lock().unwrap().drain(..) {
+                link.abort();
+            }
+        }
+
+        pub fn restore(&self) {
+            self.up.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl Drop for Proxy {
+        fn drop(&mut self) {
+            self.cut();
+            self.accept.abort();
+        }
+    }
+}
