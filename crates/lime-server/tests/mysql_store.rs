@@ -1,7 +1,7 @@
 //! The MariaDB/MySQL store against the real server on this machine
-//! (127.0.0.1:3306, root without password, or `LIME_TEST_MYSQL_URL`, a URL
-//! without database): each test creates its own database `lime_t_<random>` and
-//! drops it at the end. A test that cannot reach the server fails and says so.
+//! (127.0.0.1:3306, root without password): each test creates its own database
+//! `lime_t_<random>` and drops it at the end. A test that cannot reach the server
+//! fails and says so.
 
 use lime_protocol::{
     Curve, DeviceId, IdentityKey, OneTimePreKey, PeerBundle, Registration, SignedPreKey,
@@ -10,6 +10,9 @@ use lime_server::store::{
     self, KeyStore, Registered, SchemaState, ServerStoreOptions, SetupError, StoreError,
     StoreLimits,
 };
+mod common;
+
+use common::backend::{self, Backend};
 use sqlx::{Connection, Executor, MySqlConnection, Row};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -26,26 +29,17 @@ const FIXTURE: &str = include_str!(concat!(
 const ORIGINAL_BUNDLE_QUERY: &str = "SELECT u.Ik, u.SPk, u.SPk_id, u.SPk_sig, o.OPk, o.OPk_id \
      FROM Users AS u LEFT JOIN OPk AS o ON u.Uid=o.Uid WHERE UserId = ? LIMIT 1";
 
-fn server_url() -> String {
-    std::env::var("LIME_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
-}
-
 /// A database of its own for one test, dropped at the end (even on panic).
 struct TestDb {
-    name: String,
+    database: backend::TestDatabase,
     url: String,
 }
 
 impl TestDb {
     async fn new() -> TestDb {
-        let name = format!("lime_t_{:016x}", rand::random::<u64>());
-        let mut admin = admin().await;
-        admin
-            .execute(format!("CREATE DATABASE `{name}`").as_str())
-            .await
-            .expect("CREATE DATABASE");
-        let url = format!("{}/{name}", server_url());
-        TestDb { name, url }
+        let database = backend::TestDatabase::empty(Backend::Mariadb).await;
+        let url = database.url.clone();
+        TestDb { database, url }
     }
 
     /// A database created with the original PHP server's script, as is.
@@ -82,39 +76,6 @@ impl TestDb {
             .fetch_one(&mut conn)
             .await
             .unwrap_or_else(|error| panic!("{sql}: {error}"))
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop runs inside the test's runtime: do the async work on a thread.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                if let Ok(mut admin) = MySqlConnection::connect(&server_url()).await {
-                    let _ = admin
-                        .execute(format!("DROP DATABASE IF EXISTS `{name}`").as_str())
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-async fn admin() -> MySqlConnection {
-    let url = server_url();
-    match MySqlConnection::connect(&url).await {
-        Ok(conn) => conn,
-        Err(error) => panic!(
-            "cannot reach MariaDB/MySQL at {url} ({error}): these tests need a running \
-             server with user root without password (or set LIME_TEST_MYSQL_URL); start it \
-             with `sudo service mariadb start`"
-        ),
     }
 }
 
@@ -582,7 +543,7 @@ async fn open_checks_the_schema_and_hides_the_password() {
         .expect("newer schema");
     assert!(error.to_string().contains("newer"), "{error}");
 
-    let missing = format!("{}/lime_t_does_not_exist", server_url());
+    let missing = format!("{}/lime_t_does_not_exist", backend::MARIADB_ADMIN_URL);
     let error = store::mysql::open(CURVE, &missing, &options(Duration::from_secs(2)))
         .await
         .err()
@@ -779,11 +740,13 @@ async fn the_store_recovers_when_its_connections_are_killed() {
         .await
         .unwrap();
     // Kill every connection of the store (as a database restart would).
-    let mut admin = admin().await;
+    let mut admin = MySqlConnection::connect(backend::MARIADB_ADMIN_URL)
+        .await
+        .unwrap();
     let ids: Vec<i64> = sqlx::query_scalar(
         "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = ? AND ID <> CONNECTION_ID()",
     )
-    .bind(&db.name)
+    .bind(&db.database.name)
     .fetch_all(&mut admin)
     .await
     .unwrap();

@@ -1,5 +1,5 @@
 //! The PostgreSQL store against the machine's PostgreSQL (127.0.0.1:5432, user
-//! postgres, trust; `LIME_TEST_POSTGRES_URL` names another maintenance database).
+//! postgres, trust).
 //! Each test makes its own database `lime_t_<random>` and drops it when it ends.
 //! A PostgreSQL that cannot be reached fails the test, it never passes silently.
 
@@ -8,45 +8,30 @@ use lime_server::store::{
     KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, StoreError, StoreLimits,
     postgres,
 };
-use rand::RngCore;
+mod common;
+
+use common::backend::{self, Backend};
 use sqlx::{Connection, PgConnection, Row};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 const CURVE: Curve = Curve::C25519;
-const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-fn admin_url() -> String {
-    std::env::var("LIME_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
-}
-
 /// A database of its own for one test, dropped (connections and all) at the end.
 struct TestDatabase {
-    name: String,
+    _database: backend::TestDatabase,
     url: String,
 }
 
 impl TestDatabase {
     /// An empty database, no schema.
     async fn empty() -> TestDatabase {
-        let admin = admin_url();
-        let name = format!("lime_t_{:016x}", rand::rng().next_u64());
-        let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|error| {
-            panic!(
-                "PostgreSQL is not reachable at {admin} ({error}): these tests need it; \
-                 start it (e.g. `service postgresql start`) or set LIME_TEST_POSTGRES_URL"
-            )
-        });
-        sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
-            .await
-            .unwrap();
-        let _ = conn.close().await;
-        let base = admin
-            .rsplit_once('/')
-            .map_or(admin.as_str(), |(base, _)| base);
-        let url = format!("{base}/{name}");
-        TestDatabase { name, url }
+        let database = backend::TestDatabase::empty(Backend::Postgres).await;
+        let url = database.url.clone();
+        TestDatabase {
+            _database: database,
+            url,
+        }
     }
 
     /// A database with our schema (`db init`).
@@ -74,30 +59,6 @@ impl TestDatabase {
         let value = sqlx::query(sql).fetch_one(&mut conn).await.unwrap().get(0);
         let _ = conn.close().await;
         value
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop runs inside the test's runtime: drop the database from a thread
-        // with a runtime of its own.
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let mut conn = PgConnection::connect(&admin_url()).await?;
-                let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                sqlx::Executor::execute(&mut conn, sql.as_str()).await?;
-                conn.close().await
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("could not drop test database {}", self.name);
-        }
     }
 }
 

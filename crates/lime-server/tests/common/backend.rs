@@ -14,6 +14,9 @@ use sqlx::Connection;
 /// MariaDB as root, no database selected: where test databases are made.
 pub const MARIADB_ADMIN_URL: &str = "mysql://root@127.0.0.1:3306";
 
+/// PostgreSQL as postgres, without a database.
+pub const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432";
+
 /// PostgreSQL's maintenance database: where test databases are made.
 pub const POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
@@ -42,75 +45,89 @@ impl Backend {
     }
 }
 
-/// Databases made for one test, one per curve, dropped with this value.
-pub struct TestDatabases {
+/// One empty database on a database server, made for one test and dropped with
+/// this value (even when the test panics).
+pub struct TestDatabase {
     backend: Backend,
-    names: Vec<String>,
+    /// Its name, `lime_t_<random>...`.
+    pub name: String,
+    /// Its URL, as root (MariaDB) or postgres (PostgreSQL), without password.
+    pub url: String,
 }
 
-impl TestDatabases {
-    /// Makes an empty database per curve with our schema (`db init`), and returns
-    /// the URL template (`{curve}` in it) that names them. SQLite needs nothing.
-    pub async fn create(backend: Backend, curves: &[Curve]) -> (TestDatabases, Option<String>) {
-        let prefix = format!("lime_t_{:08x}", rand::rng().next_u32());
-        let template = match backend {
-            Backend::Sqlite => {
-                return (
-                    TestDatabases {
-                        backend,
-                        names: Vec::new(),
-                    },
-                    None,
-                );
-            }
-            Backend::Mariadb => format!("{MARIADB_ADMIN_URL}/{prefix}_{{curve}}"),
-            Backend::Postgres => format!("postgres://postgres@127.0.0.1:5432/{prefix}_{{curve}}"),
+impl TestDatabase {
+    /// Makes an empty database named `name` on `backend`'s server.
+    pub async fn create(backend: Backend, name: String) -> TestDatabase {
+        admin(backend, &format!("CREATE DATABASE {name}")).await;
+        let url = match backend {
+            Backend::Sqlite => panic!("SQLite files need no database server"),
+            Backend::Mariadb => format!("{MARIADB_ADMIN_URL}/{name}"),
+            Backend::Postgres => format!("{POSTGRES_URL}/{name}"),
         };
-        let mut databases = TestDatabases {
-            backend,
-            names: Vec::new(),
-        };
-        for curve in curves {
-            let name = format!("{prefix}_{}", curve.name());
-            admin(backend, &format!("CREATE DATABASE {name}")).await;
-            // Owned from here: dropped even if what follows panics.
-            databases.names.push(name);
-        }
-        for curve in curves {
-            let location = StoreLocation::parse(&template, *curve).unwrap();
-            store::init(&location)
-                .await
-                .unwrap_or_else(|error| panic!("db init {location}: {error}"));
-        }
-        (databases, Some(template))
+        TestDatabase { backend, name, url }
+    }
+
+    /// Makes an empty database with a random name.
+    pub async fn empty(backend: Backend) -> TestDatabase {
+        TestDatabase::create(backend, format!("lime_t_{:016x}", rand::rng().next_u64())).await
     }
 }
 
-impl Drop for TestDatabases {
+impl Drop for TestDatabase {
     fn drop(&mut self) {
-        if self.names.is_empty() {
-            return;
-        }
         let backend = self.backend;
-        let names = std::mem::take(&mut self.names);
-        // Drop runs inside the test's runtime: drop the databases from a thread of
+        let sql = match backend {
+            Backend::Postgres => format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            _ => format!("DROP DATABASE IF EXISTS {}", self.name),
+        };
+        // Drop runs inside the test's runtime: drop the database from a thread of
         // our own, with a runtime of its own.
         let dropped = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
-            runtime.block_on(async {
-                for name in names {
-                    let sql = match backend {
-                        Backend::Postgres => format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-                        _ => format!("DROP DATABASE IF EXISTS {name}"),
-                    };
-                    admin(backend, &sql).await;
-                }
-            });
-        });
-        let _ = dropped.join();
+            runtime.block_on(admin(backend, &sql));
+        })
+        .join();
+        if dropped.is_err() {
+            eprintln!("could not drop test database {}", self.name);
+        }
+    }
+}
+
+/// Databases made for one test app, one per curve, with our schema (`db init`).
+pub struct TestDatabases {
+    /// Dropped with this value.
+    _databases: Vec<TestDatabase>,
+}
+
+impl TestDatabases {
+    /// Makes a database per curve with our schema, and returns the URL template
+    /// (`{curve}` in it) that names them. SQLite needs nothing.
+    pub async fn create(backend: Backend, curves: &[Curve]) -> (TestDatabases, Option<String>) {
+        let mut databases = TestDatabases {
+            _databases: Vec::new(),
+        };
+        if backend == Backend::Sqlite {
+            return (databases, None);
+        }
+        let prefix = format!("lime_t_{:08x}", rand::rng().next_u32());
+        for curve in curves {
+            let database =
+                TestDatabase::create(backend, format!("{prefix}_{}", curve.name())).await;
+            let location = StoreLocation::parse(&database.url, *curve).unwrap();
+            // Owned from here: dropped even if what follows panics.
+            databases._databases.push(database);
+            store::init(&location)
+                .await
+                .unwrap_or_else(|error| panic!("db init {location}: {error}"));
+        }
+        let template = match backend {
+            Backend::Mariadb => format!("{MARIADB_ADMIN_URL}/{prefix}_{{curve}}"),
+            _ => format!("{POSTGRES_URL}/{prefix}_{{curve}}"),
+        };
+        (databases, Some(template))
     }
 }
 
