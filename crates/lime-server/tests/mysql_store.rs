@@ -10,8 +10,10 @@ use lime_server::store::{
     self, KeyStore, Registered, SchemaState, ServerStoreOptions, SetupError, StoreError,
     StoreLimits,
 };
+mod commit_relay;
 mod common;
 
+use commit_relay::{CommitRelay, Trap};
 use common::backend::{self, Backend};
 use sqlx::{Connection, Executor, MySqlConnection, Row};
 use std::collections::HashSet;
@@ -28,6 +30,10 @@ const FIXTURE: &str = include_str!(concat!(
 /// The original's bundle query, as the PHP server runs it.
 const ORIGINAL_BUNDLE_QUERY: &str = "SELECT u.Ik, u.SPk, u.SPk_id, u.SPk_sig, o.OPk, o.OPk_id \
      FROM Users AS u LEFT JOIN OPk AS o ON u.Uid=o.Uid WHERE UserId = ? LIMIT 1";
+
+/// 1 when the database has our table of claim tokens, 0 otherwise.
+const CLAIMS_TABLE_PRESENT: &str = "SELECT COUNT(*) FROM information_schema.TABLES \
+     WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'lime_rs_claims'";
 
 /// A database of its own for one test, dropped at the end (even on panic).
 struct TestDb {
@@ -218,6 +224,8 @@ async fn init_creates_the_original_schema_with_our_additions_once() {
     .await
     .unwrap();
     assert_eq!(unique, 2, "unique index on OPk(Uid, OPk_id)");
+    assert_eq!(column("lime_rs_claims.token").1, "binary(16)");
+    assert_eq!(column("lime_rs_claims.claimed_at").1, "timestamp");
     let config: Vec<(String, i32)> =
         sqlx::query_as("SELECT CONVERT(Name USING utf8mb4), Value FROM Config ORDER BY Name")
             .fetch_all(&mut conn)
@@ -326,6 +334,8 @@ async fn an_original_database_is_served_as_it_is() {
         .unwrap();
     assert_eq!(row.get::<u32, _>("SPk_id"), 6);
     assert!(row.get::<Option<u32>, _>("OPk_id").is_some());
+    // All of it without our table of claim tokens.
+    assert_eq!(db.count(CLAIMS_TABLE_PRESENT).await, 0);
 }
 
 #[tokio::test]
@@ -456,6 +466,7 @@ async fn migrate_only_adds_is_idempotent_and_keeps_the_original_queries_working(
         migration.applied,
         [
             "unique index OPk(Uid, OPk_id)",
+            "table lime_rs_claims",
             "Config ('lime_rs_schema', 1)"
         ]
     );
@@ -763,4 +774,146 @@ async fn the_store_recovers_when_its_connections_are_killed() {
         .add_one_time_pre_keys(liam.clone(), vec![opk(3)])
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn migrate_adds_the_claims_table_to_a_database_made_before_it() {
+    let db = TestDb::new().await;
+    store::mysql::init(&db.url).await.unwrap();
+    let mut conn = db.connect().await;
+    conn.execute("DROP TABLE lime_rs_claims").await.unwrap();
+
+    // Served without it, claims included.
+    let store = db.open(Duration::from_secs(5)).await;
+    let alice = device("alice");
+    store
+        .register_device(alice.clone(), registration(1, 0..2))
+        .await
+        .unwrap();
+    let bundles = store.claim_key_bundles(vec![alice.clone()]).await.unwrap();
+    assert_eq!(claimed_id(&bundles[0]), Some(0));
+
+    let migration = store::mysql::migrate(&db.url).await.unwrap();
+    assert_eq!(migration.applied, ["table lime_rs_claims"]);
+    assert_eq!(db.count(CLAIMS_TABLE_PRESENT).await, 1);
+    assert!(
+        store::mysql::migrate(&db.url)
+            .await
+            .unwrap()
+            .applied
+            .is_empty()
+    );
+    // A store opened now claims with a token.
+    let store = db.open(Duration::from_secs(5)).await;
+    let bundles = store.claim_key_bundles(vec![alice.clone()]).await.unwrap();
+    assert_eq!(claimed_id(&bundles[0]), Some(1));
+    assert_eq!(db.count("SELECT COUNT(*) FROM lime_rs_claims").await, 1);
+}
+
+/// A store reaching the database through `relay`, and a device holding keys 0..3.
+async fn store_through(db: &TestDb, relay: &CommitRelay) -> (Arc<dyn KeyStore>, DeviceId) {
+    store::mysql::init(&db.url).await.unwrap();
+    let url = db
+        .url
+        .replace("127.0.0.1:3306", &format!("127.0.0.1:{}", relay.port));
+    let store = store::mysql::open(CURVE, &url, &options(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let alice = device("alice");
+    store
+        .register_device(alice.clone(), registration(1, 0..3))
+        .await
+        .unwrap();
+    (store, alice)
+}
+
+/// The device's key ids, read directly (not through the relay).
+async fn stored_key_ids(db: &TestDb, device: &DeviceId) -> Vec<u32> {
+    let mut conn = db.connect().await;
+    sqlx::query_scalar(
+        "SELECT o.OPk_id FROM OPk AS o JOIN Users AS u ON u.Uid = o.Uid \
+         WHERE u.UserId = ? ORDER BY o.id",
+    )
+    .bind(device.as_str())
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+}
+
+/// Claims for `device` one at a time until none is left: the ids served.
+async fn claim_all(store: &Arc<dyn KeyStore>, device: &DeviceId) -> Vec<u32> {
+    let mut served = Vec::new();
+    while let Some(id) =
+        claimed_id(&store.claim_key_bundles(vec![device.clone()]).await.unwrap()[0])
+    {
+        served.push(id);
+    }
+    served
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_commit_answer_is_lost_puts_its_key_back() {
+    let db = TestDb::new().await;
+    let relay = CommitRelay::start("127.0.0.1:3306").await;
+    let (store, alice) = store_through(&db, &relay).await;
+
+    relay.arm(Trap::AfterCommit);
+    let claimed = store.claim_key_bundles(vec![alice.clone()]).await;
+    assert!(relay.sprung(), "the claim's COMMIT went through the relay");
+    assert!(
+        matches!(claimed, Err(StoreError::Backend(_))),
+        "{claimed:?}"
+    );
+    // The COMMIT happened: key 0 is gone, undelivered, and the token is stored.
+    assert_eq!(stored_key_ids(&db, &alice).await, [1, 2]);
+    assert_eq!(db.count("SELECT COUNT(*) FROM lime_rs_claims").await, 1);
+
+    // Once the database answers again, with no request for the device, the key
+    // is put back in its place and the token deleted.
+    relay.restore();
+    let started = Instant::now();
+    while stored_key_ids(&db, &alice).await != [0, 1, 2] {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "key 0 not restored"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(db.count("SELECT COUNT(*) FROM lime_rs_claims").await, 0);
+    assert_eq!(
+        store.one_time_pre_key_ids(alice.clone()).await.unwrap(),
+        [0, 1, 2]
+    );
+    // Each key is served once.
+    assert_eq!(claim_all(&store, &alice).await, [0, 1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_cut_before_its_commit_restores_nothing_and_duplicates_nothing() {
+    let db = TestDb::new().await;
+    let relay = CommitRelay::start("127.0.0.1:3306").await;
+    let (store, alice) = store_through(&db, &relay).await;
+
+    relay.arm(Trap::BeforeCommit);
+    let claimed = store.claim_key_bundles(vec![alice.clone()]).await;
+    assert!(relay.sprung(), "the claim's COMMIT reached the relay");
+    assert!(
+        matches!(claimed, Err(StoreError::Backend(_))),
+        "{claimed:?}"
+    );
+    // The server rolls the claim back when it sees the connection closed.
+    let started = Instant::now();
+    while stored_key_ids(&db, &alice).await != [0, 1, 2] {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "not rolled back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    relay.restore();
+    // Time for the store to settle the claim (it tries every second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(stored_key_ids(&db, &alice).await, [0, 1, 2]);
+    assert_eq!(db.count("SELECT COUNT(*) FROM lime_rs_claims").await, 0);
+    assert_eq!(claim_all(&store, &alice).await, [0, 1, 2]);
 }

@@ -8,8 +8,10 @@ use lime_server::store::{
     KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, StoreError, StoreLimits,
     postgres,
 };
+mod commit_relay;
 mod common;
 
+use commit_relay::{CommitRelay, Trap};
 use common::backend::{self, Backend};
 use sqlx::{Connection, PgConnection, Row};
 use std::collections::HashSet;
@@ -101,7 +103,8 @@ async fn init_creates_the_original_tables_once_and_leaves_them_afterwards() {
     let mut conn = database.connect().await;
     let columns: Vec<(String, String)> = sqlx::query(
         "SELECT table_name::text, column_name::text FROM information_schema.columns \
-         WHERE table_schema = 'public' ORDER BY table_name, ordinal_position",
+         WHERE table_schema = 'public' AND table_name <> 'lime_rs_claims' \
+         ORDER BY table_name, ordinal_position",
     )
     .fetch_all(&mut conn)
     .await
@@ -131,6 +134,26 @@ async fn init_creates_the_original_tables_once_and_leaves_them_afterwards() {
         .map(|(table, column)| (table.to_string(), column.to_string()))
         .collect();
     assert_eq!(columns, expected);
+    let claims_columns: Vec<(String, String)> = sqlx::query(
+        "SELECT column_name::text, data_type::text FROM information_schema.columns \
+         WHERE table_schema = 'public' AND table_name = 'lime_rs_claims' ORDER BY ordinal_position",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| (row.get(0), row.get(1)))
+    .collect();
+    assert_eq!(
+        claims_columns,
+        [
+            ("token".to_owned(), "bytea".to_owned()),
+            (
+                "claimed_at".to_owned(),
+                "timestamp with time zone".to_owned()
+            )
+        ]
+    );
     let config: Vec<(String, i32)> =
         sqlx::query(r#"SELECT "Name", "Value" FROM "Config" ORDER BY "Name""#)
             .fetch_all(&mut conn)
@@ -732,6 +755,177 @@ async fn the_store_serves_again_once_the_database_is_back() {
     }
     store.ping().await.unwrap();
     assert_eq!(store.one_time_pre_key_ids(alice).await.unwrap().len(), 15);
+}
+
+#[tokio::test]
+async fn migrate_adds_the_claims_table_to_a_database_made_before_it() {
+    let database = TestDatabase::initialised().await;
+    let mut conn = database.connect().await;
+    sqlx::Executor::execute(&mut conn, r#"DROP TABLE "lime_rs_claims""#)
+        .await
+        .unwrap();
+
+    // Served without it, claims included.
+    let store = database.open(TIMEOUT).await;
+    let alice = device("alice");
+    store
+        .register_device(alice.clone(), registration(1, one_time_pre_keys(0..2)))
+        .await
+        .unwrap();
+    let bundles = store.claim_key_bundles(vec![alice.clone()]).await.unwrap();
+    assert_eq!(bundles[0].flag(), 1);
+
+    let migration = postgres::migrate(&database.url).await.unwrap();
+    assert_eq!(migration.applied, ["table lime_rs_claims"]);
+    assert_eq!(
+        postgres::migrate(&database.url).await.unwrap(),
+        Migration::default()
+    );
+    // A store opened now claims with a token.
+    let store = database.open(TIMEOUT).await;
+    store.claim_key_bundles(vec![alice.clone()]).await.unwrap();
+    assert_eq!(
+        database
+            .scalar(r#"SELECT count(*) FROM "lime_rs_claims""#)
+            .await,
+        1
+    );
+    assert!(store.one_time_pre_key_ids(alice).await.unwrap().is_empty());
+    let _ = conn.close().await;
+}
+
+/// A store reaching the database through `relay`, and a device holding keys 0..3.
+async fn store_through(
+    database: &TestDatabase,
+    relay: &CommitRelay,
+) -> (Arc<dyn KeyStore>, DeviceId) {
+    let url = database
+        .url
+        .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", relay.port));
+    let store = postgres::open(CURVE, &url, &options(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let alice = device("alice");
+    store
+        .register_device(alice.clone(), registration(1, one_time_pre_keys(0..3)))
+        .await
+        .unwrap();
+    (store, alice)
+}
+
+/// The device's key ids, read directly (not through the relay).
+async fn stored_key_ids(database: &TestDatabase, device: &DeviceId) -> Vec<i64> {
+    let mut conn = database.connect().await;
+    let ids = sqlx::query_scalar(
+        r#"SELECT o."OPk_id" FROM "OPk" AS o JOIN "Users" AS u ON u."Uid" = o."Uid"
+           WHERE u."UserId" = $1 ORDER BY o."id""#,
+    )
+    .bind(device.as_str())
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let _ = conn.close().await;
+    ids
+}
+
+/// Claims for `device` one at a time until none is left: the ids served.
+async fn claim_all(store: &Arc<dyn KeyStore>, device: &DeviceId) -> Vec<u32> {
+    let mut served = Vec::new();
+    loop {
+        let bundles = store.claim_key_bundles(vec![device.clone()]).await.unwrap();
+        match bundles[0]
+            .bundle
+            .as_ref()
+            .unwrap()
+            .one_time_pre_key
+            .as_ref()
+        {
+            Some(key) => served.push(key.id()),
+            None => return served,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_commit_answer_is_lost_puts_its_key_back() {
+    let database = TestDatabase::initialised().await;
+    let relay = CommitRelay::start("127.0.0.1:5432").await;
+    let (store, alice) = store_through(&database, &relay).await;
+
+    relay.arm(Trap::AfterCommit);
+    let claimed = store.claim_key_bundles(vec![alice.clone()]).await;
+    assert!(relay.sprung(), "the claim's COMMIT went through the relay");
+    assert!(
+        matches!(claimed, Err(StoreError::Backend(_))),
+        "{claimed:?}"
+    );
+    // The COMMIT happened: key 0 is gone, undelivered, and the token is stored.
+    assert_eq!(stored_key_ids(&database, &alice).await, [1, 2]);
+    assert_eq!(
+        database
+            .scalar(r#"SELECT count(*) FROM "lime_rs_claims""#)
+            .await,
+        1
+    );
+
+    // Once the database answers again, with no request for the device, the key
+    // is put back in its place and the token deleted.
+    relay.restore();
+    let started = std::time::Instant::now();
+    while stored_key_ids(&database, &alice).await != [0, 1, 2] {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "key 0 not restored"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        database
+            .scalar(r#"SELECT count(*) FROM "lime_rs_claims""#)
+            .await,
+        0
+    );
+    assert_eq!(
+        store.one_time_pre_key_ids(alice.clone()).await.unwrap(),
+        [0, 1, 2]
+    );
+    // Each key is served once.
+    assert_eq!(claim_all(&store, &alice).await, [0, 1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_cut_before_its_commit_restores_nothing_and_duplicates_nothing() {
+    let database = TestDatabase::initialised().await;
+    let relay = CommitRelay::start("127.0.0.1:5432").await;
+    let (store, alice) = store_through(&database, &relay).await;
+
+    relay.arm(Trap::BeforeCommit);
+    let claimed = store.claim_key_bundles(vec![alice.clone()]).await;
+    assert!(relay.sprung(), "the claim's COMMIT reached the relay");
+    assert!(
+        matches!(claimed, Err(StoreError::Backend(_))),
+        "{claimed:?}"
+    );
+    // The server rolls the claim back when it sees the connection closed.
+    let started = std::time::Instant::now();
+    while stored_key_ids(&database, &alice).await != [0, 1, 2] {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "not rolled back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    relay.restore();
+    // Time for the store to settle the claim (it tries every second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(stored_key_ids(&database, &alice).await, [0, 1, 2]);
+    assert_eq!(
+        database
+            .scalar(r#"SELECT count(*) FROM "lime_rs_claims""#)
+            .await,
+        0
+    );
+    assert_eq!(claim_all(&store, &alice).await, [0, 1, 2]);
 }
 
 /// A TCP relay to PostgreSQL that can be cut (every link dropped, new ones

@@ -18,13 +18,18 @@
 //!   connection closed rather than reused ([`StoreError::Timeout`], nothing
 //!   changed). `COMMIT` is never abandoned that way: it has a bound of its own and
 //!   its failure is a [`StoreError::Backend`] (outcome unknown), so that a
-//!   `Timeout` always means nothing changed. Each connection's lock waits
+//!   `Timeout` always means nothing changed. A claim whose COMMIT goes unanswered
+//!   is settled later, when the database answers again (`store::in_doubt`): its
+//!   keys are put back if it had committed. Each connection's lock waits
 //!   (`innodb_lock_wait_timeout`, `lock_wait_timeout`) are set to the time-out
 //!   too, so that an abandoned statement does not hold locks for long.
 
 mod queries;
 pub mod schema;
 
+use crate::store::in_doubt::{
+    CallError, ClaimToken, ClaimedKey, InDoubtClaims, Reconcile, Settled,
+};
 use crate::store::location::redact;
 use crate::store::{
     KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError, StoreError,
@@ -38,7 +43,7 @@ use sqlx::{Connection, Executor, MySql, MySqlPool};
 use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::time::{Instant, timeout, timeout_at};
 
@@ -62,6 +67,13 @@ pub struct MysqlStore {
     /// The pool size: how many stale connections a method may meet in a row
     /// after the database restarted.
     pool_size: u32,
+    /// Whether the database has the table of claim tokens (not before `db
+    /// migrate`); without it, a claim whose COMMIT goes unanswered may lose keys.
+    claims_table: bool,
+    /// Claims whose COMMIT went unanswered, until settled.
+    in_doubt: InDoubtClaims,
+    /// This store, for the task that settles claims in doubt.
+    this: Weak<MysqlStore>,
 }
 
 /// Connects to the database at `url`, checks its schema, and serves `curve` from it.
@@ -82,26 +94,38 @@ pub async fn open(
         })?
         .map_err(|error| fail(connect_failure(&error)))?;
     let ours = schema::check(&mut conn).await.map_err(&fail)?;
+    let claims_table = schema::has_claims_table(&mut conn).await.map_err(&fail)?;
     match ours {
         None => tracing::warn!(
             location = %redact(url),
             "database has the original PHP server's schema without this server's additions \
-             (served anyway); run `lime-server db migrate` to add them"
+             (served anyway); run `lime-server db migrate` to add them (among them the table \
+             lime_rs_claims, without which a one-time pre-key claimed when the connection \
+             breaks during COMMIT may be lost)"
         ),
         Some(version) if version < crate::store::SCHEMA_VERSION => tracing::warn!(
             location = %redact(url),
             version,
             "database schema is older than this server's; run `lime-server db migrate`"
         ),
+        Some(_) if !claims_table => tracing::warn!(
+            location = %redact(url),
+            "database lacks the table lime_rs_claims (served anyway): run `lime-server db \
+             migrate`; without it a one-time pre-key claimed when the connection breaks \
+             during COMMIT may be lost"
+        ),
         Some(_) => {}
     }
     drop(conn);
-    Ok(Arc::new(MysqlStore {
+    Ok(Arc::new_cyclic(|this| MysqlStore {
         curve,
         limits: options.limits,
         timeout: options.timeout,
         pool,
         pool_size: options.pool_size.max(1),
+        claims_table,
+        in_doubt: InDoubtClaims::new(curve.name()),
+        this: this.clone(),
     }))
 }
 
@@ -292,6 +316,19 @@ impl MysqlStore {
         T: Send,
         F: for<'c> Fn(&'c mut MySqlConnection, &'c D) -> Work<'c, T> + Sync,
     {
+        self.run_to_commit(mode, data, work)
+            .await
+            .map_err(CallError::into_store_error)
+    }
+
+    /// [`MysqlStore::run`], which also hands back the work's value when COMMIT
+    /// went unanswered.
+    async fn run_to_commit<D, T, F>(&self, mode: Mode, data: D, work: F) -> Result<T, CallError<T>>
+    where
+        D: Sync,
+        T: Send,
+        F: for<'c> Fn(&'c mut MySqlConnection, &'c D) -> Work<'c, T> + Sync,
+    {
         let deadline = Instant::now() + self.timeout;
         let mut deadlocks = 0;
         let mut stale = 0;
@@ -300,29 +337,27 @@ impl MysqlStore {
                 conn: None,
                 clean: false,
             };
-            let attempt =
-                match timeout_at(deadline, self.attempt(mode, &mut checkout, &data, &work)).await {
-                    // Abandoned: `checkout` is not clean and closes its connection.
-                    Err(_) => return Err(StoreError::Timeout(self.timeout)),
-                    Ok(Err(error)) => return Err(error),
-                    Ok(Ok(attempt)) => attempt,
-                };
+            // Whatever is abandoned at the deadline leaves `checkout` not clean:
+            // its connection is closed.
+            let attempt = self
+                .attempt(deadline, mode, &mut checkout, &data, &work)
+                .await?;
             match attempt {
-                Attempt::Done(result) => return result,
+                Attempt::Done(result) => return result.map_err(CallError::Failed),
                 Attempt::Again { fresh_connection } => {
                     if fresh_connection {
                         stale += 1;
                         if stale > self.pool_size {
-                            return Err(StoreError::Backend(
+                            return Err(CallError::Failed(StoreError::Backend(
                                 "every pooled connection is broken".into(),
-                            ));
+                            )));
                         }
                     } else {
                         deadlocks += 1;
                         if deadlocks >= DEADLOCK_ATTEMPTS {
-                            return Err(StoreError::Backend(format!(
+                            return Err(CallError::Failed(StoreError::Backend(format!(
                                 "deadlock, {DEADLOCK_ATTEMPTS} times in a row"
-                            )));
+                            ))));
                         }
                         // Let the winner finish before trying again.
                         tokio::time::sleep(Duration::from_millis(2 * u64::from(deadlocks))).await;
@@ -332,28 +367,35 @@ impl MysqlStore {
         }
     }
 
-    /// One try: acquire, begin, work, and commit or roll back. The `Err` case is
-    /// a failure to report as is; `checkout` is marked clean when its connection
-    /// may go back to the pool.
+    /// One try: acquire, begin, work (all before `deadline`), and commit or roll
+    /// back. The `Err` case is a failure to report as is; `checkout` is marked
+    /// clean when its connection may go back to the pool.
     async fn attempt<D, T, F>(
         &self,
+        deadline: Instant,
         mode: Mode,
         checkout: &mut Checkout,
         data: &D,
         work: &F,
-    ) -> Result<Attempt<T>, StoreError>
+    ) -> Result<Attempt<T>, CallError<T>>
     where
         D: Sync,
         T: Send,
         F: for<'c> Fn(&'c mut MySqlConnection, &'c D) -> Work<'c, T> + Sync,
     {
-        let pooled = self.pool.acquire().await.map_err(|error| match error {
-            sqlx::Error::PoolTimedOut => StoreError::Timeout(self.timeout),
-            error => StoreError::Backend(format!("cannot connect: {error}")),
-        })?;
+        let timed_out = || CallError::Failed(StoreError::Timeout(self.timeout));
+        let pooled = timeout_at(deadline, self.pool.acquire())
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|error| match error {
+                sqlx::Error::PoolTimedOut => StoreError::Timeout(self.timeout),
+                error => StoreError::Backend(format!("cannot connect: {error}")),
+            })?;
         let conn: &mut MySqlConnection = checkout.conn.insert(pooled);
         if mode == Mode::Statement {
-            let result = work(conn, data).await;
+            let result = timeout_at(deadline, work(conn, data))
+                .await
+                .map_err(|_| timed_out())?;
             return Ok(match result {
                 Ok(value) => {
                     checkout.clean = true;
@@ -369,36 +411,54 @@ impl MysqlStore {
                 }
             });
         }
-        let mut transaction = match conn.begin().await {
-            Ok(transaction) => transaction,
+        let mut transaction = match timeout_at(deadline, conn.begin()).await {
+            Err(_) => return Err(timed_out()),
+            Ok(Ok(transaction)) => transaction,
             // Nothing was done yet: safe to start again elsewhere.
-            Err(error) if is_connection_error(&error) => {
+            Ok(Err(error)) if is_connection_error(&error) => {
                 return Ok(Attempt::Again {
                     fresh_connection: true,
                 });
             }
-            Err(error) => return Err(StoreError::Backend(error.to_string())),
+            Ok(Err(error)) => return Err(StoreError::Backend(error.to_string()).into()),
         };
-        match work(&mut transaction, data).await {
+        // Abandoned at the deadline: COMMIT was never sent, and closing the
+        // connection rolls the transaction back.
+        let worked = timeout_at(deadline, work(&mut transaction, data))
+            .await
+            .map_err(|_| timed_out())?;
+        match worked {
             Ok(value) => {
-                // Past this point the transaction is not abandoned: an unanswered
-                // COMMIT may have happened, so it is not reported as a time-out.
+                // Past this point the transaction is not abandoned at the
+                // deadline: an unanswered COMMIT may have happened, so it is not
+                // reported as a time-out.
                 match timeout(self.timeout, transaction.commit()).await {
                     Ok(Ok(())) => {
                         checkout.clean = true;
                         Ok(Attempt::Done(Ok(value)))
                     }
-                    Ok(Err(error)) => Err(StoreError::Backend(format!("COMMIT failed: {error}"))),
-                    Err(_) => Err(StoreError::Backend(format!(
-                        "COMMIT not answered within {:?}; its outcome is unknown",
-                        self.timeout
-                    ))),
+                    Ok(Err(error)) => Err(CallError::CommitUnanswered {
+                        value,
+                        error: format!("COMMIT failed, its outcome is unknown: {error}"),
+                    }),
+                    Err(_) => Err(CallError::CommitUnanswered {
+                        value,
+                        error: format!(
+                            "COMMIT not answered within {:?}; its outcome is unknown",
+                            self.timeout
+                        ),
+                    }),
                 }
             }
             Err(fault) => {
                 let deadlock =
                     matches!(&fault, Fault::Sql(error) if mysql_error_number(error) == Some(1213));
-                let rolled_back = transaction.rollback().await.is_ok();
+                // Past the deadline the connection is closed instead, which rolls
+                // back as well.
+                let rolled_back = matches!(
+                    timeout_at(deadline, transaction.rollback()).await,
+                    Ok(Ok(()))
+                );
                 checkout.clean = rolled_back;
                 if deadlock {
                     Ok(Attempt::Again {
@@ -409,6 +469,31 @@ impl MysqlStore {
                 }
             }
         }
+    }
+
+    /// Purges old claim tokens in a task of its own, at most every few minutes.
+    fn purge_claim_tokens_when_due(&self) {
+        if !self.claims_table || !self.in_doubt.purge_due() {
+            return;
+        }
+        let pool = self.pool.clone();
+        let curve = self.curve.name();
+        tokio::spawn(async move {
+            let purged = async {
+                let mut conn = pool.acquire().await?;
+                queries::purge_claim_tokens(&mut conn)
+                    .await
+                    .map_err(|fault| match fault {
+                        Fault::Sql(error) => error,
+                        Fault::Store(error) => sqlx::Error::Protocol(error.to_string()),
+                    })
+            };
+            match timeout(Duration::from_secs(60), purged).await {
+                Ok(Ok(purged)) => tracing::debug!(curve, purged, "old claim tokens purged"),
+                Ok(Err(error)) => tracing::debug!(curve, %error, "claim tokens not purged"),
+                Err(_) => tracing::debug!(curve, "claim tokens not purged within 60 s"),
+            }
+        });
     }
 
     fn store_error(&self, fault: Fault) -> StoreError {
@@ -489,10 +574,29 @@ impl KeyStore for MysqlStore {
         devices: Vec<DeviceId>,
     ) -> Result<Vec<PeerBundle>, StoreError> {
         let curve = self.curve;
-        self.run(Mode::Transaction, devices, move |conn, devices| {
-            Box::pin(queries::claim_key_bundles(conn, curve, devices))
-        })
-        .await
+        let claims_table = self.claims_table;
+        self.purge_claim_tokens_when_due();
+        let claimed = self
+            .run_to_commit(Mode::Transaction, devices, move |conn, devices| {
+                Box::pin(queries::claim_key_bundles(
+                    conn,
+                    curve,
+                    claims_table,
+                    devices,
+                ))
+            })
+            .await;
+        match claimed {
+            Ok((bundles, _)) => Ok(bundles),
+            Err(CallError::CommitUnanswered {
+                value: (_, claim),
+                error,
+            }) => {
+                self.in_doubt.record(self.this.clone(), claim, &error);
+                Err(StoreError::Backend(error))
+            }
+            Err(CallError::Failed(error)) => Err(error),
+        }
     }
 
     async fn one_time_pre_key_ids(&self, device: DeviceId) -> Result<Vec<u32>, StoreError> {
@@ -508,6 +612,20 @@ impl KeyStore for MysqlStore {
                 sqlx::query("SELECT 1").execute(conn).await?;
                 Ok(())
             })
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Reconcile for MysqlStore {
+    fn in_doubt(&self) -> &InDoubtClaims {
+        &self.in_doubt
+    }
+
+    async fn settle(&self, token: ClaimToken, keys: &[ClaimedKey]) -> Result<Settled, StoreError> {
+        self.run(Mode::Transaction, (token, keys), |conn, (token, keys)| {
+            Box::pin(queries::settle_claim(conn, token, keys))
         })
         .await
     }

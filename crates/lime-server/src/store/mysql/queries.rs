@@ -12,6 +12,7 @@
 //! serve every request size.
 
 use super::Fault;
+use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled};
 use crate::store::rules::{self, StoredDevice};
 use crate::store::{Registered, StoreError, StoreLimits};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
@@ -221,11 +222,14 @@ async fn insert_one_time_pre_keys(
     Ok(())
 }
 
+/// The bundles, and what the transaction took: with `claims_table`, a fresh token
+/// is inserted beside the claim (see `store::in_doubt`).
 pub(super) async fn claim_key_bundles(
     conn: &mut MySqlConnection,
     curve: Curve,
+    claims_table: bool,
     devices: &[DeviceId],
-) -> Result<Vec<PeerBundle>, Fault> {
+) -> Result<(Vec<PeerBundle>, Claim), Fault> {
     let may_claim = rules::may_claim(devices);
     let stored = find_devices(conn, devices).await?;
     let mut claimed = Vec::new();
@@ -247,8 +251,25 @@ pub(super) async fn claim_key_bundles(
             bundle,
         });
     }
-    delete_one_time_pre_keys(conn, &claimed).await?;
-    Ok(bundles)
+    let ids: Vec<i64> = claimed.iter().map(|key| key.id).collect();
+    delete_one_time_pre_keys(conn, &ids).await?;
+    let token = if claims_table && !claimed.is_empty() {
+        let token = ClaimToken::new();
+        sqlx::query("INSERT INTO lime_rs_claims (token) VALUES (?)")
+            .bind(token.as_bytes())
+            .execute(&mut *conn)
+            .await?;
+        Some(token)
+    } else {
+        None
+    };
+    Ok((
+        bundles,
+        Claim {
+            token,
+            keys: claimed,
+        },
+    ))
 }
 
 /// Takes one of the device's keys: `SKIP LOCKED` passes over keys that another
@@ -258,7 +279,7 @@ pub(super) async fn claim_key_bundles(
 async fn claim_one_time_pre_key(
     conn: &mut MySqlConnection,
     uid: i64,
-    claimed: &mut Vec<i32>,
+    claimed: &mut Vec<ClaimedKey>,
 ) -> Result<Option<(Vec<u8>, u32)>, Fault> {
     let row = sqlx::query(
         "SELECT id, OPk, OPk_id FROM OPk WHERE Uid = ? ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
@@ -269,11 +290,90 @@ async fn claim_one_time_pre_key(
     let Some(row) = row else {
         return Ok(None);
     };
-    claimed.push(row.try_get(0)?);
-    Ok(Some((row.try_get(1)?, row.try_get(2)?)))
+    let id: i32 = row.try_get(0)?;
+    let public: Vec<u8> = row.try_get(1)?;
+    let key_id: u32 = row.try_get(2)?;
+    claimed.push(ClaimedKey {
+        id: i64::from(id),
+        uid,
+        public: public.clone(),
+        key_id,
+    });
+    Ok(Some((public, key_id)))
 }
 
-async fn delete_one_time_pre_keys(conn: &mut MySqlConnection, ids: &[i32]) -> Result<(), Fault> {
+/// Settles a claim whose COMMIT went unanswered (see `store::in_doubt`). Inserting
+/// its token waits for the claim's transaction if it is still open; a duplicate
+/// means it committed.
+pub(super) async fn settle_claim(
+    conn: &mut MySqlConnection,
+    token: &ClaimToken,
+    keys: &[ClaimedKey],
+) -> Result<Settled, Fault> {
+    let fenced = sqlx::query("INSERT IGNORE INTO lime_rs_claims (token) VALUES (?)")
+        .bind(token.as_bytes())
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    let settled = if fenced == 1 {
+        Settled::RolledBack
+    } else {
+        let mut restored = 0;
+        for key in keys {
+            // Only while the device exists; IGNORE: its id taken again since.
+            restored += sqlx::query(
+                "INSERT IGNORE INTO OPk (id, Uid, OPk, OPk_id) \
+                 SELECT ?, Uid, ?, ? FROM Users WHERE Uid = ?",
+            )
+            .bind(key.id)
+            .bind(&key.public)
+            .bind(key.key_id)
+            .bind(key.uid)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        }
+        Settled::Restored(restored)
+    };
+    sqlx::query("DELETE FROM lime_rs_claims WHERE token = ?")
+        .bind(token.as_bytes())
+        .execute(&mut *conn)
+        .await?;
+    Ok(settled)
+}
+
+/// Deletes tokens older than `TOKEN_LIFETIME`, by primary key in batches of
+/// single statements, so that no gap of the table is locked against claims.
+pub(super) async fn purge_claim_tokens(conn: &mut MySqlConnection) -> Result<u64, Fault> {
+    const BATCH: usize = 256;
+    let mut purged = 0;
+    loop {
+        let tokens: Vec<Vec<u8>> = sqlx::query_scalar(
+            "SELECT token FROM lime_rs_claims WHERE claimed_at < NOW() - INTERVAL ? SECOND LIMIT ?",
+        )
+        .bind(crate::store::in_doubt::TOKEN_LIFETIME.as_secs())
+        .bind(BATCH as u64)
+        .fetch_all(&mut *conn)
+        .await?;
+        if tokens.is_empty() {
+            return Ok(purged);
+        }
+        let sql = format!(
+            "DELETE FROM lime_rs_claims WHERE token IN ({})",
+            placeholders(tokens.len())
+        );
+        let mut query = sqlx::query(&sql).persistent(false);
+        for token in &tokens {
+            query = query.bind(token);
+        }
+        purged += conn.execute(query).await?.rows_affected();
+        if tokens.len() < BATCH {
+            return Ok(purged);
+        }
+    }
+}
+
+async fn delete_one_time_pre_keys(conn: &mut MySqlConnection, ids: &[i64]) -> Result<(), Fault> {
     for chunk in ids.chunks(MAX_CHUNK) {
         let size = chunk.len().next_power_of_two();
         let sql = format!("DELETE FROM OPk WHERE id IN ({})", placeholders(size));

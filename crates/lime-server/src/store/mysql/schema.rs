@@ -50,8 +50,19 @@ FOREIGN KEY(`Uid`) REFERENCES Users(`Uid`) ON UPDATE CASCADE ON DELETE CASCADE
 /// guards the data against any other writer.
 const OPK_UNIQUE_INDEX: &str = "OPk_Uid_OPk_id";
 
+/// Our table of claim tokens (see `store::in_doubt`): a claim transaction inserts
+/// one, so that after an unanswered COMMIT the store can tell whether the claim
+/// happened. The PHP server never reads it.
+const CLAIMS_TABLE_DDL: &str = "CREATE TABLE IF NOT EXISTS `lime_rs_claims` (
+`token` BINARY(16) NOT NULL,
+`claimed_at` TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+PRIMARY KEY(`token`),
+INDEX(`claimed_at`)
+) ENGINE=InnoDB";
+
 /// Step names, as `db migrate` reports them.
 const OPK_UNIQUE_STEP: &str = "unique index OPk(Uid, OPk_id)";
+const CLAIMS_TABLE_STEP: &str = "table lime_rs_claims";
 
 // No unique index on Users(UserId): a TEXT column can only have a prefix index
 // in MySQL, and devices of one long user name share their first 100 characters;
@@ -69,6 +80,7 @@ pub(super) async fn init(conn: &mut MySqlConnection) -> Result<SchemaState, Stri
         execute(conn, ddl).await?;
     }
     add_opk_unique_index(conn).await?;
+    execute(conn, CLAIMS_TABLE_DDL).await?;
     execute(conn, config).await?;
     sqlx::query("INSERT INTO `Config` (`Name`, `Value`) VALUES ('version', ?), (?, ?)")
         .bind(LAYOUT_VERSION)
@@ -91,6 +103,12 @@ pub(super) async fn migrate(conn: &mut MySqlConnection) -> Result<Migration, Str
         refuse_duplicate_one_time_pre_keys(conn).await?;
         add_opk_unique_index(conn).await?;
         applied.push(OPK_UNIQUE_STEP.to_owned());
+    }
+    // Checked by its presence, not by the version: databases at version 1 made
+    // before the table existed lack it.
+    if !has_claims_table(conn).await? {
+        execute(conn, CLAIMS_TABLE_DDL).await?;
+        applied.push(CLAIMS_TABLE_STEP.to_owned());
     }
     match ours {
         None => {
@@ -244,6 +262,11 @@ async fn add_opk_unique_index(conn: &mut MySqlConnection) -> Result<(), String> 
         &format!("CREATE UNIQUE INDEX `{OPK_UNIQUE_INDEX}` ON `OPk` (`Uid`, `OPk_id`)"),
     )
     .await
+}
+
+/// Whether the table of claim tokens is there (not before `db migrate`).
+pub(super) async fn has_claims_table(conn: &mut MySqlConnection) -> Result<bool, String> {
+    has_table(conn, crate::store::in_doubt::CLAIMS_TABLE).await
 }
 
 async fn has_table(conn: &mut MySqlConnection, table: &str) -> Result<bool, String> {

@@ -6,13 +6,17 @@
 //! time-outs, rollback, retries), the SQL of each operation is in `queries.rs`,
 //! and what rows mean is decided by `rules`, as for every backend. A one-time
 //! pre-key is claimed by one `DELETE ... (SELECT ... FOR UPDATE SKIP LOCKED)
-//! RETURNING` statement, so two instances never hand out the same key. The
+//! RETURNING` statement, so two instances never hand out the same key; a claim
+//! whose COMMIT goes unanswered is settled later (`store::in_doubt`). The
 //! tables and their versions are in `schema.rs`.
 
 mod queries;
 mod schema;
 mod transaction;
 
+use crate::store::in_doubt::{
+    CallError, ClaimToken, ClaimedKey, InDoubtClaims, Reconcile, Settled,
+};
 use crate::store::location::redact;
 use crate::store::{
     KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError, StoreError,
@@ -23,7 +27,7 @@ use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, Si
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use transaction::Transactions;
 
@@ -36,6 +40,13 @@ pub struct PostgresStore {
     limits: StoreLimits,
     /// The pool, and the time-out every call answers within.
     transactions: Transactions,
+    /// Whether the database has the table of claim tokens (a database at
+    /// version 1 made before it existed lacks it until `db migrate`).
+    claims_table: bool,
+    /// Claims whose COMMIT went unanswered, until settled.
+    in_doubt: InDoubtClaims,
+    /// This store, for the task that settles claims in doubt.
+    this: Weak<PostgresStore>,
 }
 
 /// Connects to the database at `url`, checks its schema, and serves `curve` from it.
@@ -49,8 +60,22 @@ pub async fn open(
     // schema is reported now, with its real cause, not as a pool time-out later.
     let mut conn = connect(url, &connect_options, options.connect_timeout).await?;
     let checked = schema::check(&mut conn).await;
+    let claims_table = match checked {
+        Ok(()) => schema::has_claims_table(&mut conn)
+            .await
+            .map_err(Into::into),
+        Err(error) => Err(error),
+    };
     let _ = conn.close().await;
-    checked.map_err(|error| setup_error(url, error.to_string()))?;
+    let claims_table = claims_table.map_err(|error| setup_error(url, error.to_string()))?;
+    if !claims_table {
+        tracing::warn!(
+            location = %redact(url),
+            "database lacks the table \"lime_rs_claims\" (served anyway): run `lime-server db \
+             migrate`; without it a one-time pre-key claimed when the connection breaks \
+             during COMMIT may be lost"
+        );
+    }
 
     let pool = PgPoolOptions::new()
         .max_connections(options.pool_size.max(1))
@@ -60,10 +85,13 @@ pub async fn open(
         // run again on another connection (see `transaction.rs`).
         .test_before_acquire(false)
         .connect_lazy_with(connect_options);
-    Ok(Arc::new(PostgresStore {
+    Ok(Arc::new_cyclic(|this| PostgresStore {
         curve,
         limits: options.limits,
         transactions: Transactions::new(pool, options.pool_size.max(1), options.timeout),
+        claims_table,
+        in_doubt: InDoubtClaims::new(curve.name()),
+        this: this.clone(),
     }))
 }
 
@@ -123,6 +151,43 @@ fn setup_error(url: &str, message: String) -> SetupError {
     }
 }
 
+impl PostgresStore {
+    /// Purges old claim tokens in a task of its own, at most every few minutes.
+    fn purge_claim_tokens_when_due(&self) {
+        if !self.claims_table || !self.in_doubt.purge_due() {
+            return;
+        }
+        let pool = self.transactions.pool().clone();
+        let curve = self.curve.name();
+        tokio::spawn(async move {
+            let purged = async {
+                let mut conn = pool.acquire().await?;
+                queries::purge_claim_tokens(&mut conn).await
+            };
+            match tokio::time::timeout(Duration::from_secs(60), purged).await {
+                Ok(Ok(purged)) => tracing::debug!(curve, purged, "old claim tokens purged"),
+                Ok(Err(error)) => tracing::debug!(curve, %error, "claim tokens not purged"),
+                Err(_) => tracing::debug!(curve, "claim tokens not purged within 60 s"),
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl Reconcile for PostgresStore {
+    fn in_doubt(&self) -> &InDoubtClaims {
+        &self.in_doubt
+    }
+
+    async fn settle(&self, token: ClaimToken, keys: &[ClaimedKey]) -> Result<Settled, StoreError> {
+        self.transactions
+            .run(&(token, keys), |conn, (token, keys)| {
+                Box::pin(queries::settle_claim(conn, token, keys))
+            })
+            .await
+    }
+}
+
 #[async_trait]
 impl KeyStore for PostgresStore {
     async fn register_device(
@@ -179,11 +244,30 @@ impl KeyStore for PostgresStore {
         devices: Vec<DeviceId>,
     ) -> Result<Vec<PeerBundle>, StoreError> {
         let curve = self.curve;
-        self.transactions
-            .run(&devices, move |conn, devices| {
-                Box::pin(queries::claim_key_bundles(conn, curve, devices))
+        let claims_table = self.claims_table;
+        self.purge_claim_tokens_when_due();
+        let claimed = self
+            .transactions
+            .run_to_commit(&devices, move |conn, devices| {
+                Box::pin(queries::claim_key_bundles(
+                    conn,
+                    curve,
+                    claims_table,
+                    devices,
+                ))
             })
-            .await
+            .await;
+        match claimed {
+            Ok((bundles, _)) => Ok(bundles),
+            Err(CallError::CommitUnanswered {
+                value: (_, claim),
+                error,
+            }) => {
+                self.in_doubt.record(self.this.clone(), claim, &error);
+                Err(StoreError::Backend(error))
+            }
+            Err(CallError::Failed(error)) => Err(error),
+        }
     }
 
     async fn one_time_pre_key_ids(&self, device: DeviceId) -> Result<Vec<u32>, StoreError> {

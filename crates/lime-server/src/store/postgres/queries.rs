@@ -8,6 +8,7 @@
 //! never answer for another device.
 
 use super::transaction::Failure;
+use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled, TOKEN_LIFETIME};
 use crate::store::rules::{self, StoredDevice};
 use crate::store::{Registered, StoreError, StoreLimits};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
@@ -56,7 +57,28 @@ const STORED_ONE_TIME_PRE_KEYS: &str =
 /// concurrent claims for one device take different keys instead of queueing.
 const CLAIM_ONE_TIME_PRE_KEY: &str = r#"DELETE FROM "OPk" WHERE "id" = (
         SELECT "id" FROM "OPk" WHERE "Uid" = $1 LIMIT 1 FOR UPDATE SKIP LOCKED)
-    RETURNING "OPk", "OPk_id""#;
+    RETURNING "id", "Uid", "OPk", "OPk_id""#;
+
+/// Beside a claim that took keys, in its transaction (see `store::in_doubt`).
+const INSERT_CLAIM_TOKEN: &str = r#"INSERT INTO "lime_rs_claims" ("token") VALUES ($1)"#;
+
+/// Settling a claim in doubt starts with inserting its token: this waits for the
+/// claim's transaction if it is still open, and a conflict means it committed.
+const FENCE_CLAIM_TOKEN: &str =
+    r#"INSERT INTO "lime_rs_claims" ("token") VALUES ($1) ON CONFLICT DO NOTHING"#;
+
+const DELETE_CLAIM_TOKEN: &str = r#"DELETE FROM "lime_rs_claims" WHERE "token" = $1"#;
+
+/// Puts a claimed key back as it was, unless its device is gone or uses its
+/// id again.
+const RESTORE_ONE_TIME_PRE_KEY: &str = r#"INSERT INTO "OPk" ("id", "Uid", "OPk", "OPk_id")
+    SELECT $1, "Uid", $2, $3 FROM "Users" WHERE "Uid" = $4
+    ON CONFLICT DO NOTHING"#;
+
+/// One batch of old tokens.
+const PURGE_CLAIM_TOKENS: &str = r#"DELETE FROM "lime_rs_claims" WHERE "token" IN (
+        SELECT "token" FROM "lime_rs_claims"
+        WHERE "claimed_at" < now() - make_interval(secs => $1) LIMIT $2)"#;
 
 /// The device's key ids, oldest first; one row with a NULL id for a device
 /// without keys, no row for an unknown device.
@@ -241,18 +263,22 @@ async fn insert_one_time_pre_keys(
     Ok(rules::one_time_pre_key_limit(held, &limits)?)
 }
 
+/// The bundles, and what the transaction took: with `claims_table`, a fresh token
+/// is inserted beside the claim (see `store::in_doubt`).
 pub(super) async fn claim_key_bundles(
     conn: &mut PgConnection,
     curve: Curve,
+    claims_table: bool,
     devices: &[DeviceId],
-) -> Result<Vec<PeerBundle>, Failure> {
+) -> Result<(Vec<PeerBundle>, Claim), Failure> {
     let may_claim = rules::may_claim(devices);
+    let mut claimed = Vec::new();
     let mut bundles = Vec::with_capacity(devices.len());
     for (device_id, may_claim) in devices.iter().zip(may_claim) {
         let bundle = match find_device(conn, device_id).await? {
             Some(device) if device.signed_pre_key.is_some() => {
                 let one_time_pre_key = if may_claim {
-                    claim_one_time_pre_key(conn, device.uid).await?
+                    claim_one_time_pre_key(conn, device.uid, &mut claimed).await?
                 } else {
                     None
                 };
@@ -265,12 +291,29 @@ pub(super) async fn claim_key_bundles(
             bundle,
         });
     }
-    Ok(bundles)
+    let token = if claims_table && !claimed.is_empty() {
+        let token = ClaimToken::new();
+        sqlx::query(INSERT_CLAIM_TOKEN)
+            .bind(token.as_bytes())
+            .execute(&mut *conn)
+            .await?;
+        Some(token)
+    } else {
+        None
+    };
+    Ok((
+        bundles,
+        Claim {
+            token,
+            keys: claimed,
+        },
+    ))
 }
 
 async fn claim_one_time_pre_key(
     conn: &mut PgConnection,
     uid: i64,
+    claimed: &mut Vec<ClaimedKey>,
 ) -> Result<Option<(Vec<u8>, u32)>, Failure> {
     let Some(row) = sqlx::query(CLAIM_ONE_TIME_PRE_KEY)
         .bind(uid)
@@ -280,7 +323,66 @@ async fn claim_one_time_pre_key(
         return Ok(None);
     };
     let id = key_id(row.try_get("OPk_id")?, "OPk_id")?;
-    Ok(Some((row.try_get("OPk")?, id)))
+    let public: Vec<u8> = row.try_get("OPk")?;
+    claimed.push(ClaimedKey {
+        id: row.try_get("id")?,
+        uid: row.try_get("Uid")?,
+        public: public.clone(),
+        key_id: id,
+    });
+    Ok(Some((public, id)))
+}
+
+/// Settles a claim whose COMMIT went unanswered (see `store::in_doubt`).
+pub(super) async fn settle_claim(
+    conn: &mut PgConnection,
+    token: &ClaimToken,
+    keys: &[ClaimedKey],
+) -> Result<Settled, Failure> {
+    let fenced = sqlx::query(FENCE_CLAIM_TOKEN)
+        .bind(token.as_bytes())
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    let settled = if fenced == 1 {
+        Settled::RolledBack
+    } else {
+        let mut restored = 0;
+        for key in keys {
+            restored += sqlx::query(RESTORE_ONE_TIME_PRE_KEY)
+                .bind(key.id)
+                .bind(&key.public)
+                .bind(i64::from(key.key_id))
+                .bind(key.uid)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+        }
+        Settled::Restored(restored)
+    };
+    sqlx::query(DELETE_CLAIM_TOKEN)
+        .bind(token.as_bytes())
+        .execute(&mut *conn)
+        .await?;
+    Ok(settled)
+}
+
+/// Deletes tokens older than `TOKEN_LIFETIME`, a batch per statement.
+pub(super) async fn purge_claim_tokens(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
+    const BATCH: i64 = 1000;
+    let mut purged = 0;
+    loop {
+        let deleted = sqlx::query(PURGE_CLAIM_TOKENS)
+            .bind(TOKEN_LIFETIME.as_secs_f64())
+            .bind(BATCH)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        purged += deleted;
+        if deleted < BATCH as u64 {
+            return Ok(purged);
+        }
+    }
 }
 
 pub(super) async fn one_time_pre_key_ids(

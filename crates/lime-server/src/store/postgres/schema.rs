@@ -53,29 +53,41 @@ CREATE TABLE "Config" (
 INSERT INTO "Config" ("Name", "Value") VALUES ('version', 1);
 "#;
 
-/// One addition to the schema: the version that brought it, its name (as `db
-/// migrate` reports it), the index it creates, and its idempotent SQL.
+/// One addition to the schema: its name (as `db migrate` reports it), the index
+/// or table it creates (by whose presence it is known to be applied, whatever
+/// the version says), and its idempotent SQL.
 struct Step {
-    version: i64,
     name: &'static str,
-    index: &'static str,
+    relation: &'static str,
     sql: &'static str,
 }
 
-const STEPS: [Step; 2] = [
+const STEPS: [Step; 3] = [
     Step {
-        version: 1,
         name: "unique index Users(md5(UserId))",
-        index: r#""Users_UserId_md5""#,
+        relation: r#""Users_UserId_md5""#,
         sql: r#"CREATE UNIQUE INDEX IF NOT EXISTS "Users_UserId_md5" ON "Users" (md5("UserId"))"#,
     },
     Step {
-        version: 1,
         name: "unique index OPk(Uid, OPk_id)",
-        index: r#""OPk_Uid_OPk_id""#,
+        relation: r#""OPk_Uid_OPk_id""#,
         sql: r#"CREATE UNIQUE INDEX IF NOT EXISTS "OPk_Uid_OPk_id" ON "OPk" ("Uid", "OPk_id")"#,
     },
+    // The claim tokens of `store::in_doubt`: added in version 1's lifetime, so
+    // databases at version 1 may lack it.
+    Step {
+        name: "table lime_rs_claims",
+        relation: CLAIMS_TABLE,
+        sql: r#"CREATE TABLE IF NOT EXISTS "lime_rs_claims" (
+    "token" BYTEA PRIMARY KEY CHECK (octet_length("token") = 16),
+    "claimed_at" TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS "lime_rs_claims_claimed_at" ON "lime_rs_claims" ("claimed_at")"#,
+    },
 ];
+
+/// Our table of claim tokens, quoted as `to_regclass` takes it.
+const CLAIMS_TABLE: &str = r#""lime_rs_claims""#;
 
 /// Creates the schema when there is no `Config` table; otherwise checks that the
 /// one there is current, and changes nothing.
@@ -88,7 +100,8 @@ pub(super) async fn init(conn: &mut PgConnection) -> Result<SchemaState, SchemaE
         return Ok(SchemaState::Present);
     }
     sqlx::Executor::execute(&mut *tx, CREATE_TABLES).await?;
-    apply_steps(&mut tx, 0).await?;
+    add_missing(&mut tx).await?;
+    record_version(&mut tx).await?;
     tx.commit().await?;
     Ok(SchemaState::Created)
 }
@@ -98,16 +111,20 @@ pub(super) async fn init(conn: &mut PgConnection) -> Result<SchemaState, SchemaE
 pub(super) async fn migrate(conn: &mut PgConnection) -> Result<Migration, SchemaError> {
     let mut tx = sqlx::Connection::begin(conn).await?;
     lock(&mut tx).await?;
-    let from = match versions(&mut tx).await? {
-        Versions::Current => {
-            tx.rollback().await?;
-            return Ok(Migration::default());
-        }
-        Versions::Older(version) => version,
+    let current = match versions(&mut tx).await? {
+        Versions::Current => true,
+        Versions::Older => false,
         Versions::Refused(error) => return Err(error),
     };
-    let applied = apply_steps(&mut tx, from).await?;
-    tx.commit().await?;
+    let mut applied = add_missing(&mut tx).await?;
+    if !current {
+        applied.push(record_version(&mut tx).await?);
+    }
+    if applied.is_empty() {
+        tx.rollback().await?;
+    } else {
+        tx.commit().await?;
+    }
     Ok(Migration { applied })
 }
 
@@ -115,25 +132,39 @@ pub(super) async fn migrate(conn: &mut PgConnection) -> Result<Migration, Schema
 pub(super) async fn check(conn: &mut PgConnection) -> Result<(), SchemaError> {
     match versions(conn).await? {
         Versions::Current => Ok(()),
-        Versions::Older(_) => Err(SchemaError::NeedsMigration),
+        Versions::Older => Err(SchemaError::NeedsMigration),
         Versions::Refused(error) => Err(error),
     }
 }
 
-/// Applies the steps of versions after `from`, and records [`SCHEMA_VERSION`].
-async fn apply_steps(conn: &mut PgConnection, from: i64) -> Result<Vec<String>, SchemaError> {
+/// Applies the steps whose index or table is missing; answers their names.
+async fn add_missing(conn: &mut PgConnection) -> Result<Vec<String>, SchemaError> {
     let mut applied = Vec::new();
-    for step in STEPS.iter().filter(|step| step.version > from) {
-        let present: bool = sqlx::query("SELECT to_regclass($1) IS NOT NULL")
-            .bind(step.index)
-            .fetch_one(&mut *conn)
-            .await?
-            .try_get(0)?;
-        if !present {
+    for step in &STEPS {
+        if !has_relation(conn, step.relation).await? {
             sqlx::Executor::execute(&mut *conn, step.sql).await?;
             applied.push(step.name.to_owned());
         }
     }
+    Ok(applied)
+}
+
+/// Whether the table of claim tokens is there (databases at version 1 made
+/// before it existed lack it until `db migrate`).
+pub(super) async fn has_claims_table(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    has_relation(conn, CLAIMS_TABLE).await
+}
+
+async fn has_relation(conn: &mut PgConnection, name: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query("SELECT to_regclass($1) IS NOT NULL")
+        .bind(name)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get(0)
+}
+
+/// Records [`SCHEMA_VERSION`] in `Config`; answers the step's name.
+async fn record_version(conn: &mut PgConnection) -> Result<String, SchemaError> {
     let updated = sqlx::query(r#"UPDATE "Config" SET "Value" = $2 WHERE "Name" = $1"#)
         .bind(SCHEMA_VERSION_NAME)
         .bind(SCHEMA_VERSION as i32)
@@ -147,10 +178,9 @@ async fn apply_steps(conn: &mut PgConnection, from: i64) -> Result<Vec<String>, 
             .execute(&mut *conn)
             .await?;
     }
-    applied.push(format!(
+    Ok(format!(
         "Config ('{SCHEMA_VERSION_NAME}', {SCHEMA_VERSION})"
-    ));
-    Ok(applied)
+    ))
 }
 
 async fn lock(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
@@ -172,8 +202,8 @@ async fn has_config(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
 enum Versions {
     /// The original layout at our schema version.
     Current,
-    /// The original layout at an older version of ours (0: none of ours yet).
-    Older(i64),
+    /// The original layout at an older version of ours, or none of ours yet.
+    Older,
     /// Not a database this server may serve or migrate.
     Refused(SchemaError),
 }
@@ -201,7 +231,7 @@ async fn versions(conn: &mut PgConnection) -> Result<Versions, SchemaError> {
         (Some(LAYOUT_VERSION), Some(version)) if version > SCHEMA_VERSION => {
             Versions::Refused(SchemaError::Newer(version))
         }
-        (Some(LAYOUT_VERSION), version) => Versions::Older(version.unwrap_or(0)),
+        (Some(LAYOUT_VERSION), _) => Versions::Older,
         (Some(layout), _) => Versions::Refused(SchemaError::Layout(layout)),
         (None, _) => Versions::Refused(SchemaError::NoVersion),
     })

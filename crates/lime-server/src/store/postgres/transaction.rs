@@ -11,7 +11,8 @@
 //! Once `COMMIT` is sent, its answer is waited for (at most one more `timeout`):
 //! it is "a transaction already under way" in the sense of [`KeyStore`]. A `COMMIT`
 //! whose answer never comes is reported as a database error whose outcome is
-//! unknown, never as a time-out.
+//! unknown, never as a time-out; [`Transactions::run_to_commit`] hands the work's
+//! value back with it, so that a claim can be settled later (`store::in_doubt`).
 //!
 //! A transaction that failed before `COMMIT` changed nothing, so it is run again on
 //! another connection when the failure is one a retry can cure (a connection found
@@ -20,6 +21,7 @@
 //! [`KeyStore`]: crate::store::KeyStore
 
 use crate::store::StoreError;
+use crate::store::in_doubt::CallError;
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres};
 use std::future::Future;
@@ -64,11 +66,13 @@ pub(super) struct Transactions {
 }
 
 /// How one attempt ended, when it did not succeed.
-enum Attempt {
+enum Attempt<T> {
     /// Nothing was changed and trying again may succeed.
     Retry(String),
     /// The call's answer.
     Final(StoreError),
+    /// COMMIT was sent and its answer never came.
+    CommitUnanswered { value: T, error: String },
 }
 
 impl Transactions {
@@ -78,6 +82,11 @@ impl Transactions {
             timeout,
             max_attempts: pool_size.saturating_add(2),
         }
+    }
+
+    /// The pool, for work outside a call (purging old claim tokens).
+    pub(super) fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     /// Runs `work` with `args` in one transaction, committed when it succeeds,
@@ -95,16 +104,35 @@ impl Transactions {
         T: Send + 'a,
         F: for<'c> Fn(&'c mut PgConnection, &'c A) -> Work<'c, T> + Send + Sync + 'a,
     {
+        let run = self.run_to_commit(args, work);
+        Box::pin(async move { run.await.map_err(CallError::into_store_error) })
+    }
+
+    /// [`Transactions::run`], which also hands back the work's value when COMMIT
+    /// went unanswered.
+    pub(super) fn run_to_commit<'a, A, T, F>(
+        &'a self,
+        args: &'a A,
+        work: F,
+    ) -> Pin<Box<dyn Future<Output = Result<T, CallError<T>>> + Send + 'a>>
+    where
+        A: Sync,
+        T: Send + 'a,
+        F: for<'c> Fn(&'c mut PgConnection, &'c A) -> Work<'c, T> + Send + Sync + 'a,
+    {
         Box::pin(async move {
             let deadline = Instant::now() + self.timeout;
             let mut attempt = 1;
             loop {
                 match self.attempt(deadline, args, &work).await {
                     Ok(value) => return Ok(value),
-                    Err(Attempt::Final(error)) => return Err(error),
+                    Err(Attempt::Final(error)) => return Err(CallError::Failed(error)),
+                    Err(Attempt::CommitUnanswered { value, error }) => {
+                        return Err(CallError::CommitUnanswered { value, error });
+                    }
                     Err(Attempt::Retry(error)) => {
                         if attempt >= self.max_attempts || Instant::now() >= deadline {
-                            return Err(StoreError::Backend(error));
+                            return Err(CallError::Failed(StoreError::Backend(error)));
                         }
                         tracing::debug!(%error, attempt, "PostgreSQL transaction failed, trying again");
                         attempt += 1;
@@ -114,7 +142,7 @@ impl Transactions {
         })
     }
 
-    async fn attempt<A, T, F>(&self, deadline: Instant, args: &A, work: &F) -> Result<T, Attempt>
+    async fn attempt<A, T, F>(&self, deadline: Instant, args: &A, work: &F) -> Result<T, Attempt<T>>
     where
         A: Sync,
         T: Send,
@@ -158,22 +186,28 @@ impl Transactions {
             }
             Ok(Err(error)) => {
                 conn.close_on_drop();
-                Err(Attempt::Final(StoreError::Backend(format!(
-                    "connection lost during COMMIT, the outcome is unknown: {error}"
-                ))))
+                Err(Attempt::CommitUnanswered {
+                    value,
+                    error: format!(
+                        "connection lost during COMMIT, the outcome is unknown: {error}"
+                    ),
+                })
             }
             Err(_) => {
                 conn.close_on_drop();
-                Err(Attempt::Final(StoreError::Backend(format!(
-                    "no answer to COMMIT within {:?}, the outcome is unknown",
-                    self.timeout
-                ))))
+                Err(Attempt::CommitUnanswered {
+                    value,
+                    error: format!(
+                        "no answer to COMMIT within {:?}, the outcome is unknown",
+                        self.timeout
+                    ),
+                })
             }
         }
     }
 
     /// A pooled connection, or the failure that ends the attempt.
-    async fn acquire(&self, deadline: Instant) -> Result<PoolConnection<Postgres>, Attempt> {
+    async fn acquire<T>(&self, deadline: Instant) -> Result<PoolConnection<Postgres>, Attempt<T>> {
         match timeout_at(deadline, self.pool.acquire()).await {
             Ok(Ok(conn)) => Ok(conn),
             Err(_) | Ok(Err(sqlx::Error::PoolTimedOut)) => {
@@ -185,7 +219,7 @@ impl Transactions {
 
     /// Ends a transaction whose work failed: rolled back, its connection returned
     /// to the pool when it is still sound, closed otherwise.
-    async fn abandon(&self, mut conn: PoolConnection<Postgres>, failure: Failure) -> Attempt {
+    async fn abandon<T>(&self, mut conn: PoolConnection<Postgres>, failure: Failure) -> Attempt<T> {
         let error = match failure {
             Failure::Store(error) => {
                 self.roll_back(&mut conn).await;
