@@ -122,19 +122,23 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), RequestError> {
     }
 }
 
+/// Pings every store at once, all within one readiness time-out, so that a probe
+/// is answered in that time however many curves are down.
 async fn readiness(state: &HttpState) -> Response<Full<Bytes>> {
-    let mut down = Vec::new();
+    let mut pings = tokio::task::JoinSet::new();
     for (curve, store) in state.service.stores().iter() {
-        let ping = tokio::time::timeout(state.readiness_timeout, store.ping()).await;
-        match ping {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => down.push(format!("{curve}: {error}")),
-            Err(_) => down.push(format!(
-                "{curve}: no answer within {:?}",
-                state.readiness_timeout
-            )),
-        }
+        let store = store.clone();
+        let limit = state.readiness_timeout;
+        pings.spawn(async move {
+            match tokio::time::timeout(limit, store.ping()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(error)) => Some(format!("{curve}: {error}")),
+                Err(_) => Some(format!("{curve}: no answer within {limit:?}")),
+            }
+        });
     }
+    let mut down: Vec<String> = pings.join_all().await.into_iter().flatten().collect();
+    down.sort();
     if down.is_empty() {
         plain(StatusCode::OK, "ready\n")
     } else {
