@@ -10,11 +10,10 @@ use lime_server::store::{
     self, KeyStore, Registered, SchemaState, ServerStoreOptions, SetupError, StoreError,
     StoreLimits,
 };
-mod commit_relay;
 mod common;
 
-use commit_relay::{CommitRelay, Trap};
 use common::backend::{self, Backend};
+use common::relay::{Relay, Trap};
 use sqlx::{Connection, Executor, MySqlConnection, Row};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -811,14 +810,15 @@ async fn migrate_adds_the_claims_table_to_a_database_made_before_it() {
 }
 
 /// A store reaching the database through `relay`, and a device holding keys 0..3.
-async fn store_through(db: &TestDb, relay: &CommitRelay) -> (Arc<dyn KeyStore>, DeviceId) {
+async fn store_through(db: &TestDb, relay: &Relay) -> (Arc<dyn KeyStore>, DeviceId) {
     store::mysql::init(&db.url).await.unwrap();
-    let url = db
-        .url
-        .replace("127.0.0.1:3306", &format!("127.0.0.1:{}", relay.port));
-    let store = store::mysql::open(CURVE, &url, &options(Duration::from_secs(2)))
-        .await
-        .unwrap();
+    let store = store::mysql::open(
+        CURVE,
+        &relay.route(&db.url),
+        &options(Duration::from_secs(2)),
+    )
+    .await
+    .unwrap();
     let alice = device("alice");
     store
         .register_device(alice.clone(), registration(1, 0..3))
@@ -854,7 +854,7 @@ async fn claim_all(store: &Arc<dyn KeyStore>, device: &DeviceId) -> Vec<u32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_whose_commit_answer_is_lost_puts_its_key_back() {
     let db = TestDb::new().await;
-    let relay = CommitRelay::start("127.0.0.1:3306").await;
+    let relay = Relay::start("127.0.0.1:3306").await;
     let (store, alice) = store_through(&db, &relay).await;
 
     relay.arm(Trap::AfterCommit);
@@ -891,7 +891,7 @@ async fn a_claim_whose_commit_answer_is_lost_puts_its_key_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_cut_before_its_commit_restores_nothing_and_duplicates_nothing() {
     let db = TestDb::new().await;
-    let relay = CommitRelay::start("127.0.0.1:3306").await;
+    let relay = Relay::start("127.0.0.1:3306").await;
     let (store, alice) = store_through(&db, &relay).await;
 
     relay.arm(Trap::BeforeCommit);

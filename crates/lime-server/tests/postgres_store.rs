@@ -8,11 +8,10 @@ use lime_server::store::{
     KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, StoreError, StoreLimits,
     postgres,
 };
-mod commit_relay;
 mod common;
 
-use commit_relay::{CommitRelay, Trap};
 use common::backend::{self, Backend};
+use common::relay::{Relay, Trap};
 use sqlx::{Connection, PgConnection, Row};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -720,10 +719,8 @@ async fn connections_ended_by_the_server_are_replaced_without_failing_a_call() {
 #[tokio::test]
 async fn the_store_serves_again_once_the_database_is_back() {
     let database = TestDatabase::initialised().await;
-    let proxy = proxy::Proxy::start("127.0.0.1:5432").await;
-    let url = database
-        .url
-        .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
+    let relay = Relay::start("127.0.0.1:5432").await;
+    let url = relay.route(&database.url);
     let timeout = Duration::from_secs(1);
     let store = postgres::open(CURVE, &url, &options(timeout))
         .await
@@ -738,7 +735,7 @@ async fn the_store_serves_again_once_the_database_is_back() {
         answer.unwrap();
     }
 
-    proxy.cut();
+    relay.cut().await;
     let started = std::time::Instant::now();
     match store.claim_key_bundles(vec![alice.clone()]).await {
         Err(StoreError::Backend(_) | StoreError::Timeout(_)) => {}
@@ -749,7 +746,7 @@ async fn the_store_serves_again_once_the_database_is_back() {
     let bound = 2 * timeout + Duration::from_secs(3);
     assert!(started.elapsed() < bound, "{:?}", started.elapsed());
 
-    proxy.restore();
+    relay.restore();
     for _ in 0..5 {
         store.claim_key_bundles(vec![alice.clone()]).await.unwrap();
     }
@@ -795,16 +792,14 @@ async fn migrate_adds_the_claims_table_to_a_database_made_before_it() {
 }
 
 /// A store reaching the database through `relay`, and a device holding keys 0..3.
-async fn store_through(
-    database: &TestDatabase,
-    relay: &CommitRelay,
-) -> (Arc<dyn KeyStore>, DeviceId) {
-    let url = database
-        .url
-        .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", relay.port));
-    let store = postgres::open(CURVE, &url, &options(Duration::from_secs(2)))
-        .await
-        .unwrap();
+async fn store_through(database: &TestDatabase, relay: &Relay) -> (Arc<dyn KeyStore>, DeviceId) {
+    let store = postgres::open(
+        CURVE,
+        &relay.route(&database.url),
+        &options(Duration::from_secs(2)),
+    )
+    .await
+    .unwrap();
     let alice = device("alice");
     store
         .register_device(alice.clone(), registration(1, one_time_pre_keys(0..3)))
@@ -849,7 +844,7 @@ async fn claim_all(store: &Arc<dyn KeyStore>, device: &DeviceId) -> Vec<u32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_whose_commit_answer_is_lost_puts_its_key_back() {
     let database = TestDatabase::initialised().await;
-    let relay = CommitRelay::start("127.0.0.1:5432").await;
+    let relay = Relay::start("127.0.0.1:5432").await;
     let (store, alice) = store_through(&database, &relay).await;
 
     relay.arm(Trap::AfterCommit);
@@ -896,7 +891,7 @@ async fn a_claim_whose_commit_answer_is_lost_puts_its_key_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_cut_before_its_commit_restores_nothing_and_duplicates_nothing() {
     let database = TestDatabase::initialised().await;
-    let relay = CommitRelay::start("127.0.0.1:5432").await;
+    let relay = Relay::start("127.0.0.1:5432").await;
     let (store, alice) = store_through(&database, &relay).await;
 
     relay.arm(Trap::BeforeCommit);
@@ -926,70 +921,4 @@ async fn a_claim_cut_before_its_commit_restores_nothing_and_duplicates_nothing()
         0
     );
     assert_eq!(claim_all(&store, &alice).await, [0, 1, 2]);
-}
-
-/// A TCP relay to PostgreSQL that can be cut (every link dropped, new ones
-/// refused) and restored: a database going away and coming back.
-mod proxy {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
-    use tokio::net::{TcpListener, TcpStream};
-    use tokio::task::JoinHandle;
-
-    pub struct Proxy {
-        pub port: u16,
-        up: Arc<AtomicBool>,
-        links: Arc<Mutex<Vec<JoinHandle<()>>>>,
-        accept: JoinHandle<()>,
-    }
-
-    impl Proxy {
-        pub async fn start(target: &'static str) -> Proxy {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let port = listener.local_addr().unwrap().port();
-            let up = Arc::new(AtomicBool::new(true));
-            let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-            let accept = tokio::spawn({
-                let (up, links) = (up.clone(), links.clone());
-                async move {
-                    while let Ok((mut client, _)) = listener.accept().await {
-                        if !up.load(Ordering::SeqCst) {
-                            continue; // dropped: closed at once
-                        }
-                        let link = tokio::spawn(async move {
-                            if let Ok(mut server) = TcpStream::connect(target).await {
-                                let _ =
-                                    tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                            }
-                        });
-                        links.lock().unwrap().push(link);
-                    }
-                }
-            });
-            Proxy {
-                port,
-                up,
-                links,
-                accept,
-            }
-        }
-
-        pub fn cut(&self) {
-            self.up.store(false, Ordering::SeqCst);
-            for link in self.links.lock().unwrap().drain(..) {
-                link.abort();
-            }
-        }
-
-        pub fn restore(&self) {
-            self.up.store(true, Ordering::SeqCst);
-        }
-    }
-
-    impl Drop for Proxy {
-        fn drop(&mut self) {
-            self.cut();
-            self.accept.abort();
-        }
-    }
 }

@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod liblime;
 pub mod process;
+pub mod relay;
 pub mod store_probe;
 
 use backend::{Backend, TestDatabases};
@@ -19,9 +20,11 @@ use lime_server::config::Settings;
 use lime_server::startup::Application;
 use rand::RngCore;
 use std::net::SocketAddr;
+use std::time::Duration;
 use store_probe::StoreProbe;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 /// A running server and a client that trusts it.
 ///
@@ -37,10 +40,12 @@ pub struct TestApp {
     pub settings: Settings,
     /// The store backend the test runs on (`LIME_TEST_BACKEND`).
     pub backend: Backend,
-    /// Direct access to the stores, bypassing the protocol.
+    /// Direct access to the stores, bypassing the protocol (and any relay).
     pub probe: StoreProbe,
     /// Dropping it stops the server.
-    _stop: oneshot::Sender<()>,
+    stop: oneshot::Sender<()>,
+    /// The server's task, which ends once it has stopped.
+    running: JoinHandle<anyhow::Result<()>>,
     /// The test's databases on a database server, dropped after the server stops.
     _databases: TestDatabases,
     /// Holds the data directory for the life of the test.
@@ -57,16 +62,31 @@ pub async fn spawn_app() -> TestApp {
 
 /// Like [`spawn_app`], with settings changed by `configure` first.
 pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_on(Backend::from_env(), configure).await
+}
+
+/// Starts a server with its stores on `backend`, settings changed by `configure`.
+///
+/// On a database server, a database is made for each of the five curves and
+/// `storage.url` names them before `configure` runs: a test may point it
+/// elsewhere (through a [`relay::Relay`], say), or enable fewer curves (the other
+/// databases are simply unused).
+pub async fn spawn_app_on(backend: Backend, configure: impl FnOnce(&mut Settings)) -> TestApp {
     init_test_log();
     let data_dir = tempfile::tempdir().expect("temporary data directory");
     let mut settings = Settings::default();
     settings.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
     settings.storage.data_dir = data_dir.path().to_owned();
-    configure(&mut settings);
-    let backend = Backend::from_env();
-    let (databases, url) = TestDatabases::create(backend, &settings.storage.enabled_curves()).await;
+    let (databases, url) = TestDatabases::create(backend, &Curve::ALL).await;
     if url.is_some() {
-        settings.storage.url = url;
+        settings.storage.url = url.clone();
+    }
+    configure(&mut settings);
+    // The probe reaches the test's databases directly, wherever `configure`
+    // pointed the server.
+    let mut direct = settings.clone();
+    if url.is_some() {
+        direct.storage.url = url;
     }
     let app = Application::build(&settings)
         .await
@@ -79,17 +99,18 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
         None => LimeClient::plain().expect("plain HTTP client"),
     };
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(app.run_until(async {
+    let running = tokio::spawn(app.run_until(async {
         let _ = stopped.await;
     }));
     TestApp {
         base_url: format!("{scheme}://{addr}/"),
         addr,
         client,
-        probe: StoreProbe::new(&settings),
+        probe: StoreProbe::new(&direct),
         settings,
         backend,
-        _stop: stop,
+        stop,
+        running,
         _databases: databases,
         data_dir,
     }
@@ -106,6 +127,14 @@ fn init_test_log() {
 }
 
 impl TestApp {
+    /// Stops the server and waits (bounded) for it to finish; its databases are
+    /// dropped after.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let finished = tokio::time::timeout(Duration::from_secs(15), self.running).await;
+        assert!(finished.is_ok(), "the server did not stop within 15 s");
+    }
+
     /// Sends one X3DH request as `sender` (header X-Lime-user-identity) and parses
     /// the answer. Panics when the answer is not an HTTP 200 X3DH message.
     pub async fn send(&self, sender: &str, message: &RequestMessage) -> ResponseMessage {
