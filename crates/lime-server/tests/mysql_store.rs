@@ -13,6 +13,7 @@ use lime_server::store::{
 mod common;
 
 use common::backend::{self, Backend};
+use common::php;
 use common::relay::{Relay, Trap};
 use sqlx::{Connection, Executor, MySqlConnection, Row};
 use std::collections::HashSet;
@@ -20,15 +21,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const CURVE: Curve = Curve::C25519;
-
-const FIXTURE: &str = include_str!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/fixtures/original-lime-server-schema.mysql.sql"
-));
-
-/// The original's bundle query, as the PHP server runs it.
-const ORIGINAL_BUNDLE_QUERY: &str = "SELECT u.Ik, u.SPk, u.SPk_id, u.SPk_sig, o.OPk, o.OPk_id \
-     FROM Users AS u LEFT JOIN OPk AS o ON u.Uid=o.Uid WHERE UserId = ? LIMIT 1";
 
 /// 1 when the database has our table of claim tokens, 0 otherwise.
 const CLAIMS_TABLE_PRESENT: &str = "SELECT COUNT(*) FROM information_schema.TABLES \
@@ -51,15 +43,7 @@ impl TestDb {
     async fn original() -> TestDb {
         let db = TestDb::new().await;
         let mut conn = db.connect().await;
-        for statement in fixture_statements() {
-            if let Err(error) = conn.execute(statement.as_str()).await {
-                // The event needs the EVENT privilege; everything else must pass.
-                assert!(
-                    statement.starts_with("CREATE EVENT"),
-                    "fixture statement failed: {statement}: {error}"
-                );
-            }
-        }
+        php::create_schema(&mut conn).await;
         db
     }
 
@@ -82,20 +66,6 @@ impl TestDb {
             .await
             .unwrap_or_else(|error| panic!("{sql}: {error}"))
     }
-}
-
-/// The fixture's statements, comments left out.
-fn fixture_statements() -> Vec<String> {
-    let text: String = FIXTURE
-        .lines()
-        .filter(|line| !line.trim_start().starts_with("--"))
-        .map(|line| format!("{line}\n"))
-        .collect();
-    text.split(";\n")
-        .map(str::trim)
-        .filter(|statement| !statement.is_empty())
-        .map(str::to_owned)
-        .collect()
 }
 
 fn options(timeout: Duration) -> ServerStoreOptions {
@@ -144,30 +114,17 @@ fn registration(seed: u64, opks: std::ops::Range<u32>) -> Registration {
 
 /// Inserts a device the way the PHP server does.
 async fn php_register(conn: &mut MySqlConnection, device: &DeviceId, opk_ids: &[u32]) {
-    let uid = sqlx::query("INSERT INTO Users(UserId,Ik) VALUES(?,?)")
-        .bind(device.as_str())
-        .bind(bytes(99, 32))
-        .execute(&mut *conn)
-        .await
-        .unwrap()
-        .last_insert_id();
-    sqlx::query("UPDATE Users SET SPk=?, SPk_sig=?, SPk_id=? WHERE Uid=?")
-        .bind(spk(5).public())
-        .bind(spk(5).signature())
-        .bind(5u32)
-        .bind(uid)
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    for &opk_id in opk_ids {
-        sqlx::query("INSERT INTO OPk(Uid, OPk, OPk_id) VALUES(?,?,?)")
-            .bind(uid)
-            .bind(opk(opk_id).public())
-            .bind(opk_id)
-            .execute(&mut *conn)
-            .await
-            .unwrap();
-    }
+    let spk = spk(5);
+    let opks: Vec<(OneTimePreKey, u32)> = opk_ids.iter().map(|&id| (opk(id), id)).collect();
+    let opks: Vec<(&[u8], u32)> = opks.iter().map(|(key, id)| (key.public(), *id)).collect();
+    php::register_device(
+        conn,
+        device.as_str(),
+        &bytes(99, 32),
+        (spk.public(), spk.signature(), 5),
+        &opks,
+    )
+    .await;
 }
 
 fn claimed_id(bundle: &PeerBundle) -> Option<u32> {
@@ -326,7 +283,7 @@ async fn an_original_database_is_served_as_it_is() {
         .await
         .unwrap();
     // The PHP server's own bundle query still reads what we wrote.
-    let row = sqlx::query(ORIGINAL_BUNDLE_QUERY)
+    let row = sqlx::query(php::BUNDLE_QUERY)
         .bind(alice.as_str())
         .fetch_one(&mut conn)
         .await
@@ -483,7 +440,7 @@ async fn migrate_only_adds_is_idempotent_and_keeps_the_original_queries_working(
     );
 
     // The PHP server's queries on the migrated database.
-    let row = sqlx::query(ORIGINAL_BUNDLE_QUERY)
+    let row = sqlx::query(php::BUNDLE_QUERY)
         .bind(dave.as_str())
         .fetch_one(&mut conn)
         .await

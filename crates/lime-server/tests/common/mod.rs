@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod liblime;
+pub mod php;
 pub mod process;
 pub mod relay;
 pub mod store_probe;
