@@ -13,6 +13,7 @@
 mod bundles;
 mod raw;
 mod seed;
+mod server_db;
 mod stats;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +36,12 @@ enum Command {
     Bundles(bundles::BundlesArgs),
     /// The claim transaction in a tight loop on the database file (server stopped).
     RawClaims(raw::RawArgs),
+    /// Fill a MariaDB/PostgreSQL store through the KeyStore API.
+    SeedDb(server_db::SeedDbArgs),
+    /// The store's claim transaction in a loop on a database server, C tasks.
+    RawDbClaims(server_db::RawDbArgs),
+    /// registerUser (K OPks each) load against a running server.
+    Register(server_db::RegisterArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +49,9 @@ fn main() -> anyhow::Result<()> {
         Command::Seed(args) => seed::run(&args),
         Command::Bundles(args) => bundles::run(&args),
         Command::RawClaims(args) => raw::run(&args),
+        Command::SeedDb(args) => server_db::seed(&args),
+        Command::RawDbClaims(args) => server_db::raw_claims(&args),
+        Command::Register(args) => server_db::register(&args),
     }
 }
 
