@@ -284,12 +284,11 @@ async fn claim_one_time_pre_key(
     uid: i64,
     claimed: &mut Vec<ClaimedKey>,
 ) -> Result<Option<(Vec<u8>, u32)>, Fault> {
-    let row = sqlx::query(
-        "SELECT id, OPk, OPk_id FROM OPk WHERE Uid = ? LIMIT 1 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(uid)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let row =
+        sqlx::query("SELECT id, OPk, OPk_id FROM OPk WHERE Uid = ? LIMIT 1 FOR UPDATE SKIP LOCKED")
+            .bind(uid)
+            .fetch_optional(&mut *conn)
+            .await?;
     let Some(row) = row else {
         return Ok(None);
     };
