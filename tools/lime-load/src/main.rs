@@ -6,8 +6,10 @@
 //!   concurrent keep-alive connections; requests/s, latency, server CPU per request.
 //! - `raw-claims`: the server's claim transaction in a tight loop directly on the
 //!   database file (server stopped): the reference ("raw") rate.
+//! - `seed-db`, `raw-db-claims`, `register`: the same for MariaDB/PostgreSQL stores,
+//!   and registerUser load (`server_db.rs`).
 //!
-//! The three agree on device names ([`device_name`]), so `bundles` and `raw-claims`
+//! The subcommands agree on device names ([`device_name`]), so `bundles` and `raw-claims`
 //! ask for devices that `seed` created. `docs/benchmarks.md` has the procedure.
 
 mod bundles;
