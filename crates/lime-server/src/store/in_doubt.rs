@@ -179,6 +179,27 @@ impl InDoubtClaims {
         self.len() == 0
     }
 
+    /// The answer of a claim call: its bundles, or its error; a claim whose
+    /// COMMIT went unanswered is recorded first, to be settled once the database
+    /// answers again.
+    pub fn answer<S: Reconcile, B>(
+        &self,
+        store: Weak<S>,
+        claimed: Result<(B, Claim), CallError<(B, Claim)>>,
+    ) -> Result<B, StoreError> {
+        match claimed {
+            Ok((bundles, _)) => Ok(bundles),
+            Err(CallError::CommitUnanswered {
+                value: (_, claim),
+                error,
+            }) => {
+                self.record(store, claim, &error);
+                Err(StoreError::Backend(error))
+            }
+            Err(CallError::Failed(error)) => Err(error),
+        }
+    }
+
     /// A claim's COMMIT went unanswered (`error`): keeps it to be settled by a
     /// task of its own, started unless one runs. A claim without token (database
     /// not migrated) cannot be settled: its keys are logged as possibly lost.

@@ -586,17 +586,7 @@ impl KeyStore for MysqlStore {
                 ))
             })
             .await;
-        match claimed {
-            Ok((bundles, _)) => Ok(bundles),
-            Err(CallError::CommitUnanswered {
-                value: (_, claim),
-                error,
-            }) => {
-                self.in_doubt.record(self.this.clone(), claim, &error);
-                Err(StoreError::Backend(error))
-            }
-            Err(CallError::Failed(error)) => Err(error),
-        }
+        self.in_doubt.answer(self.this.clone(), claimed)
     }
 
     async fn one_time_pre_key_ids(&self, device: DeviceId) -> Result<Vec<u32>, StoreError> {

@@ -14,9 +14,7 @@ mod queries;
 mod schema;
 mod transaction;
 
-use crate::store::in_doubt::{
-    CallError, ClaimToken, ClaimedKey, InDoubtClaims, Reconcile, Settled,
-};
+use crate::store::in_doubt::{ClaimToken, ClaimedKey, InDoubtClaims, Reconcile, Settled};
 use crate::store::location::redact;
 use crate::store::{
     KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError, StoreError,
@@ -257,17 +255,7 @@ impl KeyStore for PostgresStore {
                 ))
             })
             .await;
-        match claimed {
-            Ok((bundles, _)) => Ok(bundles),
-            Err(CallError::CommitUnanswered {
-                value: (_, claim),
-                error,
-            }) => {
-                self.in_doubt.record(self.this.clone(), claim, &error);
-                Err(StoreError::Backend(error))
-            }
-            Err(CallError::Failed(error)) => Err(error),
-        }
+        self.in_doubt.answer(self.this.clone(), claimed)
     }
 
     async fn one_time_pre_key_ids(&self, device: DeviceId) -> Result<Vec<u32>, StoreError> {
