@@ -13,7 +13,8 @@ sudo_cmd=()
 # liblime-dev: the real client's C API (lime_ffi.h, liblime.so) for the interop test.
 # libsoci-sqlite3-4.0: liblime keeps its local keys through SOCI's sqlite3 backend,
 # which liblime0 does not pull in by itself.
-needed=(liblime-dev libsoci-sqlite3-4.0)
+# curl: a real HTTP Digest client for the authentication tests.
+needed=(liblime-dev libsoci-sqlite3-4.0 curl)
 missing=()
 for package in "${needed[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
@@ -52,3 +53,11 @@ for backend in mariadb postgres; do
     LIME_TEST_BACKEND=$backend cargo test -p lime-server --locked \
         --test protocol --test bad_input --test concurrency --test liblime_interop "$@"
 done
+
+# The real client again with authentication on: answering digest challenges
+# (accounts on MariaDB), then presenting client certificates.
+echo "test.sh: liblime interop with digest authentication" >&2
+LIME_TEST_AUTH=digest LIME_TEST_BACKEND=mariadb cargo test -p lime-server --locked \
+    --test liblime_interop "$@"
+echo "test.sh: liblime interop with client certificates" >&2
+LIME_TEST_AUTH=certificate cargo test -p lime-server --locked --test liblime_interop "$@"

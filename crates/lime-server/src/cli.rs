@@ -1,6 +1,6 @@
 //! The command line: `serve`, `db init`, `check-config`.
 
-use crate::config::{AuthMode, Settings};
+use crate::config::Settings;
 use crate::startup::Application;
 use crate::store::{self, SCHEMA_VERSION, SchemaState};
 use crate::telemetry;
@@ -167,7 +167,7 @@ fn serve(settings: Settings, source: Option<PathBuf>) -> Result<()> {
                 tracing::info!("no config file: built-in defaults (see lime-server.example.toml)")
             }
         }
-        if settings.auth.mode == AuthMode::None {
+        if !settings.auth.is_enabled() {
             tracing::warn!(
                 "authentication is OFF: any client can publish, replace or delete the keys of any \
                  device id it names. Use only on loopback, for tests, or behind a proxy that \
@@ -256,8 +256,31 @@ fn print_summary(settings: &Settings, source: Option<PathBuf>) {
             settings.storage.sqlite_path(curve).display()
         );
     }
-    match settings.auth.mode {
-        AuthMode::None => println!("authentication: OFF (loopback or trusted proxy only)"),
+    let auth = &settings.auth;
+    if !auth.is_enabled() {
+        println!("authentication: OFF (loopback, or behind a proxy that authenticates)");
+    }
+    if let Some(url) = &auth.digest.accounts_url {
+        println!(
+            "authentication: digest ({}), accounts in {}, realm {}",
+            auth.digest.algorithms.join(", "),
+            store::location::redact(url),
+            auth.realm.as_deref().unwrap_or("= the domain of each device id")
+        );
+    }
+    if let Some(ca) = &auth.client_certificates.ca_file {
+        let required = if auth.client_certificates.required {
+            "required"
+        } else {
+            "optional"
+        };
+        println!("authentication: client certificates ({required}), CA {}", ca.display());
+    }
+    if auth.proxy.is_enabled() {
+        println!(
+            "authentication: certificates verified by the proxies {}",
+            auth.proxy.trusted.join(", ")
+        );
     }
     println!("config is valid");
 }

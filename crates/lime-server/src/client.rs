@@ -23,6 +23,8 @@ pub struct RawAnswer {
     pub status: u16,
     /// The Content-Type header, if any.
     pub content_type: Option<String>,
+    /// The `WWW-Authenticate` headers, in order.
+    pub www_authenticate: Vec<String>,
     /// The body.
     pub body: Bytes,
 }
@@ -32,6 +34,8 @@ pub struct RawAnswer {
 #[derive(Clone)]
 pub struct LimeClient {
     inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// Answers digest challenges when set.
+    login: Option<Arc<DigestLogin>>,
 }
 
 impl LimeClient {
@@ -66,7 +70,7 @@ impl LimeClient {
         let inner = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(1024)
             .build(connector);
-        Ok(LimeClient { inner })
+        Ok(LimeClient { inner, login: None })
     }
 
     /// POSTs `body` to `url` with `headers` (nothing added: the caller sets
@@ -80,7 +84,9 @@ impl LimeClient {
         self.request("POST", url, headers, body).await
     }
 
-    /// Sends any request; for tests of what is not a POST.
+    /// Sends any request; for tests of what is not a POST. With a digest login, a
+    /// 401 is answered once (and its challenge kept for the next requests, as
+    /// Linphone does).
     pub async fn request(
         &self,
         method: &str,
@@ -88,9 +94,36 @@ impl LimeClient {
         headers: &[(&str, &str)],
         body: Vec<u8>,
     ) -> Result<RawAnswer> {
+        let Some(login) = &self.login else {
+            return self.request_once(method, url, headers, body, None).await;
+        };
+        let authorization = login.authorization(method, url)?;
+        let answer = self
+            .request_once(method, url, headers, body.clone(), authorization)
+            .await?;
+        if answer.status != 401 {
+            return Ok(answer);
+        }
+        login.take_challenge(&answer.www_authenticate)?;
+        let authorization = login.authorization(method, url)?;
+        self.request_once(method, url, headers, body, authorization)
+            .await
+    }
+
+    async fn request_once(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+        authorization: Option<String>,
+    ) -> Result<RawAnswer> {
         let mut builder = http::Request::builder().method(method).uri(url);
         for (name, value) in headers {
             builder = builder.header(*name, *value);
+        }
+        if let Some(authorization) = authorization {
+            builder = builder.header(http::header::AUTHORIZATION, authorization);
         }
         let request = builder.body(Full::new(Bytes::from(body)))?;
         let response = self
@@ -99,16 +132,36 @@ impl LimeClient {
             .await
             .with_context(|| format!("{method} {url}"))?;
         let status = response.status().as_u16();
-        let content_type = response
+        let text = |value: &http::HeaderValue| String::from_utf8_lossy(value.as_bytes()).into_owned();
+        let content_type = response.headers().get(CONTENT_TYPE).map(text);
+        let www_authenticate = response
             .headers()
-            .get(CONTENT_TYPE)
-            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
+            .get_all(http::header::WWW_AUTHENTICATE)
+            .iter()
+            .map(text)
+            .collect();
         let body = response.into_body().collect().await?.to_bytes();
         Ok(RawAnswer {
             status,
             content_type,
+            www_authenticate,
             body,
         })
+    }
+
+    /// This client, answering digest challenges as `username` with `password`.
+    /// `algorithm` ("MD5", "SHA-256") picks among the challenges offered; `None`
+    /// takes the first, as Linphone does.
+    pub fn with_digest(&self, username: &str, password: &str, algorithm: Option<&str>) -> LimeClient {
+        LimeClient {
+            inner: self.inner.clone(),
+            login: Some(Arc::new(DigestLogin {
+                username: username.to_owned(),
+                password: password.to_owned(),
+                algorithm: algorithm.map(str::to_owned),
+                challenge: std::sync::Mutex::new(None),
+            })),
+        }
     }
 
     /// Sends one X3DH request as `sender` and parses the answer; fails unless it
@@ -136,5 +189,53 @@ impl LimeClient {
         }
         ResponseMessage::parse(&answer.body)
             .with_context(|| format!("unparsable answer from {url}"))
+    }
+}
+
+/// A digest user name and password, and the last challenge received (answered
+/// with the `digest_auth` crate: an implementation independent of the server's).
+struct DigestLogin {
+    username: String,
+    password: String,
+    algorithm: Option<String>,
+    challenge: std::sync::Mutex<Option<digest_auth::WwwAuthenticateHeader>>,
+}
+
+impl DigestLogin {
+    /// Keeps the challenge to answer from a 401's `WWW-Authenticate` values.
+    fn take_challenge(&self, offered: &[String]) -> Result<()> {
+        let wanted = |challenge: &&String| match &self.algorithm {
+            None => true,
+            Some(name) => challenge
+                .split(',')
+                .any(|param| param.trim().eq_ignore_ascii_case(&format!("algorithm={name}"))),
+        };
+        let chosen = offered.iter().find(wanted).with_context(|| {
+            format!("no digest challenge for {:?} in {offered:?}", self.algorithm)
+        })?;
+        let parsed = digest_auth::parse(chosen)
+            .map_err(|error| anyhow::anyhow!("unreadable challenge {chosen:?}: {error}"))?;
+        *self.challenge.lock().unwrap_or_else(|e| e.into_inner()) = Some(parsed);
+        Ok(())
+    }
+
+    /// The `Authorization` value for a request, once a challenge was received.
+    fn authorization(&self, method: &str, url: &str) -> Result<Option<String>> {
+        let mut challenge = self.challenge.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(challenge) = challenge.as_mut() else {
+            return Ok(None);
+        };
+        let uri: http::Uri = url.parse().with_context(|| format!("bad URL {url}"))?;
+        let path = uri.path_and_query().map_or("/", |path| path.as_str());
+        let mut context = digest_auth::AuthContext::new(
+            self.username.as_str(),
+            self.password.as_str(),
+            path,
+        );
+        context.method = digest_auth::HttpMethod::from(method.to_owned());
+        let answer = challenge
+            .respond(&context)
+            .map_err(|error| anyhow::anyhow!("cannot answer the digest challenge: {error}"))?;
+        Ok(Some(answer.to_header_string()))
     }
 }

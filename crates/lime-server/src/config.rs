@@ -4,6 +4,8 @@
 //! Unknown keys and bad values stop the start with the key's name and why.
 //! `lime-server.example.toml` at the repository root documents every key.
 
+use crate::auth::digest::DigestAlgorithm;
+use crate::auth::throttle::ThrottlePolicy;
 use crate::store::sqlite::Synchronous;
 use crate::store::{StoreLimits, StoreLocation};
 use lime_protocol::Curve;
@@ -11,6 +13,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Where the config file is looked for when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/lime-server/lime-server.toml";
@@ -143,24 +146,10 @@ impl StorageSettings {
 
     /// The database password from `password_file` or `password_env`, if either is set.
     pub fn password(&self) -> Result<Option<String>, ConfigError> {
-        if let Some(path) = &self.password_file {
-            let text = std::fs::read_to_string(path).map_err(|error| {
-                invalid(
-                    "storage.password_file",
-                    format!("cannot read {}: {error}", path.display()),
-                )
-            })?;
-            return Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()));
-        }
-        if let Some(name) = &self.password_env {
-            return std::env::var(name).map(Some).map_err(|_| {
-                invalid(
-                    "storage.password_env",
-                    format!("environment variable {name} is not set"),
-                )
-            });
-        }
-        Ok(None)
+        read_secret(
+            ("storage.password_file", &self.password_file),
+            ("storage.password_env", &self.password_env),
+        )
     }
 
     /// Where the database of `curve` is, with the configured password filled in.
@@ -208,22 +197,332 @@ impl LimitSettings {
     }
 }
 
-/// `[auth]`
+/// `[auth]`: who may act for which device. Each method is on once configured:
+/// digest when `digest.accounts_url` is set, client certificates when
+/// `client_certificates.ca_file` is set, proxy-verified certificates when
+/// `proxy.trusted` lists an address. None configured: authentication is off.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
-    /// How requests are authenticated.
-    pub mode: AuthMode,
+    /// The digest realm, and the only domain device ids may be in. Absent: each
+    /// request's realm is the domain of its device id (one server, many domains).
+    pub realm: Option<String>,
+    /// HTTP Digest against the operator's account database.
+    pub digest: DigestSettings,
+    /// TLS client certificates, verified by this server.
+    pub client_certificates: ClientCertificateSettings,
+    /// Client certificates verified by a TLS-terminating reverse proxy.
+    pub proxy: ProxySettings,
+    /// Failed-authentication throttling.
+    pub throttle: ThrottleSettings,
 }
 
-/// Authentication mechanisms.
-#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum AuthMode {
-    /// None: any client may act for any device id it names. Loopback only,
-    /// unless `server.insecure_no_auth` is set.
-    #[default]
-    None,
+impl AuthSettings {
+    /// True when at least one authentication method is configured.
+    pub fn is_enabled(&self) -> bool {
+        self.digest.is_enabled()
+            || self.client_certificates.is_enabled()
+            || self.proxy.is_enabled()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(realm) = &self.realm {
+            if !crate::auth::is_valid_realm(realm) {
+                return Err(invalid(
+                    "auth.realm",
+                    format!("{realm:?} is not a domain name"),
+                ));
+            }
+        }
+        let digest = &self.digest;
+        if digest.is_enabled() {
+            if !digest.accounts_query.contains(":username") {
+                return Err(invalid(
+                    "auth.digest.accounts_query",
+                    "the query must use :username (and may use :domain)",
+                ));
+            }
+            digest.nonce_secret()?;
+            digest.accounts_url_with_password()?;
+            let algorithms = digest.algorithms();
+            for name in &digest.algorithms {
+                name.parse::<DigestAlgorithm>()
+                    .map_err(|reason| invalid("auth.digest.algorithms", reason))?;
+            }
+            if algorithms.is_empty() {
+                return Err(invalid("auth.digest.algorithms", "at least one is needed"));
+            }
+            if algorithms.len() == 2 && algorithms[0] == algorithms[1] {
+                return Err(invalid("auth.digest.algorithms", "an algorithm is listed twice"));
+            }
+            for (key, value) in [
+                ("auth.digest.nonce_lifetime_secs", digest.nonce_lifetime_secs),
+                ("auth.digest.accounts_timeout_ms", digest.accounts_timeout_ms),
+                ("auth.digest.accounts_pool_size", u64::from(digest.accounts_pool_size)),
+            ] {
+                if value == 0 {
+                    return Err(invalid(key, "must be at least 1"));
+                }
+            }
+        }
+        let certificates = &self.client_certificates;
+        if !certificates.is_enabled() && (certificates.required || !certificates.crl_files.is_empty())
+        {
+            return Err(invalid(
+                "auth.client_certificates.ca_file",
+                "client certificates are configured (required or crl_files) without the CA to verify them",
+            ));
+        }
+        let proxy = &self.proxy;
+        for text in &proxy.trusted {
+            parse_network(text).map_err(|reason| invalid("auth.proxy.trusted", reason))?;
+        }
+        for (key, name) in [
+            ("auth.proxy.verify_header", &proxy.verify_header),
+            ("auth.proxy.certificate_header", &proxy.certificate_header),
+            ("auth.proxy.client_address_header", &proxy.client_address_header),
+        ] {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(invalid(key, format!("{name:?} is not a header name")));
+            }
+        }
+        let throttle = &self.throttle;
+        for (key, value) in [
+            ("auth.throttle.window_secs", throttle.window_secs),
+            ("auth.throttle.lockout_secs", throttle.lockout_secs),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[auth.digest]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DigestSettings {
+    /// The account database (sqlite://, mysql://, postgres://); setting it turns
+    /// digest authentication on.
+    pub accounts_url: Option<String>,
+    /// Returns (password, algorithm) rows for `:username` and `:domain`.
+    pub accounts_query: String,
+    /// File holding the account database password, for a URL given without one.
+    pub accounts_password_file: Option<PathBuf>,
+    /// Environment variable holding it (read when the file is not set).
+    pub accounts_password_env: Option<String>,
+    /// Most connections to the account database.
+    pub accounts_pool_size: u32,
+    /// Longest wait for the account database, in milliseconds.
+    pub accounts_timeout_ms: u64,
+    /// File holding the secret nonces are made with (the same on every instance).
+    pub nonce_secret_file: Option<PathBuf>,
+    /// Environment variable holding it (read when the file is not set).
+    pub nonce_secret_env: Option<String>,
+    /// How long a nonce is good for, in seconds.
+    pub nonce_lifetime_secs: u64,
+    /// Challenges offered, in order: "SHA-256", "MD5".
+    pub algorithms: Vec<String>,
+}
+
+impl Default for DigestSettings {
+    fn default() -> Self {
+        DigestSettings {
+            accounts_url: None,
+            accounts_query: crate::auth::accounts::DEFAULT_ACCOUNTS_QUERY.to_owned(),
+            accounts_password_file: None,
+            accounts_password_env: None,
+            accounts_pool_size: 4,
+            accounts_timeout_ms: 2_000,
+            nonce_secret_file: None,
+            nonce_secret_env: None,
+            nonce_lifetime_secs: 300,
+            algorithms: vec!["SHA-256".into(), "MD5".into()],
+        }
+    }
+}
+
+impl DigestSettings {
+    /// True when an account database is configured.
+    pub fn is_enabled(&self) -> bool {
+        self.accounts_url.is_some()
+    }
+
+    /// The challenge algorithms, in order (valid once validated).
+    pub fn algorithms(&self) -> Vec<DigestAlgorithm> {
+        self.algorithms
+            .iter()
+            .filter_map(|name| name.parse().ok())
+            .collect()
+    }
+
+    /// The account database URL with its configured password filled in.
+    pub fn accounts_url_with_password(&self) -> Result<Option<String>, ConfigError> {
+        let Some(url) = &self.accounts_url else {
+            return Ok(None);
+        };
+        let password = read_secret(
+            ("auth.digest.accounts_password_file", &self.accounts_password_file),
+            ("auth.digest.accounts_password_env", &self.accounts_password_env),
+        )?;
+        Ok(Some(crate::store::location::with_password(
+            url,
+            password.as_deref(),
+        )))
+    }
+
+    /// The nonce secret; an error names the key when it is missing or too short.
+    pub fn nonce_secret(&self) -> Result<String, ConfigError> {
+        let secret = read_secret(
+            ("auth.digest.nonce_secret_file", &self.nonce_secret_file),
+            ("auth.digest.nonce_secret_env", &self.nonce_secret_env),
+        )?
+        .ok_or_else(|| {
+            invalid(
+                "auth.digest.nonce_secret_file",
+                "digest authentication needs a nonce secret (the same on every instance): \
+                 set auth.digest.nonce_secret_file or auth.digest.nonce_secret_env",
+            )
+        })?;
+        if secret.len() < 16 {
+            return Err(invalid(
+                "auth.digest.nonce_secret_file",
+                "the nonce secret is shorter than 16 bytes",
+            ));
+        }
+        Ok(secret)
+    }
+}
+
+/// `[auth.client_certificates]`
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientCertificateSettings {
+    /// PEM bundle of the CAs client certificates are verified against; setting it
+    /// turns client certificates on for the HTTPS listeners.
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate revocation lists of those CAs.
+    pub crl_files: Vec<PathBuf>,
+    /// Refuse TLS connections without a client certificate (no digest fallback).
+    pub required: bool,
+}
+
+impl ClientCertificateSettings {
+    /// True when a CA is configured.
+    pub fn is_enabled(&self) -> bool {
+        self.ca_file.is_some()
+    }
+}
+
+/// `[auth.proxy]`: a TLS-terminating reverse proxy (Apache, nginx) that verifies
+/// client certificates and passes them on in request headers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySettings {
+    /// Addresses or networks (`10.0.0.1`, `10.0.0.0/24`) of the proxies whose
+    /// headers are believed; empty: off. Headers from anyone else are ignored.
+    pub trusted: Vec<String>,
+    /// The proxy's verdict: `SUCCESS` is a verified certificate; absent or `NONE`,
+    /// no certificate (digest applies); anything else is refused.
+    pub verify_header: String,
+    /// The verified client certificate, PEM (nginx `$ssl_client_escaped_cert`,
+    /// Apache `%{SSL_CLIENT_CERT}s`).
+    pub certificate_header: String,
+    /// The client's own address, as the proxy saw it (last entry), for throttling.
+    pub client_address_header: String,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        ProxySettings {
+            trusted: Vec::new(),
+            verify_header: "X-SSL-Client-Verify".into(),
+            certificate_header: "X-SSL-Client-Cert".into(),
+            client_address_header: "X-Forwarded-For".into(),
+        }
+    }
+}
+
+impl ProxySettings {
+    /// True when a proxy is trusted.
+    pub fn is_enabled(&self) -> bool {
+        !self.trusted.is_empty()
+    }
+
+    /// The trusted networks (valid once validated); a bare address is a /32 or /128.
+    pub fn trusted_networks(&self) -> Vec<ipnet::IpNet> {
+        self.trusted
+            .iter()
+            .filter_map(|text| parse_network(text).ok())
+            .collect()
+    }
+}
+
+fn parse_network(text: &str) -> Result<ipnet::IpNet, String> {
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{text:?} is not an address or network"))
+}
+
+/// `[auth.throttle]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThrottleSettings {
+    /// Failures for one username within `window_secs` that lock it out; 0: never.
+    pub max_failures_per_user: u32,
+    /// Failures from one client address within `window_secs` that lock it out; 0: never.
+    pub max_failures_per_address: u32,
+    /// Failures older than this many seconds are forgotten.
+    pub window_secs: u64,
+    /// Seconds a lock-out lasts.
+    pub lockout_secs: u64,
+    /// Milliseconds added to the answer of a failure, times the failures so far.
+    pub delay_step_ms: u64,
+}
+
+impl Default for ThrottleSettings {
+    fn default() -> Self {
+        ThrottleSettings {
+            max_failures_per_user: 5,
+            max_failures_per_address: 30,
+            window_secs: 300,
+            lockout_secs: 300,
+            delay_step_ms: 200,
+        }
+    }
+}
+
+impl ThrottleSettings {
+    /// The policy the throttle applies.
+    pub fn policy(&self) -> ThrottlePolicy {
+        ThrottlePolicy {
+            max_failures_per_user: self.max_failures_per_user,
+            max_failures_per_address: self.max_failures_per_address,
+            window: Duration::from_secs(self.window_secs),
+            lockout: Duration::from_secs(self.lockout_secs),
+            delay_step: Duration::from_millis(self.delay_step_ms),
+        }
+    }
+}
+
+/// Reads a secret from the file of `file_key`, else from the environment variable
+/// of `env_key`; `None` when neither is set.
+fn read_secret(
+    (file_key, file): (&'static str, &Option<PathBuf>),
+    (env_key, env): (&'static str, &Option<String>),
+) -> Result<Option<String>, ConfigError> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| invalid(file_key, format!("cannot read {}: {error}", path.display())))?;
+        return Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()));
+    }
+    if let Some(name) = env {
+        return std::env::var(name)
+            .map(Some)
+            .map_err(|_| invalid(env_key, format!("environment variable {name} is not set")));
+    }
+    Ok(None)
 }
 
 /// `[log]`
@@ -414,7 +713,8 @@ impl Settings {
                 format!("{:?} is not a tracing filter", self.log.level),
             ));
         }
-        if self.auth.mode == AuthMode::None && !server.insecure_no_auth {
+        self.auth.validate()?;
+        if !self.auth.is_enabled() && !server.insecure_no_auth {
             if let Some(addr) = self.listeners().find(|addr| !addr.ip().is_loopback()) {
                 return Err(invalid(
                     "server.listen",

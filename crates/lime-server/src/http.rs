@@ -6,11 +6,11 @@
 //! that are not X3DH at all get a plain 4xx: 404 for another path, 405 for another
 //! method, 413 for a body over the cap (refused before it is read whole).
 
-use crate::auth;
+use crate::auth::{self, AuthFailure, Authenticator, Refusal};
 use crate::error::RequestError;
 use crate::service::{KeyService, error_answer};
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -27,6 +27,8 @@ pub const X3DH_CONTENT_TYPE: &str = "x3dh/octet-stream";
 pub struct HttpState {
     /// The protocol handlers.
     pub service: KeyService,
+    /// Who may act for which device.
+    pub auth: Authenticator,
     /// Paths that accept X3DH requests.
     pub paths: Vec<String>,
     /// Largest body accepted.
@@ -91,12 +93,21 @@ async fn x3dh(state: &HttpState, request: Request<Incoming>) -> Response<Full<By
         }
     };
     let curve_byte = body.get(2).copied().unwrap_or(0);
-    let answer = match check_content_type(&parts.headers)
+    let claimed = match check_content_type(&parts.headers)
         .and_then(|()| auth::sender_from_headers(&parts.headers))
     {
-        Ok(sender) => state.service.handle(&sender, &body).await,
-        Err(error) => error_answer(curve_byte, None, &error),
+        Ok(claimed) => claimed,
+        Err(error) => return x3dh_answer(curve_byte, error_answer(curve_byte, None, &error)),
     };
+    let answer = match state.auth.authenticate(claimed, &parts).await {
+        Ok(sender) => state.service.handle(&sender, &body).await,
+        Err(failure) => return refused(state, failure),
+    };
+    x3dh_answer(curve_byte, answer)
+}
+
+/// The HTTP 200 carrying an X3DH answer.
+fn x3dh_answer(curve_byte: u8, answer: lime_protocol::ResponseMessage) -> Response<Full<Bytes>> {
     match answer.encode() {
         Ok(bytes) => x3dh_response(bytes),
         Err(error) => {
@@ -105,6 +116,52 @@ async fn x3dh(state: &HttpState, request: Request<Incoming>) -> Response<Full<By
             // An error answer has no list in it: it always encodes.
             x3dh_response(fallback.encode().unwrap_or_default())
         }
+    }
+}
+
+/// The plain HTTP answer to a request authentication refused, logged with why.
+fn refused(state: &HttpState, failure: AuthFailure) -> Response<Full<Bytes>> {
+    let AuthFailure {
+        refusal,
+        reason,
+        routine,
+    } = failure;
+    if routine {
+        tracing::debug!(%reason, "authentication");
+    } else if refusal == Refusal::Unavailable {
+        tracing::error!(%reason, "refused: cannot authenticate");
+    } else {
+        tracing::warn!(%reason, "refused: authentication");
+    }
+    match refusal {
+        Refusal::Challenge { realm, stale } => {
+            let mut response = plain(StatusCode::UNAUTHORIZED, "authentication required\n");
+            for challenge in state.auth.challenges(&realm, stale) {
+                if let Ok(value) = http::HeaderValue::from_str(&challenge) {
+                    response.headers_mut().append(WWW_AUTHENTICATE, value);
+                }
+            }
+            response
+        }
+        Refusal::Forbidden => plain(
+            StatusCode::FORBIDDEN,
+            "the authenticated identity may not act for this device id\n",
+        ),
+        Refusal::LockedOut(retry_after) => {
+            let mut response = plain(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many failed authentications, try again later\n",
+            );
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, http::HeaderValue::from(seconds));
+            response
+        }
+        Refusal::Unavailable => plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "authentication is unavailable, try again later\n",
+        ),
     }
 }
 

@@ -6,6 +6,7 @@
 //! served at once; a watch channel tells the accept loops to stop, and hyper's
 //! graceful shutdown lets the requests in flight finish.
 
+use crate::auth::{Authenticator, ClientAddress};
 use crate::config::Settings;
 use crate::http::{self, HttpState};
 use crate::service::KeyService;
@@ -109,8 +110,10 @@ impl Application {
             });
         }
 
+        let auth = Authenticator::from_settings(&settings.auth).await?;
         let state = Arc::new(HttpState {
             service: KeyService::new(stores, settings.limits.max_devices_per_bundle_request),
+            auth,
             paths: settings.server.paths.clone(),
             max_body_bytes: settings.server.max_body_bytes,
             readiness_timeout: timeout,
@@ -255,7 +258,8 @@ async fn serve_connection(
     state: Arc<HttpState>,
     graceful: Watcher,
 ) {
-    let service = service_fn(move |request| {
+    let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        request.extensions_mut().insert(ClientAddress(peer));
         let state = state.clone();
         async move { http::handle(&state, request).await }
     });

@@ -6,13 +6,22 @@
 //! both ways and to a group, refill their one-time pre-keys and delete
 //! themselves; and a device the server lost registers again on its next update.
 //! What the server says is checked beside liblime, with `TestApp::send`.
+//!
+//! `LIME_TEST_AUTH=digest` or `=certificate` runs the same stories with
+//! authentication on (`scripts/test.sh` does both): liblime's posts then answer
+//! digest challenges, or present a client certificate. Which certificates let
+//! liblime register is checked here whatever `LIME_TEST_AUTH` says.
 
 mod common;
 
 use std::path::Path;
 
 use common::liblime::{EncryptionPolicy, Exchange, LimeDevice, X3dhInit, describe_exchanges};
-use common::{TestApp, spawn_app};
+use common::auth::{TestAuth, user_and_domain};
+use common::backend::Backend;
+use common::pki::{IssuedCertificate, TestPki};
+use common::{TestApp, spawn_app, spawn_app_authenticating};
+use lime_server::client::LimeClient;
 use lime_protocol::{Curve, DeviceId, ErrorCode, KeyBundle, Request, RequestMessage, Response};
 
 /// One-time pre-keys each user uploads when created: few, so a refill is easy to provoke.
@@ -289,7 +298,7 @@ async fn new_device(app: &TestApp, dir: &Path, name: &str, curve: Curve) -> Lime
     let db = dir.join(format!("{name}.sqlite3"));
     LimeDevice::create(
         &db,
-        app.client.clone(),
+        app.client_for(&device_id).await,
         &app.base_url,
         device_id,
         curve,
@@ -367,4 +376,94 @@ fn x3dh_init(curve: Curve, dr_message: &[u8], what: &str) -> X3dhInit {
         Ok(None) => panic!("{what} carries no X3DH init"),
         Err(error) => panic!("{what} is not a liblime DR message: {error:#}"),
     }
+}
+
+/// liblime registering through a server that requires client certificates, each
+/// user presenting `certificate` (issued for it by `issue`), with the CRL listing
+/// the certificates `issue` revoked. Returns whether the server holds the device.
+async fn registers_with_certificate(
+    name: &str,
+    issue: impl FnOnce(&TestPki, &str) -> IssuedCertificate,
+) -> bool {
+    let pki = TestPki::new();
+    let device_id = common::device_id(name);
+    let (user, domain) = user_and_domain(&device_id);
+    let certificate = issue(&pki, &format!("sip:{user}@{domain}"));
+    let (ca, crl) = (pki.ca_file(), pki.crl_file());
+    let app = spawn_app_authenticating(Backend::from_env(), TestAuth::Off, move |settings| {
+        let certificates = &mut settings.auth.client_certificates;
+        certificates.ca_file = Some(ca);
+        certificates.crl_files = vec![crl];
+        certificates.required = true;
+    })
+    .await;
+    let client = LimeClient::with_client_certificate(
+        &app.certificate_file(),
+        &certificate.certificate,
+        &certificate.private_key,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let created = LimeDevice::create(
+        &dir.path().join("lime.sqlite3"),
+        client,
+        &app.base_url,
+        device_id.clone(),
+        Curve::C25519,
+        INITIAL_OPKS,
+    )
+    .await;
+    let stored = app
+        .probe
+        .device_row(Curve::C25519, &device_id)
+        .await
+        .is_some();
+    assert_eq!(
+        created.is_ok(),
+        stored,
+        "{name}: liblime says {:?}, the server holds the device: {stored}",
+        created.err()
+    );
+    app.stop().await;
+    stored
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_valid_registers() {
+    assert!(registers_with_certificate("valid", |pki, owner| pki.issue(&[owner], &[], "valid")).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_identity_only_in_common_name_registers() {
+    assert!(registers_with_certificate("cn", |pki, owner| pki.issue(&[], &[], owner)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_revoked_is_refused() {
+    assert!(
+        !registers_with_certificate("revoked", |pki, owner| {
+            let certificate = pki.issue(&[owner], &[], "revoked");
+            pki.revoke(&certificate);
+            certificate
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_of_another_ca_is_refused() {
+    assert!(
+        !registers_with_certificate("foreign", |pki, owner| pki.issue_by_other_ca(&[owner], "foreign"))
+            .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_with_another_identity_in_san_is_refused() {
+    assert!(
+        !registers_with_certificate("mallory", |pki, _| {
+            pki.issue(&["sip:mallory@example.org"], &[], "mallory")
+        })
+        .await
+    );
 }

@@ -1,14 +1,40 @@
-//! Who sends a request: the [`Sender`] every handler acts for.
+//! Who sends a request, and whether they may: the [`Sender`] every handler acts
+//! for, bound to an authenticated identity by the [`Authenticator`].
 //!
-//! Authentication is not implemented yet: the sender is the device id the request
-//! claims in its `X-Lime-user-identity` header (or, for clients up to 5.x, `From`),
-//! and the server warns at start that anyone can act for any device. This module is
-//! the seam where digest or client-certificate authentication will check that the
-//! authenticated user owns the claimed device id.
+//! The device id a request acts for is the one it names in `X-Lime-user-identity`
+//! (or, for clients up to 5.x, `From`). With authentication on, the authenticated
+//! identity must own it: the device id must start with `sip:<user>@<domain>;gr=`
+//! ([`identity::owns_device`]). The identity comes from, in this order:
+//!
+//! 1. a TLS client certificate this server verified ([`certificate`]);
+//! 2. a client certificate a trusted reverse proxy verified ([`proxy`]);
+//! 3. HTTP Digest against the operator's account database ([`digest`],
+//!    [`accounts`]), with failures throttled ([`throttle`]).
+//!
+//! A certificate that does not own the device id is refused outright: there is no
+//! fall-back to digest. No certificate (while not required): digest.
 
+pub mod accounts;
+pub mod certificate;
+pub mod digest;
+pub mod identity;
+pub mod proxy;
+pub mod throttle;
+
+use crate::config::AuthSettings;
 use crate::error::RequestError;
+use accounts::{AccountDatabase, AccountDatabaseOptions, PasswordAlgorithm};
+use anyhow::Context;
+use certificate::{CertificateIdentity, PeerCertificate};
+use digest::{Credentials, DigestAlgorithm, NonceKey, NonceState};
 use http::HeaderMap;
+use http::header::AUTHORIZATION;
+use http::request::Parts;
 use lime_protocol::DeviceId;
+use proxy::{ProxyVerdict, TrustedProxies};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use throttle::Throttle;
 
 /// Header newer clients put their device id in.
 pub const IDENTITY_HEADER: &str = "x-lime-user-identity";
@@ -17,6 +43,8 @@ pub const IDENTITY_HEADER: &str = "x-lime-user-identity";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sender {
     device_id: DeviceId,
+    /// How it was authenticated (`digest sip:alice@example.org`), when it was.
+    authenticated_as: Option<String>,
 }
 
 impl Sender {
@@ -24,10 +52,21 @@ impl Sender {
     pub fn device_id(&self) -> &DeviceId {
         &self.device_id
     }
+
+    /// How the sender was authenticated, for log lines; `None` with auth off.
+    pub fn authenticated_as(&self) -> Option<&str> {
+        self.authenticated_as.as_deref()
+    }
+
+    fn authenticated(self, how: String) -> Sender {
+        Sender {
+            authenticated_as: Some(how),
+            ..self
+        }
+    }
 }
 
-/// Builds the sender from the request headers. With authentication off, the
-/// claimed device id is taken as it is.
+/// The device id a request claims, from its headers (not yet authenticated).
 pub fn sender_from_headers(headers: &HeaderMap) -> Result<Sender, RequestError> {
     let (header, value) = [IDENTITY_HEADER, "from"]
         .into_iter()
@@ -41,7 +80,392 @@ pub fn sender_from_headers(headers: &HeaderMap) -> Result<Sender, RequestError> 
         return Err(RequestError::MissingSender);
     }
     let device_id = DeviceId::new(text).map_err(|error| invalid(error.to_string()))?;
-    Ok(Sender { device_id })
+    Ok(Sender {
+        device_id,
+        authenticated_as: None,
+    })
+}
+
+/// The address a connection comes from, put in each request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddress(pub SocketAddr);
+
+/// True for a realm this server can put in a challenge: a domain name or address.
+pub fn is_valid_realm(realm: &str) -> bool {
+    !realm.is_empty()
+        && realm.len() <= 253
+        && realm
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || b".-_:[]".contains(&byte))
+}
+
+/// How a request is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// 401 with fresh digest challenges for `realm`.
+    Challenge {
+        /// The realm challenged.
+        realm: String,
+        /// The credentials were right but the nonce too old.
+        stale: bool,
+    },
+    /// 403: the identity does not own the device id, or its certificate is refused.
+    Forbidden,
+    /// 429: too many failures; try again after this.
+    LockedOut(Duration),
+    /// 503: the account database does not answer.
+    Unavailable,
+}
+
+/// A refused request and why, for the log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthFailure {
+    /// How to answer.
+    pub refusal: Refusal,
+    /// Why, naming the identity and the device id when known.
+    pub reason: String,
+    /// Part of every client's normal flow (first challenge, stale nonce): logged at
+    /// debug level, not as a warning.
+    pub routine: bool,
+}
+
+impl AuthFailure {
+    fn forbidden(reason: String) -> AuthFailure {
+        AuthFailure {
+            refusal: Refusal::Forbidden,
+            reason,
+            routine: false,
+        }
+    }
+
+    fn challenge(realm: &str, stale: bool, reason: String) -> AuthFailure {
+        AuthFailure {
+            refusal: Refusal::Challenge {
+                realm: realm.to_owned(),
+                stale,
+            },
+            reason,
+            routine: false,
+        }
+    }
+
+    fn routine(self) -> AuthFailure {
+        AuthFailure {
+            routine: true,
+            ..self
+        }
+    }
+}
+
+/// Digest authentication: the account database and the nonce key.
+struct DigestAuthenticator {
+    accounts: AccountDatabase,
+    key: NonceKey,
+    algorithms: Vec<DigestAlgorithm>,
+}
+
+/// Decides whether a request's sender may act for the device id it names.
+pub struct Authenticator {
+    /// `auth.realm`
+    realm: Option<String>,
+    digest: Option<DigestAuthenticator>,
+    certificates_required: bool,
+    proxies: Option<TrustedProxies>,
+    throttle: Throttle,
+    enabled: bool,
+}
+
+impl Authenticator {
+    /// Authentication off: every request acts for the device id it names.
+    pub fn off() -> Authenticator {
+        Authenticator {
+            realm: None,
+            digest: None,
+            certificates_required: false,
+            proxies: None,
+            throttle: Throttle::new(AuthSettings::default().throttle.policy()),
+            enabled: false,
+        }
+    }
+
+    /// From validated settings: connects to the account database when digest is on
+    /// and checks its query.
+    pub async fn from_settings(settings: &AuthSettings) -> anyhow::Result<Authenticator> {
+        let digest = match settings.digest.accounts_url_with_password()? {
+            None => None,
+            Some(url) => {
+                let options = AccountDatabaseOptions {
+                    pool_size: settings.digest.accounts_pool_size,
+                    connect_timeout: Duration::from_millis(settings.digest.accounts_timeout_ms),
+                    timeout: Duration::from_millis(settings.digest.accounts_timeout_ms),
+                };
+                let accounts =
+                    AccountDatabase::connect(&url, &settings.digest.accounts_query, &options)
+                        .await
+                        .context("auth.digest.accounts_url / auth.digest.accounts_query")?;
+                tracing::info!(accounts = %accounts.location(), "digest authentication on");
+                Some(DigestAuthenticator {
+                    accounts,
+                    key: NonceKey::new(
+                        settings.digest.nonce_secret()?.as_bytes(),
+                        Duration::from_secs(settings.digest.nonce_lifetime_secs),
+                    ),
+                    algorithms: settings.digest.algorithms(),
+                })
+            }
+        };
+        Ok(Authenticator {
+            realm: settings.realm.clone(),
+            digest,
+            certificates_required: settings.client_certificates.required,
+            proxies: TrustedProxies::from_settings(&settings.proxy),
+            throttle: Throttle::new(settings.throttle.policy()),
+            enabled: settings.is_enabled(),
+        })
+    }
+
+    /// True when requests are authenticated.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Lets `sender` in when its authenticated identity owns its device id.
+    pub async fn authenticate(&self, sender: Sender, request: &Parts) -> Result<Sender, AuthFailure> {
+        if !self.enabled {
+            return Ok(sender);
+        }
+        let peer = request
+            .extensions
+            .get::<ClientAddress>()
+            .map(|address| address.0.ip());
+        if let Some(PeerCertificate(identity)) = request.extensions.get::<PeerCertificate>() {
+            return certificate_owner(sender, identity, "client certificate");
+        }
+        let mut client = peer;
+        if let Some(proxies) = self.proxies.as_ref().filter(|p| peer.is_some_and(|ip| p.trusts(ip))) {
+            client = proxies.client_address(&request.headers).or(peer);
+            match proxies.verdict(&request.headers) {
+                ProxyVerdict::Verified(identity) => {
+                    return certificate_owner(sender, &identity, "proxy-verified certificate");
+                }
+                ProxyVerdict::Refused(reason) => {
+                    return Err(AuthFailure::forbidden(format!(
+                        "{reason} (device id {})",
+                        sender.device_id()
+                    )));
+                }
+                ProxyVerdict::NoCertificate => {}
+            }
+        }
+        if self.certificates_required {
+            return Err(AuthFailure::forbidden(format!(
+                "no client certificate, and auth.client_certificates.required is set (device id {})",
+                sender.device_id()
+            )));
+        }
+        let Some(digest) = &self.digest else {
+            return Err(AuthFailure::forbidden(format!(
+                "no client certificate, and digest authentication is not configured (device id {})",
+                sender.device_id()
+            )));
+        };
+        let client = client.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        self.digest(digest, sender, request, client).await
+    }
+
+    async fn digest(
+        &self,
+        digest: &DigestAuthenticator,
+        sender: Sender,
+        request: &Parts,
+        client: IpAddr,
+    ) -> Result<Sender, AuthFailure> {
+        let device = sender.device_id().as_str().to_owned();
+        let realm = match &self.realm {
+            Some(realm) => realm.clone(),
+            None => match identity::domain_of(&device).filter(|domain| is_valid_realm(domain)) {
+                Some(domain) => domain.to_owned(),
+                None => {
+                    return Err(AuthFailure::forbidden(format!(
+                        "device id {device} has no domain to authenticate in (expected sip:user@domain;gr=...)"
+                    )));
+                }
+            },
+        };
+        let Some(header) = request.headers.get(AUTHORIZATION) else {
+            return Err(AuthFailure::challenge(
+                &realm,
+                false,
+                format!("no credentials yet for device id {device}: challenged"),
+            )
+            .routine());
+        };
+        let credentials = match std::str::from_utf8(header.as_bytes())
+            .map_err(|_| "not UTF-8".to_owned())
+            .and_then(|text| Credentials::parse(text).map_err(|error| error.to_string()))
+        {
+            Ok(credentials) => credentials,
+            Err(reason) => {
+                return Err(AuthFailure::challenge(
+                    &realm,
+                    false,
+                    format!("unusable Authorization header ({reason}) for device id {device}"),
+                ));
+            }
+        };
+        let username = credentials.username.clone();
+        if let Err(locked) = self.throttle.check(&username, client, Instant::now()) {
+            return Err(AuthFailure {
+                refusal: Refusal::LockedOut(locked.retry_after),
+                reason: format!(
+                    "{} is locked out after repeated failures (device id {device}, from {client})",
+                    locked.what
+                ),
+                routine: false,
+            });
+        }
+        let now = unix_now();
+        let nonce = digest.key.check(&credentials.nonce, &realm, now);
+        let problem = if credentials.realm != realm {
+            Some(format!("realm {:?}, expected {realm:?}", credentials.realm))
+        } else if nonce == NonceState::Forged {
+            Some("a nonce this server did not issue (altered, or for another realm)".to_owned())
+        } else if credentials
+            .opaque
+            .as_ref()
+            .is_some_and(|opaque| *opaque != digest.key.opaque(&realm))
+        {
+            Some("an altered opaque".to_owned())
+        } else if !uri_matches(&credentials.uri, &request.uri) {
+            Some(format!(
+                "uri {:?} that is not the request's {}",
+                credentials.uri, request.uri
+            ))
+        } else if !digest.algorithms.contains(&credentials.algorithm) {
+            Some(format!(
+                "algorithm {} that is not offered",
+                credentials.algorithm
+            ))
+        } else {
+            None
+        };
+        let verified = match problem {
+            Some(problem) => Err(problem),
+            None => {
+                let stored = digest
+                    .accounts
+                    .passwords(&username, &realm)
+                    .await
+                    .map_err(|error| AuthFailure {
+                        refusal: Refusal::Unavailable,
+                        reason: format!(
+                            "account database: {error} (user {username}, device id {device})"
+                        ),
+                        routine: false,
+                    })?;
+                if stored.is_empty() {
+                    Err("an unknown user".to_owned())
+                } else if stored.iter().any(|password| {
+                    password_matches(&credentials, password, &realm, request.method.as_str())
+                }) {
+                    Ok(())
+                } else {
+                    Err("a wrong password".to_owned())
+                }
+            }
+        };
+        if let Err(problem) = verified {
+            let delay = self.throttle.failure(&username, client, Instant::now());
+            tokio::time::sleep(delay).await;
+            return Err(AuthFailure::challenge(
+                &realm,
+                false,
+                format!(
+                    "digest authentication failed: user {username} from {client} sent {problem} (device id {device})"
+                ),
+            ));
+        }
+        self.throttle.success(&username);
+        if nonce == NonceState::Stale {
+            return Err(AuthFailure::challenge(
+                &realm,
+                true,
+                format!("stale nonce from user {username}: challenged again with stale=true"),
+            )
+            .routine());
+        }
+        let owner = identity::user_uri(&username, &realm);
+        if !identity::owns_device(&owner, &device) {
+            return Err(AuthFailure::forbidden(format!(
+                "{owner} (digest) does not own device id {device}"
+            )));
+        }
+        Ok(sender.authenticated(format!("digest {owner}")))
+    }
+
+    /// The `WWW-Authenticate` values of a challenge.
+    pub fn challenges(&self, realm: &str, stale: bool) -> Vec<String> {
+        match &self.digest {
+            Some(digest) => digest::challenges(&digest.key, realm, &digest.algorithms, stale, unix_now()),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// Lets `sender` in when the certificate's identity owns its device id.
+fn certificate_owner(
+    sender: Sender,
+    identity: &CertificateIdentity,
+    what: &str,
+) -> Result<Sender, AuthFailure> {
+    match identity.owner_of(sender.device_id().as_str()) {
+        Some(name) => {
+            let how = format!("{what} {name}");
+            Ok(sender.authenticated(how))
+        }
+        None => Err(AuthFailure::forbidden(format!(
+            "{what} ({}) does not own device id {}",
+            identity.describe(),
+            sender.device_id()
+        ))),
+    }
+}
+
+/// Whether one stored password gives the client's response.
+fn password_matches(
+    credentials: &Credentials,
+    stored: &accounts::StoredPassword,
+    realm: &str,
+    method: &str,
+) -> bool {
+    let algorithm = credentials.algorithm;
+    let ha1 = match (stored.algorithm, algorithm) {
+        (PasswordAlgorithm::ClearText, _) => {
+            algorithm.ha1(&credentials.username, realm, &stored.secret)
+        }
+        (PasswordAlgorithm::Md5, DigestAlgorithm::Md5)
+        | (PasswordAlgorithm::Sha256, DigestAlgorithm::Sha256) => {
+            stored.secret.trim().to_ascii_lowercase()
+        }
+        _ => return false,
+    };
+    credentials.response_matches(&ha1, method)
+}
+
+/// Whether the digest `uri` names the request's target (origin or absolute form).
+fn uri_matches(digest_uri: &str, target: &http::Uri) -> bool {
+    let Ok(digest_uri) = digest_uri.parse::<http::Uri>() else {
+        return false;
+    };
+    let path = |uri: &http::Uri| uri.path_and_query().map(|pq| pq.as_str().to_owned());
+    path(&digest_uri) == path(target)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

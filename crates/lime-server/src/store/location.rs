@@ -56,23 +56,28 @@ impl StoreLocation {
 
     /// Adds `password` to a database-server URL that has a user but no password.
     pub fn with_password(self, password: Option<&str>) -> StoreLocation {
-        let Some(password) = password else {
-            return self;
-        };
-        let add = |url: String| match url.split_once("://") {
-            Some((scheme, rest)) => match rest.split_once('@') {
-                Some((user, host)) if !user.contains(':') => {
-                    format!("{scheme}://{user}:{}@{host}", percent_encode(password))
-                }
-                _ => url,
-            },
-            None => url,
-        };
         match self {
-            StoreLocation::Mysql(url) => StoreLocation::Mysql(add(url)),
-            StoreLocation::Postgres(url) => StoreLocation::Postgres(add(url)),
+            StoreLocation::Mysql(url) => StoreLocation::Mysql(with_password(&url, password)),
+            StoreLocation::Postgres(url) => StoreLocation::Postgres(with_password(&url, password)),
             sqlite => sqlite,
         }
+    }
+}
+
+/// `url` with `password` added when it names a database server and a user but no
+/// password; unchanged otherwise (SQLite paths included).
+pub fn with_password(url: &str, password: Option<&str>) -> String {
+    let Some(password) = password else {
+        return url.to_owned();
+    };
+    match url.split_once("://") {
+        Some(("sqlite", _)) | None => url.to_owned(),
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((user, host)) if !user.contains(':') => {
+                format!("{scheme}://{user}:{}@{host}", percent_encode(password))
+            }
+            _ => url.to_owned(),
+        },
     }
 }
 

@@ -4,13 +4,17 @@
 //! Every test binary compiles this module and uses only part of it.
 #![allow(dead_code)]
 
+pub mod accounts;
+pub mod auth;
 pub mod backend;
 pub mod liblime;
 pub mod php;
+pub mod pki;
 pub mod process;
 pub mod relay;
 pub mod store_probe;
 
+use auth::{AuthFixture, TestAuth};
 use backend::{Backend, TestDatabases};
 use lime_protocol::{
     Curve, DeviceId, IdentityKey, OneTimePreKey, Registration, Request, RequestMessage,
@@ -47,6 +51,8 @@ pub struct TestApp {
     stop: oneshot::Sender<()>,
     /// The server's task, which ends once it has stopped.
     running: JoinHandle<anyhow::Result<()>>,
+    /// How the server authenticates, and the accounts or certificates of its clients.
+    pub auth: AuthFixture,
     /// The test's databases on a database server, dropped after the server stops.
     _databases: TestDatabases,
     /// Holds the data directory for the life of the test.
@@ -56,7 +62,7 @@ pub struct TestApp {
 /// Starts a server with the defaults (TLS, all five curves) on an ephemeral
 /// loopback port, its stores on the backend `LIME_TEST_BACKEND` names: SQLite in a
 /// fresh temporary directory, or fresh databases on the machine's MariaDB or
-/// PostgreSQL.
+/// PostgreSQL; authentication as `LIME_TEST_AUTH` says (off by default).
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
@@ -73,6 +79,16 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
 /// elsewhere (through a [`relay::Relay`], say), or enable fewer curves (the other
 /// databases are simply unused).
 pub async fn spawn_app_on(backend: Backend, configure: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_authenticating(backend, TestAuth::from_env(), configure).await
+}
+
+/// Starts a server with its stores on `backend` and authentication `auth` (its
+/// accounts on the same backend), settings changed by `configure`.
+pub async fn spawn_app_authenticating(
+    backend: Backend,
+    auth: TestAuth,
+    configure: impl FnOnce(&mut Settings),
+) -> TestApp {
     init_test_log();
     let data_dir = tempfile::tempdir().expect("temporary data directory");
     let mut settings = Settings::default();
@@ -82,6 +98,8 @@ pub async fn spawn_app_on(backend: Backend, configure: impl FnOnce(&mut Settings
     if url.is_some() {
         settings.storage.url = url.clone();
     }
+    let auth = AuthFixture::create(auth, backend, data_dir.path()).await;
+    auth.configure(&mut settings);
     configure(&mut settings);
     // The probe reaches the test's databases directly, wherever `configure`
     // pointed the server.
@@ -99,6 +117,7 @@ pub async fn spawn_app_on(backend: Backend, configure: impl FnOnce(&mut Settings
         }
         None => LimeClient::plain().expect("plain HTTP client"),
     };
+    let auth = auth.serving(client.clone(), app.certificate().cloned());
     let (stop, stopped) = oneshot::channel::<()>();
     let running = tokio::spawn(app.run_until(async {
         let _ = stopped.await;
@@ -108,6 +127,7 @@ pub async fn spawn_app_on(backend: Backend, configure: impl FnOnce(&mut Settings
         addr,
         client,
         probe: StoreProbe::new(&direct),
+        auth,
         settings,
         backend,
         stop,
@@ -139,7 +159,8 @@ impl TestApp {
     /// Sends one X3DH request as `sender` (header X-Lime-user-identity) and parses
     /// the answer. Panics when the answer is not an HTTP 200 X3DH message.
     pub async fn send(&self, sender: &str, message: &RequestMessage) -> ResponseMessage {
-        self.client
+        self.client_for(sender)
+            .await
             .send(&self.base_url, sender, message)
             .await
             .unwrap_or_else(|error| {
@@ -153,6 +174,18 @@ impl TestApp {
     /// Sends a request made of `curve` and `request`.
     pub async fn ask(&self, sender: &str, curve: Curve, request: Request) -> ResponseMessage {
         self.send(sender, &RequestMessage { curve, request }).await
+    }
+
+    /// A client that authenticates as the owner of `device_id` (the plain client
+    /// when authentication is off): its account or certificate is made on first use.
+    pub async fn client_for(&self, device_id: &str) -> LimeClient {
+        self.auth.client_for(device_id).await
+    }
+
+    /// The self-signed certificate the server presents.
+    pub fn certificate_file(&self) -> std::path::PathBuf {
+        lime_server::tls::CertificateFiles::self_signed_in(&self.settings.storage.data_dir)
+            .certificate
     }
 
     /// POSTs raw bytes to the base URL with exactly these headers.
@@ -183,6 +216,11 @@ pub fn device_id(name: &str) -> String {
         rng.next_u32(),
         u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64())
     )
+}
+
+/// `bytes` random bytes in hex.
+pub fn random_hex(bytes: usize) -> String {
+    hex::encode(random_bytes(bytes))
 }
 
 /// `len` random bytes.

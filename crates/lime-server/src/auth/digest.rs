@@ -1,0 +1,555 @@
+//! HTTP Digest authentication, server side (RFC 7616, with RFC 2617's `qop=auth`).
+//!
+//! No crate does the server side well, so this is written small, from the RFCs:
+//!
+//! - [`challenges`]: the `WWW-Authenticate` values of a 401, one per algorithm, in
+//!   the configured order (SHA-256 first by default: clients take the first they can
+//!   answer). The names are spelled exactly `SHA-256` and `MD5`: belle-sip,
+//!   Linphone's HTTP stack, compares them case-sensitively.
+//! - [`NonceKey`]: stateless nonces, `base64url(timestamp || HMAC(secret, timestamp
+//!   || realm))`, so that any instance sharing the secret verifies any other's nonces.
+//!   A nonce older than its lifetime is *stale*: the client is challenged again with
+//!   `stale=true` and answers without asking its user. Nonce counts are not tracked
+//!   (Linphone always sends `nc=00000001` and reuses a nonce): within its lifetime a
+//!   captured request could be replayed, which TLS is there to prevent.
+//! - [`Credentials::parse`]: the `Authorization` header.
+//! - [`Credentials::response_matches`]: recomputes the response from a stored HA1
+//!   and compares it in constant time.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use md5::Md5;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+use subtle::ConstantTimeEq;
+
+/// Bytes of HMAC kept in a nonce.
+const NONCE_MAC_LEN: usize = 16;
+
+/// How far in the future a nonce's timestamp may be: clock differences between
+/// instances behind one load balancer.
+const NONCE_CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// A digest hash algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DigestAlgorithm {
+    /// `MD5`: every client knows it.
+    Md5,
+    /// `SHA-256` (RFC 7616).
+    Sha256,
+}
+
+impl DigestAlgorithm {
+    /// The name in challenges and credentials.
+    pub fn name(self) -> &'static str {
+        match self {
+            DigestAlgorithm::Md5 => "MD5",
+            DigestAlgorithm::Sha256 => "SHA-256",
+        }
+    }
+
+    /// Lowercase hex of the hash of `data`.
+    pub fn hex(self, data: &str) -> String {
+        match self {
+            DigestAlgorithm::Md5 => hex::encode(Md5::digest(data.as_bytes())),
+            DigestAlgorithm::Sha256 => hex::encode(Sha256::digest(data.as_bytes())),
+        }
+    }
+
+    /// HA1 = H(username:realm:password), for passwords stored in clear.
+    pub fn ha1(self, username: &str, realm: &str, password: &str) -> String {
+        self.hex(&format!("{username}:{realm}:{password}"))
+    }
+}
+
+impl fmt::Display for DigestAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DigestAlgorithm {
+    type Err = String;
+
+    /// Exact names only (`MD5`, `SHA-256`), as in the config file.
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        match name {
+            "MD5" => Ok(DigestAlgorithm::Md5),
+            "SHA-256" => Ok(DigestAlgorithm::Sha256),
+            other => Err(format!(
+                "unknown digest algorithm {other:?}: expected \"SHA-256\" or \"MD5\""
+            )),
+        }
+    }
+}
+
+/// What a nonce check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceState {
+    /// Issued by an instance with this secret for this realm, within its lifetime.
+    Fresh,
+    /// Genuine but older than its lifetime: challenge again with `stale=true`.
+    Stale,
+    /// Not issued with this secret and realm: altered, made up, or from another realm.
+    Forged,
+}
+
+/// The secret that makes and checks nonces and the opaque value.
+#[derive(Clone)]
+pub struct NonceKey {
+    secret: Vec<u8>,
+    lifetime: Duration,
+}
+
+impl fmt::Debug for NonceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NonceKey")
+            .field("secret", &"***")
+            .field("lifetime", &self.lifetime)
+            .finish()
+    }
+}
+
+impl NonceKey {
+    /// A key from the configured secret; nonces live `lifetime`.
+    pub fn new(secret: &[u8], lifetime: Duration) -> NonceKey {
+        NonceKey {
+            secret: secret.to_vec(),
+            lifetime,
+        }
+    }
+
+    fn mac(&self, label: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes keys of any length");
+        mac.update(label);
+        for part in parts {
+            // Length-prefixed, so that no two different inputs read the same.
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        mac
+    }
+
+    /// A nonce for `realm`, made at `now` (seconds since the Unix epoch).
+    pub fn issue(&self, realm: &str, now: u64) -> String {
+        let timestamp = now.to_be_bytes();
+        let tag = self
+            .mac(b"lime-server nonce", &[&timestamp, realm.as_bytes()])
+            .finalize()
+            .into_bytes();
+        let mut bytes = Vec::with_capacity(8 + NONCE_MAC_LEN);
+        bytes.extend_from_slice(&timestamp);
+        bytes.extend_from_slice(&tag[..NONCE_MAC_LEN]);
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// Whether `nonce` was issued for `realm` with this secret, and how long ago.
+    pub fn check(&self, nonce: &str, realm: &str, now: u64) -> NonceState {
+        let Ok(bytes) = URL_SAFE_NO_PAD.decode(nonce) else {
+            return NonceState::Forged;
+        };
+        if bytes.len() != 8 + NONCE_MAC_LEN {
+            return NonceState::Forged;
+        }
+        let (timestamp, tag) = bytes.split_at(8);
+        let genuine = self
+            .mac(b"lime-server nonce", &[timestamp, realm.as_bytes()])
+            .verify_truncated_left(tag)
+            .is_ok();
+        if !genuine {
+            return NonceState::Forged;
+        }
+        let issued = u64::from_be_bytes(timestamp.try_into().expect("8 bytes"));
+        if issued > now.saturating_add(NONCE_CLOCK_SKEW.as_secs()) {
+            return NonceState::Forged;
+        }
+        if now.saturating_sub(issued) > self.lifetime.as_secs() {
+            NonceState::Stale
+        } else {
+            NonceState::Fresh
+        }
+    }
+
+    /// The `opaque` of challenges for `realm`: clients send it back unchanged.
+    pub fn opaque(&self, realm: &str) -> String {
+        let tag = self
+            .mac(b"lime-server opaque", &[realm.as_bytes()])
+            .finalize()
+            .into_bytes();
+        hex::encode(&tag[..16])
+    }
+}
+
+/// The `WWW-Authenticate` values of a 401: one challenge per algorithm, in order.
+pub fn challenges(
+    key: &NonceKey,
+    realm: &str,
+    algorithms: &[DigestAlgorithm],
+    stale: bool,
+    now: u64,
+) -> Vec<String> {
+    let nonce = key.issue(realm, now);
+    let opaque = key.opaque(realm);
+    let realm = quote(realm);
+    algorithms
+        .iter()
+        .map(|algorithm| {
+            let mut challenge = format!(
+                "Digest realm={realm}, nonce=\"{nonce}\", opaque=\"{opaque}\", qop=\"auth\", algorithm={algorithm}"
+            );
+            if stale {
+                challenge.push_str(", stale=true");
+            }
+            challenge
+        })
+        .collect()
+}
+
+/// `value` as a quoted-string.
+fn quote(value: &str) -> String {
+    let mut quoted = String::with_capacity(value.len() + 2);
+    quoted.push('"');
+    for c in value.chars() {
+        if c == '"' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    quoted
+}
+
+/// Why an `Authorization` header is not digest credentials we can check.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialsError {
+    /// Another scheme (Basic, Bearer...).
+    #[error("authorization scheme is not Digest")]
+    NotDigest,
+    /// Not `name=value` pairs separated by commas.
+    #[error("malformed Digest authorization: {0}")]
+    Malformed(&'static str),
+    /// A parameter given twice.
+    #[error("parameter {0} given twice")]
+    Duplicate(String),
+    /// A required parameter is absent.
+    #[error("parameter {0} missing")]
+    Missing(&'static str),
+    /// Something this server does not do (`username*`, `userhash`, `auth-int`, ...).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+}
+
+/// The parameters of an `Authorization: Digest ...` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// `username`
+    pub username: String,
+    /// `realm`
+    pub realm: String,
+    /// `nonce`
+    pub nonce: String,
+    /// `uri`: the request target the client hashed.
+    pub uri: String,
+    /// `response`: lowercase hex.
+    pub response: String,
+    /// `algorithm`; absent means MD5.
+    pub algorithm: DigestAlgorithm,
+    /// `cnonce`
+    pub cnonce: String,
+    /// `nc`
+    pub nonce_count: String,
+    /// `opaque`, when sent back.
+    pub opaque: Option<String>,
+}
+
+impl Credentials {
+    /// Parses an `Authorization` header value. Only `qop=auth` is accepted: it is
+    /// all the challenges offer.
+    pub fn parse(header: &str) -> Result<Credentials, CredentialsError> {
+        let header = header.trim_start();
+        let (scheme, rest) = header.split_once([' ', '\t']).unwrap_or((header, ""));
+        if !scheme.eq_ignore_ascii_case("Digest") {
+            return Err(CredentialsError::NotDigest);
+        }
+        let mut params = parse_params(rest)?;
+        if params.contains_key("username*") {
+            return Err(CredentialsError::Unsupported(
+                "username* (RFC 7616 encoded user names)".into(),
+            ));
+        }
+        if params
+            .get("userhash")
+            .is_some_and(|value| value.eq_ignore_ascii_case("true"))
+        {
+            return Err(CredentialsError::Unsupported("userhash=true".into()));
+        }
+        let mut take = |name: &'static str| {
+            params
+                .remove(name)
+                .ok_or(CredentialsError::Missing(name))
+        };
+        let username = take("username")?;
+        let realm = take("realm")?;
+        let nonce = take("nonce")?;
+        let uri = take("uri")?;
+        let response = take("response")?.to_ascii_lowercase();
+        let qop = take("qop")?;
+        if qop != "auth" {
+            return Err(CredentialsError::Unsupported(format!("qop={qop}")));
+        }
+        let cnonce = take("cnonce")?;
+        let nonce_count = take("nc")?;
+        let algorithm = match params.remove("algorithm") {
+            None => DigestAlgorithm::Md5,
+            Some(name) => match name.to_ascii_uppercase().as_str() {
+                "MD5" => DigestAlgorithm::Md5,
+                "SHA-256" => DigestAlgorithm::Sha256,
+                _ => return Err(CredentialsError::Unsupported(format!("algorithm={name}"))),
+            },
+        };
+        Ok(Credentials {
+            username,
+            realm,
+            nonce,
+            uri,
+            response,
+            algorithm,
+            cnonce,
+            nonce_count,
+            opaque: params.remove("opaque"),
+        })
+    }
+
+    /// Whether the response is the one `ha1` (lowercase hex, for this algorithm)
+    /// gives for `method`, compared in constant time.
+    pub fn response_matches(&self, ha1: &str, method: &str) -> bool {
+        let algorithm = self.algorithm;
+        let ha2 = algorithm.hex(&format!("{method}:{}", self.uri));
+        let expected = algorithm.hex(&format!(
+            "{ha1}:{}:{}:{}:auth:{ha2}",
+            self.nonce, self.nonce_count, self.cnonce
+        ));
+        expected.as_bytes().ct_eq(self.response.as_bytes()).into()
+    }
+}
+
+/// Splits `name=token, name="quoted string", ...` into lowercase names and values.
+fn parse_params(mut input: &str) -> Result<HashMap<String, String>, CredentialsError> {
+    let mut params = HashMap::new();
+    loop {
+        input = input.trim_start_matches([' ', '\t', ',']);
+        if input.is_empty() {
+            return Ok(params);
+        }
+        let (name, rest) = input
+            .split_once('=')
+            .ok_or(CredentialsError::Malformed("parameter without '='"))?;
+        let name = name.trim().to_ascii_lowercase();
+        if name.is_empty() || !name.bytes().all(is_token_byte) {
+            return Err(CredentialsError::Malformed("bad parameter name"));
+        }
+        let rest = rest.trim_start();
+        let (value, rest) = if let Some(quoted) = rest.strip_prefix('"') {
+            unquote(quoted)?
+        } else {
+            let end = rest.find([',', ' ', '\t']).unwrap_or(rest.len());
+            (rest[..end].to_owned(), &rest[end..])
+        };
+        let rest = rest.trim_start_matches([' ', '\t']);
+        if !(rest.is_empty() || rest.starts_with(',')) {
+            return Err(CredentialsError::Malformed("text after a parameter value"));
+        }
+        if params.insert(name.clone(), value).is_some() {
+            return Err(CredentialsError::Duplicate(name));
+        }
+        input = rest;
+    }
+}
+
+/// Reads a quoted-string whose opening quote is consumed; returns it and the rest.
+fn unquote(input: &str) -> Result<(String, &str), CredentialsError> {
+    let mut value = String::new();
+    let mut chars = input.char_indices();
+    while let Some((index, c)) = chars.next() {
+        match c {
+            '"' => return Ok((value, &input[index + 1..])),
+            '\\' => match chars.next() {
+                Some((_, escaped)) => value.push(escaped),
+                None => break,
+            },
+            c => value.push(c),
+        }
+    }
+    Err(CredentialsError::Malformed("unterminated quoted string"))
+}
+
+fn is_token_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_790_000_000;
+
+    fn key() -> NonceKey {
+        NonceKey::new(b"a secret of the operator", Duration::from_secs(300))
+    }
+
+    /// RFC 7616 section 3.9.1: the SHA-256 and MD5 examples, checked end to end.
+    #[test]
+    fn rfc_7616_examples_verify() {
+        let header = |algorithm: &str, response: &str| {
+            format!(
+                r#"Digest username="Mufasa", realm="http-auth@example.org", uri="/dir/index.html", algorithm={algorithm}, nonce="7ypf/xlj9XXwfDPEoM4URrv/xwf94BcCAzFZH4GiTo0v", nc=00000001, cnonce="f2/wE4q74E6zIJEtWaHKaf5wv/H5QzzpXusqGemxURZJ", qop=auth, response="{response}", opaque="FQhe/qaU925kfnzjCev0ciny7QMkPqMAFRtzCUYo5tdS""#
+            )
+        };
+        let cases = [
+            (
+                DigestAlgorithm::Sha256,
+                "SHA-256",
+                "753927fa0e85d155564e2e272a28d1802ca10daf4496794697cf8db5856cb6c1",
+            ),
+            (
+                DigestAlgorithm::Md5,
+                "MD5",
+                "8ca523f5e9506fed4657c9700eebdbec",
+            ),
+        ];
+        for (algorithm, name, response) in cases {
+            let credentials = Credentials::parse(&header(name, response)).unwrap();
+            assert_eq!(credentials.algorithm, algorithm);
+            let ha1 = algorithm.ha1("Mufasa", "http-auth@example.org", "Circle of Life");
+            assert!(credentials.response_matches(&ha1, "GET"), "{name}");
+            let wrong = algorithm.ha1("Mufasa", "http-auth@example.org", "Circle of life");
+            assert!(!credentials.response_matches(&wrong, "GET"), "{name}");
+            assert!(!credentials.response_matches(&ha1, "POST"), "{name}");
+        }
+    }
+
+    #[test]
+    fn nonces_are_checked_statelessly() {
+        let nonce = key().issue("example.org", NOW);
+        // Another instance with the same secret accepts it.
+        let other = NonceKey::new(b"a secret of the operator", Duration::from_secs(300));
+        assert_eq!(other.check(&nonce, "example.org", NOW + 10), NonceState::Fresh);
+        assert_eq!(other.check(&nonce, "example.org", NOW + 300), NonceState::Fresh);
+        assert_eq!(other.check(&nonce, "example.org", NOW + 301), NonceState::Stale);
+        assert_eq!(key().check(&nonce, "example.net", NOW), NonceState::Forged);
+        let stranger = NonceKey::new(b"another secret", Duration::from_secs(300));
+        assert_eq!(stranger.check(&nonce, "example.org", NOW), NonceState::Forged);
+    }
+
+    #[test]
+    fn altered_or_future_nonces_are_forged() {
+        let nonce = key().issue("example.org", NOW);
+        let mut bytes = URL_SAFE_NO_PAD.decode(&nonce).unwrap();
+        for index in 0..bytes.len() {
+            bytes[index] ^= 1;
+            let altered = URL_SAFE_NO_PAD.encode(&bytes);
+            assert_eq!(
+                key().check(&altered, "example.org", NOW),
+                NonceState::Forged
+            );
+            bytes[index] ^= 1;
+        }
+        assert_eq!(key().check("", "example.org", NOW), NonceState::Forged);
+        assert_eq!(key().check("!!", "example.org", NOW), NonceState::Forged);
+        let future = key().issue("example.org", NOW + 3600);
+        assert_eq!(key().check(&future, "example.org", NOW), NonceState::Forged);
+    }
+
+    #[test]
+    fn challenges_name_algorithms_exactly_and_in_order() {
+        let values = challenges(
+            &key(),
+            "example.org",
+            &[DigestAlgorithm::Sha256, DigestAlgorithm::Md5],
+            false,
+            NOW,
+        );
+        assert_eq!(values.len(), 2);
+        assert!(values[0].ends_with("qop=\"auth\", algorithm=SHA-256"), "{}", values[0]);
+        assert!(values[1].ends_with("qop=\"auth\", algorithm=MD5"), "{}", values[1]);
+        assert!(values[0].starts_with("Digest realm=\"example.org\", nonce=\""));
+        let stale = challenges(&key(), "example.org", &[DigestAlgorithm::Md5], true, NOW);
+        assert!(stale[0].ends_with(", stale=true"));
+        // The digest_auth crate (a client) reads what we send.
+        let parsed = digest_auth::parse(&values[0]).unwrap();
+        assert_eq!(parsed.realm, "example.org");
+        assert_eq!(parsed.opaque.as_deref(), Some(key().opaque("example.org").as_str()));
+    }
+
+    #[test]
+    fn quoted_strings_and_tokens_parse() {
+        let credentials = Credentials::parse(
+            r#"digest username="a\"b", realm="r", nonce="n", uri="/", response="ABC", qop=auth, nc=00000001, cnonce="c""#,
+        )
+        .unwrap();
+        assert_eq!(credentials.username, "a\"b");
+        assert_eq!(credentials.response, "abc");
+        assert_eq!(credentials.algorithm, DigestAlgorithm::Md5);
+        assert_eq!(credentials.opaque, None);
+    }
+
+    #[test]
+    fn bad_headers_are_refused_with_the_reason() {
+        let full = r#"username="u", realm="r", nonce="n", uri="/", response="x", qop=auth, nc=1, cnonce="c""#;
+        assert_eq!(
+            Credentials::parse("Basic dTpw"),
+            Err(CredentialsError::NotDigest)
+        );
+        assert_eq!(
+            Credentials::parse(&format!("Digest {full}, realm=\"s\"")),
+            Err(CredentialsError::Duplicate("realm".into()))
+        );
+        assert_eq!(
+            Credentials::parse(r#"Digest username="u", realm="r""#),
+            Err(CredentialsError::Missing("nonce"))
+        );
+        assert!(matches!(
+            Credentials::parse(&format!("Digest {full}, algorithm=SHA-512-256")),
+            Err(CredentialsError::Unsupported(_))
+        ));
+        assert!(matches!(
+            Credentials::parse(&format!("Digest {}", full.replace("qop=auth", "qop=auth-int"))),
+            Err(CredentialsError::Unsupported(_))
+        ));
+        assert!(matches!(
+            Credentials::parse(r#"Digest username="unterminated"#),
+            Err(CredentialsError::Malformed(_))
+        ));
+        assert!(matches!(
+            Credentials::parse(r#"Digest username="u" junk, realm="r""#),
+            Err(CredentialsError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_response_from_the_digest_auth_crate_verifies() {
+        for (name, algorithm) in [
+            ("SHA-256", DigestAlgorithm::Sha256),
+            ("MD5", DigestAlgorithm::Md5),
+        ] {
+            let challenge = challenges(&key(), "example.org", &[algorithm], false, NOW);
+            let mut prompt = digest_auth::parse(&challenge[0]).unwrap();
+            let context = digest_auth::AuthContext::new_post::<_, _, _, &[u8]>(
+                "alice",
+                "secret",
+                "/lime-server/lime-server.php",
+                None,
+            );
+            let answer = prompt.respond(&context).unwrap().to_header_string();
+            let credentials = Credentials::parse(&answer).unwrap();
+            assert_eq!(credentials.algorithm, algorithm, "{name}");
+            assert_eq!(key().check(&credentials.nonce, "example.org", NOW), NonceState::Fresh);
+            let ha1 = algorithm.ha1("alice", "example.org", "secret");
+            assert!(credentials.response_matches(&ha1, "POST"), "{name}");
+        }
+    }
+}

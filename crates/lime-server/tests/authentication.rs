@@ -1,0 +1,635 @@
+//! Authentication against the real server: HTTP Digest with accounts in a
+//! flexisip-account-manager-shaped database (MariaDB, PostgreSQL, SQLite), answered
+//! by real clients (`curl --digest` and the `digest_auth` crate behind
+//! `LimeClient`); every way of being refused, each a named test; failed-attempt
+//! throttling; TLS client certificates beside digest; certificates verified by a
+//! trusted reverse proxy.
+
+mod common;
+
+use common::accounts::AccountsFixture;
+use common::auth::{TestAuth, password_of, user_and_domain};
+use common::backend::Backend;
+use common::pki::TestPki;
+use common::{TestApp, device_id, registration, spawn_app_authenticating};
+use lime_protocol::{Curve, Request, RequestMessage, Response, ResponseMessage};
+use lime_server::client::{LimeClient, RawAnswer};
+use lime_server::config::Settings;
+use std::time::Duration;
+
+const CURVE: Curve = Curve::C25519;
+
+/// A server with digest on, its accounts on `accounts`, settings changed by `configure`.
+async fn digest_app(accounts: Backend, configure: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_authenticating(accounts, TestAuth::Digest, configure).await
+}
+
+fn accounts_of(app: &TestApp) -> &AccountsFixture {
+    app.auth.accounts.as_ref().expect("digest has accounts")
+}
+
+/// A registerUser for a fresh device of `name`, its body and device id.
+fn register(name: &str) -> (String, Vec<u8>) {
+    let device = device_id(name);
+    let message = RequestMessage {
+        curve: CURVE,
+        request: Request::RegisterUser(registration(CURVE, 3, 1)),
+    };
+    (device, message.encode().unwrap())
+}
+
+/// Adds the account owning `device` with its test password (MD5 and SHA-256 rows).
+async fn add_owner(app: &TestApp, device: &str, algorithms: &[&str]) -> (String, String) {
+    let (user, domain) = user_and_domain(device);
+    let password = password_of(&user);
+    accounts_of(app)
+        .add_account(&user, &domain, &password, algorithms)
+        .await;
+    (user, password)
+}
+
+fn x3dh_headers(device: &str) -> [(&'static str, &str); 2] {
+    [
+        ("content-type", "x3dh/octet-stream"),
+        ("x-lime-user-identity", device),
+    ]
+}
+
+/// Checks an answer is an X3DH 200 of the registerUser kind.
+fn assert_registered(answer: &RawAnswer, what: &str) {
+    assert_eq!(answer.status, 200, "{what}: {answer:?}");
+    let parsed = ResponseMessage::parse(&answer.body).expect("an X3DH answer");
+    assert!(
+        matches!(parsed.response, Response::Done(_)),
+        "{what}: {parsed:?}"
+    );
+}
+
+/// True when the server holds `device`.
+async fn is_registered(app: &TestApp, device: &str) -> bool {
+    app.probe.device_row(CURVE, device).await.is_some()
+}
+
+/// The challenge values of a first, credential-less request.
+async fn first_challenges(app: &TestApp, device: &str, body: &[u8]) -> Vec<String> {
+    let answer = app
+        .post_raw(&x3dh_headers(device), body.to_vec())
+        .await;
+    assert_eq!(answer.status, 401, "no credentials: {answer:?}");
+    answer.www_authenticate
+}
+
+/// An `Authorization` header answering `challenge` with the `digest_auth` crate,
+/// after `tamper` changed the challenge (realm, nonce...).
+fn answer_challenge(
+    challenge: &str,
+    username: &str,
+    password: &str,
+    tamper: impl FnOnce(&mut digest_auth::WwwAuthenticateHeader),
+) -> String {
+    let mut prompt = digest_auth::parse(challenge).expect("a readable challenge");
+    tamper(&mut prompt);
+    let mut context = digest_auth::AuthContext::new(username, password, "/");
+    context.method = digest_auth::HttpMethod::POST;
+    prompt.respond(&context).unwrap().to_header_string()
+}
+
+/// Posts `body` as `device` with an `Authorization` header.
+async fn post_with(app: &TestApp, device: &str, body: &[u8], authorization: &str) -> RawAnswer {
+    let mut headers = x3dh_headers(device).to_vec();
+    headers.push(("authorization", authorization));
+    app.post_raw(&headers, body.to_vec()).await
+}
+
+// --- The challenge itself ---------------------------------------------------------
+
+#[tokio::test]
+async fn a_request_without_credentials_gets_sha256_then_md5_challenges() {
+    let app = digest_app(Backend::Sqlite, |_| {}).await;
+    let (device, body) = register("alice");
+    let challenges = first_challenges(&app, &device, &body).await;
+    assert_eq!(challenges.len(), 2, "{challenges:?}");
+    for (challenge, algorithm) in challenges.iter().zip(["SHA-256", "MD5"]) {
+        assert!(
+            challenge.starts_with("Digest realm=\"example.org\", nonce=\""),
+            "{challenge}"
+        );
+        assert!(
+            challenge.ends_with(&format!("qop=\"auth\", algorithm={algorithm}")),
+            "the name must be exactly {algorithm}: {challenge}"
+        );
+        assert!(challenge.contains("opaque=\""), "{challenge}");
+    }
+    assert!(!is_registered(&app, &device).await);
+    app.stop().await;
+}
+
+// --- Real clients, accounts on each database --------------------------------------
+
+/// curl answers the challenge with `algorithm` (the server offering only it, as
+/// curl takes the first Digest challenge).
+async fn curl_registers(accounts: Backend, algorithm: &'static str) {
+    let app = digest_app(accounts, |settings| {
+        settings.auth.digest.algorithms = vec![algorithm.into()];
+    })
+    .await;
+    let (device, body) = register("curl");
+    let (user, password) = add_owner(&app, &device, &[algorithm]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let request = dir.path().join("request");
+    let response = dir.path().join("response");
+    std::fs::write(&request, &body).unwrap();
+    let certificate = app.certificate_file();
+    let output = tokio::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--digest", "--user"])
+        .arg(format!("{user}:{password}"))
+        .arg("--cacert")
+        .arg(&certificate)
+        .args(["--header", "Content-Type: x3dh/octet-stream", "--header"])
+        .arg(format!("X-Lime-user-identity: {device}"))
+        .arg("--data-binary")
+        .arg(format!("@{}", request.display()))
+        .arg("--output")
+        .arg(&response)
+        .args(["--write-out", "%{http_code}", "--verbose"])
+        .arg(&app.base_url)
+        .output()
+        .await
+        .expect("curl runs (apt-get install curl)");
+    let trace = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "200",
+        "curl --digest ({algorithm}) did not get a 200:\n{trace}"
+    );
+    assert!(
+        trace.contains(&format!("algorithm={algorithm}")),
+        "curl answered another algorithm than {algorithm}:\n{trace}"
+    );
+    let answer = ResponseMessage::parse(&std::fs::read(&response).unwrap()).unwrap();
+    assert!(matches!(answer.response, Response::Done(_)), "{answer:?}");
+    assert!(is_registered(&app, &device).await);
+    app.stop().await;
+}
+
+/// The Rust client (`digest_auth` behind `LimeClient`) registers, then keeps
+/// using the nonce for the next requests, as Linphone does.
+async fn rust_client_registers(accounts: Backend, algorithm: &'static str, stored: &[&str]) {
+    let app = digest_app(accounts, |_| {}).await;
+    let (device, body) = register("rust");
+    let (user, password) = add_owner(&app, &device, stored).await;
+    let client = app.client.with_digest(&user, &password, Some(algorithm));
+    let answer = client
+        .post(&app.base_url, &x3dh_headers(&device), body)
+        .await
+        .unwrap();
+    assert_registered(&answer, algorithm);
+    let again = RequestMessage {
+        curve: CURVE,
+        request: Request::GetSelfOneTimePreKeys,
+    };
+    let answer = client.send(&app.base_url, &device, &again).await.unwrap();
+    assert!(
+        matches!(&answer.response, Response::SelfOneTimePreKeys(ids) if ids.len() == 3),
+        "{answer:?}"
+    );
+    app.stop().await;
+}
+
+macro_rules! real_clients_on {
+    ($($backend:ident: $variant:expr;)*) => {
+        $(mod $backend {
+            use super::*;
+
+            #[tokio::test]
+            async fn curl_digest_sha256_registers() {
+                curl_registers($variant, "SHA-256").await;
+            }
+
+            #[tokio::test]
+            async fn curl_digest_md5_registers() {
+                curl_registers($variant, "MD5").await;
+            }
+
+            #[tokio::test]
+            async fn rust_client_sha256_registers() {
+                rust_client_registers($variant, "SHA-256", &["MD5", "SHA-256"]).await;
+            }
+
+            #[tokio::test]
+            async fn rust_client_md5_registers() {
+                rust_client_registers($variant, "MD5", &["MD5", "SHA-256"]).await;
+            }
+
+            #[tokio::test]
+            async fn clear_text_password_serves_both_algorithms() {
+                rust_client_registers($variant, "SHA-256", &["CLRTXT"]).await;
+                rust_client_registers($variant, "MD5", &["CLRTXT"]).await;
+            }
+        })*
+    };
+}
+
+real_clients_on! {
+    mariadb: Backend::Mariadb;
+    postgres: Backend::Postgres;
+    sqlite: Backend::Sqlite;
+}
+
+// --- Refusals ----------------------------------------------------------------------
+
+/// Runs `attempt` against a MariaDB-backed digest server where the owner of a
+/// fresh device has an account, then checks the device was not registered.
+async fn refused(
+    name: &str,
+    attempt: impl AsyncFnOnce(&TestApp, &str, &[u8], &str, &str) -> RawAnswer,
+    expected_status: u16,
+) -> RawAnswer {
+    let app = digest_app(Backend::Mariadb, |_| {}).await;
+    let (device, body) = register(name);
+    let (user, password) = add_owner(&app, &device, &["MD5", "SHA-256"]).await;
+    let answer = attempt(&app, &device, &body, &user, &password).await;
+    assert_eq!(answer.status, expected_status, "{name}: {answer:?}");
+    assert!(
+        !is_registered(&app, &device).await,
+        "{name}: the device was registered anyway"
+    );
+    app.stop().await;
+    answer
+}
+
+#[tokio::test]
+async fn wrong_password_is_refused() {
+    let answer = refused(
+        "wrong-password",
+        async |app, device, body, user, _| {
+            let client = app.client.with_digest(user, "not the password", None);
+            client
+                .post(&app.base_url, &x3dh_headers(device), body.to_vec())
+                .await
+                .unwrap()
+        },
+        401,
+    )
+    .await;
+    assert!(answer.www_authenticate.iter().all(|c| !c.contains("stale")));
+}
+
+#[tokio::test]
+async fn unknown_user_is_refused() {
+    refused(
+        "unknown-user",
+        async |app, device, body, user, password| {
+            // The device id names `user`; credentials of a user with no account
+            // but the right user part would be the same name: use another name.
+            let stranger = format!("{user}-nobody");
+            let device = device.replacen(user, &stranger, 1);
+            let client = app.client.with_digest(&stranger, password, None);
+            client
+                .post(&app.base_url, &x3dh_headers(&device), body.to_vec())
+                .await
+                .unwrap()
+        },
+        401,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn wrong_realm_is_refused() {
+    refused(
+        "wrong-realm",
+        async |app, device, body, user, password| {
+            let challenges = first_challenges(app, device, body).await;
+            let authorization = answer_challenge(&challenges[0], user, password, |prompt| {
+                prompt.realm = "example.net".into();
+            });
+            post_with(app, device, body, &authorization).await
+        },
+        401,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn tampered_nonce_is_refused() {
+    let answer = refused(
+        "tampered-nonce",
+        async |app, device, body, user, password| {
+            let challenges = first_challenges(app, device, body).await;
+            let authorization = answer_challenge(&challenges[0], user, password, |prompt| {
+                // One character changed; the response is computed for it, so only
+                // the nonce's own integrity check can catch it.
+                let mut nonce = prompt.nonce.clone().into_bytes();
+                nonce[3] = if nonce[3] == b'A' { b'B' } else { b'A' };
+                prompt.nonce = String::from_utf8(nonce).unwrap();
+            });
+            post_with(app, device, body, &authorization).await
+        },
+        401,
+    )
+    .await;
+    assert!(answer.www_authenticate.iter().all(|c| !c.contains("stale")));
+}
+
+#[tokio::test]
+async fn device_id_of_another_user_is_refused() {
+    let app = digest_app(Backend::Mariadb, |_| {}).await;
+    let (bob_device, bob_body) = register("bob");
+    let bob = app.client_for(&bob_device).await;
+    let answer = bob
+        .post(&app.base_url, &x3dh_headers(&bob_device), bob_body)
+        .await
+        .unwrap();
+    assert_registered(&answer, "bob registers");
+    let keys_before = app.probe.device_row(CURVE, &bob_device).await;
+
+    // alice, authenticated, names bob's device id: registering over it, deleting it.
+    let alice_device = device_id("alice");
+    let alice = app.client_for(&alice_device).await;
+    let (_, alice_body) = register("alice");
+    let delete = RequestMessage {
+        curve: CURVE,
+        request: Request::DeleteUser,
+    }
+    .encode()
+    .unwrap();
+    for body in [alice_body, delete] {
+        let answer = alice
+            .post(&app.base_url, &x3dh_headers(&bob_device), body)
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 403, "alice acting for bob: {answer:?}");
+    }
+    assert_eq!(
+        app.probe.device_row(CURVE, &bob_device).await,
+        keys_before,
+        "bob's keys changed"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn expired_nonce_is_stale_then_accepted() {
+    let app = digest_app(Backend::Mariadb, |settings| {
+        settings.auth.digest.nonce_lifetime_secs = 1;
+    })
+    .await;
+    let (device, body) = register("stale");
+    let (user, password) = add_owner(&app, &device, &["SHA-256"]).await;
+    let challenges = first_challenges(&app, &device, &body).await;
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let late = answer_challenge(&challenges[0], &user, &password, |_| {});
+    let answer = post_with(&app, &device, &body, &late).await;
+    assert_eq!(answer.status, 401, "an expired nonce: {answer:?}");
+    assert!(
+        !answer.www_authenticate.is_empty()
+            && answer
+                .www_authenticate
+                .iter()
+                .all(|challenge| challenge.ends_with(", stale=true")),
+        "right credentials on an old nonce get stale=true: {:?}",
+        answer.www_authenticate
+    );
+    assert!(!is_registered(&app, &device).await);
+    let fresh = answer_challenge(&answer.www_authenticate[0], &user, &password, |_| {});
+    let answer = post_with(&app, &device, &body, &fresh).await;
+    assert_registered(&answer, "answering the stale challenge");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_password_on_an_expired_nonce_is_not_stale() {
+    let app = digest_app(Backend::Sqlite, |settings| {
+        settings.auth.digest.nonce_lifetime_secs = 1;
+    })
+    .await;
+    let (device, body) = register("stale-wrong");
+    let (user, _) = add_owner(&app, &device, &["SHA-256"]).await;
+    let challenges = first_challenges(&app, &device, &body).await;
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let late = answer_challenge(&challenges[0], &user, "wrong", |_| {});
+    let answer = post_with(&app, &device, &body, &late).await;
+    assert_eq!(answer.status, 401);
+    assert!(
+        answer.www_authenticate.iter().all(|c| !c.contains("stale")),
+        "stale=true would tell a guesser nothing is wrong but time: {:?}",
+        answer.www_authenticate
+    );
+    app.stop().await;
+}
+
+// --- Throttling --------------------------------------------------------------------
+
+#[tokio::test]
+async fn repeated_failures_lock_the_user_out_until_the_lockout_ends() {
+    let app = digest_app(Backend::Mariadb, |settings| {
+        let throttle = &mut settings.auth.throttle;
+        throttle.max_failures_per_user = 3;
+        throttle.lockout_secs = 2;
+        throttle.delay_step_ms = 0;
+    })
+    .await;
+    let (device, body) = register("locked");
+    let (user, password) = add_owner(&app, &device, &["MD5", "SHA-256"]).await;
+    let guesser = app.client.with_digest(&user, "guess", None);
+    for attempt in 1..=3 {
+        let answer = guesser
+            .post(&app.base_url, &x3dh_headers(&device), body.clone())
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 401, "wrong password #{attempt}");
+    }
+    let owner = app.client.with_digest(&user, &password, None);
+    let answer = owner
+        .post(&app.base_url, &x3dh_headers(&device), body.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.status, 429,
+        "the right password during the lock-out: {answer:?}"
+    );
+    assert!(!is_registered(&app, &device).await);
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let answer = owner
+        .post(&app.base_url, &x3dh_headers(&device), body)
+        .await
+        .unwrap();
+    assert_registered(&answer, "after the lock-out");
+    app.stop().await;
+}
+
+// --- Client certificates beside digest ---------------------------------------------
+
+/// A server with digest (accounts on SQLite) and optional client certificates of `pki`.
+async fn both_methods(pki: &TestPki) -> TestApp {
+    let (ca, crl) = (pki.ca_file(), pki.crl_file());
+    digest_app(Backend::Sqlite, move |settings| {
+        let certificates = &mut settings.auth.client_certificates;
+        certificates.ca_file = Some(ca);
+        certificates.crl_files = vec![crl];
+        certificates.required = false;
+    })
+    .await
+}
+
+fn presenting(app: &TestApp, certificate: &common::pki::IssuedCertificate) -> LimeClient {
+    LimeClient::with_client_certificate(
+        &app.certificate_file(),
+        &certificate.certificate,
+        &certificate.private_key,
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn without_a_certificate_digest_applies() {
+    let pki = TestPki::new();
+    let app = both_methods(&pki).await;
+    let (device, body) = register("nocert");
+    let first = app.post_raw(&x3dh_headers(&device), body.clone()).await;
+    assert_eq!(first.status, 401, "no certificate, no credentials: challenged");
+    let client = app.client_for(&device).await;
+    let answer = client
+        .post(&app.base_url, &x3dh_headers(&device), body)
+        .await
+        .unwrap();
+    assert_registered(&answer, "digest without a certificate");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_certificate_owning_the_device_needs_no_digest() {
+    let pki = TestPki::new();
+    let app = both_methods(&pki).await;
+    let (device, body) = register("cert");
+    let (user, domain) = user_and_domain(&device);
+    let certificate = pki.issue(&[&format!("sip:{user}@{domain}")], &[], "cert");
+    let answer = presenting(&app, &certificate)
+        .post(&app.base_url, &x3dh_headers(&device), body)
+        .await
+        .unwrap();
+    assert_registered(&answer, "certificate only");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_certificate_of_another_identity_is_refused_without_digest_fallback() {
+    let pki = TestPki::new();
+    let app = both_methods(&pki).await;
+    let (device, body) = register("mismatch");
+    let (user, password) = add_owner(&app, &device, &["MD5", "SHA-256"]).await;
+    let certificate = pki.issue(&["sip:somebody-else@example.org"], &[], "somebody-else");
+    // Right digest credentials too: the certificate's identity decides.
+    let client = presenting(&app, &certificate).with_digest(&user, &password, None);
+    let answer = client
+        .post(&app.base_url, &x3dh_headers(&device), body)
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert!(
+        answer.www_authenticate.is_empty(),
+        "no digest challenge offered"
+    );
+    assert!(!is_registered(&app, &device).await);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn revoked_or_foreign_certificates_are_refused_at_the_handshake() {
+    let pki = TestPki::new();
+    let (device, body) = register("revoked");
+    let (user, domain) = user_and_domain(&device);
+    let owner = format!("sip:{user}@{domain}");
+    let revoked = pki.issue(&[&owner], &[], "revoked");
+    // The CRL is read when the server starts.
+    pki.revoke(&revoked);
+    let foreign = pki.issue_by_other_ca(&[&owner], "foreign");
+    let app = both_methods(&pki).await;
+    for (what, certificate) in [("revoked", &revoked), ("other CA", &foreign)] {
+        let result = presenting(&app, certificate)
+            .post(&app.base_url, &x3dh_headers(&device), body.clone())
+            .await;
+        assert!(
+            result.is_err(),
+            "{what} certificate: the handshake must fail, got {result:?}"
+        );
+    }
+    assert!(!is_registered(&app, &device).await);
+    app.stop().await;
+}
+
+// --- Behind a reverse proxy --------------------------------------------------------
+
+/// A plain-HTTP server with digest, believing proxy headers from `trusted`.
+async fn behind_proxy(trusted: &str) -> TestApp {
+    let trusted = trusted.to_owned();
+    digest_app(Backend::Sqlite, move |settings| {
+        settings.server.listen = Vec::new();
+        settings.server.plain_http_listen = vec!["127.0.0.1:0".parse().unwrap()];
+        settings.auth.proxy.trusted = vec![trusted];
+    })
+    .await
+}
+
+/// What a proxy adds for a client certificate it verified.
+fn proxy_headers<'a>(device: &'a str, verify: &'a str, certificate: &'a str) -> Vec<(&'a str, &'a str)> {
+    let mut headers = x3dh_headers(device).to_vec();
+    headers.push(("x-ssl-client-verify", verify));
+    headers.push(("x-ssl-client-cert", certificate));
+    headers.push(("x-forwarded-for", "198.51.100.7"));
+    headers
+}
+
+/// The PEM of an issued certificate, URL-escaped as nginx's `$ssl_client_escaped_cert`.
+fn escaped_pem(certificate: &common::pki::IssuedCertificate) -> String {
+    let pem = std::fs::read_to_string(&certificate.certificate).unwrap();
+    percent_encoding::utf8_percent_encode(&pem, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_vouches_for_a_certificate() {
+    let app = behind_proxy("127.0.0.0/8").await;
+    let pki = TestPki::new();
+    let (device, body) = register("proxied");
+    let (user, domain) = user_and_domain(&device);
+    let certificate = escaped_pem(&pki.issue(&[&format!("sip:{user}@{domain}")], &[], "p"));
+    let answer = app
+        .post_raw(&proxy_headers(&device, "SUCCESS", &certificate), body.clone())
+        .await;
+    assert_registered(&answer, "proxy-verified certificate");
+
+    let other = escaped_pem(&pki.issue(&["sip:other@example.org"], &[], "o"));
+    let answer = app
+        .post_raw(&proxy_headers(&device, "SUCCESS", &other), body.clone())
+        .await;
+    assert_eq!(answer.status, 403, "certificate of another identity: {answer:?}");
+    let answer = app
+        .post_raw(
+            &proxy_headers(&device, "FAILED:certificate revoked", &certificate),
+            body.clone(),
+        )
+        .await;
+    assert_eq!(answer.status, 403, "the proxy refused it: {answer:?}");
+    let answer = app.post_raw(&x3dh_headers(&device), body).await;
+    assert_eq!(answer.status, 401, "no certificate: digest applies");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn proxy_headers_from_an_untrusted_address_are_ignored() {
+    let app = behind_proxy("192.0.2.1").await;
+    let pki = TestPki::new();
+    let (device, body) = register("spoofed");
+    let (user, domain) = user_and_domain(&device);
+    let certificate = escaped_pem(&pki.issue(&[&format!("sip:{user}@{domain}")], &[], "s"));
+    let answer = app
+        .post_raw(&proxy_headers(&device, "SUCCESS", &certificate), body)
+        .await;
+    assert_eq!(
+        answer.status, 401,
+        "headers from a client that is not the proxy must not authenticate: {answer:?}"
+    );
+    assert!(!is_registered(&app, &device).await);
+    app.stop().await;
+}
