@@ -6,6 +6,7 @@
 //! served at once; a watch channel tells the accept loops to stop, and hyper's
 //! graceful shutdown lets the requests in flight finish.
 
+use crate::auth::certificate::{CertificateIdentity, CertificateIdentityError, PeerCertificate};
 use crate::config::Settings;
 use crate::http::{self, HttpState};
 use crate::service::KeyService;
@@ -13,6 +14,8 @@ use crate::store::sqlite::SqliteOptions;
 use crate::store::{self, ServerStoreOptions, Stores};
 use crate::tls::{self, CertificateFiles};
 use anyhow::{Context, Result};
+use hyper::Request;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -25,6 +28,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 /// How long a client has to finish its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -92,7 +96,7 @@ impl Application {
         };
         let acceptor = certificate
             .as_ref()
-            .map(|files| tls::server_config(files).map(TlsAcceptor::from))
+            .map(|files| tls::server_config(files, None).map(TlsAcceptor::from))
             .transpose()?;
 
         let mut listeners = Vec::new();
@@ -255,10 +259,16 @@ async fn serve_connection(
     state: Arc<HttpState>,
     graceful: Watcher,
 ) {
-    let service = service_fn(move |request| {
-        let state = state.clone();
-        async move { http::handle(&state, request).await }
-    });
+    // Every request of the connection carries its client certificate, if any.
+    let service = move |peer_certificate: Option<PeerCertificate>| {
+        service_fn(move |mut request: Request<Incoming>| {
+            let state = state.clone();
+            if let Some(certificate) = &peer_certificate {
+                request.extensions_mut().insert(certificate.clone());
+            }
+            async move { http::handle(&state, request).await }
+        })
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A client that trickles its headers is cut off instead of holding a slot.
     builder
@@ -279,15 +289,40 @@ async fn serve_connection(
                         return;
                     }
                 };
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let peer_certificate = match peer_certificate(&stream) {
+                Ok(peer_certificate) => peer_certificate,
+                Err(error) => {
+                    tracing::warn!(%peer, %error, "unreadable client certificate, connection closed");
+                    return;
+                }
+            };
+            let connection =
+                builder.serve_connection(TokioIo::new(stream), service(peer_certificate));
             graceful.watch(connection.into_owned()).await
         }
         None => {
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let connection = builder.serve_connection(TokioIo::new(stream), service(None));
             graceful.watch(connection.into_owned()).await
         }
     };
     if let Err(error) = result {
         tracing::debug!(%peer, %error, "connection ended with an error");
     }
+}
+
+/// The names of the certificate the client presented in the handshake (already
+/// verified by rustls), or `None` when it presented none.
+fn peer_certificate(
+    stream: &TlsStream<TcpStream>,
+) -> Result<Option<PeerCertificate>, CertificateIdentityError> {
+    let Some(end_entity) = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+    else {
+        return Ok(None);
+    };
+    let identity = CertificateIdentity::from_der(end_entity)?;
+    Ok(Some(PeerCertificate(Arc::new(identity))))
 }
