@@ -37,7 +37,11 @@ pub fn client_verifier(
     required: bool,
 ) -> Result<Arc<dyn ClientCertVerifier>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = Arc::new(read_trusted_cas(ca_file)?);
+    let roots = crate::tls::read_trust_anchors(ca_file)?;
+    if roots.is_empty() {
+        anyhow::bail!("no PEM CA certificate in {}", ca_file.display());
+    }
+    let roots = Arc::new(roots);
     let mut crls = Vec::new();
     for crl_file in crl_files {
         crls.extend(read_crls(crl_file, &roots, &provider)?);
@@ -54,23 +58,6 @@ pub fn client_verifier(
             ca_file.display()
         )
     })
-}
-
-/// The CA certificates of a PEM bundle.
-fn read_trusted_cas(ca_file: &Path) -> Result<RootCertStore> {
-    let certificates = CertificateDer::pem_file_iter(ca_file)
-        .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("cannot read CA certificates {}", ca_file.display()))?;
-    let mut roots = RootCertStore::empty();
-    for certificate in certificates {
-        roots
-            .add(certificate)
-            .with_context(|| format!("bad CA certificate in {}", ca_file.display()))?;
-    }
-    if roots.is_empty() {
-        anyhow::bail!("no PEM CA certificate in {}", ca_file.display());
-    }
-    Ok(roots)
 }
 
 /// The CRLs of one PEM file. The verifier builder parses all CRLs at once and its
