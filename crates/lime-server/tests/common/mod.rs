@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod liblime;
 pub mod php;
+pub mod pki;
 pub mod process;
 pub mod relay;
 pub mod store_probe;
