@@ -265,7 +265,9 @@ fn print_summary(settings: &Settings, source: Option<PathBuf>) {
             "authentication: digest ({}), accounts in {}, realm {}",
             auth.digest.algorithms.join(", "),
             store::location::redact(url),
-            auth.realm.as_deref().unwrap_or("= the domain of each device id")
+            auth.realm
+                .as_deref()
+                .unwrap_or("= the domain of each device id")
         );
     }
     if let Some(ca) = &auth.client_certificates.ca_file {
@@ -274,7 +276,10 @@ fn print_summary(settings: &Settings, source: Option<PathBuf>) {
         } else {
             "optional"
         };
-        println!("authentication: client certificates ({required}), CA {}", ca.display());
+        println!(
+            "authentication: client certificates ({required}), CA {}",
+            ca.display()
+        );
     }
     if auth.proxy.is_enabled() {
         println!(

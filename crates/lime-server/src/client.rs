@@ -10,8 +10,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use lime_protocol::{RequestMessage, ResponseMessage};
-use rustls::RootCertStore;
-use rustls_pki_types::CertificateDer;
+use rustls::client::WantsClientCert;
+use rustls::{ClientConfig, ConfigBuilder, RootCertStore};
+use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
 use std::path::Path;
 use std::sync::Arc;
@@ -41,27 +42,43 @@ pub struct LimeClient {
 impl LimeClient {
     /// A client that trusts the PEM certificate(s) in `certificate` (and plain HTTP).
     pub fn trusting(certificate: &Path) -> Result<LimeClient> {
-        let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(certificate)
-            .with_context(|| format!("cannot read {}", certificate.display()))?
-        {
-            roots.add(cert.context("bad PEM certificate")?)?;
-        }
-        LimeClient::with_roots(roots)
+        let tls = tls_trusting(crate::tls::read_trust_anchors(certificate)?)?.with_no_client_auth();
+        Ok(LimeClient::with_tls(tls))
     }
 
     /// A client for plain-HTTP servers only (HTTPS URLs fail: nothing is trusted).
     pub fn plain() -> Result<LimeClient> {
-        LimeClient::with_roots(RootCertStore::empty())
+        let tls = tls_trusting(RootCertStore::empty())?.with_no_client_auth();
+        Ok(LimeClient::with_tls(tls))
     }
 
-    fn with_roots(roots: RootCertStore) -> Result<LimeClient> {
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    /// A client that trusts the PEM certificate(s) in `server_trust` and presents
+    /// the client certificate chain in `certificate` (PEM, end-entity first) with
+    /// its PEM `private_key`.
+    pub fn with_client_certificate(
+        server_trust: &Path,
+        certificate: &Path,
+        private_key: &Path,
+    ) -> Result<LimeClient> {
+        let chain = crate::tls::read_certificates(certificate)?;
+        if chain.is_empty() {
+            anyhow::bail!("no certificate in {}", certificate.display());
+        }
+        let key = PrivateKeyDer::from_pem_file(private_key)
+            .with_context(|| format!("cannot read private key {}", private_key.display()))?;
+        let tls = tls_trusting(crate::tls::read_trust_anchors(server_trust)?)?
+            .with_client_auth_cert(chain, key)
+            .with_context(|| {
+                format!(
+                    "certificate {} does not match key {}",
+                    certificate.display(),
+                    private_key.display()
+                )
+            })?;
+        Ok(LimeClient::with_tls(tls))
+    }
+
+    fn with_tls(tls: ClientConfig) -> LimeClient {
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -70,7 +87,7 @@ impl LimeClient {
         let inner = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(1024)
             .build(connector);
-        Ok(LimeClient { inner, login: None })
+        LimeClient { inner, login: None }
     }
 
     /// POSTs `body` to `url` with `headers` (nothing added: the caller sets
@@ -132,7 +149,8 @@ impl LimeClient {
             .await
             .with_context(|| format!("{method} {url}"))?;
         let status = response.status().as_u16();
-        let text = |value: &http::HeaderValue| String::from_utf8_lossy(value.as_bytes()).into_owned();
+        let text =
+            |value: &http::HeaderValue| String::from_utf8_lossy(value.as_bytes()).into_owned();
         let content_type = response.headers().get(CONTENT_TYPE).map(text);
         let www_authenticate = response
             .headers()
@@ -152,7 +170,12 @@ impl LimeClient {
     /// This client, answering digest challenges as `username` with `password`.
     /// `algorithm` ("MD5", "SHA-256") picks among the challenges offered; `None`
     /// takes the first, as Linphone does.
-    pub fn with_digest(&self, username: &str, password: &str, algorithm: Option<&str>) -> LimeClient {
+    pub fn with_digest(
+        &self,
+        username: &str,
+        password: &str,
+        algorithm: Option<&str>,
+    ) -> LimeClient {
         LimeClient {
             inner: self.inner.clone(),
             login: Some(Arc::new(DigestLogin {
@@ -206,12 +229,17 @@ impl DigestLogin {
     fn take_challenge(&self, offered: &[String]) -> Result<()> {
         let wanted = |challenge: &&String| match &self.algorithm {
             None => true,
-            Some(name) => challenge
-                .split(',')
-                .any(|param| param.trim().eq_ignore_ascii_case(&format!("algorithm={name}"))),
+            Some(name) => challenge.split(',').any(|param| {
+                param
+                    .trim()
+                    .eq_ignore_ascii_case(&format!("algorithm={name}"))
+            }),
         };
         let chosen = offered.iter().find(wanted).with_context(|| {
-            format!("no digest challenge for {:?} in {offered:?}", self.algorithm)
+            format!(
+                "no digest challenge for {:?} in {offered:?}",
+                self.algorithm
+            )
         })?;
         let parsed = digest_auth::parse(chosen)
             .map_err(|error| anyhow::anyhow!("unreadable challenge {chosen:?}: {error}"))?;
@@ -227,15 +255,21 @@ impl DigestLogin {
         };
         let uri: http::Uri = url.parse().with_context(|| format!("bad URL {url}"))?;
         let path = uri.path_and_query().map_or("/", |path| path.as_str());
-        let mut context = digest_auth::AuthContext::new(
-            self.username.as_str(),
-            self.password.as_str(),
-            path,
-        );
+        let mut context =
+            digest_auth::AuthContext::new(self.username.as_str(), self.password.as_str(), path);
         context.method = digest_auth::HttpMethod::from(method.to_owned());
         let answer = challenge
             .respond(&context)
             .map_err(|error| anyhow::anyhow!("cannot answer the digest challenge: {error}"))?;
         Ok(Some(answer.to_header_string()))
     }
+}
+
+/// A client TLS configuration trusting `roots`, waiting for its client-auth choice.
+fn tls_trusting(roots: RootCertStore) -> Result<ConfigBuilder<ClientConfig, WantsClientCert>> {
+    Ok(
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots),
+    )
 }

@@ -220,9 +220,7 @@ pub struct AuthSettings {
 impl AuthSettings {
     /// True when at least one authentication method is configured.
     pub fn is_enabled(&self) -> bool {
-        self.digest.is_enabled()
-            || self.client_certificates.is_enabled()
-            || self.proxy.is_enabled()
+        self.digest.is_enabled() || self.client_certificates.is_enabled() || self.proxy.is_enabled()
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -253,12 +251,24 @@ impl AuthSettings {
                 return Err(invalid("auth.digest.algorithms", "at least one is needed"));
             }
             if algorithms.len() == 2 && algorithms[0] == algorithms[1] {
-                return Err(invalid("auth.digest.algorithms", "an algorithm is listed twice"));
+                return Err(invalid(
+                    "auth.digest.algorithms",
+                    "an algorithm is listed twice",
+                ));
             }
             for (key, value) in [
-                ("auth.digest.nonce_lifetime_secs", digest.nonce_lifetime_secs),
-                ("auth.digest.accounts_timeout_ms", digest.accounts_timeout_ms),
-                ("auth.digest.accounts_pool_size", u64::from(digest.accounts_pool_size)),
+                (
+                    "auth.digest.nonce_lifetime_secs",
+                    digest.nonce_lifetime_secs,
+                ),
+                (
+                    "auth.digest.accounts_timeout_ms",
+                    digest.accounts_timeout_ms,
+                ),
+                (
+                    "auth.digest.accounts_pool_size",
+                    u64::from(digest.accounts_pool_size),
+                ),
             ] {
                 if value == 0 {
                     return Err(invalid(key, "must be at least 1"));
@@ -266,7 +276,8 @@ impl AuthSettings {
             }
         }
         let certificates = &self.client_certificates;
-        if !certificates.is_enabled() && (certificates.required || !certificates.crl_files.is_empty())
+        if !certificates.is_enabled()
+            && (certificates.required || !certificates.crl_files.is_empty())
         {
             return Err(invalid(
                 "auth.client_certificates.ca_file",
@@ -280,7 +291,10 @@ impl AuthSettings {
         for (key, name) in [
             ("auth.proxy.verify_header", &proxy.verify_header),
             ("auth.proxy.certificate_header", &proxy.certificate_header),
-            ("auth.proxy.client_address_header", &proxy.client_address_header),
+            (
+                "auth.proxy.client_address_header",
+                &proxy.client_address_header,
+            ),
         ] {
             if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
                 return Err(invalid(key, format!("{name:?} is not a header name")));
@@ -363,8 +377,14 @@ impl DigestSettings {
             return Ok(None);
         };
         let password = read_secret(
-            ("auth.digest.accounts_password_file", &self.accounts_password_file),
-            ("auth.digest.accounts_password_env", &self.accounts_password_env),
+            (
+                "auth.digest.accounts_password_file",
+                &self.accounts_password_file,
+            ),
+            (
+                "auth.digest.accounts_password_env",
+                &self.accounts_password_env,
+            ),
         )?;
         Ok(Some(crate::store::location::with_password(
             url,
@@ -513,8 +533,9 @@ fn read_secret(
     (env_key, env): (&'static str, &Option<String>),
 ) -> Result<Option<String>, ConfigError> {
     if let Some(path) = file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|error| invalid(file_key, format!("cannot read {}: {error}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|error| {
+            invalid(file_key, format!("cannot read {}: {error}", path.display()))
+        })?;
         return Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()));
     }
     if let Some(name) = env {

@@ -6,6 +6,9 @@
 //! served at once; a watch channel tells the accept loops to stop, and hyper's
 //! graceful shutdown lets the requests in flight finish.
 
+use crate::auth::certificate::{
+    self, CertificateIdentity, CertificateIdentityError, PeerCertificate,
+};
 use crate::auth::{Authenticator, ClientAddress};
 use crate::config::Settings;
 use crate::http::{self, HttpState};
@@ -14,6 +17,8 @@ use crate::store::sqlite::SqliteOptions;
 use crate::store::{self, ServerStoreOptions, Stores};
 use crate::tls::{self, CertificateFiles};
 use anyhow::{Context, Result};
+use hyper::Request;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -26,6 +31,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 /// How long a client has to finish its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -93,7 +99,9 @@ impl Application {
         };
         let acceptor = certificate
             .as_ref()
-            .map(|files| tls::server_config(files).map(TlsAcceptor::from))
+            .map(|files| {
+                tls::server_config(files, client_verifier(settings)?).map(TlsAcceptor::from)
+            })
             .transpose()?;
 
         let mut listeners = Vec::new();
@@ -188,6 +196,27 @@ impl Application {
     }
 }
 
+/// The client-certificate verifier of the HTTPS listeners, when client
+/// certificates are configured.
+fn client_verifier(
+    settings: &Settings,
+) -> Result<Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>> {
+    let certificates = &settings.auth.client_certificates;
+    let Some(ca_file) = &certificates.ca_file else {
+        return Ok(None);
+    };
+    let verifier =
+        certificate::client_verifier(ca_file, &certificates.crl_files, certificates.required)
+            .context("auth.client_certificates")?;
+    tracing::info!(
+        ca = %ca_file.display(),
+        crls = certificates.crl_files.len(),
+        required = certificates.required,
+        "client certificates on"
+    );
+    Ok(Some(verifier))
+}
+
 fn certificate_files(settings: &Settings) -> Result<CertificateFiles> {
     match (&settings.tls.certificate, &settings.tls.private_key) {
         (Some(certificate), Some(private_key)) => Ok(CertificateFiles {
@@ -258,11 +287,18 @@ async fn serve_connection(
     state: Arc<HttpState>,
     graceful: Watcher,
 ) {
-    let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-        request.extensions_mut().insert(ClientAddress(peer));
-        let state = state.clone();
-        async move { http::handle(&state, request).await }
-    });
+    // Every request of the connection carries the client's address and its
+    // verified client certificate, if any.
+    let service = move |peer_certificate: Option<PeerCertificate>| {
+        service_fn(move |mut request: Request<Incoming>| {
+            let state = state.clone();
+            request.extensions_mut().insert(ClientAddress(peer));
+            if let Some(certificate) = &peer_certificate {
+                request.extensions_mut().insert(certificate.clone());
+            }
+            async move { http::handle(&state, request).await }
+        })
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A client that trickles its headers is cut off instead of holding a slot.
     builder
@@ -283,15 +319,40 @@ async fn serve_connection(
                         return;
                     }
                 };
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let peer_certificate = match peer_certificate(&stream) {
+                Ok(peer_certificate) => peer_certificate,
+                Err(error) => {
+                    tracing::warn!(%peer, %error, "unreadable client certificate, connection closed");
+                    return;
+                }
+            };
+            let connection =
+                builder.serve_connection(TokioIo::new(stream), service(peer_certificate));
             graceful.watch(connection.into_owned()).await
         }
         None => {
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let connection = builder.serve_connection(TokioIo::new(stream), service(None));
             graceful.watch(connection.into_owned()).await
         }
     };
     if let Err(error) = result {
         tracing::debug!(%peer, %error, "connection ended with an error");
     }
+}
+
+/// The names of the certificate the client presented in the handshake (already
+/// verified by rustls), or `None` when it presented none.
+fn peer_certificate(
+    stream: &TlsStream<TcpStream>,
+) -> Result<Option<PeerCertificate>, CertificateIdentityError> {
+    let Some(end_entity) = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+    else {
+        return Ok(None);
+    };
+    let identity = CertificateIdentity::from_der(end_entity)?;
+    Ok(Some(PeerCertificate(Arc::new(identity))))
 }

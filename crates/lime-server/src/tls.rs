@@ -3,7 +3,8 @@
 //! server configuration.
 
 use anyhow::{Context, Result};
-use rustls::ServerConfig;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
@@ -68,29 +69,53 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// The certificates of a PEM file, in file order; empty when it holds none.
+pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    CertificateDer::pem_file_iter(path)
+        .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("cannot read certificates from {}", path.display()))
+}
+
+/// Every certificate of a PEM file as a trust anchor (a CA, or a server
+/// certificate trusted as it is); empty when the file holds none.
+pub fn read_trust_anchors(path: &Path) -> Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for certificate in read_certificates(path)? {
+        roots
+            .add(certificate)
+            .with_context(|| format!("bad certificate in {}", path.display()))?;
+    }
+    Ok(roots)
+}
+
 /// The rustls configuration of the HTTPS listeners: HTTP/2 and HTTP/1.1 by ALPN.
-pub fn server_config(files: &CertificateFiles) -> Result<Arc<ServerConfig>> {
-    let chain = CertificateDer::pem_file_iter(&files.certificate)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("cannot read certificate {}", files.certificate.display()))?;
+/// Clients are asked for a certificate only when `client_verifier` is given
+/// (see [`crate::auth::certificate::client_verifier`]).
+pub fn server_config(
+    files: &CertificateFiles,
+    client_verifier: Option<Arc<dyn ClientCertVerifier>>,
+) -> Result<Arc<ServerConfig>> {
+    let chain = read_certificates(&files.certificate)?;
     if chain.is_empty() {
         anyhow::bail!("no certificate in {}", files.certificate.display());
     }
     let key = PrivateKeyDer::from_pem_file(&files.private_key)
         .with_context(|| format!("cannot read private key {}", files.private_key.display()))?;
-    let mut config =
+    let builder =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
-            .context("TLS protocol versions")?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .with_context(|| {
-                format!(
-                    "certificate {} does not match key {}",
-                    files.certificate.display(),
-                    files.private_key.display()
-                )
-            })?;
+            .context("TLS protocol versions")?;
+    let builder = match client_verifier {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(chain, key).with_context(|| {
+        format!(
+            "certificate {} does not match key {}",
+            files.certificate.display(),
+            files.private_key.display()
+        )
+    })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

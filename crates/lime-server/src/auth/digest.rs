@@ -287,11 +287,8 @@ impl Credentials {
         {
             return Err(CredentialsError::Unsupported("userhash=true".into()));
         }
-        let mut take = |name: &'static str| {
-            params
-                .remove(name)
-                .ok_or(CredentialsError::Missing(name))
-        };
+        let mut take =
+            |name: &'static str| params.remove(name).ok_or(CredentialsError::Missing(name));
         let username = take("username")?;
         let realm = take("realm")?;
         let nonce = take("nonce")?;
@@ -437,12 +434,24 @@ mod tests {
         let nonce = key().issue("example.org", NOW);
         // Another instance with the same secret accepts it.
         let other = NonceKey::new(b"a secret of the operator", Duration::from_secs(300));
-        assert_eq!(other.check(&nonce, "example.org", NOW + 10), NonceState::Fresh);
-        assert_eq!(other.check(&nonce, "example.org", NOW + 300), NonceState::Fresh);
-        assert_eq!(other.check(&nonce, "example.org", NOW + 301), NonceState::Stale);
+        assert_eq!(
+            other.check(&nonce, "example.org", NOW + 10),
+            NonceState::Fresh
+        );
+        assert_eq!(
+            other.check(&nonce, "example.org", NOW + 300),
+            NonceState::Fresh
+        );
+        assert_eq!(
+            other.check(&nonce, "example.org", NOW + 301),
+            NonceState::Stale
+        );
         assert_eq!(key().check(&nonce, "example.net", NOW), NonceState::Forged);
         let stranger = NonceKey::new(b"another secret", Duration::from_secs(300));
-        assert_eq!(stranger.check(&nonce, "example.org", NOW), NonceState::Forged);
+        assert_eq!(
+            stranger.check(&nonce, "example.org", NOW),
+            NonceState::Forged
+        );
     }
 
     #[test]
@@ -474,15 +483,26 @@ mod tests {
             NOW,
         );
         assert_eq!(values.len(), 2);
-        assert!(values[0].ends_with("qop=\"auth\", algorithm=SHA-256"), "{}", values[0]);
-        assert!(values[1].ends_with("qop=\"auth\", algorithm=MD5"), "{}", values[1]);
+        assert!(
+            values[0].ends_with("qop=\"auth\", algorithm=SHA-256"),
+            "{}",
+            values[0]
+        );
+        assert!(
+            values[1].ends_with("qop=\"auth\", algorithm=MD5"),
+            "{}",
+            values[1]
+        );
         assert!(values[0].starts_with("Digest realm=\"example.org\", nonce=\""));
         let stale = challenges(&key(), "example.org", &[DigestAlgorithm::Md5], true, NOW);
         assert!(stale[0].ends_with(", stale=true"));
         // The digest_auth crate (a client) reads what we send.
         let parsed = digest_auth::parse(&values[0]).unwrap();
         assert_eq!(parsed.realm, "example.org");
-        assert_eq!(parsed.opaque.as_deref(), Some(key().opaque("example.org").as_str()));
+        assert_eq!(
+            parsed.opaque.as_deref(),
+            Some(key().opaque("example.org").as_str())
+        );
     }
 
     #[test]
@@ -517,7 +537,10 @@ mod tests {
             Err(CredentialsError::Unsupported(_))
         ));
         assert!(matches!(
-            Credentials::parse(&format!("Digest {}", full.replace("qop=auth", "qop=auth-int"))),
+            Credentials::parse(&format!(
+                "Digest {}",
+                full.replace("qop=auth", "qop=auth-int")
+            )),
             Err(CredentialsError::Unsupported(_))
         ));
         assert!(matches!(
@@ -547,7 +570,10 @@ mod tests {
             let answer = prompt.respond(&context).unwrap().to_header_string();
             let credentials = Credentials::parse(&answer).unwrap();
             assert_eq!(credentials.algorithm, algorithm, "{name}");
-            assert_eq!(key().check(&credentials.nonce, "example.org", NOW), NonceState::Fresh);
+            assert_eq!(
+                key().check(&credentials.nonce, "example.org", NOW),
+                NonceState::Fresh
+            );
             let ha1 = algorithm.ha1("alice", "example.org", "secret");
             assert!(credentials.response_matches(&ha1, "POST"), "{name}");
         }

@@ -230,7 +230,11 @@ impl Authenticator {
     }
 
     /// Lets `sender` in when its authenticated identity owns its device id.
-    pub async fn authenticate(&self, sender: Sender, request: &Parts) -> Result<Sender, AuthFailure> {
+    pub async fn authenticate(
+        &self,
+        sender: Sender,
+        request: &Parts,
+    ) -> Result<Sender, AuthFailure> {
         if !self.enabled {
             return Ok(sender);
         }
@@ -242,7 +246,11 @@ impl Authenticator {
             return certificate_owner(sender, identity, "client certificate");
         }
         let mut client = peer;
-        if let Some(proxies) = self.proxies.as_ref().filter(|p| peer.is_some_and(|ip| p.trusts(ip))) {
+        if let Some(proxies) = self
+            .proxies
+            .as_ref()
+            .filter(|p| peer.is_some_and(|ip| p.trusts(ip)))
+        {
             client = proxies.client_address(&request.headers).or(peer);
             match proxies.verdict(&request.headers) {
                 ProxyVerdict::Verified(identity) => {
@@ -349,31 +357,30 @@ impl Authenticator {
         } else {
             None
         };
-        let verified = match problem {
-            Some(problem) => Err(problem),
-            None => {
-                let stored = digest
-                    .accounts
-                    .passwords(&username, &realm)
-                    .await
-                    .map_err(|error| AuthFailure {
-                        refusal: Refusal::Unavailable,
-                        reason: format!(
-                            "account database: {error} (user {username}, device id {device})"
-                        ),
-                        routine: false,
-                    })?;
-                if stored.is_empty() {
-                    Err("an unknown user".to_owned())
-                } else if stored.iter().any(|password| {
-                    password_matches(&credentials, password, &realm, request.method.as_str())
-                }) {
-                    Ok(())
-                } else {
-                    Err("a wrong password".to_owned())
+        let verified =
+            match problem {
+                Some(problem) => Err(problem),
+                None => {
+                    let stored = digest.accounts.passwords(&username, &realm).await.map_err(
+                        |error| AuthFailure {
+                            refusal: Refusal::Unavailable,
+                            reason: format!(
+                                "account database: {error} (user {username}, device id {device})"
+                            ),
+                            routine: false,
+                        },
+                    )?;
+                    if stored.is_empty() {
+                        Err("an unknown user".to_owned())
+                    } else if stored.iter().any(|password| {
+                        password_matches(&credentials, password, &realm, request.method.as_str())
+                    }) {
+                        Ok(())
+                    } else {
+                        Err("a wrong password".to_owned())
+                    }
                 }
-            }
-        };
+            };
         if let Err(problem) = verified {
             let delay = self.throttle.failure(&username, client, Instant::now());
             tokio::time::sleep(delay).await;
@@ -406,7 +413,9 @@ impl Authenticator {
     /// The `WWW-Authenticate` values of a challenge.
     pub fn challenges(&self, realm: &str, stale: bool) -> Vec<String> {
         match &self.digest {
-            Some(digest) => digest::challenges(&digest.key, realm, &digest.algorithms, stale, unix_now()),
+            Some(digest) => {
+                digest::challenges(&digest.key, realm, &digest.algorithms, stale, unix_now())
+            }
             None => Vec::new(),
         }
     }

@@ -168,7 +168,10 @@ mod tests {
             ProxyVerdict::NoCertificate
         ));
         assert!(matches!(
-            proxies.verdict(&headers(&[("x-ssl-client-verify", "FAILED:certificate revoked")])),
+            proxies.verdict(&headers(&[(
+                "x-ssl-client-verify",
+                "FAILED:certificate revoked"
+            )])),
             ProxyVerdict::Refused(_)
         ));
         assert!(matches!(
@@ -179,8 +182,8 @@ mod tests {
 
     #[test]
     fn certificates_are_read_escaped_or_with_spaces() {
-        let certified = rcgen::generate_simple_self_signed(vec!["sip:alice@example.org".into()])
-            .unwrap();
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["sip:alice@example.org".into()]).unwrap();
         let pem = certified.cert.pem();
         let der = certified.cert.der().to_vec();
         let escaped: String =

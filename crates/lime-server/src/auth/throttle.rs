@@ -189,8 +189,14 @@ mod tests {
     fn failures_slow_down_then_lock_the_user_out_for_the_lockout() {
         let throttle = throttle();
         let start = Instant::now();
-        assert_eq!(throttle.failure("alice", HOME, start), Duration::from_millis(100));
-        assert_eq!(throttle.failure("alice", AWAY, start), Duration::from_millis(200));
+        assert_eq!(
+            throttle.failure("alice", HOME, start),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            throttle.failure("alice", AWAY, start),
+            Duration::from_millis(200)
+        );
         assert!(throttle.check("alice", HOME, start).is_ok());
         throttle.failure("alice", HOME, start);
         let locked = throttle.check("alice", AWAY, start).unwrap_err();
@@ -201,7 +207,11 @@ mod tests {
         // Still locked a second before the end, free after.
         let later = start + Duration::from_secs(29);
         assert!(throttle.check("alice", AWAY, later).is_err());
-        assert!(throttle.check("alice", AWAY, later + Duration::from_secs(1)).is_ok());
+        assert!(
+            throttle
+                .check("alice", AWAY, later + Duration::from_secs(1))
+                .is_ok()
+        );
     }
 
     #[test]
@@ -212,7 +222,10 @@ mod tests {
             assert!(throttle.check(user, HOME, now).is_ok());
             throttle.failure(user, HOME, now);
         }
-        assert_eq!(throttle.check("f", HOME, now).unwrap_err().what, "address 192.0.2.1");
+        assert_eq!(
+            throttle.check("f", HOME, now).unwrap_err().what,
+            "address 192.0.2.1"
+        );
         assert!(throttle.check("f", AWAY, now).is_ok());
     }
 
