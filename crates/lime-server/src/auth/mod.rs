@@ -6,6 +6,8 @@
 //! the seam where digest or client-certificate authentication will check that the
 //! authenticated user owns the claimed device id.
 
+pub mod accounts;
+
 use crate::error::RequestError;
 use http::HeaderMap;
 use lime_protocol::DeviceId;
