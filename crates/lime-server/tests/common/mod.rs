@@ -4,6 +4,7 @@
 //! Every test binary compiles this module and uses only part of it.
 #![allow(dead_code)]
 
+pub mod accounts;
 pub mod backend;
 pub mod liblime;
 pub mod php;
