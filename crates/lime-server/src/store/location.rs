@@ -1,5 +1,6 @@
-//! Where a curve's database is: a URL, `sqlite://PATH`, `mysql://...` (MariaDB or
-//! MySQL) or `postgres://...`, possibly a template with `{curve}` in it.
+//! Where a database is: a URL, `sqlite://PATH`, `mysql://...` (MariaDB or MySQL) or
+//! `postgres://...`. A curve's store URL may be a template with `{curve}` in it; the
+//! account database (`auth::accounts`) is one URL.
 
 use lime_protocol::Curve;
 use std::fmt;
@@ -29,9 +30,13 @@ pub struct BadStoreUrl {
 impl StoreLocation {
     /// Parses a URL; `{curve}` is replaced by the curve's name first.
     pub fn parse(template: &str, curve: Curve) -> Result<StoreLocation, BadStoreUrl> {
-        let url = template.replace("{curve}", curve.name());
+        StoreLocation::parse_url(&template.replace("{curve}", curve.name()))
+    }
+
+    /// Parses a URL naming one database, as it is (no `{curve}` in it).
+    pub fn parse_url(url: &str) -> Result<StoreLocation, BadStoreUrl> {
         let bad = |reason| BadStoreUrl {
-            url: redact(&url),
+            url: redact(url),
             reason,
         };
         if let Some(path) = url.strip_prefix("sqlite://") {
@@ -46,7 +51,7 @@ impl StoreLocation {
                 1,
             )))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Ok(StoreLocation::Postgres(url))
+            Ok(StoreLocation::Postgres(url.to_owned()))
         } else {
             Err(bad(
                 "expected sqlite://, mysql://, mariadb://, postgres:// or postgresql://",

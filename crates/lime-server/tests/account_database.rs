@@ -1,0 +1,306 @@
+//! The operator's account database, looked up as digest authentication will, on
+//! each backend: an SQLite file, the machine's MariaDB (127.0.0.1:3306, root
+//! without password) and PostgreSQL (127.0.0.1:5432, postgres, trust). Each test
+//! makes its own database; one that cannot reach a server fails and says so.
+
+mod common;
+
+use common::accounts::{AccountsFixture, stored_secret};
+use common::backend::Backend;
+use lime_server::auth::accounts::{
+    AccountDatabase, AccountDatabaseOptions, AccountError, DEFAULT_ACCOUNTS_QUERY,
+    PasswordAlgorithm, StoredPassword,
+};
+use std::time::Duration;
+
+/// Runs each story once per backend: `sqlite::name`, `mariadb::name`,
+/// `postgres::name`.
+macro_rules! on_every_backend {
+    ($($story:ident),* $(,)?) => {
+        on_backend!(sqlite, Sqlite, $($story),*);
+        on_backend!(mariadb, Mariadb, $($story),*);
+        on_backend!(postgres, Postgres, $($story),*);
+    };
+}
+
+macro_rules! on_backend {
+    ($module:ident, $backend:ident, $($story:ident),*) => {
+        mod $module {
+            $(
+                #[tokio::test]
+                async fn $story() {
+                    super::$story(super::Backend::$backend).await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    md5_and_sha256_rows_are_both_returned,
+    clear_text_row_gives_the_password,
+    unknown_username_has_no_passwords,
+    username_in_another_domain_has_no_passwords,
+    custom_query_reads_other_tables,
+    binary_password_column_is_read_as_text,
+    query_with_syntax_error_fails_at_connect,
+    query_with_one_column_fails_at_connect,
+    unreachable_database_fails_at_connect_with_its_location,
+    rows_with_unknown_algorithm_are_skipped,
+);
+
+fn options() -> AccountDatabaseOptions {
+    AccountDatabaseOptions {
+        pool_size: 2,
+        connect_timeout: Duration::from_secs(5),
+        timeout: Duration::from_secs(5),
+    }
+}
+
+async fn connect(fixture: &AccountsFixture, query: &str) -> AccountDatabase {
+    AccountDatabase::connect(&fixture.url, query, &options())
+        .await
+        .unwrap_or_else(|error| panic!("{:?} at {}: {error}", fixture.backend, fixture.url))
+}
+
+/// The passwords sorted by algorithm: without ORDER BY, row order is the
+/// database's choice.
+async fn sorted_passwords(
+    accounts: &AccountDatabase,
+    username: &str,
+    domain: &str,
+) -> Vec<StoredPassword> {
+    let mut passwords = accounts.passwords(username, domain).await.unwrap();
+    passwords.sort_by_key(|stored| stored.algorithm.name());
+    passwords
+}
+
+fn stored(algorithm: PasswordAlgorithm, secret: impl Into<String>) -> StoredPassword {
+    StoredPassword {
+        algorithm,
+        secret: secret.into(),
+    }
+}
+
+async fn md5_and_sha256_rows_are_both_returned(backend: Backend) {
+    let fixture = AccountsFixture::create(backend).await;
+    fixture
+        .add_account("alice", "example.org", "s3cret", &["MD5", "SHA-256"])
+        .await;
+    let accounts = connect(&fixture, DEFAULT_ACCOUNTS_QUERY).await;
+
+    let passwords = sorted_passwords(&accounts, "alice", "example.org").await;
+
+    assert_eq!(
+        passwords,
+        [
+            stored(
+                PasswordAlgorithm::Md5,
+                stored_secret("MD5", "alice", "example.org", "s3cret")
+            ),
+            stored(
+                PasswordAlgorithm::Sha256,
+                stored_secret("SHA-256", "alice", "example.org", "s3cret")
+            ),
+        ]
+    );
+}
+
+async fn clear_text_row_gives_the_password(backend: Backend) {
+    let fixture = AccountsFixture::create(backend).await;
+    fixture
+        .add_account("bob", "example.org", "p@ss:word", &["CLRTXT"])
+        .await;
+    let accounts = connect(&fixture, DEFAULT_ACCOUNTS_QUERY).await;
+
+    let passwords = accounts.passwords("bob", "example.org").await.unwrap();
+
+    assert_eq!(
+        passwords,
+        [stored(PasswordAlgorithm::ClearText, "p@ss:word")]
+    );
+}
+
+async fn unknown_username_has_no_passwords(backend: Backend) {
+    let fixture = AccountsFixture::create(backend).await;
+    fixture
+        .add_account("alice", "example.org", "s3cret", &["MD5"])
+        .await;
+    let accounts = connect(&fixture, DEFAULT_ACCOUNTS_QUERY).await;
+
+    let passwords = accounts.passwords("mallory", "example.org").await.unwrap();
+
+    assert_eq!(passwords, []);
+}
+
+async fn username_in_another_domain_has_no_passwords(backend: Backend) {
+    let fixture = AccountsFixture::create(backend).await;
+    fixture
+        .add_account("alice", "example.org", "s3cret", &["MD5"])
+        .await;
+    let accounts = connect(&fixture, DEFAULT_ACCOUNTS_QUERY).await;
+
+    let passwords = accounts.passwords("alice", "example.com").await.unwrap();
+
+    assert_eq!(passwords, []);
+}
+
+async fn custom_query_reads_other_tables(backend: Backend) {
+    let fixture = AccountsFixture::create(backend).await;
+    fixture
+        .execute(
+            "CREATE TABLE sip_users (login VARCHAR(64) NOT NULL, alias VARCHAR(64) NOT NULL, \
+                 realm VARCHAR(64) NOT NULL, ha1 VARCHAR(128) NOT NULL, \
+                 hash_kind VARCHAR(16) NOT NULL, note VARCHAR(64) NOT NULL);
+             INSERT INTO sip_users VALUES \
+                 ('carol', 'c.smith', 'example.org', 'c0ffee', 'md5', 'active'), \
+                 ('carol', 'c.smith', 'example.net', 'beef', 'MD5', 'active'), \
+                 ('carol', 'c.smith', 'example.org', 'hidden', 'CLRTXT', ':username');",
+        )
+        .await;
+    // `:username` twice, `:domain` once, and a literal that looks like a name.
+    let query = "SELECT ha1, hash_kind FROM sip_users \
+                 WHERE (login = :username OR alias = :username) AND realm = :domain \
+                 AND note <> ':username'";
+    let accounts = connect(&fixture, query).await;
+
+    let by_login = accounts.passwords("carol", "example.org").await.unwrap();
+    let by_alias = accounts.passwords("c.smith", "example.org").await.unwrap();
+
+    assert_eq!(by_login, [stored(PasswordAlgorithm::Md5, "c0ffee")]);
+    assert_eq!(by_alias, by_login);
+}
+
+async fn binary_password_column_is_read_as_text(backend: Backend) {
+    let fixture = AccountsFixture::create(backend).await;
+    let (column_type, bytes_of): (&str, fn(&str) -> String) = match backend {
+        Backend::Sqlite => ("BLOB", |text| format!("CAST('{text}' AS BLOB)")),
+        Backend::Mariadb => ("VARBINARY(128)", |text| format!("'{text}'")),
+        Backend::Postgres => ("BYTEA", |text| format!("convert_to('{text}', 'UTF8')")),
+    };
+    fixture
+        .execute(&format!(
+            "CREATE TABLE binary_users (login VARCHAR(64) NOT NULL, \
+                 secret {column_type} NOT NULL, kind {column_type} NOT NULL);
+             INSERT INTO binary_users VALUES ('dave', {}, {});",
+            bytes_of("0123abcd"),
+            bytes_of("SHA-256"),
+        ))
+        .await;
+    let query = "SELECT secret, kind FROM binary_users WHERE login = :username";
+    let accounts = connect(&fixture, query).await;
+
+    let passwords = accounts.passwords("dave", "any.example").await.unwrap();
+
+    assert_eq!(passwords, [stored(PasswordAlgorithm::Sha256, "0123abcd")]);
+}
+
+async fn query_with_syntax_error_fails_at_connect(backend: Backend) {
+    let fixture = AccountsFixture::create(backend).await;
+    let query = "SELECT password, algorithm FRM passwords WHERE account_id = :username";
+
+    let error = AccountDatabase::connect(&fixture.url, query, &options())
+        .await
+        .unwrap_err();
+
+    assert!(matches!(error, AccountError::BadQuery { .. }), "{error:?}");
+    assert!(
+        error.to_string().contains("account query is not usable"),
+        "{error}"
+    );
+}
+
+async fn query_with_one_column_fails_at_connect(backend: Backend) {
+    let fixture = AccountsFixture::create(backend).await;
+    let query = "SELECT username FROM accounts WHERE username = :username";
+
+    let error = AccountDatabase::connect(&fixture.url, query, &options())
+        .await
+        .unwrap_err();
+
+    assert!(matches!(error, AccountError::BadQuery { .. }), "{error:?}");
+    assert!(error.to_string().contains("1 column"), "{error}");
+}
+
+async fn unreachable_database_fails_at_connect_with_its_location(backend: Backend) {
+    let missing_dir = tempfile::tempdir().unwrap();
+    let missing_file = missing_dir.path().join("absent.db");
+    let (url, location) = match backend {
+        Backend::Sqlite => {
+            let url = format!("sqlite://{}", missing_file.display());
+            (url.clone(), url)
+        }
+        Backend::Mariadb => (
+            "mariadb://root:hunter2@127.0.0.1:1/x".to_owned(),
+            "mysql://root:***@127.0.0.1:1/x".to_owned(),
+        ),
+        Backend::Postgres => (
+            "postgres://postgres:hunter2@127.0.0.1:1/x".to_owned(),
+            "postgres://postgres:***@127.0.0.1:1/x".to_owned(),
+        ),
+    };
+
+    let error = AccountDatabase::connect(&url, DEFAULT_ACCOUNTS_QUERY, &options())
+        .await
+        .unwrap_err();
+
+    assert!(matches!(error, AccountError::Connect { .. }), "{error:?}");
+    let message = error.to_string();
+    assert!(message.contains(&location), "{message}");
+    assert!(!message.contains("hunter2"), "{message}");
+}
+
+async fn rows_with_unknown_algorithm_are_skipped(backend: Backend) {
+    let fixture = AccountsFixture::create(backend).await;
+    fixture
+        .add_account("erin", "example.org", "s3cret", &["SHA-512", "MD5"])
+        .await;
+    let accounts = connect(&fixture, DEFAULT_ACCOUNTS_QUERY).await;
+
+    let passwords = accounts.passwords("erin", "example.org").await.unwrap();
+
+    assert_eq!(
+        passwords,
+        [stored(
+            PasswordAlgorithm::Md5,
+            stored_secret("MD5", "erin", "example.org", "s3cret")
+        )]
+    );
+}
+
+/// SQLite has no sleep: the time-out is shown on the database servers only.
+#[tokio::test]
+async fn mariadb_lookup_past_its_time_out_is_a_timeout() {
+    lookup_past_its_time_out_is_a_timeout(
+        Backend::Mariadb,
+        "SELECT 'x', 'MD5' FROM DUAL WHERE SLEEP(IF(:username = 'slow', 3, 0)) = 0",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_lookup_past_its_time_out_is_a_timeout() {
+    lookup_past_its_time_out_is_a_timeout(
+        Backend::Postgres,
+        "SELECT 'x', 'MD5' FROM pg_sleep(CASE WHEN :username = 'slow' THEN 3 ELSE 0 END)",
+    )
+    .await;
+}
+
+/// A query that sleeps for the user `slow` only (not for the start-up check).
+async fn lookup_past_its_time_out_is_a_timeout(backend: Backend, sleepy_query: &str) {
+    let fixture = AccountsFixture::create(backend).await;
+    let options = AccountDatabaseOptions {
+        timeout: Duration::from_millis(500),
+        ..options()
+    };
+    let accounts = AccountDatabase::connect(&fixture.url, sleepy_query, &options)
+        .await
+        .unwrap();
+
+    let error = accounts.passwords("slow", "example.org").await.unwrap_err();
+    let fast = accounts.passwords("fast", "example.org").await.unwrap();
+
+    assert!(matches!(error, AccountError::Timeout(_)), "{error:?}");
+    assert_eq!(fast, [stored(PasswordAlgorithm::Md5, "x")]);
+}
