@@ -72,9 +72,7 @@ async fn is_registered(app: &TestApp, device: &str) -> bool {
 
 /// The challenge values of a first, credential-less request.
 async fn first_challenges(app: &TestApp, device: &str, body: &[u8]) -> Vec<String> {
-    let answer = app
-        .post_raw(&x3dh_headers(device), body.to_vec())
-        .await;
+    let answer = app.post_raw(&x3dh_headers(device), body.to_vec()).await;
     assert_eq!(answer.status, 401, "no credentials: {answer:?}");
     answer.www_authenticate
 }
@@ -140,8 +138,8 @@ async fn curl_registers(accounts: Backend, algorithm: &'static str) {
     let response = dir.path().join("response");
     std::fs::write(&request, &body).unwrap();
     let certificate = app.certificate_file();
-    let output = tokio::process::Command::new("curl")
-        .args(["--silent", "--show-error", "--digest", "--user"])
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["--silent", "--show-error", "--digest", "--user"])
         .arg(format!("{user}:{password}"))
         .arg("--cacert")
         .arg(&certificate)
@@ -152,9 +150,11 @@ async fn curl_registers(accounts: Backend, algorithm: &'static str) {
         .arg("--output")
         .arg(&response)
         .args(["--write-out", "%{http_code}", "--verbose"])
-        .arg(&app.base_url)
-        .output()
+        .arg(&app.base_url);
+    // curl blocks: off the runtime that serves it.
+    let output = tokio::task::spawn_blocking(move || curl.output())
         .await
+        .unwrap()
         .expect("curl runs (apt-get install curl)");
     let trace = String::from_utf8_lossy(&output.stderr);
     assert_eq!(
@@ -432,12 +432,10 @@ async fn repeated_failures_lock_the_user_out_until_the_lockout_ends() {
     .await;
     let (device, body) = register("locked");
     let (user, password) = add_owner(&app, &device, &["MD5", "SHA-256"]).await;
-    let guesser = app.client.with_digest(&user, "guess", None);
+    let challenges = first_challenges(&app, &device, &body).await;
     for attempt in 1..=3 {
-        let answer = guesser
-            .post(&app.base_url, &x3dh_headers(&device), body.clone())
-            .await
-            .unwrap();
+        let guess = answer_challenge(&challenges[0], &user, &format!("guess {attempt}"), |_| {});
+        let answer = post_with(&app, &device, &body, &guess).await;
         assert_eq!(answer.status, 401, "wrong password #{attempt}");
     }
     let owner = app.client.with_digest(&user, &password, None);
@@ -488,7 +486,10 @@ async fn without_a_certificate_digest_applies() {
     let app = both_methods(&pki).await;
     let (device, body) = register("nocert");
     let first = app.post_raw(&x3dh_headers(&device), body.clone()).await;
-    assert_eq!(first.status, 401, "no certificate, no credentials: challenged");
+    assert_eq!(
+        first.status, 401,
+        "no certificate, no credentials: challenged"
+    );
     let client = app.client_for(&device).await;
     let answer = client
         .post(&app.base_url, &x3dh_headers(&device), body)
@@ -573,7 +574,11 @@ async fn behind_proxy(trusted: &str) -> TestApp {
 }
 
 /// What a proxy adds for a client certificate it verified.
-fn proxy_headers<'a>(device: &'a str, verify: &'a str, certificate: &'a str) -> Vec<(&'a str, &'a str)> {
+fn proxy_headers<'a>(
+    device: &'a str,
+    verify: &'a str,
+    certificate: &'a str,
+) -> Vec<(&'a str, &'a str)> {
     let mut headers = x3dh_headers(device).to_vec();
     headers.push(("x-ssl-client-verify", verify));
     headers.push(("x-ssl-client-cert", certificate));
@@ -595,7 +600,10 @@ async fn a_trusted_proxy_vouches_for_a_certificate() {
     let (user, domain) = user_and_domain(&device);
     let certificate = escaped_pem(&pki.issue(&[&format!("sip:{user}@{domain}")], &[], "p"));
     let answer = app
-        .post_raw(&proxy_headers(&device, "SUCCESS", &certificate), body.clone())
+        .post_raw(
+            &proxy_headers(&device, "SUCCESS", &certificate),
+            body.clone(),
+        )
         .await;
     assert_registered(&answer, "proxy-verified certificate");
 
@@ -603,7 +611,10 @@ async fn a_trusted_proxy_vouches_for_a_certificate() {
     let answer = app
         .post_raw(&proxy_headers(&device, "SUCCESS", &other), body.clone())
         .await;
-    assert_eq!(answer.status, 403, "certificate of another identity: {answer:?}");
+    assert_eq!(
+        answer.status, 403,
+        "certificate of another identity: {answer:?}"
+    );
     let answer = app
         .post_raw(
             &proxy_headers(&device, "FAILED:certificate revoked", &certificate),

@@ -255,6 +255,7 @@ impl HttpReply {
             content_type: self
                 .header("content-type")
                 .map(|value| String::from_utf8_lossy(value).into_owned()),
+            www_authenticate: Vec::new(),
             body: self.body.clone().into(),
         }
     }

@@ -16,13 +16,13 @@ mod common;
 
 use std::path::Path;
 
-use common::liblime::{EncryptionPolicy, Exchange, LimeDevice, X3dhInit, describe_exchanges};
 use common::auth::{TestAuth, user_and_domain};
 use common::backend::Backend;
+use common::liblime::{EncryptionPolicy, Exchange, LimeDevice, X3dhInit, describe_exchanges};
 use common::pki::{IssuedCertificate, TestPki};
 use common::{TestApp, spawn_app, spawn_app_authenticating};
-use lime_server::client::LimeClient;
 use lime_protocol::{Curve, DeviceId, ErrorCode, KeyBundle, Request, RequestMessage, Response};
+use lime_server::client::LimeClient;
 
 /// One-time pre-keys each user uploads when created: few, so a refill is easy to provoke.
 const INITIAL_OPKS: u16 = 5;
@@ -61,6 +61,7 @@ async fn conversation(curve: Curve) {
         usize::from(INITIAL_OPKS),
         "step 1: bob registered {INITIAL_OPKS} OPks, the server holds {bob_opks:?}"
     );
+    assert_authentication_enforced(&app, curve, &bob.device_id).await;
 
     // 2. alice writes to bob: liblime fetches bob's bundle and opens the session
     //    with one of his OPks, which leaves the server.
@@ -292,6 +293,24 @@ async fn lost_device_recovers(curve: Curve) {
     );
 }
 
+/// With `LIME_TEST_AUTH` on, checks that the stories really ran authenticated: the
+/// same request without credentials is refused.
+async fn assert_authentication_enforced(app: &TestApp, curve: Curve, device: &str) {
+    let body = RequestMessage {
+        curve,
+        request: Request::GetSelfOneTimePreKeys,
+    }
+    .encode()
+    .unwrap();
+    let headers = [("content-type", "x3dh/octet-stream"), ("from", device)];
+    let answer = app.client.post(&app.base_url, &headers, body).await;
+    match app.auth.mode {
+        TestAuth::Off => assert_eq!(answer.unwrap().status, 200),
+        TestAuth::Digest => assert_eq!(answer.unwrap().status, 401, "no credentials"),
+        TestAuth::Certificate => assert!(answer.is_err(), "no certificate: {answer:?}"),
+    }
+}
+
 /// Creates user `name` with a fresh GRUU on its own manager and database in `dir`.
 async fn new_device(app: &TestApp, dir: &Path, name: &str, curve: Curve) -> LimeDevice {
     let device_id = common::device_id(name);
@@ -430,7 +449,9 @@ async fn registers_with_certificate(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_valid_registers() {
-    assert!(registers_with_certificate("valid", |pki, owner| pki.issue(&[owner], &[], "valid")).await);
+    assert!(
+        registers_with_certificate("valid", |pki, owner| pki.issue(&[owner], &[], "valid")).await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -453,8 +474,9 @@ async fn certificate_revoked_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_of_another_ca_is_refused() {
     assert!(
-        !registers_with_certificate("foreign", |pki, owner| pki.issue_by_other_ca(&[owner], "foreign"))
-            .await
+        !registers_with_certificate("foreign", |pki, owner| pki
+            .issue_by_other_ca(&[owner], "foreign"))
+        .await
     );
 }
 

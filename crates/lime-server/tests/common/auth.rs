@@ -139,11 +139,11 @@ impl AuthFixture {
                 plain.with_digest(&user, &password, None)
             }
             TestAuth::Certificate => {
-                let issued = self
-                    .pki
-                    .as_ref()
-                    .expect("certificates have a CA")
-                    .issue(&[&owner], &[], &format!("{user} (lime test)"));
+                let issued = self.pki.as_ref().expect("certificates have a CA").issue(
+                    &[&owner],
+                    &[],
+                    &format!("{user} (lime test)"),
+                );
                 let server = certificate
                     .as_ref()
                     .expect("client certificates need an HTTPS listener");
