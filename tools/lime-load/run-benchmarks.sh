@@ -89,7 +89,7 @@ server_run() {
     local sync=$1 conns=$2 plain=() ca=()
     echo "== server $SCHEME synchronous=$sync devices=$DEVICES connections=$conns"
     fresh_copy
-    printf '[storage]\ndata_dir = "%s"\ncurves = ["c25519"]\nsqlite_synchronous = "%s"\n[log]\nlevel = "warn"\n' \
+    printf '[storage]\ndata_dir = "%s"\ncurves = ["c25519"]\nsqlite_synchronous = "%s"\n[limits]\nmax_bundle_requests = 0\n[log]\nlevel = "warn"\n' \
         "$run" "$sync" >"$run/lime-server.toml"
     if [[ $SCHEME == http ]]; then
         plain=(--plain-http)

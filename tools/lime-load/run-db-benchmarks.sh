@@ -30,7 +30,7 @@ trap stop EXIT
 start() { # pool scheme
   local pool=$1 scheme=$2 plain=()
   [[ $scheme == http ]] && plain=(--plain-http)
-  printf '[storage]\ndata_dir = "%s/data"\ncurves = ["c25519"]\npool_size = %s\n[log]\nlevel = "warn"\n' $B $pool > $B/lime-server-$pool.toml
+  printf '[storage]\ndata_dir = "%s/data"\ncurves = ["c25519"]\npool_size = %s\n[limits]\nmax_bundle_requests = 0\n[log]\nlevel = "warn"\n' $B $pool > $B/lime-server-$pool.toml
   $BIN/lime-server --config $B/lime-server-$pool.toml serve --listen 127.0.0.1:$PORT "${plain[@]}" --store "$STORE" 2>>$B/server-$backend.log &
   server_pid=$!
   for _ in $(seq 100); do curl -skf $scheme://127.0.0.1:$PORT/health >/dev/null && break; sleep 0.1; done

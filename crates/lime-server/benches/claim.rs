@@ -17,7 +17,15 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use lime_protocol::{Curve, DeviceId, PeerBundle};
+use lime_server::store::StoreLimits;
 use lime_server::store::sqlite::{Synchronous, claim_key_bundles_in_transaction, connect};
+
+/// The claim alone, without bundle request accounting.
+const NO_LIMITS: StoreLimits = StoreLimits {
+    max_one_time_pre_keys_per_device: 65_535,
+    max_devices_per_user: 0,
+    bundle_requests: None,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use rusqlite::{Connection, params};
@@ -86,6 +94,7 @@ fn seeded(devices: u64, opks_per_device: u32) -> (tempfile::TempDir, Connection)
 fn claims(conn: &Connection, rng: &mut StdRng, devices: u64, iters: u64) -> Duration {
     let mut elapsed = Duration::ZERO;
     let mut done = 0;
+    let asker = DeviceId::new("sip:asker@example.org;gr=1").expect("device id");
     while done < iters {
         let chunk = CHUNK.min(iters - done);
         let mut claimed = Vec::with_capacity(chunk as usize);
@@ -94,7 +103,8 @@ fn claims(conn: &Connection, rng: &mut StdRng, devices: u64, iters: u64) -> Dura
             let index = rng.random_range(0..devices);
             let device = DeviceId::new(device_name(index)).expect("device id");
             let bundles =
-                claim_key_bundles_in_transaction(conn, CURVE, vec![device]).expect("claim");
+                claim_key_bundles_in_transaction(conn, CURVE, &NO_LIMITS, &asker, vec![device])
+                    .expect("claim");
             claimed.push(black_box(bundles));
         }
         elapsed += started.elapsed();

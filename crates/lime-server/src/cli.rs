@@ -1,7 +1,7 @@
 //! The command line: `serve`, `db init`, `check-config`.
 
 use crate::config::Settings;
-use crate::startup::Application;
+use crate::startup::{self, Application};
 use crate::store::{self, SCHEMA_VERSION, SchemaState};
 use crate::telemetry;
 use anyhow::{Context, Result};
@@ -86,6 +86,21 @@ pub enum DbCommand {
     /// Bring existing databases to this server's schema version. Only adds
     /// (indexes, constraints, rows in Config): the PHP server keeps working on them.
     Migrate(DbArgs),
+    /// Delete the recorded bundle requests (table Requests) older than the
+    /// retention (limits.request_retention_secs), as the server does every
+    /// limits.request_purge_interval_secs. Safe while servers run.
+    PurgeRequests(PurgeArgs),
+}
+
+/// Options of `db purge-requests`.
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    /// Keep the requests younger than this many seconds instead of
+    /// limits.request_retention_secs.
+    #[arg(long, value_name = "SECONDS")]
+    pub retention_secs: Option<u64>,
+    #[command(flatten)]
+    pub databases: DbArgs,
 }
 
 /// Which databases a `db` command works on.
@@ -113,7 +128,11 @@ pub fn run(cli: Cli) -> Result<()> {
             serve(settings, source)
         }
         Command::Db(command) => {
-            let (DbCommand::Init(args) | DbCommand::Migrate(args)) = &command;
+            let (DbCommand::Init(args)
+            | DbCommand::Migrate(args)
+            | DbCommand::PurgeRequests(PurgeArgs {
+                databases: args, ..
+            })) = &command;
             if let Some(dir) = &args.data_dir {
                 settings.storage.data_dir = dir.clone();
             }
@@ -127,7 +146,16 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 args.curve.clone()
             };
-            db(&settings, &curves, matches!(command, DbCommand::Migrate(_)))
+            match &command {
+                DbCommand::PurgeRequests(purge) => {
+                    settings.storage.curves = curves.iter().map(|c| c.name().to_owned()).collect();
+                    let retention = purge
+                        .retention_secs
+                        .unwrap_or(settings.limits.request_retention_secs);
+                    purge_requests(&settings, std::time::Duration::from_secs(retention))
+                }
+                _ => db(&settings, &curves, matches!(command, DbCommand::Migrate(_))),
+            }
         }
         Command::CheckConfig => {
             settings.validate()?;
@@ -199,6 +227,32 @@ async fn shutdown_signal() {
         () = interrupt => {},
         () = terminate => {},
     }
+}
+
+/// `db purge-requests`: deletes old bundle requests in every enabled store.
+fn purge_requests(settings: &Settings, retention: std::time::Duration) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let stores = startup::open_stores(settings).await?;
+        let mut failed = false;
+        for (curve, result) in startup::purge_requests(&stores, retention).await {
+            match result {
+                Ok(rows) => println!(
+                    "{curve}: {rows} bundle requests older than {}s deleted",
+                    retention.as_secs()
+                ),
+                Err(error) => {
+                    eprintln!("{curve}: {error}");
+                    failed = true;
+                }
+            }
+        }
+        anyhow::ensure!(!failed, "some stores were not purged");
+        Ok(())
+    })
 }
 
 /// `db init` (or `db migrate` when `migrate`) on the databases of `curves`.

@@ -7,7 +7,7 @@
 use crate::auth::digest::DigestAlgorithm;
 use crate::auth::throttle::ThrottlePolicy;
 use crate::store::sqlite::Synchronous;
-use crate::store::{StoreLimits, StoreLocation};
+use crate::store::{BundleRequestLimit, OverLimit, StoreLimits, StoreLocation};
 use lime_protocol::Curve;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -172,18 +172,38 @@ impl StorageSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitSettings {
-    /// Most one-time pre-keys one device may hold (at most 65535, the most one
-    /// selfOPks answer can list).
-    pub max_one_time_pre_keys_per_device: u32,
+    /// Most one-time pre-keys one device may hold; 0: no limit but the protocol's
+    /// 65535 (the most one selfOPks answer can list).
+    pub max_opks_per_device: u32,
+    /// Most devices one user (`sip:user@domain` before `;gr=`) may register; 0: no limit.
+    pub max_devices_per_user: u32,
     /// Most devices one getPeerBundle may ask for: bounds the size of an answer.
     pub max_devices_per_bundle_request: u16,
+    /// Most key bundles of one target device one source device may receive within
+    /// `bundle_request_window_secs`; 0: no limit (and nothing recorded).
+    pub max_bundle_requests: u32,
+    /// The sliding window of `max_bundle_requests`, in seconds.
+    pub bundle_request_window_secs: u64,
+    /// What a source past `max_bundle_requests` gets.
+    pub bundle_request_over_limit: OverLimit,
+    /// How long bundle requests are kept in the `Requests` table, in seconds.
+    pub request_retention_secs: u64,
+    /// How often this server purges `Requests` of rows older than the retention, in
+    /// seconds; 0: never (purge with `lime-server db purge-requests`).
+    pub request_purge_interval_secs: u64,
 }
 
 impl Default for LimitSettings {
     fn default() -> Self {
         LimitSettings {
-            max_one_time_pre_keys_per_device: 10_000,
+            max_opks_per_device: 1_000,
+            max_devices_per_user: 100,
             max_devices_per_bundle_request: 1_000,
+            max_bundle_requests: 10,
+            bundle_request_window_secs: 3_600,
+            bundle_request_over_limit: OverLimit::WithoutOneTimePreKey,
+            request_retention_secs: 14 * 24 * 3_600,
+            request_purge_interval_secs: 24 * 3_600,
         }
     }
 }
@@ -191,9 +211,56 @@ impl Default for LimitSettings {
 impl LimitSettings {
     /// The limits the stores enforce.
     pub fn store_limits(&self) -> StoreLimits {
+        let max_opks = match self.max_opks_per_device {
+            0 => u32::from(u16::MAX),
+            limit => limit,
+        };
         StoreLimits {
-            max_one_time_pre_keys_per_device: self.max_one_time_pre_keys_per_device,
+            max_one_time_pre_keys_per_device: max_opks,
+            max_devices_per_user: self.max_devices_per_user,
+            bundle_requests: (self.max_bundle_requests > 0).then(|| BundleRequestLimit {
+                max: self.max_bundle_requests,
+                window: Duration::from_secs(self.bundle_request_window_secs),
+                over_limit: self.bundle_request_over_limit,
+            }),
         }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_opks_per_device > u32::from(u16::MAX) {
+            return Err(invalid(
+                "limits.max_opks_per_device",
+                format!(
+                    "{} is over 65535, the most one selfOPks answer can list (0: that limit only)",
+                    self.max_opks_per_device
+                ),
+            ));
+        }
+        if self.max_devices_per_bundle_request == 0 {
+            return Err(invalid(
+                "limits.max_devices_per_bundle_request",
+                "must be at least 1",
+            ));
+        }
+        if self.max_bundle_requests > 0 {
+            if self.bundle_request_window_secs == 0 {
+                return Err(invalid(
+                    "limits.bundle_request_window_secs",
+                    "must be at least 1",
+                ));
+            }
+            if self.request_retention_secs < self.bundle_request_window_secs {
+                return Err(invalid(
+                    "limits.request_retention_secs",
+                    format!(
+                        "{} is shorter than limits.bundle_request_window_secs ({}): requests \
+                         still counted would be purged",
+                        self.request_retention_secs, self.bundle_request_window_secs
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -714,15 +781,7 @@ impl Settings {
         if storage.sqlite_max_batch == 0 {
             return Err(invalid("storage.sqlite_max_batch", "must be at least 1"));
         }
-        let max_opks = self.limits.max_one_time_pre_keys_per_device;
-        if max_opks == 0 || max_opks > u32::from(u16::MAX) {
-            return Err(invalid(
-                "limits.max_one_time_pre_keys_per_device",
-                format!(
-                    "{max_opks} is not between 1 and 65535 (a selfOPks answer lists at most 65535 ids)"
-                ),
-            ));
-        }
+        self.limits.validate()?;
         if self
             .log
             .level
@@ -789,8 +848,16 @@ mod tests {
     fn bad_values_are_named() {
         assert!(error_of("[storage]\ncurves = [\"c1\"]\n").contains("storage.curves"));
         assert!(
-            error_of("[limits]\nmax_one_time_pre_keys_per_device = 70000\n")
-                .contains("limits.max_one_time_pre_keys_per_device")
+            error_of("[limits]\nmax_opks_per_device = 70000\n")
+                .contains("limits.max_opks_per_device")
+        );
+        assert!(
+            error_of("[limits]\nrequest_retention_secs = 60\n")
+                .contains("limits.request_retention_secs")
+        );
+        assert!(
+            error_of("[limits]\nbundle_request_over_limit = \"drop\"\n")
+                .contains("bundle_request_over_limit")
         );
         assert!(error_of("[server]\nlisten = \"x\"\n").contains("listen"));
         assert!(error_of("[tls]\ncertificate = \"/a\"\n").contains("tls.private_key"));

@@ -61,9 +61,9 @@ impl RequestError {
                 ErrorCode::UserAlreadyIn
             }
             RequestError::Store(StoreError::ConflictingOneTimePreKeyId(_)) => ErrorCode::BadRequest,
-            RequestError::Store(StoreError::TooManyOneTimePreKeys { .. }) => {
-                ErrorCode::ResourceLimitReached
-            }
+            RequestError::Store(
+                StoreError::TooManyOneTimePreKeys { .. } | StoreError::TooManyDevices { .. },
+            ) => ErrorCode::ResourceLimitReached,
             RequestError::Store(StoreError::Backend(_) | StoreError::Timeout(_)) => {
                 ErrorCode::DbError
             }

@@ -14,7 +14,7 @@ use crate::config::Settings;
 use crate::http::{self, HttpState};
 use crate::service::KeyService;
 use crate::store::sqlite::SqliteOptions;
-use crate::store::{self, ServerStoreOptions, Stores};
+use crate::store::{self, ServerStoreOptions, StoreError, Stores};
 use crate::tls::{self, CertificateFiles};
 use anyhow::{Context, Result};
 use hyper::Request;
@@ -23,6 +23,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use lime_protocol::Curve;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -57,6 +58,8 @@ pub struct Application {
     connections: Arc<Semaphore>,
     /// The certificate of the TLS listeners, when there are any.
     certificate: Option<CertificateFiles>,
+    /// How often old bundle requests are purged, and how old they must be.
+    purge: Option<(Duration, Duration)>,
 }
 
 impl Application {
@@ -70,27 +73,8 @@ impl Application {
                 storage.data_dir.display()
             )
         })?;
-        let mut stores = Stores::default();
-        let timeout = Duration::from_millis(storage.timeout_ms);
-        let sqlite_options = SqliteOptions {
-            path: PathBuf::new(),
-            synchronous: storage.sqlite_synchronous,
-            max_batch: storage.sqlite_max_batch,
-            timeout,
-            limits: settings.limits.store_limits(),
-        };
-        let server_options = ServerStoreOptions {
-            pool_size: storage.pool_size,
-            connect_timeout: Duration::from_millis(storage.connect_timeout_ms),
-            timeout,
-            limits: settings.limits.store_limits(),
-        };
-        for curve in storage.enabled_curves() {
-            let location = storage.location_with_password(curve)?;
-            let store = store::open(curve, &location, &sqlite_options, &server_options).await?;
-            tracing::info!(%curve, %location, "store opened");
-            stores.insert(curve, store);
-        }
+        let stores = open_stores(settings).await?;
+        let limits = &settings.limits;
 
         let certificate = if settings.server.listen.is_empty() {
             None
@@ -124,13 +108,19 @@ impl Application {
             auth,
             paths: settings.server.paths.clone(),
             max_body_bytes: settings.server.max_body_bytes,
-            readiness_timeout: timeout,
+            readiness_timeout: Duration::from_millis(settings.storage.timeout_ms),
         });
         Ok(Application {
             listeners,
             state,
             connections: Arc::new(Semaphore::new(settings.server.max_connections)),
             certificate,
+            purge: (limits.request_purge_interval_secs > 0).then(|| {
+                (
+                    Duration::from_secs(limits.request_purge_interval_secs),
+                    Duration::from_secs(limits.request_retention_secs),
+                )
+            }),
         })
     }
 
@@ -175,7 +165,14 @@ impl Application {
                 stopped.clone(),
             )));
         }
+        let purging = self.purge.map(|(interval, retention)| {
+            let stores = self.state.service.stores().clone();
+            tokio::spawn(purge_requests_periodically(stores, interval, retention))
+        });
         shutdown.await;
+        if let Some(purging) = purging {
+            purging.abort();
+        }
         tracing::info!("stopping: no new connections, letting requests in flight finish");
         let _ = stop.send(true);
         for accept in loops {
@@ -193,6 +190,61 @@ impl Application {
             tracing::warn!("some connections did not finish within {SHUTDOWN_GRACE:?}");
         }
         Ok(())
+    }
+}
+
+/// Opens the store of every enabled curve, as `serve` does.
+pub async fn open_stores(settings: &Settings) -> Result<Stores> {
+    let storage = &settings.storage;
+    let mut stores = Stores::default();
+    let timeout = Duration::from_millis(storage.timeout_ms);
+    let sqlite_options = SqliteOptions {
+        path: PathBuf::new(),
+        synchronous: storage.sqlite_synchronous,
+        max_batch: storage.sqlite_max_batch,
+        timeout,
+        limits: settings.limits.store_limits(),
+    };
+    let server_options = ServerStoreOptions {
+        pool_size: storage.pool_size,
+        connect_timeout: Duration::from_millis(storage.connect_timeout_ms),
+        timeout,
+        limits: settings.limits.store_limits(),
+    };
+    for curve in storage.enabled_curves() {
+        let location = storage.location_with_password(curve)?;
+        let store = store::open(curve, &location, &sqlite_options, &server_options).await?;
+        tracing::info!(%curve, %location, "store opened");
+        stores.insert(curve, store);
+    }
+    Ok(stores)
+}
+
+/// Deletes, in every store, the bundle requests older than `retention`; logs and
+/// returns how many per curve. Safe with several instances on one database.
+pub async fn purge_requests(
+    stores: &Stores,
+    retention: Duration,
+) -> Vec<(Curve, Result<u64, StoreError>)> {
+    let mut purged = Vec::new();
+    for (curve, store) in stores.iter() {
+        let result = store.purge_requests(retention).await;
+        match &result {
+            Ok(rows) => tracing::info!(%curve, rows, ?retention, "bundle requests purged"),
+            Err(error) => tracing::warn!(%curve, %error, "bundle requests not purged"),
+        }
+        purged.push((curve, result));
+    }
+    purged
+}
+
+/// Purges old bundle requests every `interval`, until the server stops.
+async fn purge_requests_periodically(stores: Stores, interval: Duration, retention: Duration) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        purge_requests(&stores, retention).await;
     }
 }
 

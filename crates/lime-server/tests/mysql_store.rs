@@ -75,12 +75,19 @@ fn options(timeout: Duration) -> ServerStoreOptions {
         timeout,
         limits: StoreLimits {
             max_one_time_pre_keys_per_device: 500,
+            max_devices_per_user: 0,
+            bundle_requests: None,
         },
     }
 }
 
 fn id(text: &str) -> DeviceId {
     DeviceId::new(text).unwrap()
+}
+
+/// The device asking for bundles in these tests (no request limit is set).
+fn asker() -> DeviceId {
+    DeviceId::new("sip:asker@example.org;gr=1").unwrap()
 }
 
 fn device(name: &str) -> DeviceId {
@@ -223,12 +230,10 @@ async fn an_original_database_is_served_as_it_is() {
 
     let store = db.open(Duration::from_secs(5)).await;
     let bundles = store
-        .claim_key_bundles(vec![
-            alice.clone(),
-            old.clone(),
-            device("nobody"),
-            alice.clone(),
-        ])
+        .claim_key_bundles(
+            asker(),
+            vec![alice.clone(), old.clone(), device("nobody"), alice.clone()],
+        )
         .await
         .unwrap();
     assert_eq!(bundles.len(), 4);
@@ -402,7 +407,11 @@ async fn store_rules_hold() {
         Err(StoreError::DeviceNotFound)
     ));
     assert_eq!(
-        store.claim_key_bundles(vec![padded]).await.unwrap()[0].bundle,
+        store
+            .claim_key_bundles(asker(), vec![padded])
+            .await
+            .unwrap()[0]
+            .bundle,
         None
     );
 
@@ -457,7 +466,7 @@ async fn migrate_only_adds_is_idempotent_and_keeps_the_original_queries_working(
 
     let store = db.open(Duration::from_secs(5)).await;
     assert_eq!(
-        claimed_id(&store.claim_key_bundles(vec![dave]).await.unwrap()[0]),
+        claimed_id(&store.claim_key_bundles(asker(), vec![dave]).await.unwrap()[0]),
         Some(1)
     );
 }
@@ -567,7 +576,7 @@ async fn concurrent_claims_from_two_servers_never_hand_out_a_key_twice() {
                 } else {
                     vec![grace.clone()]
                 };
-                for bundle in server.claim_key_bundles(devices).await.unwrap() {
+                for bundle in server.claim_key_bundles(asker(), devices).await.unwrap() {
                     if let Some(id) = claimed_id(&bundle) {
                         claimed.push((bundle.device_id.to_string(), id));
                     }
@@ -673,7 +682,7 @@ async fn a_call_held_up_by_a_lock_times_out_and_changes_nothing() {
     // A table lock stops claims the same way.
     other.execute("LOCK TABLES OPk WRITE").await.unwrap();
     let started = Instant::now();
-    let answer = store.claim_key_bundles(vec![kate.clone()]).await;
+    let answer = store.claim_key_bundles(asker(), vec![kate.clone()]).await;
     assert!(matches!(answer, Err(StoreError::Timeout(_))), "{answer:?}");
     assert!(started.elapsed() < timeout * 3, "{:?}", started.elapsed());
     other.execute("UNLOCK TABLES").await.unwrap();
@@ -684,7 +693,12 @@ async fn a_call_held_up_by_a_lock_times_out_and_changes_nothing() {
         [0, 1, 2, 3, 4]
     );
     assert_eq!(
-        claimed_id(&store.claim_key_bundles(vec![kate.clone()]).await.unwrap()[0]),
+        claimed_id(
+            &store
+                .claim_key_bundles(asker(), vec![kate.clone()])
+                .await
+                .unwrap()[0]
+        ),
         Some(0)
     );
     store.ping().await.unwrap();
@@ -746,7 +760,10 @@ async fn migrate_adds_the_claims_table_to_a_database_made_before_it() {
         .register_device(alice.clone(), registration(1, 0..2))
         .await
         .unwrap();
-    let bundles = store.claim_key_bundles(vec![alice.clone()]).await.unwrap();
+    let bundles = store
+        .claim_key_bundles(asker(), vec![alice.clone()])
+        .await
+        .unwrap();
     assert_eq!(claimed_id(&bundles[0]), Some(0));
 
     let migration = store::mysql::migrate(&db.url).await.unwrap();
@@ -761,7 +778,10 @@ async fn migrate_adds_the_claims_table_to_a_database_made_before_it() {
     );
     // A store opened now claims with a token.
     let store = db.open(Duration::from_secs(5)).await;
-    let bundles = store.claim_key_bundles(vec![alice.clone()]).await.unwrap();
+    let bundles = store
+        .claim_key_bundles(asker(), vec![alice.clone()])
+        .await
+        .unwrap();
     assert_eq!(claimed_id(&bundles[0]), Some(1));
     assert_eq!(db.count("SELECT COUNT(*) FROM lime_rs_claims").await, 1);
 }
@@ -800,9 +820,12 @@ async fn stored_key_ids(db: &TestDb, device: &DeviceId) -> Vec<u32> {
 /// Claims for `device` one at a time until none is left: the ids served.
 async fn claim_all(store: &Arc<dyn KeyStore>, device: &DeviceId) -> Vec<u32> {
     let mut served = Vec::new();
-    while let Some(id) =
-        claimed_id(&store.claim_key_bundles(vec![device.clone()]).await.unwrap()[0])
-    {
+    while let Some(id) = claimed_id(
+        &store
+            .claim_key_bundles(asker(), vec![device.clone()])
+            .await
+            .unwrap()[0],
+    ) {
         served.push(id);
     }
     served
@@ -815,7 +838,7 @@ async fn a_claim_whose_commit_answer_is_lost_puts_its_key_back() {
     let (store, alice) = store_through(&db, &relay).await;
 
     relay.arm(Trap::AfterCommit);
-    let claimed = store.claim_key_bundles(vec![alice.clone()]).await;
+    let claimed = store.claim_key_bundles(asker(), vec![alice.clone()]).await;
     assert!(relay.sprung(), "the claim's COMMIT went through the relay");
     assert!(
         matches!(claimed, Err(StoreError::Backend(_))),
@@ -852,7 +875,7 @@ async fn a_claim_cut_before_its_commit_restores_nothing_and_duplicates_nothing()
     let (store, alice) = store_through(&db, &relay).await;
 
     relay.arm(Trap::BeforeCommit);
-    let claimed = store.claim_key_bundles(vec![alice.clone()]).await;
+    let claimed = store.claim_key_bundles(asker(), vec![alice.clone()]).await;
     assert!(relay.sprung(), "the claim's COMMIT reached the relay");
     assert!(
         matches!(claimed, Err(StoreError::Backend(_))),

@@ -70,11 +70,18 @@ fn options(timeout: Duration) -> ServerStoreOptions {
         timeout,
         limits: StoreLimits {
             max_one_time_pre_keys_per_device: 50,
+            max_devices_per_user: 0,
+            bundle_requests: None,
         },
     }
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The device asking for bundles in these tests (no request limit is set).
+fn asker() -> DeviceId {
+    DeviceId::new("sip:asker@example.org;gr=1").unwrap()
+}
 
 fn device(name: &str) -> DeviceId {
     DeviceId::new(format!("sip:{name}@example.org;gr=urn:uuid:1")).unwrap()
@@ -422,7 +429,10 @@ async fn bundles_take_each_key_once_and_a_repeated_device_takes_one() {
         bob.clone(),
         carol.clone(),
     ];
-    let bundles = store.claim_key_bundles(asked.clone()).await.unwrap();
+    let bundles = store
+        .claim_key_bundles(asker(), asked.clone())
+        .await
+        .unwrap();
     let flags: Vec<u8> = bundles.iter().map(|bundle| bundle.flag()).collect();
     assert_eq!(flags, [1, 2, 0, 0, 2]);
     assert_eq!(
@@ -445,10 +455,16 @@ async fn bundles_take_each_key_once_and_a_repeated_device_takes_one() {
         1
     );
 
-    let again = store.claim_key_bundles(vec![alice.clone()]).await.unwrap();
+    let again = store
+        .claim_key_bundles(asker(), vec![alice.clone()])
+        .await
+        .unwrap();
     let other = again[0].bundle.clone().unwrap().one_time_pre_key.unwrap();
     assert_ne!(taken.id(), other.id());
-    let none_left = store.claim_key_bundles(vec![alice.clone()]).await.unwrap();
+    let none_left = store
+        .claim_key_bundles(asker(), vec![alice.clone()])
+        .await
+        .unwrap();
     assert_eq!(none_left[0].flag(), 0);
 
     // A new SPk is served; deleting the device takes its keys with it.
@@ -457,7 +473,10 @@ async fn bundles_take_each_key_once_and_a_repeated_device_takes_one() {
         .replace_signed_pre_key(bob.clone(), spk)
         .await
         .unwrap();
-    let bundles = store.claim_key_bundles(vec![bob.clone()]).await.unwrap();
+    let bundles = store
+        .claim_key_bundles(asker(), vec![bob.clone()])
+        .await
+        .unwrap();
     assert_eq!(bundles[0].bundle.as_ref().unwrap().signed_pre_key.id(), 8);
     store
         .add_one_time_pre_keys(bob.clone(), one_time_pre_keys(0..4))
@@ -466,7 +485,7 @@ async fn bundles_take_each_key_once_and_a_repeated_device_takes_one() {
     store.delete_device(bob.clone()).await.unwrap();
     assert_eq!(database.scalar(r#"SELECT count(*) FROM "OPk""#).await, 0);
     assert_eq!(
-        store.claim_key_bundles(vec![bob]).await.unwrap()[0].flag(),
+        store.claim_key_bundles(asker(), vec![bob]).await.unwrap()[0].flag(),
         2
     );
     store.ping().await.unwrap();
@@ -501,7 +520,10 @@ async fn a_device_id_of_65535_bytes_registers_and_is_found() {
             .unwrap(),
         Registered::AlreadyWithSameKeys
     );
-    let bundles = store.claim_key_bundles(vec![first.clone()]).await.unwrap();
+    let bundles = store
+        .claim_key_bundles(asker(), vec![first.clone()])
+        .await
+        .unwrap();
     assert_eq!(bundles[0].flag(), 1);
     assert_eq!(bundles[0].device_id, first);
     assert_eq!(
@@ -554,7 +576,7 @@ async fn two_servers_claiming_at_once_never_hand_out_the_same_key() {
                 let asked: Vec<DeviceId> = (0..3)
                     .map(|k| devices[(task + round * 3 + k) % devices.len()].clone())
                     .collect();
-                for bundle in store.claim_key_bundles(asked).await.unwrap() {
+                for bundle in store.claim_key_bundles(asker(), asked).await.unwrap() {
                     if let Some(key) = bundle.bundle.and_then(|b| b.one_time_pre_key) {
                         claimed.push((bundle.device_id.as_str().to_owned(), key.id()));
                     }
@@ -647,7 +669,7 @@ async fn a_call_held_up_past_its_timeout_reports_timeout_and_changes_nothing() {
     // machine: this checks that it answers, not how fast).
     let bound = timeout + Duration::from_secs(2);
     let started = std::time::Instant::now();
-    let claimed = store.claim_key_bundles(vec![alice.clone()]).await;
+    let claimed = store.claim_key_bundles(asker(), vec![alice.clone()]).await;
     assert!(
         matches!(claimed, Err(StoreError::Timeout(_))),
         "{claimed:?}"
@@ -683,7 +705,7 @@ async fn a_call_held_up_past_its_timeout_reports_timeout_and_changes_nothing() {
         Err(StoreError::DeviceNotFound)
     ));
     assert_eq!(database.scalar(r#"SELECT count(*) FROM "Users""#).await, 1);
-    let bundles = store.claim_key_bundles(vec![alice]).await.unwrap();
+    let bundles = store.claim_key_bundles(asker(), vec![alice]).await.unwrap();
     assert_eq!(bundles[0].flag(), 1);
     store.ping().await.unwrap();
 }
@@ -711,7 +733,10 @@ async fn connections_ended_by_the_server_are_replaced_without_failing_a_call() {
         .await;
     assert!(terminated > 0);
     for _ in 0..10 {
-        store.claim_key_bundles(vec![alice.clone()]).await.unwrap();
+        store
+            .claim_key_bundles(asker(), vec![alice.clone()])
+            .await
+            .unwrap();
     }
     assert_eq!(store.one_time_pre_key_ids(alice).await.unwrap().len(), 10);
 }
@@ -737,7 +762,7 @@ async fn the_store_serves_again_once_the_database_is_back() {
 
     relay.cut().await;
     let started = std::time::Instant::now();
-    match store.claim_key_bundles(vec![alice.clone()]).await {
+    match store.claim_key_bundles(asker(), vec![alice.clone()]).await {
         Err(StoreError::Backend(_) | StoreError::Timeout(_)) => {}
         other => panic!("the database is unreachable, yet: {other:?}"),
     }
@@ -748,7 +773,10 @@ async fn the_store_serves_again_once_the_database_is_back() {
 
     relay.restore();
     for _ in 0..5 {
-        store.claim_key_bundles(vec![alice.clone()]).await.unwrap();
+        store
+            .claim_key_bundles(asker(), vec![alice.clone()])
+            .await
+            .unwrap();
     }
     store.ping().await.unwrap();
     assert_eq!(store.one_time_pre_key_ids(alice).await.unwrap().len(), 15);
@@ -769,7 +797,10 @@ async fn migrate_adds_the_claims_table_to_a_database_made_before_it() {
         .register_device(alice.clone(), registration(1, one_time_pre_keys(0..2)))
         .await
         .unwrap();
-    let bundles = store.claim_key_bundles(vec![alice.clone()]).await.unwrap();
+    let bundles = store
+        .claim_key_bundles(asker(), vec![alice.clone()])
+        .await
+        .unwrap();
     assert_eq!(bundles[0].flag(), 1);
 
     let migration = postgres::migrate(&database.url).await.unwrap();
@@ -780,7 +811,10 @@ async fn migrate_adds_the_claims_table_to_a_database_made_before_it() {
     );
     // A store opened now claims with a token.
     let store = database.open(TIMEOUT).await;
-    store.claim_key_bundles(vec![alice.clone()]).await.unwrap();
+    store
+        .claim_key_bundles(asker(), vec![alice.clone()])
+        .await
+        .unwrap();
     assert_eq!(
         database
             .scalar(r#"SELECT count(*) FROM "lime_rs_claims""#)
@@ -827,7 +861,10 @@ async fn stored_key_ids(database: &TestDatabase, device: &DeviceId) -> Vec<i64> 
 async fn claim_all(store: &Arc<dyn KeyStore>, device: &DeviceId) -> Vec<u32> {
     let mut served = Vec::new();
     loop {
-        let bundles = store.claim_key_bundles(vec![device.clone()]).await.unwrap();
+        let bundles = store
+            .claim_key_bundles(asker(), vec![device.clone()])
+            .await
+            .unwrap();
         match bundles[0]
             .bundle
             .as_ref()
@@ -848,7 +885,7 @@ async fn a_claim_whose_commit_answer_is_lost_puts_its_key_back() {
     let (store, alice) = store_through(&database, &relay).await;
 
     relay.arm(Trap::AfterCommit);
-    let claimed = store.claim_key_bundles(vec![alice.clone()]).await;
+    let claimed = store.claim_key_bundles(asker(), vec![alice.clone()]).await;
     assert!(relay.sprung(), "the claim's COMMIT went through the relay");
     assert!(
         matches!(claimed, Err(StoreError::Backend(_))),
@@ -895,7 +932,7 @@ async fn a_claim_cut_before_its_commit_restores_nothing_and_duplicates_nothing()
     let (store, alice) = store_through(&database, &relay).await;
 
     relay.arm(Trap::BeforeCommit);
-    let claimed = store.claim_key_bundles(vec![alice.clone()]).await;
+    let claimed = store.claim_key_bundles(asker(), vec![alice.clone()]).await;
     assert!(relay.sprung(), "the claim's COMMIT reached the relay");
     assert!(
         matches!(claimed, Err(StoreError::Backend(_))),

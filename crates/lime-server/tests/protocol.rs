@@ -745,7 +745,7 @@ async fn get_self_opks_for_unknown_device_is_user_not_found() {
 
 #[tokio::test]
 async fn post_opks_past_the_per_device_limit_is_resource_limit_reached_and_stores_nothing() {
-    let app = spawn_app_with(|s| s.limits.max_one_time_pre_keys_per_device = 10).await;
+    let app = spawn_app_with(|s| s.limits.max_opks_per_device = 10).await;
     for curve in Curve::ALL {
         let alice = device_id("alice");
         let first = register(&app, curve, &alice, 6).await;
@@ -814,7 +814,7 @@ async fn bundle_request_for_more_devices_than_the_limit_is_resource_limit_reache
 
 #[tokio::test]
 async fn register_user_past_the_per_device_limit_is_resource_limit_reached_and_registers_nothing() {
-    let app = spawn_app_with(|s| s.limits.max_one_time_pre_keys_per_device = 10).await;
+    let app = spawn_app_with(|s| s.limits.max_opks_per_device = 10).await;
     for curve in Curve::ALL {
         let alice = device_id("alice");
         expect_error(

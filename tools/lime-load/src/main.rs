@@ -63,6 +63,12 @@ pub fn device_name(index: u64) -> String {
     format!("sip:load-{index}@example.org;gr=urn:uuid:00000000-0000-0000-0000-{index:012}")
 }
 
+/// The device that asks for bundles in the store-level runs (the server-level runs
+/// send their own `--sender`).
+pub fn asker() -> lime_protocol::DeviceId {
+    lime_protocol::DeviceId::new("sip:load-asker@example.org;gr=urn:uuid:0").expect("a device id")
+}
+
 /// The SQLite file of `curve` in the server's data directory (the server's own
 /// naming: `lime-<curve>.sqlite3`).
 pub fn sqlite_path(data_dir: &Path, curve: Curve) -> PathBuf {

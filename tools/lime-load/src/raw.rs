@@ -5,11 +5,20 @@
 //! the server stopped: the two would fight over the write lock.
 
 use crate::stats::{Flags, Latencies, cpu_count, load_average, machine_busy, ms, process_cpu};
-use crate::{device_name, sqlite_path};
+use crate::{asker, device_name, sqlite_path};
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use lime_protocol::{Curve, DeviceId};
+use lime_server::store::StoreLimits;
 use lime_server::store::sqlite::{Synchronous, claim_key_bundles_in_transaction, connect};
+
+/// The claim alone: the server runs it is compared with are started with
+/// `limits.max_bundle_requests = 0` (no request accounting) too.
+const NO_LIMITS: StoreLimits = StoreLimits {
+    max_one_time_pre_keys_per_device: 65_535,
+    max_devices_per_user: 0,
+    bundle_requests: None,
+};
 use rand::Rng;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -91,8 +100,9 @@ pub fn run(args: &RawArgs) -> Result<()> {
     let mut rng = rand::rng();
     let mut claim = |n: u64| -> Result<u8> {
         let device = DeviceId::new(device_name(rng.random_range(0..args.devices)))?;
-        let bundles = claim_key_bundles_in_transaction(&conn, args.curve, vec![device])
-            .with_context(|| format!("claim {n} failed"))?;
+        let bundles =
+            claim_key_bundles_in_transaction(&conn, args.curve, &NO_LIMITS, &asker(), vec![device])
+                .with_context(|| format!("claim {n} failed"))?;
         match bundles.as_slice() {
             [bundle] => Ok(bundle.flag()),
             other => bail!("claim {n} gave {} bundles, not 1", other.len()),

@@ -13,8 +13,8 @@
 //! `--store` is a URL as the server's `storage.url` (`{curve}` is replaced by the
 //! curve's name), e.g. `mysql://root@127.0.0.1:3306/lime_bench_{curve}`.
 
-use crate::device_name;
 use crate::stats::{Latencies, cpu_count, load_average, machine_busy, ms, process_cpu};
+use crate::{asker, device_name};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use lime_protocol::{
@@ -105,6 +105,8 @@ async fn open_store(template: &str, curve: Curve, pool_size: u32) -> Result<Arc<
     let location = StoreLocation::parse(template, curve)?;
     let limits = StoreLimits {
         max_one_time_pre_keys_per_device: 65_535,
+        max_devices_per_user: 0,
+        bundle_requests: None,
     };
     let server_options = ServerStoreOptions {
         pool_size,
@@ -333,7 +335,7 @@ pub fn raw_claims(args: &RawDbArgs) -> Result<()> {
                 let flags = counted.clone();
                 async move {
                     let device = DeviceId::new(device_name(rand::rng().random_range(0..devices)))?;
-                    let bundles = store.claim_key_bundles(vec![device]).await?;
+                    let bundles = store.claim_key_bundles(asker(), vec![device]).await?;
                     match bundles.as_slice() {
                         [bundle] if n < u64::MAX / 2 => {
                             flags[usize::from(bundle.flag()).min(2)].fetch_add(1, Ordering::Relaxed);

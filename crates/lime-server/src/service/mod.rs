@@ -86,7 +86,7 @@ async fn run(
         Request::PostOneTimePreKeys(keys) => {
             post_one_time_pre_keys::handle(store, device, keys).await
         }
-        Request::GetPeerBundle(devices) => get_peer_bundle::handle(store, devices).await,
+        Request::GetPeerBundle(devices) => get_peer_bundle::handle(store, device, devices).await,
         Request::GetSelfOneTimePreKeys => get_self_one_time_pre_keys::handle(store, device).await,
     }
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 /// The version of this server's schema additions, kept in `Config` as
 /// `('lime_rs_schema', N)` beside the original's `('version', 1)`, which is left
 /// as it is so that the PHP server keeps working on a migrated database.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The `Config.Name` of [`SCHEMA_VERSION`].
 pub const SCHEMA_VERSION_NAME: &str = "lime_rs_schema";
@@ -87,6 +87,16 @@ pub enum StoreError {
     /// A one-time pre-key id the device already uses, with a different key.
     #[error("OPk id {0} is already used by this device for another key")]
     ConflictingOneTimePreKeyId(u32),
+    /// The user already has as many devices as allowed.
+    #[error("user {user} already has {devices} devices, the limit is {limit}")]
+    TooManyDevices {
+        /// `sip:user@domain`.
+        user: String,
+        /// Devices it has.
+        devices: u64,
+        /// The configured limit.
+        limit: u32,
+    },
     /// The device would hold more one-time pre-keys than allowed.
     #[error("device would hold {would_hold} one-time pre-keys, the limit is {limit}")]
     TooManyOneTimePreKeys {
@@ -117,6 +127,31 @@ pub enum Registered {
 pub struct StoreLimits {
     /// Most one-time pre-keys one device may hold on the server.
     pub max_one_time_pre_keys_per_device: u32,
+    /// Most devices of one user (`sip:user@domain;gr=...`); 0: no limit.
+    pub max_devices_per_user: u32,
+    /// Key-bundle request limitation, when on.
+    pub bundle_requests: Option<BundleRequestLimit>,
+}
+
+/// How many key bundles of one target device one source device may receive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BundleRequestLimit {
+    /// Bundles within `window`.
+    pub max: u32,
+    /// The sliding window, counted by the database's clock in whole seconds.
+    pub window: Duration,
+    /// What a source past the limit gets.
+    pub over_limit: OverLimit,
+}
+
+/// What a source past its bundle request limit gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverLimit {
+    /// The bundle, without a one-time pre-key (flag 0).
+    WithoutOneTimePreKey,
+    /// No bundle (flag 2).
+    NoBundle,
 }
 
 /// One base algorithm's key directory.
@@ -156,14 +191,20 @@ pub trait KeyStore: Send + Sync {
         keys: Vec<OneTimePreKey>,
     ) -> Result<(), StoreError>;
 
-    /// The key bundles of `devices`, in their order, each taking (and deleting) one
-    /// one-time pre-key when the device has one left: one transaction for all.
-    /// No bundle for a device that is unknown or has no signed pre-key. A device
-    /// named twice takes at most one one-time pre-key.
+    /// The key bundles of `devices` for `source`, in their order, each taking (and
+    /// deleting) one one-time pre-key when the device has one left: one
+    /// transaction for all. No bundle for a device that is unknown or has no
+    /// signed pre-key. A device named twice takes at most one one-time pre-key.
+    /// With a bundle request limit, each bundle served is recorded in `Requests`
+    /// and a source past the limit for a target gets what `OverLimit` says.
     async fn claim_key_bundles(
         &self,
+        source: DeviceId,
         devices: Vec<DeviceId>,
     ) -> Result<Vec<PeerBundle>, StoreError>;
+
+    /// Deletes the `Requests` rows older than `retention`; returns how many.
+    async fn purge_requests(&self, retention: Duration) -> Result<u64, StoreError>;
 
     /// Ids of the device's one-time pre-keys still stored, oldest first.
     async fn one_time_pre_key_ids(&self, device: DeviceId) -> Result<Vec<u32>, StoreError>;

@@ -2,12 +2,13 @@
 //! its SQL and asks these functions what the rows it read mean, so that SQLite,
 //! MariaDB and PostgreSQL answer alike.
 
-use crate::store::{Registered, StoreError, StoreLimits};
+use crate::store::{BundleRequestLimit, OverLimit, Registered, StoreError, StoreLimits};
 use lime_protocol::{
     Curve, DeviceId, IdentityKey, KeyBundle, OneTimePreKey, Registration, SignedPreKey,
     WrongKeyLength,
 };
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 /// A device as stored: `SPk`, `SPk_sig` and `SPk_id` may be NULL in databases
 /// written by old servers.
@@ -88,11 +89,106 @@ pub fn one_time_pre_key_limit(held: u64, limits: &StoreLimits) -> Result<(), Sto
     }
 }
 
-/// For each device asked for, whether it may take a one-time pre-key: only its
-/// first occurrence in the request does.
-pub fn may_claim(devices: &[DeviceId]) -> Vec<bool> {
-    let mut seen = HashSet::with_capacity(devices.len());
-    devices.iter().map(|device| seen.insert(device)).collect()
+/// Registering one more device for a user that has `devices` already: within
+/// `max_devices_per_user`?
+pub fn device_limit(user: &str, devices: u64, limits: &StoreLimits) -> Result<(), StoreError> {
+    let limit = limits.max_devices_per_user;
+    if limit > 0 && devices >= u64::from(limit) {
+        Err(StoreError::TooManyDevices {
+            user: user.to_owned(),
+            devices,
+            limit,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// The devices of one user, as a range of device ids: every id from `start`
+/// (included, `sip:user@domain;gr=`) to `end` (excluded, `sip:user@domain;gr>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserDevices<'a> {
+    /// `sip:user@domain`, for messages.
+    pub user: &'a str,
+    /// `sip:user@domain;gr=`: every device id of the user starts with it.
+    pub start: &'a str,
+    /// The first id past them.
+    pub end: String,
+}
+
+/// The range of the devices of `device`'s user; `None` when the device id is not
+/// a GRUU (`sip:user@domain;gr=...`, as in test set-ups): such devices are not
+/// counted.
+pub fn user_devices(device: &DeviceId) -> Option<UserDevices<'_>> {
+    let id = device.as_str();
+    let user = &id[..id.find(';')?];
+    if !crate::auth::identity::owns_device(user, id) {
+        return None;
+    }
+    let start = &id[..user.len() + ";gr=".len()];
+    Some(UserDevices {
+        user,
+        start,
+        // ';gr=' ends with '=': the next byte value is '>'.
+        end: format!("{user};gr>"),
+    })
+}
+
+/// For each device asked for, the index of its first occurrence in the request
+/// when it is a repeat; `None` for a first occurrence (the only one that may take
+/// a one-time pre-key and counts against the bundle request limit).
+pub fn repeats(devices: &[DeviceId]) -> Vec<Option<usize>> {
+    let mut first = HashMap::with_capacity(devices.len());
+    devices
+        .iter()
+        .enumerate()
+        .map(|(index, device)| match first.entry(device) {
+            Entry::Occupied(entry) => Some(*entry.get()),
+            Entry::Vacant(entry) => {
+                entry.insert(index);
+                None
+            }
+        })
+        .collect()
+}
+
+/// What a source gets of a target's bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// The bundle, with a one-time pre-key when one is left.
+    Full,
+    /// The bundle without a one-time pre-key.
+    WithoutOneTimePreKey,
+    /// No bundle.
+    Refused,
+}
+
+impl Grant {
+    /// True when the bundle is served (and so recorded in `Requests`).
+    pub fn is_served(self) -> bool {
+        self != Grant::Refused
+    }
+}
+
+/// The grant of a first occurrence, for a source that received `received`
+/// bundles of the target within the window.
+pub fn grant(received: u64, limit: Option<&BundleRequestLimit>) -> Grant {
+    match limit {
+        Some(limit) if received >= u64::from(limit.max) => match limit.over_limit {
+            OverLimit::WithoutOneTimePreKey => Grant::WithoutOneTimePreKey,
+            OverLimit::NoBundle => Grant::Refused,
+        },
+        _ => Grant::Full,
+    }
+}
+
+/// The grant of a repeat of a device whose first occurrence got `first`: never a
+/// second one-time pre-key, never a bundle the first was refused.
+pub fn repeat_grant(first: Grant) -> Grant {
+    match first {
+        Grant::Refused => Grant::Refused,
+        _ => Grant::WithoutOneTimePreKey,
+    }
 }
 
 /// The bundle of a stored device, with the one-time pre-key claimed for it (if
@@ -166,7 +262,63 @@ mod tests {
             .iter()
             .map(|id| DeviceId::new(*id).unwrap())
             .collect();
-        assert_eq!(may_claim(&ids), [true, true, false, true, false]);
+        assert_eq!(repeats(&ids), [None, None, Some(0), None, Some(1)]);
+    }
+
+    #[test]
+    fn grants_follow_the_limit_and_repeats_follow_their_first() {
+        let limit = |over_limit| BundleRequestLimit {
+            max: 2,
+            window: std::time::Duration::from_secs(10),
+            over_limit,
+        };
+        assert_eq!(grant(5, None), Grant::Full);
+        let served = limit(OverLimit::WithoutOneTimePreKey);
+        assert_eq!(grant(1, Some(&served)), Grant::Full);
+        assert_eq!(grant(2, Some(&served)), Grant::WithoutOneTimePreKey);
+        let refused = limit(OverLimit::NoBundle);
+        assert_eq!(grant(2, Some(&refused)), Grant::Refused);
+        assert_eq!(repeat_grant(Grant::Full), Grant::WithoutOneTimePreKey);
+        assert_eq!(repeat_grant(Grant::Refused), Grant::Refused);
+    }
+
+    #[test]
+    fn devices_of_a_user_share_a_prefix_and_other_ids_are_not_counted() {
+        let id = DeviceId::new("sip:alice@example.org;gr=urn:uuid:1").unwrap();
+        let range = user_devices(&id).unwrap();
+        assert_eq!(range.user, "sip:alice@example.org");
+        assert_eq!(range.start, "sip:alice@example.org;gr=");
+        assert_eq!(range.end, "sip:alice@example.org;gr>");
+        assert!(
+            range.start < "sip:alice@example.org;gr=zzz"
+                && "sip:alice@example.org;gr=zzz" < range.end.as_str()
+        );
+        for other in [
+            "alice",
+            "sip:alice@example.org",
+            "sip:alice@example.org;transport=tls",
+        ] {
+            assert_eq!(
+                user_devices(&DeviceId::new(other).unwrap()),
+                None,
+                "{other}"
+            );
+        }
+        let limits = |max_devices_per_user| StoreLimits {
+            max_one_time_pre_keys_per_device: 10,
+            max_devices_per_user,
+            bundle_requests: None,
+        };
+        assert!(device_limit("u", 2, &limits(3)).is_ok());
+        assert!(matches!(
+            device_limit("u", 3, &limits(3)),
+            Err(StoreError::TooManyDevices {
+                devices: 3,
+                limit: 3,
+                ..
+            })
+        ));
+        assert!(device_limit("u", 1_000, &limits(0)).is_ok());
     }
 
     #[test]

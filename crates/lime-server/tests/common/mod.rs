@@ -94,6 +94,9 @@ pub async fn spawn_app_authenticating(
     let mut settings = Settings::default();
     settings.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
     settings.storage.data_dir = data_dir.path().to_owned();
+    // The suites fetch one device's bundle from one sender many times over: the
+    // bundle request limit is off unless a test sets it (tests/limits.rs).
+    settings.limits.max_bundle_requests = 0;
     let (databases, url) = TestDatabases::create(backend, &Curve::ALL).await;
     if url.is_some() {
         settings.storage.url = url.clone();

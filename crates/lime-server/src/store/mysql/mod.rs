@@ -571,22 +571,35 @@ impl KeyStore for MysqlStore {
 
     async fn claim_key_bundles(
         &self,
+        source: DeviceId,
         devices: Vec<DeviceId>,
     ) -> Result<Vec<PeerBundle>, StoreError> {
         let curve = self.curve;
         let claims_table = self.claims_table;
+        let limit = self.limits.bundle_requests;
         self.purge_claim_tokens_when_due();
         let claimed = self
-            .run_to_commit(Mode::Transaction, devices, move |conn, devices| {
-                Box::pin(queries::claim_key_bundles(
-                    conn,
-                    curve,
-                    claims_table,
-                    devices,
-                ))
-            })
+            .run_to_commit(
+                Mode::Transaction,
+                (limit, source, devices),
+                move |conn, request| {
+                    Box::pin(queries::claim_key_bundles(
+                        conn,
+                        curve,
+                        claims_table,
+                        request,
+                    ))
+                },
+            )
             .await;
         self.in_doubt.answer(self.this.clone(), claimed)
+    }
+
+    async fn purge_requests(&self, retention: Duration) -> Result<u64, StoreError> {
+        self.run(Mode::Statement, retention, |conn, retention| {
+            Box::pin(queries::purge_requests(conn, *retention))
+        })
+        .await
     }
 
     async fn one_time_pre_key_ids(&self, device: DeviceId) -> Result<Vec<u32>, StoreError> {

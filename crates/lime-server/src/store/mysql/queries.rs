@@ -13,12 +13,14 @@
 
 use super::Fault;
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled};
+use crate::store::rules::Grant;
 use crate::store::rules::{self, StoredDevice};
-use crate::store::{Registered, StoreError, StoreLimits};
+use crate::store::{BundleRequestLimit, Registered, StoreError, StoreLimits};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use sqlx::mysql::MySqlConnection;
 use sqlx::{Executor, Row};
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 /// Most values in one `IN (...)` list or rows in one `INSERT`: far below the
 /// protocol's 65,535 placeholders and `max_allowed_packet` with the largest keys.
@@ -61,6 +63,15 @@ pub(super) async fn register_device(
 ) -> Result<Registered, Fault> {
     if let Some(existing) = lock_device(conn, device).await? {
         return Ok(rules::reregistration(&existing, registration)?);
+    }
+    if let Some(range) = rules::user_devices(device).filter(|_| limits.max_devices_per_user > 0) {
+        let devices: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM Users WHERE UserId >= ? AND UserId < ?")
+                .bind(range.start)
+                .bind(&range.end)
+                .fetch_one(&mut *conn)
+                .await?;
+        rules::device_limit(range.user, devices as u64, &limits)?;
     }
     let new_keys = keys_to_insert(&HashMap::new(), &registration.one_time_pre_keys)?;
     rules::one_time_pre_key_limit(new_keys.len() as u64, &limits)?;
@@ -228,16 +239,27 @@ pub(super) async fn claim_key_bundles(
     conn: &mut MySqlConnection,
     curve: Curve,
     claims_table: bool,
-    devices: &[DeviceId],
+    (limit, source, devices): &(Option<BundleRequestLimit>, DeviceId, Vec<DeviceId>),
 ) -> Result<(Vec<PeerBundle>, Claim), Fault> {
-    let may_claim = rules::may_claim(devices);
+    let limit = limit.as_ref();
+    let repeats = rules::repeats(devices);
     let stored = find_devices(conn, devices).await?;
     let mut claimed = Vec::new();
+    let mut grants = Vec::with_capacity(devices.len());
     let mut bundles = Vec::with_capacity(devices.len());
-    for (device_id, may_claim) in devices.iter().zip(may_claim) {
-        let bundle = match stored.get(device_id.as_str()) {
-            Some(device) if device.signed_pre_key.is_some() => {
-                let one_time_pre_key = if may_claim {
+    for (device_id, repeat) in devices.iter().zip(repeats) {
+        let device = stored
+            .get(device_id.as_str())
+            .filter(|device| device.signed_pre_key.is_some());
+        let grant = match (device, repeat) {
+            (None, _) => Grant::Refused,
+            (Some(_), Some(first)) => rules::repeat_grant(grants[first]),
+            (Some(_), None) => bundle_grant(conn, limit, source, device_id).await?,
+        };
+        grants.push(grant);
+        let bundle = match device {
+            Some(device) if grant.is_served() => {
+                let one_time_pre_key = if grant == Grant::Full {
                     claim_one_time_pre_key(conn, device.uid, &mut claimed).await?
                 } else {
                     None
@@ -270,6 +292,50 @@ pub(super) async fn claim_key_bundles(
             keys: claimed,
         },
     ))
+}
+
+/// What `source` gets of `target`'s bundle under `limit`; a bundle served is
+/// recorded in `Requests`, which every instance on this database counts.
+async fn bundle_grant(
+    conn: &mut MySqlConnection,
+    limit: Option<&BundleRequestLimit>,
+    source: &DeviceId,
+    target: &DeviceId,
+) -> Result<Grant, Fault> {
+    let Some(window) = limit.map(|limit| limit.window) else {
+        return Ok(Grant::Full);
+    };
+    let received: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM Requests \
+         WHERE source = ? AND target = ? AND at > NOW() - INTERVAL ? SECOND",
+    )
+    .bind(source.as_str())
+    .bind(target.as_str())
+    .bind(window.as_secs())
+    .fetch_one(&mut *conn)
+    .await?;
+    let grant = rules::grant(received as u64, limit);
+    if grant.is_served() {
+        sqlx::query("INSERT INTO Requests (source, target) VALUES (?, ?)")
+            .bind(source.as_str())
+            .bind(target.as_str())
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(grant)
+}
+
+/// Deletes the `Requests` rows older than `retention`.
+pub(super) async fn purge_requests(
+    conn: &mut MySqlConnection,
+    retention: Duration,
+) -> Result<u64, Fault> {
+    let deleted = sqlx::query("DELETE FROM Requests WHERE at < NOW() - INTERVAL ? SECOND")
+        .bind(retention.as_secs())
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    Ok(deleted)
 }
 
 /// Takes one of the device's keys: `SKIP LOCKED` passes over keys that another

@@ -60,9 +60,16 @@ PRIMARY KEY(`token`),
 INDEX(`claimed_at`)
 ) ENGINE=InnoDB";
 
+/// Our index on bundle requests (version 2): the request limitation counts a
+/// source's requests for a target within a window. TEXT columns take a prefix.
+const REQUESTS_INDEX: &str = "Requests_source_target_at";
+const REQUESTS_INDEX_DDL: &str =
+    "CREATE INDEX `Requests_source_target_at` ON Requests (`source`(100), `target`(100), `at`)";
+
 /// Step names, as `db migrate` reports them.
 const OPK_UNIQUE_STEP: &str = "unique index OPk(Uid, OPk_id)";
 const CLAIMS_TABLE_STEP: &str = "table lime_rs_claims";
+const REQUESTS_INDEX_STEP: &str = "index Requests(source, target, at)";
 
 // No unique index on Users(UserId): a TEXT column can only have a prefix index
 // in MySQL, and devices of one long user name share their first 100 characters;
@@ -81,6 +88,7 @@ pub(super) async fn init(conn: &mut MySqlConnection) -> Result<SchemaState, Stri
     }
     add_opk_unique_index(conn).await?;
     execute(conn, CLAIMS_TABLE_DDL).await?;
+    execute(conn, REQUESTS_INDEX_DDL).await?;
     execute(conn, config).await?;
     sqlx::query("INSERT INTO `Config` (`Name`, `Value`) VALUES ('version', ?), (?, ?)")
         .bind(LAYOUT_VERSION)
@@ -109,6 +117,10 @@ pub(super) async fn migrate(conn: &mut MySqlConnection) -> Result<Migration, Str
     if !has_claims_table(conn).await? {
         execute(conn, CLAIMS_TABLE_DDL).await?;
         applied.push(CLAIMS_TABLE_STEP.to_owned());
+    }
+    if !has_index(conn, "Requests", REQUESTS_INDEX).await? {
+        execute(conn, REQUESTS_INDEX_DDL).await?;
+        applied.push(REQUESTS_INDEX_STEP.to_owned());
     }
     match ours {
         None => {

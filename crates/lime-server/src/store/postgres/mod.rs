@@ -239,23 +239,33 @@ impl KeyStore for PostgresStore {
 
     async fn claim_key_bundles(
         &self,
+        source: DeviceId,
         devices: Vec<DeviceId>,
     ) -> Result<Vec<PeerBundle>, StoreError> {
         let curve = self.curve;
         let claims_table = self.claims_table;
         self.purge_claim_tokens_when_due();
+        let request = (self.limits.bundle_requests, source, devices);
         let claimed = self
             .transactions
-            .run_to_commit(&devices, move |conn, devices| {
+            .run_to_commit(&request, move |conn, request| {
                 Box::pin(queries::claim_key_bundles(
                     conn,
                     curve,
                     claims_table,
-                    devices,
+                    request,
                 ))
             })
             .await;
         self.in_doubt.answer(self.this.clone(), claimed)
+    }
+
+    async fn purge_requests(&self, retention: Duration) -> Result<u64, StoreError> {
+        self.transactions
+            .run(&retention, |conn, retention| {
+                Box::pin(queries::purge_requests(conn, *retention))
+            })
+            .await
     }
 
     async fn one_time_pre_key_ids(&self, device: DeviceId) -> Result<Vec<u32>, StoreError> {

@@ -9,12 +9,14 @@
 
 use super::transaction::Failure;
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled, TOKEN_LIFETIME};
+use crate::store::rules::Grant;
 use crate::store::rules::{self, StoredDevice};
-use crate::store::{Registered, StoreError, StoreLimits};
+use crate::store::{BundleRequestLimit, Registered, StoreError, StoreLimits};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use std::collections::HashMap;
+use std::time::Duration;
 
 /// Each statement is prepared once per connection (sqlx caches it).
 const FIND_DEVICE: &str = r#"SELECT "Uid", "Ik", "SPk", "SPk_sig", "SPk_id" FROM "Users"
@@ -60,6 +62,18 @@ const CLAIM_ONE_TIME_PRE_KEY: &str = r#"DELETE FROM "OPk" WHERE "id" = (
     RETURNING "id", "Uid", "OPk", "OPk_id""#;
 
 /// Beside a claim that took keys, in its transaction (see `store::in_doubt`).
+const COUNT_USER_DEVICES: &str = r#"SELECT COUNT(*) FROM "Users" WHERE starts_with("UserId", $1)"#;
+
+const COUNT_BUNDLE_REQUESTS: &str = r#"SELECT COUNT(*) FROM "Requests"
+    WHERE md5("source") = md5($1) AND md5("target") = md5($2)
+    AND "source" = $1 AND "target" = $2 AND "at" > now() - make_interval(secs => $3)"#;
+
+const INSERT_BUNDLE_REQUEST: &str =
+    r#"INSERT INTO "Requests" ("source", "target") VALUES ($1, $2)"#;
+
+const PURGE_REQUESTS: &str =
+    r#"DELETE FROM "Requests" WHERE "at" < now() - make_interval(secs => $1)"#;
+
 const INSERT_CLAIM_TOKEN: &str = r#"INSERT INTO "lime_rs_claims" ("token") VALUES ($1)"#;
 
 /// Settling a claim in doubt starts with inserting its token: this waits for the
@@ -135,6 +149,14 @@ pub(super) async fn register_device(
     for _ in 0..REGISTRATION_ROUNDS {
         if let Some(existing) = find_device(conn, device).await? {
             return Ok(rules::reregistration(&existing, registration)?);
+        }
+        if let Some(range) = rules::user_devices(device).filter(|_| limits.max_devices_per_user > 0)
+        {
+            let devices: i64 = sqlx::query_scalar(COUNT_USER_DEVICES)
+                .bind(range.start)
+                .fetch_one(&mut *conn)
+                .await?;
+            rules::device_limit(range.user, devices as u64, &limits)?;
         }
         let inserted = sqlx::query(INSERT_DEVICE)
             .bind(device.as_str())
@@ -269,15 +291,26 @@ pub(super) async fn claim_key_bundles(
     conn: &mut PgConnection,
     curve: Curve,
     claims_table: bool,
-    devices: &[DeviceId],
+    (limit, source, devices): &(Option<BundleRequestLimit>, DeviceId, Vec<DeviceId>),
 ) -> Result<(Vec<PeerBundle>, Claim), Failure> {
-    let may_claim = rules::may_claim(devices);
+    let limit = limit.as_ref();
+    let repeats = rules::repeats(devices);
     let mut claimed = Vec::new();
+    let mut grants = Vec::with_capacity(devices.len());
     let mut bundles = Vec::with_capacity(devices.len());
-    for (device_id, may_claim) in devices.iter().zip(may_claim) {
-        let bundle = match find_device(conn, device_id).await? {
-            Some(device) if device.signed_pre_key.is_some() => {
-                let one_time_pre_key = if may_claim {
+    for (device_id, repeat) in devices.iter().zip(repeats) {
+        let device = find_device(conn, device_id)
+            .await?
+            .filter(|device| device.signed_pre_key.is_some());
+        let grant = match (&device, repeat) {
+            (None, _) => Grant::Refused,
+            (Some(_), Some(first)) => rules::repeat_grant(grants[first]),
+            (Some(_), None) => bundle_grant(conn, limit, source, device_id).await?,
+        };
+        grants.push(grant);
+        let bundle = match device {
+            Some(device) if grant.is_served() => {
+                let one_time_pre_key = if grant == Grant::Full {
                     claim_one_time_pre_key(conn, device.uid, &mut claimed).await?
                 } else {
                     None
@@ -308,6 +341,46 @@ pub(super) async fn claim_key_bundles(
             keys: claimed,
         },
     ))
+}
+
+/// What `source` gets of `target`'s bundle under `limit`; a bundle served is
+/// recorded in `Requests`, which every instance on this database counts.
+async fn bundle_grant(
+    conn: &mut PgConnection,
+    limit: Option<&BundleRequestLimit>,
+    source: &DeviceId,
+    target: &DeviceId,
+) -> Result<Grant, Failure> {
+    let Some(window) = limit.map(|limit| limit.window) else {
+        return Ok(Grant::Full);
+    };
+    let received: i64 = sqlx::query_scalar(COUNT_BUNDLE_REQUESTS)
+        .bind(source.as_str())
+        .bind(target.as_str())
+        .bind(window.as_secs_f64())
+        .fetch_one(&mut *conn)
+        .await?;
+    let grant = rules::grant(received as u64, limit);
+    if grant.is_served() {
+        sqlx::query(INSERT_BUNDLE_REQUEST)
+            .bind(source.as_str())
+            .bind(target.as_str())
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(grant)
+}
+
+/// Deletes the `Requests` rows older than `retention`.
+pub(super) async fn purge_requests(
+    conn: &mut PgConnection,
+    retention: Duration,
+) -> Result<u64, Failure> {
+    Ok(sqlx::query(PURGE_REQUESTS)
+        .bind(retention.as_secs_f64())
+        .execute(&mut *conn)
+        .await?
+        .rows_affected())
 }
 
 async fn claim_one_time_pre_key(

@@ -62,7 +62,7 @@ struct Step {
     sql: &'static str,
 }
 
-const STEPS: [Step; 3] = [
+const STEPS: [Step; 4] = [
     Step {
         name: "unique index Users(md5(UserId))",
         relation: r#""Users_UserId_md5""#,
@@ -83,6 +83,13 @@ const STEPS: [Step; 3] = [
     "claimed_at" TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS "lime_rs_claims_claimed_at" ON "lime_rs_claims" ("claimed_at")"#,
+    },
+    // Version 2: bundle requests counted per (source, target) within a window.
+    // Hashed, as device ids can be longer than a B-tree entry may be.
+    Step {
+        name: "index Requests(md5(source), md5(target), at)",
+        relation: r#""Requests_source_target_at""#,
+        sql: r#"CREATE INDEX IF NOT EXISTS "Requests_source_target_at" ON "Requests" (md5("source"), md5("target"), "at")"#,
     },
 ];
 

@@ -133,10 +133,18 @@ pub fn connect(path: &Path, synchronous: Synchronous) -> Result<Connection, Open
 pub fn claim_key_bundles_in_transaction(
     conn: &Connection,
     curve: Curve,
+    limits: &StoreLimits,
+    source: &DeviceId,
     devices: Vec<DeviceId>,
 ) -> Result<Vec<PeerBundle>, StoreError> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
-    match queries::claim_key_bundles(conn, curve, devices) {
+    match queries::claim_key_bundles(
+        conn,
+        curve,
+        limits.bundle_requests.as_ref(),
+        source,
+        devices,
+    ) {
         Ok(bundles) => {
             conn.execute_batch("COMMIT")?;
             Ok(bundles)
@@ -224,10 +232,18 @@ impl KeyStore for SqliteStore {
 
     async fn claim_key_bundles(
         &self,
+        source: DeviceId,
         devices: Vec<DeviceId>,
     ) -> Result<Vec<PeerBundle>, StoreError> {
-        let curve = self.curve;
-        self.execute(move |conn| queries::claim_key_bundles(conn, curve, devices))
+        let (curve, limit) = (self.curve, self.limits.bundle_requests);
+        self.execute(move |conn| {
+            queries::claim_key_bundles(conn, curve, limit.as_ref(), &source, devices)
+        })
+        .await
+    }
+
+    async fn purge_requests(&self, retention: Duration) -> Result<u64, StoreError> {
+        self.execute(move |conn| queries::purge_requests(conn, retention))
             .await
     }
 

@@ -2,10 +2,11 @@
 //! it opened (see `mod.rs`). Functions here never commit: they succeed, or fail
 //! and leave their savepoint to be rolled back.
 
-use crate::store::rules::{self, StoredDevice};
-use crate::store::{Registered, StoreError, StoreLimits};
+use crate::store::rules::{self, Grant, StoredDevice};
+use crate::store::{BundleRequestLimit, Registered, StoreError, StoreLimits};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use rusqlite::{Connection, OptionalExtension, params};
+use std::time::Duration;
 
 fn find_device(conn: &Connection, device: &DeviceId) -> Result<Option<StoredDevice>, StoreError> {
     let mut select =
@@ -40,6 +41,12 @@ pub(super) fn register_device(
 ) -> Result<Registered, StoreError> {
     if let Some(existing) = find_device(conn, device)? {
         return rules::reregistration(&existing, registration);
+    }
+    if let Some(range) = rules::user_devices(device).filter(|_| limits.max_devices_per_user > 0) {
+        let devices: u64 = conn
+            .prepare_cached("SELECT COUNT(*) FROM Users WHERE UserId >= ?1 AND UserId < ?2")?
+            .query_row(params![range.start, range.end], |row| row.get(0))?;
+        rules::device_limit(range.user, devices, limits)?;
     }
     let spk = &registration.signed_pre_key;
     conn.prepare_cached(
@@ -124,17 +131,27 @@ fn insert_one_time_pre_keys(
 pub(super) fn claim_key_bundles(
     conn: &Connection,
     curve: Curve,
+    limit: Option<&BundleRequestLimit>,
+    source: &DeviceId,
     devices: Vec<DeviceId>,
 ) -> Result<Vec<PeerBundle>, StoreError> {
-    let may_claim = rules::may_claim(&devices);
+    let repeats = rules::repeats(&devices);
     let mut claim = conn.prepare_cached(
         "DELETE FROM OPk WHERE id = (SELECT id FROM OPk WHERE Uid = ?1 LIMIT 1) RETURNING OPk, OPk_id",
     )?;
+    let mut grants = Vec::with_capacity(devices.len());
     let mut bundles = Vec::with_capacity(devices.len());
-    for (device_id, may_claim) in devices.into_iter().zip(may_claim) {
-        let bundle = match find_device(conn, &device_id)? {
-            Some(device) if device.signed_pre_key.is_some() => {
-                let one_time_pre_key = if may_claim {
+    for (device_id, repeat) in devices.into_iter().zip(repeats) {
+        let device = find_device(conn, &device_id)?.filter(|d| d.signed_pre_key.is_some());
+        let grant = match (&device, repeat) {
+            (None, _) => Grant::Refused,
+            (Some(_), Some(first)) => rules::repeat_grant(grants[first]),
+            (Some(_), None) => bundle_grant(conn, limit, source, &device_id)?,
+        };
+        grants.push(grant);
+        let bundle = match device {
+            Some(device) if grant.is_served() => {
+                let one_time_pre_key = if grant == Grant::Full {
                     claim
                         .query_row([device.uid], |row| Ok((row.get(0)?, row.get(1)?)))
                         .optional()?
@@ -148,6 +165,46 @@ pub(super) fn claim_key_bundles(
         bundles.push(PeerBundle { device_id, bundle });
     }
     Ok(bundles)
+}
+
+/// What `source` gets of `target`'s bundle under `limit`; a bundle served is
+/// recorded in `Requests`.
+fn bundle_grant(
+    conn: &Connection,
+    limit: Option<&BundleRequestLimit>,
+    source: &DeviceId,
+    target: &DeviceId,
+) -> Result<Grant, StoreError> {
+    let Some(window) = limit.map(|limit| limit.window) else {
+        return Ok(Grant::Full);
+    };
+    let received: u64 = conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM Requests \
+             WHERE source = ?1 AND target = ?2 AND at > datetime('now', ?3)",
+        )?
+        .query_row(
+            params![
+                source.as_str(),
+                target.as_str(),
+                format!("-{} seconds", window.as_secs())
+            ],
+            |row| row.get(0),
+        )?;
+    let grant = rules::grant(received, limit);
+    if grant.is_served() {
+        conn.prepare_cached("INSERT INTO Requests (source, target) VALUES (?1, ?2)")?
+            .execute(params![source.as_str(), target.as_str()])?;
+    }
+    Ok(grant)
+}
+
+/// Deletes the `Requests` rows older than `retention`.
+pub(super) fn purge_requests(conn: &Connection, retention: Duration) -> Result<u64, StoreError> {
+    let deleted = conn
+        .prepare_cached("DELETE FROM Requests WHERE at < datetime('now', ?1)")?
+        .execute([format!("-{} seconds", retention.as_secs())])?;
+    Ok(deleted as u64)
 }
 
 pub(super) fn one_time_pre_key_ids(

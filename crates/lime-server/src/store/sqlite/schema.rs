@@ -36,31 +36,46 @@ CREATE TABLE Config (
 INSERT INTO Config (Name, Value) VALUES ('version', 1);
 ";
 
-/// Our additions, each idempotent: one device per id, one key per (device, id).
-const ADDITIONS: [(&str, &str); 2] = [
+/// Our additions, each idempotent, with the schema version that brought it: one
+/// device per id, one key per (device, id), bundle requests counted by index.
+const ADDITIONS: [(i64, &str, &str); 3] = [
     (
+        1,
         "unique index Users(UserId)",
         "CREATE UNIQUE INDEX IF NOT EXISTS Users_UserId ON Users(UserId)",
     ),
     (
+        1,
         "unique index OPk(Uid, OPk_id)",
         "CREATE UNIQUE INDEX IF NOT EXISTS OPk_Uid_OPk_id ON OPk(Uid, OPk_id)",
+    ),
+    (
+        2,
+        "index Requests(source, target, at)",
+        "CREATE INDEX IF NOT EXISTS Requests_source_target_at ON Requests(source, target, at)",
     ),
 ];
 
 /// Creates the schema in an empty database, or checks an existing one: the
-/// original layout at our version. Anything else is refused rather than touched.
+/// original layout at our version. A database of an older version of ours is
+/// brought up to date (our additions only add indexes); one without our additions
+/// (written by the PHP server) needs `db migrate`; anything else is refused rather
+/// than touched.
 pub fn ensure_schema(conn: &Connection) -> Result<SchemaState, SchemaError> {
     if !has_config(conn)? {
         let tx = conn.unchecked_transaction()?;
         tx.execute_batch(CREATE_TABLES)?;
-        apply_additions(&tx)?;
+        apply_additions(&tx, None)?;
         tx.commit()?;
         return Ok(SchemaState::Created);
     }
     match versions(conn)? {
         (Some(LAYOUT_VERSION), Some(SCHEMA_VERSION)) => Ok(SchemaState::Present),
         (Some(LAYOUT_VERSION), None) => Err(SchemaError::NeedsMigration),
+        (Some(LAYOUT_VERSION), Some(ours)) if ours < SCHEMA_VERSION => {
+            migrate(conn)?;
+            Ok(SchemaState::Present)
+        }
         (Some(LAYOUT_VERSION), Some(ours)) => Err(SchemaError::Newer(ours)),
         (Some(layout), _) => Err(SchemaError::Layout(layout)),
         (None, _) => Err(SchemaError::NoVersion),
@@ -71,9 +86,9 @@ pub fn ensure_schema(conn: &Connection) -> Result<SchemaState, SchemaError> {
 pub fn migrate(conn: &Connection) -> Result<Migration, SchemaError> {
     match versions(conn)? {
         (Some(LAYOUT_VERSION), Some(SCHEMA_VERSION)) => Ok(Migration::default()),
-        (Some(LAYOUT_VERSION), None) => {
+        (Some(LAYOUT_VERSION), ours) if ours.is_none_or(|ours| ours < SCHEMA_VERSION) => {
             let tx = conn.unchecked_transaction()?;
-            let applied = apply_additions(&tx)?;
+            let applied = apply_additions(&tx, ours)?;
             tx.commit()?;
             Ok(Migration { applied })
         }
@@ -83,12 +98,17 @@ pub fn migrate(conn: &Connection) -> Result<Migration, SchemaError> {
     }
 }
 
-fn apply_additions(conn: &Connection) -> Result<Vec<String>, SchemaError> {
+/// Applies the additions newer than version `from` (all when `None`) and records
+/// [`SCHEMA_VERSION`].
+fn apply_additions(conn: &Connection, from: Option<i64>) -> Result<Vec<String>, SchemaError> {
     let mut applied = Vec::new();
-    for (name, sql) in ADDITIONS {
-        conn.execute_batch(sql)?;
-        applied.push(name.to_owned());
+    for (version, name, sql) in ADDITIONS {
+        if from.is_none_or(|from| version > from) {
+            conn.execute_batch(sql)?;
+            applied.push(name.to_owned());
+        }
     }
+    conn.execute("DELETE FROM Config WHERE Name = ?1", [SCHEMA_VERSION_NAME])?;
     conn.execute(
         "INSERT INTO Config (Name, Value) VALUES (?1, ?2)",
         (SCHEMA_VERSION_NAME, SCHEMA_VERSION),
