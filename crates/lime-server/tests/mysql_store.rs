@@ -196,7 +196,7 @@ async fn init_creates_the_original_schema_with_our_additions_once() {
             .unwrap();
     assert_eq!(
         config,
-        [("lime_rs_schema".into(), 1), ("version".into(), 1)]
+        [("lime_rs_schema".into(), 2), ("version".into(), 1)]
     );
 
     assert_eq!(
@@ -432,7 +432,8 @@ async fn migrate_only_adds_is_idempotent_and_keeps_the_original_queries_working(
         [
             "unique index OPk(Uid, OPk_id)",
             "table lime_rs_claims",
-            "Config ('lime_rs_schema', 1)"
+            "index Requests(source, target, at)",
+            "Config ('lime_rs_schema', 2)"
         ]
     );
     assert!(

@@ -170,7 +170,7 @@ async fn init_creates_the_original_tables_once_and_leaves_them_afterwards() {
             .collect();
     assert_eq!(
         config,
-        [("lime_rs_schema".to_owned(), 1), ("version".to_owned(), 1)]
+        [("lime_rs_schema".to_owned(), 2), ("version".to_owned(), 1)]
     );
 
     let store = database.open(TIMEOUT).await;

@@ -215,6 +215,62 @@ impl StoreProbe {
         true
     }
 
+    /// Records a bundle request of `source` for `target` made `age_secs` ago, by the
+    /// database's clock, as a server would have.
+    pub async fn insert_request(&self, curve: Curve, source: &str, target: &str, age_secs: i64) {
+        let at = match self
+            .settings
+            .storage
+            .location(curve)
+            .expect("store location")
+        {
+            StoreLocation::Sqlite(_) => "datetime('now', '-' || ? || ' seconds')",
+            StoreLocation::Mysql(_) => "NOW() - INTERVAL ? SECOND",
+            StoreLocation::Postgres(_) => "now() - make_interval(secs => ?)",
+        };
+        let sql = format!("INSERT INTO Requests (source, target, at) VALUES (?, ?, {at})");
+        let params = [
+            Param::Text(source),
+            Param::Text(target),
+            Param::Int(age_secs),
+        ];
+        assert_eq!(self.execute(curve, &sql, &params).await, 1);
+    }
+
+    /// The (source, target) of every recorded bundle request of a curve, sorted.
+    pub async fn requests(&self, curve: Curve) -> Vec<(String, String)> {
+        let sql = "SELECT source, target FROM Requests ORDER BY source, target";
+        let mut rows: Vec<(String, String)> = match &mut self.connect(curve).await {
+            Conn::Sqlite(conn) => conn
+                .prepare(sql)
+                .unwrap()
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap(),
+            // utf8_bin text comes back as bytes.
+            Conn::Mysql(conn) => sqlx::query(sql)
+                .fetch_all(conn)
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| {
+                    let text = |index| String::from_utf8(row.get(index)).unwrap();
+                    (text(0), text(1))
+                })
+                .collect(),
+            Conn::Postgres(conn) => sqlx::query(&postgres_sql(sql))
+                .fetch_all(conn)
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| (row.get(0), row.get(1)))
+                .collect(),
+        };
+        rows.sort();
+        rows
+    }
+
     /// Removes a device and its one-time pre-keys behind the server's back.
     pub async fn delete_device(&self, curve: Curve, device_id: &str) {
         let deleted = self

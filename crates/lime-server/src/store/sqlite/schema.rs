@@ -160,3 +160,48 @@ pub enum SchemaError {
     #[error("no ('version', N) row in a Config table: not a lime-server database")]
     NoVersion,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index_names(conn: &Connection) -> Vec<String> {
+        let mut select = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%' ORDER BY name")
+            .unwrap();
+        select
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_database_of_schema_1_is_brought_up_to_date_on_open() {
+        let conn = Connection::open_in_memory().unwrap();
+        assert_eq!(ensure_schema(&conn).unwrap(), SchemaState::Created);
+        // What the previous release left: schema 1, without the Requests index.
+        conn.execute_batch(
+            "DROP INDEX Requests_source_target_at;
+             UPDATE Config SET Value = 1 WHERE Name = 'lime_rs_schema';",
+        )
+        .unwrap();
+        assert_eq!(ensure_schema(&conn).unwrap(), SchemaState::Present);
+        assert_eq!(versions(&conn).unwrap(), (Some(1), Some(SCHEMA_VERSION)));
+        assert!(index_names(&conn).contains(&"Requests_source_target_at".to_owned()));
+        assert_eq!(migrate(&conn).unwrap(), Migration::default());
+    }
+
+    #[test]
+    fn a_database_without_our_additions_needs_db_migrate() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(CREATE_TABLES).unwrap();
+        assert!(matches!(
+            ensure_schema(&conn),
+            Err(SchemaError::NeedsMigration)
+        ));
+        let migration = migrate(&conn).unwrap();
+        assert_eq!(migration.applied.len(), ADDITIONS.len() + 1);
+        assert_eq!(ensure_schema(&conn).unwrap(), SchemaState::Present);
+    }
+}
