@@ -867,6 +867,47 @@ mod tests {
     }
 
     #[test]
+    fn authentication_settings_are_checked_with_the_key_named() {
+        let digest = "[auth.digest]\naccounts_url = \"sqlite:///tmp/accounts.db\"\n";
+        assert!(error_of(digest).contains("auth.digest.nonce_secret_file"));
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "short\n").unwrap();
+        let with_secret = format!("{digest}nonce_secret_file = {secret:?}\n");
+        assert!(error_of(&with_secret).contains("shorter than 16 bytes"));
+        std::fs::write(&secret, "a secret long enough\n").unwrap();
+        Settings::from_toml(&with_secret)
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert!(
+            error_of(&format!("{with_secret}algorithms = [\"SHA-512\"]\n"))
+                .contains("auth.digest.algorithms")
+        );
+        assert!(
+            error_of(&format!("{with_secret}accounts_query = \"SELECT 1\"\n"))
+                .contains("auth.digest.accounts_query")
+        );
+        assert!(
+            error_of("[auth.client_certificates]\nrequired = true\n")
+                .contains("auth.client_certificates.ca_file")
+        );
+        assert!(
+            error_of("[auth.proxy]\ntrusted = [\"10.0.0.0/33\"]\n").contains("auth.proxy.trusted")
+        );
+        assert!(error_of("[auth]\nrealm = \"exa mple.org\"\n").contains("auth.realm"));
+    }
+
+    #[test]
+    fn a_configured_method_turns_authentication_on_and_allows_public_listeners() {
+        let text = "[server]\nlisten = [\"0.0.0.0:25519\"]\n[auth.client_certificates]\nca_file = \"/etc/ca.pem\"\n";
+        let settings = Settings::from_toml(text).unwrap();
+        assert!(settings.auth.is_enabled());
+        settings.validate().unwrap();
+        assert!(!Settings::default().auth.is_enabled());
+    }
+
+    #[test]
     fn public_listener_without_auth_needs_the_insecure_flag() {
         let text = "[server]\nlisten = [\"0.0.0.0:25519\"]\n";
         assert!(error_of(text).contains("insecure_no_auth"));

@@ -419,6 +419,22 @@ async fn wrong_password_on_an_expired_nonce_is_not_stale() {
     app.stop().await;
 }
 
+#[tokio::test]
+async fn an_unreachable_account_database_answers_503_and_changes_nothing() {
+    let app = digest_app(Backend::Mariadb, |_| {}).await;
+    let (device, body) = register("dbdown");
+    let client = app.client_for(&device).await;
+    // The query stops working: the table it reads is gone.
+    accounts_of(&app).execute("DROP TABLE passwords").await;
+    let answer = client
+        .post(&app.base_url, &x3dh_headers(&device), body)
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert!(!is_registered(&app, &device).await);
+    app.stop().await;
+}
+
 // --- Throttling --------------------------------------------------------------------
 
 #[tokio::test]
