@@ -54,6 +54,10 @@ pub struct BundlesArgs {
         default_value = "sip:load-client@example.org;gr=urn:uuid:00000000-0000-0000-0000-ffffffffffff"
     )]
     sender: String,
+    /// Answer digest challenges as USER:PASSWORD (each connection keeps reusing its
+    /// nonce, as Linphone does).
+    #[arg(long, value_name = "USER:PASSWORD")]
+    digest: Option<String>,
 }
 
 /// What one task measured.
@@ -80,6 +84,18 @@ pub fn run(args: &BundlesArgs) -> Result<()> {
             (None, true) => bail!("an https:// URL needs --ca <certificate to trust>"),
         })
         .collect::<Result<Vec<_>>>()?;
+    let clients = match &args.digest {
+        None => clients,
+        Some(login) => {
+            let (user, password) = login
+                .split_once(':')
+                .context("--digest takes USER:PASSWORD")?;
+            clients
+                .iter()
+                .map(|client| client.with_digest(user, password, None))
+                .collect()
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
