@@ -5,7 +5,9 @@
 //! other's key bundles (with a one-time pre-key, served once), exchange messages
 //! both ways and to a group, refill their one-time pre-keys and delete
 //! themselves; and a device the server lost registers again on its next update.
-//! What the server says is checked beside liblime, with `TestApp::send`.
+//! With the bundle request limit on, a sender past it cannot open a session until
+//! the window has passed. What the server says is checked beside liblime, with
+//! `TestApp::send`.
 //!
 //! `LIME_TEST_AUTH=digest` or `=certificate` runs the same stories with
 //! authentication on (`scripts/test.sh` does both): liblime's posts then answer
@@ -15,17 +17,23 @@
 mod common;
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use common::auth::{TestAuth, user_and_domain};
 use common::backend::Backend;
 use common::liblime::{EncryptionPolicy, Exchange, LimeDevice, X3dhInit, describe_exchanges};
 use common::pki::{IssuedCertificate, TestPki};
-use common::{TestApp, spawn_app, spawn_app_authenticating};
+use common::{TestApp, spawn_app, spawn_app_authenticating, spawn_app_with};
 use lime_protocol::{Curve, DeviceId, ErrorCode, KeyBundle, Request, RequestMessage, Response};
 use lime_server::client::LimeClient;
+use lime_server::store::OverLimit;
 
 /// One-time pre-keys each user uploads when created: few, so a refill is easy to provoke.
 const INITIAL_OPKS: u16 = 5;
+/// Bundles of one device a sender may receive within the window, in `bundle_request_limit`.
+const MAX_BUNDLE_REQUESTS: u32 = 5;
+/// The window of that limit, in seconds: short, since the story waits it out.
+const BUNDLE_REQUEST_WINDOW_SECS: u64 = 3;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c25519_alice_bob_and_carol_exchange_messages_through_the_server() {
@@ -35,6 +43,11 @@ async fn c25519_alice_bob_and_carol_exchange_messages_through_the_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c448_alice_bob_and_carol_exchange_messages_through_the_server() {
     conversation(Curve::C448).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c25519_sender_past_the_bundle_request_limit_gets_no_session_until_the_window_passes() {
+    bundle_request_limit(Curve::C25519).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,6 +306,149 @@ async fn lost_device_recovers(curve: Curve) {
     );
 }
 
+/// The server gives one sender at most `MAX_BUNDLE_REQUESTS` bundles of one device
+/// per window, and then none (`no_bundle`). alice forgets bob's device after each
+/// message, so that each one fetches his bundle again: the first five open a
+/// session with an OPk, the sixth finds no bundle, and once the window has passed
+/// alice opens a session with an OPk again, which bob reads.
+async fn bundle_request_limit(curve: Curve) {
+    let app = spawn_app_with(|settings| {
+        settings.limits.max_bundle_requests = MAX_BUNDLE_REQUESTS;
+        settings.limits.bundle_request_window_secs = BUNDLE_REQUEST_WINDOW_SECS;
+        settings.limits.bundle_request_over_limit = OverLimit::NoBundle;
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir for the liblime databases");
+    let mut alice = new_device(&app, dir.path(), "alice", curve).await;
+    // One OPk for each session alice opens, and some to spare.
+    let bob_opks = u16::try_from(2 * MAX_BUNDLE_REQUESTS).expect("a few OPks");
+    let mut bob = new_device_with_opks(&app, dir.path(), "bob", curve, bob_opks).await;
+    let bob_user = "sip:bob@example.org";
+
+    // 1. Five messages, each opening a session with one of bob's OPks.
+    let first_fetch = Instant::now();
+    for n in 1..=MAX_BUNDLE_REQUESTS {
+        let step = format!("message {n}");
+        if n > 1 {
+            alice
+                .delete_peer_device(&bob.device_id)
+                .unwrap_or_else(|error| panic!("{step}: alice forgets bob: {error:#}"));
+        }
+        let plaintext = format!("Message {n} to bob.").into_bytes();
+        opens_session_with_one_time_key(&mut alice, &mut bob, bob_user, &plaintext, &step).await;
+    }
+
+    // 2. The sixth fetch within the window gets no bundle (flag 2). liblime 5.1
+    //    accepts the call, then reports the whole encryption failed: bob was its
+    //    only recipient. No OPk left the server.
+    alice
+        .delete_peer_device(&bob.device_id)
+        .expect("message 6: alice forgets bob");
+    let refused = alice
+        .encrypt(
+            bob_user,
+            &[&bob.device_id],
+            b"Message 6 to bob.",
+            EncryptionPolicy::DrMessage,
+        )
+        .await;
+    let exchanges = alice.manager.last_operation_exchanges();
+    assert!(
+        exchanges.len() == 1 && peer_bundle_flags(exchanges, &bob.device_id) == [2],
+        "message 6, {:?} after the first fetch: one getPeerBundle, answered with flag 2; exchanges:\n{}",
+        first_fetch.elapsed(),
+        describe_exchanges(exchanges)
+    );
+    match refused {
+        Err(error)
+            if format!("{error:#}").contains("All recipients failed to provide a key bundle") => {}
+        other => panic!(
+            "message 6: liblime should report \"All recipients failed to provide a key bundle\", got {other:?}"
+        ),
+    }
+    let bob_opks_left = server_opk_ids(&app, curve, &bob.device_id).await;
+    assert_eq!(
+        bob_opks_left.len(),
+        usize::from(bob_opks) - MAX_BUNDLE_REQUESTS as usize,
+        "message 6: bob's OPks on the server are {bob_opks_left:?}"
+    );
+
+    // 3. Once the window has passed, bob's bundle comes with an OPk again.
+    tokio::time::sleep(
+        Duration::from_secs(BUNDLE_REQUEST_WINDOW_SECS) + Duration::from_millis(1_500),
+    )
+    .await;
+    opens_session_with_one_time_key(
+        &mut alice,
+        &mut bob,
+        bob_user,
+        b"Message 7 to bob, after the window.",
+        "message 7",
+    )
+    .await;
+}
+
+/// alice encrypts `plaintext` to bob, which fetches bob's bundle once (flag 1) and
+/// opens a session with its OPk; bob decrypts it. `step` names the step in failures.
+async fn opens_session_with_one_time_key(
+    alice: &mut LimeDevice,
+    bob: &mut LimeDevice,
+    bob_user: &str,
+    plaintext: &[u8],
+    step: &str,
+) {
+    let curve = alice.curve;
+    let sent = alice
+        .encrypt(
+            bob_user,
+            &[&bob.device_id],
+            plaintext,
+            EncryptionPolicy::DrMessage,
+        )
+        .await
+        .unwrap_or_else(|error| panic!("{step}: alice encrypts to bob: {error:#}"));
+    let exchanges = alice.manager.last_operation_exchanges();
+    assert_eq!(
+        peer_bundle_flags(exchanges, &bob.device_id),
+        [1],
+        "{step}: alice fetches bob's bundle once, with an OPk; exchanges:\n{}",
+        describe_exchanges(exchanges)
+    );
+    let served = served_bundle(exchanges, &bob.device_id)
+        .one_time_pre_key
+        .map(|key| key.id());
+    let to_bob = sent
+        .dr_message_for(&bob.device_id)
+        .unwrap_or_else(|error| panic!("{step}: {error:#}"));
+    let init = x3dh_init(curve, to_bob, step);
+    assert_eq!(
+        init.one_time_pre_key_id, served,
+        "{step}: the X3DH init names another OPk than the one the server served"
+    );
+    let received = bob
+        .decrypt(bob_user, &alice.device_id, to_bob, &sent.cipher_message)
+        .unwrap_or_else(|error| panic!("{step}: bob decrypts: {error:#}"));
+    assert_eq!(
+        received.plaintext, plaintext,
+        "{step}: bob read another plaintext"
+    );
+}
+
+/// The flags of the bundles for `device` in the getPeerBundle answers of `exchanges`.
+fn peer_bundle_flags(exchanges: &[Exchange], device: &str) -> Vec<u8> {
+    exchanges
+        .iter()
+        .filter(|exchange| exchange.request_name() == "getPeerBundle")
+        .filter_map(Exchange::answer)
+        .flat_map(|answer| match answer.response {
+            Response::PeerBundles(bundles) => bundles,
+            _ => Vec::new(),
+        })
+        .filter(|bundle| bundle.device_id.as_str() == device)
+        .map(|bundle| bundle.flag())
+        .collect()
+}
+
 /// With `LIME_TEST_AUTH` on, checks that the stories really ran authenticated: the
 /// same request without credentials is refused.
 async fn assert_authentication_enforced(app: &TestApp, curve: Curve, device: &str) {
@@ -313,6 +469,17 @@ async fn assert_authentication_enforced(app: &TestApp, curve: Curve, device: &st
 
 /// Creates user `name` with a fresh GRUU on its own manager and database in `dir`.
 async fn new_device(app: &TestApp, dir: &Path, name: &str, curve: Curve) -> LimeDevice {
+    new_device_with_opks(app, dir, name, curve, INITIAL_OPKS).await
+}
+
+/// Like [`new_device`], uploading `opks` one-time pre-keys.
+async fn new_device_with_opks(
+    app: &TestApp,
+    dir: &Path,
+    name: &str,
+    curve: Curve,
+    opks: u16,
+) -> LimeDevice {
     let device_id = common::device_id(name);
     let db = dir.join(format!("{name}.sqlite3"));
     LimeDevice::create(
@@ -321,7 +488,7 @@ async fn new_device(app: &TestApp, dir: &Path, name: &str, curve: Curve) -> Lime
         &app.base_url,
         device_id,
         curve,
-        INITIAL_OPKS,
+        opks,
     )
     .await
     .unwrap_or_else(|error| panic!("creating {name} ({curve}): {error:#}"))

@@ -1,5 +1,6 @@
 //! Several `lime-server` processes on one database, as behind a load balancer:
-//! every one-time pre-key is still served at most once, by whichever server.
+//! every one-time pre-key is still served at most once, by whichever server, and
+//! the bundle request limit counts the bundles a source received from any of them.
 //!
 //! Runs on the machine's MariaDB and PostgreSQL (SQLite is one machine's file: its
 //! single-writer store is covered by `concurrency.rs`).
@@ -13,6 +14,8 @@ use futures::stream::{self, StreamExt};
 use lime_protocol::{Curve, MessageType, Request, RequestMessage, Response};
 use lime_server::client::LimeClient;
 use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
 
 /// Devices whose keys are fetched.
 const TARGETS: u32 = 8;
@@ -22,6 +25,10 @@ const OPKS_PER_TARGET: u32 = 40;
 const REQUESTS: usize = 2_000;
 /// Requests in flight at once.
 const CONCURRENCY: usize = 64;
+/// Bundles of one target a source may receive within the window, in the limit tests.
+const MAX_BUNDLE_REQUESTS: u32 = 5;
+/// The window of that limit, in seconds: short, since the tests wait it out.
+const BUNDLE_REQUEST_WINDOW_SECS: u64 = 3;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_servers_on_one_mariadb_serve_each_one_time_key_once() {
@@ -33,29 +40,24 @@ async fn two_servers_on_one_postgres_serve_each_one_time_key_once() {
     two_servers_serve_each_one_time_key_once(Backend::Postgres).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_request_limit_counts_bundles_from_both_servers_then_gives_no_bundle() {
+    bundle_request_limit_shared_by_two_servers("no_bundle", 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_request_limit_counts_bundles_from_both_servers_then_gives_no_one_time_key() {
+    bundle_request_limit_shared_by_two_servers("without_one_time_pre_key", 0).await;
+}
+
 async fn two_servers_serve_each_one_time_key_once(backend: Backend) {
     let curve = Curve::C25519;
     let (databases, url) = TestDatabases::create(backend, &Curve::ALL).await;
     let url = url.expect("a database server URL");
     let data_dir = tempfile::tempdir().unwrap();
-    let data_dir = data_dir.path().to_str().unwrap();
-    let servers: Vec<ServerProcess> = (0..2)
-        .map(|_| {
-            ServerProcess::start(&[
-                "--plain-http",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                data_dir,
-                "--store",
-                &url,
-            ])
-        })
-        .collect();
-    let urls: Vec<String> = servers
-        .iter()
-        .map(|server| format!("http://{}/", server.addr))
-        .collect();
+    // One sender fetches each target's bundle hundreds of times: no request limit.
+    let servers = start_two_servers(data_dir.path(), &url, "max_bundle_requests = 0\n");
+    let urls = server_urls(&servers);
     let client = LimeClient::plain().unwrap();
 
     let targets: Vec<String> = (0..TARGETS).map(|_| device_id("target")).collect();
@@ -157,4 +159,110 @@ async fn two_servers_serve_each_one_time_key_once(backend: Backend) {
     );
     drop(servers);
     drop(databases);
+}
+
+/// One source fetches a target's bundle alternately from two servers on one
+/// MariaDB database. The first `MAX_BUNDLE_REQUESTS` come with an OPk; past them,
+/// within the window, either server answers with `over_limit_flag` (the servers'
+/// `bundle_request_over_limit` is `over_limit`). Another source is counted apart.
+/// Once the window has passed, the source gets an OPk again.
+async fn bundle_request_limit_shared_by_two_servers(over_limit: &str, over_limit_flag: u8) {
+    let curve = Curve::C25519;
+    let (databases, url) = TestDatabases::create(Backend::Mariadb, &Curve::ALL).await;
+    let url = url.expect("a database server URL");
+    let data_dir = tempfile::tempdir().unwrap();
+    let limits = format!(
+        "max_bundle_requests = {MAX_BUNDLE_REQUESTS}\n\
+         bundle_request_window_secs = {BUNDLE_REQUEST_WINDOW_SECS}\n\
+         bundle_request_over_limit = \"{over_limit}\"\n"
+    );
+    let servers = start_two_servers(data_dir.path(), &url, &limits);
+    let urls = server_urls(&servers);
+    let client = LimeClient::plain().unwrap();
+
+    let target = device_id("target");
+    let message = RequestMessage {
+        curve,
+        request: Request::RegisterUser(registration(curve, 4 * MAX_BUNDLE_REQUESTS, 1)),
+    };
+    let answer = client.send(&urls[0], &target, &message).await.unwrap();
+    assert_eq!(answer.response, Response::Done(MessageType::RegisterUser));
+
+    let source = device_id("source");
+    let fetch = |server: usize, source: String| {
+        let (client, url, target) = (client.clone(), urls[server].clone(), target.clone());
+        async move {
+            let message = RequestMessage {
+                curve,
+                request: Request::GetPeerBundle(vec![id(&target)]),
+            };
+            match client.send(&url, &source, &message).await.unwrap().response {
+                Response::PeerBundles(bundles) if bundles.len() == 1 => bundles[0].flag(),
+                other => panic!("getPeerBundle from server {server}: {other:?}"),
+            }
+        }
+    };
+
+    let max = MAX_BUNDLE_REQUESTS as usize;
+    for n in 1..=max {
+        let server = n % 2;
+        let flag = fetch(server, source.clone()).await;
+        assert_eq!(flag, 1, "fetch {n} (server {server}) is within the limit");
+    }
+    // Past the limit on both servers: each counts what the other served.
+    for n in max + 1..=max + 2 {
+        let server = n % 2;
+        let flag = fetch(server, source.clone()).await;
+        assert_eq!(
+            flag, over_limit_flag,
+            "fetch {n} (server {server}) is past the limit ({over_limit})"
+        );
+    }
+    let flag = fetch(0, device_id("other-source")).await;
+    assert_eq!(flag, 1, "another source is not counted with the first");
+
+    tokio::time::sleep(
+        Duration::from_secs(BUNDLE_REQUEST_WINDOW_SECS) + Duration::from_millis(1_500),
+    )
+    .await;
+    for server in [0, 1] {
+        let flag = fetch(server, source.clone()).await;
+        assert_eq!(
+            flag, 1,
+            "once the window has passed, server {server} serves an OPk again"
+        );
+    }
+    drop(servers);
+    drop(databases);
+}
+
+/// Starts two `lime-server serve` processes on the databases at `url` (plain HTTP,
+/// data directory `dir`), their config file holding `limits` as its `[limits]`.
+fn start_two_servers(dir: &Path, url: &str, limits: &str) -> Vec<ServerProcess> {
+    let config = dir.join("lime-server.toml");
+    std::fs::write(&config, format!("[limits]\n{limits}")).unwrap();
+    let (config, dir) = (config.to_str().unwrap(), dir.to_str().unwrap());
+    (0..2)
+        .map(|_| {
+            ServerProcess::start(&[
+                "--config",
+                config,
+                "--plain-http",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                dir,
+                "--store",
+                url,
+            ])
+        })
+        .collect()
+}
+
+/// The URL each server answers X3DH requests on.
+fn server_urls(servers: &[ServerProcess]) -> Vec<String> {
+    servers
+        .iter()
+        .map(|server| format!("http://{}/", server.addr))
+        .collect()
 }

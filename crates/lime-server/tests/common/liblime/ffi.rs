@@ -77,6 +77,11 @@ unsafe extern "C" {
     ) -> c_int;
     pub fn lime_ffi_is_user(manager: LimeManagerT, local_device_id: *const c_char) -> c_int;
     #[allow(non_snake_case)]
+    pub fn lime_ffi_delete_peerDevice(
+        manager: LimeManagerT,
+        peer_device_id: *const c_char,
+    ) -> c_int;
+    #[allow(non_snake_case)]
     pub fn lime_ffi_encryptOutBuffersMaximumSize(
         plain_message_size: usize,
         curve: c_int,

@@ -420,6 +420,21 @@ impl LimeManager {
         }
     }
 
+    /// Forgets peer device `device_id` in the local storage (its identity key and
+    /// every session with it), for all local users: the next encryption to it
+    /// fetches its key bundle again. Nothing is posted; unknown devices are ignored.
+    pub fn delete_peer_device(&mut self, device_id: &str) -> Result<()> {
+        let device = c_string(device_id)?;
+        // SAFETY: `self.raw` is a live manager, `device` NUL-terminated and only read
+        // during the call.
+        let code = unsafe { ffi::lime_ffi_delete_peerDevice(self.raw, device.as_ptr()) };
+        ensure!(
+            code == ffi::SUCCESS,
+            "lime_ffi_delete_peerDevice({device_id}) returned {code}"
+        );
+        Ok(())
+    }
+
     /// Creates a local user and registers it on the server at `server_url`.
     pub async fn create_user(
         &mut self,
@@ -815,6 +830,12 @@ impl LimeDevice {
         self.manager
             .update(opk_server_low_limit, opk_batch_size)
             .await
+    }
+
+    /// Forgets peer device `device_id` locally: the next encryption to it fetches
+    /// its key bundle again (see [`LimeManager::delete_peer_device`]).
+    pub fn delete_peer_device(&mut self, device_id: &str) -> Result<()> {
+        self.manager.delete_peer_device(device_id)
     }
 
     /// Deletes this user locally and on the server.
