@@ -377,6 +377,45 @@ async fn tls_connections_over_server_max_connections_are_closed_at_once() {
     app.stop().await;
 }
 
+#[tokio::test]
+async fn a_stop_closes_idle_connections_at_once_and_lets_a_request_in_flight_finish() {
+    let app = spawn_plain_app_with(|_| {}).await;
+    let mut idle = TcpStream::connect(app.addr).await.unwrap();
+    health_check_keeping_alive(&mut idle).await;
+    let mut in_flight = TcpStream::connect(app.addr).await.unwrap();
+    in_flight
+        .write_all(
+            b"POST / HTTP/1.1\r\nHost: lime.example.org\r\n\
+              Content-Type: x3dh/octet-stream\r\nContent-Length: 1000\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    in_flight.write_all(&[0; 500]).await.unwrap();
+    // Let the server start reading the body before it is told to stop.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let stopping = Instant::now();
+    let stopped = tokio::spawn(app.stop());
+    let received = read_until_closed(&mut idle, Duration::from_secs(2))
+        .await
+        .expect("the idle connection is closed at once");
+    assert!(received.is_empty(), "{received:?}");
+
+    in_flight.write_all(&[0; 500]).await.unwrap();
+    let received = read_until_closed(&mut in_flight, Duration::from_secs(5))
+        .await
+        .expect("the request in flight is answered, then its connection closed");
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    assert!(text.contains("x3dh/octet-stream"), "{text}");
+    stopped.await.unwrap();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "the stop waited {:?}",
+        stopping.elapsed()
+    );
+}
+
 /// Waits (bounded) until the server notices a closed connection and serves a new
 /// client again.
 async fn served_again(app: &TestApp) {
