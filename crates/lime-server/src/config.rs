@@ -6,6 +6,7 @@
 
 use crate::auth::digest::DigestAlgorithm;
 use crate::auth::throttle::ThrottlePolicy;
+use crate::connection::ConnectionLimits;
 use crate::store::sqlite::Synchronous;
 use crate::store::{BundleRequestLimit, OverLimit, StoreLimits, StoreLocation};
 use lime_protocol::Curve;
@@ -48,8 +49,22 @@ pub struct ServerSettings {
     pub paths: Vec<String>,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
-    /// Most connections served at once; more wait to be accepted.
-    pub max_connections: usize,
+    /// Most connections served at once; more are accepted and closed at once
+    /// (plain HTTP: after a 503). At most 1,000,000.
+    pub max_connections: u32,
+    /// Longest TLS handshake, in milliseconds, from accept.
+    pub tls_handshake_timeout_ms: u64,
+    /// Longest wait for a request's headers, in milliseconds: from the connection's
+    /// start (after TLS), or from the first byte after an idle spell, until the
+    /// headers are whole. Past it the connection is closed without an answer.
+    pub header_read_timeout_ms: u64,
+    /// Longest wait for a request's body, in milliseconds, from the end of its
+    /// headers; past it the client gets a 408 and the connection is closed.
+    pub body_read_timeout_ms: u64,
+    /// How long a keep-alive connection may stay with no request in progress, in
+    /// milliseconds, before it is closed; also bounds how long a client may take
+    /// to read its answer.
+    pub idle_timeout_ms: u64,
     /// Allow listeners on non-loopback addresses with authentication off.
     pub insecure_no_auth: bool,
 }
@@ -62,7 +77,22 @@ impl Default for ServerSettings {
             paths: vec!["/".into(), "/lime-server/lime-server.php".into()],
             max_body_bytes: 1024 * 1024,
             max_connections: 10_000,
+            tls_handshake_timeout_ms: 10_000,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            idle_timeout_ms: 60_000,
             insecure_no_auth: false,
+        }
+    }
+}
+
+impl ServerSettings {
+    /// The time limits of every connection.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            tls_handshake_timeout: Duration::from_millis(self.tls_handshake_timeout_ms),
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
         }
     }
 }
@@ -742,8 +772,27 @@ impl Settings {
         if server.max_body_bytes < 64 {
             return Err(invalid("server.max_body_bytes", "must be at least 64"));
         }
-        if server.max_connections == 0 {
-            return Err(invalid("server.max_connections", "must be at least 1"));
+        if !(1..=1_000_000).contains(&server.max_connections) {
+            return Err(invalid(
+                "server.max_connections",
+                "must be between 1 and 1000000 (each connection needs a file descriptor)",
+            ));
+        }
+        for (key, value) in [
+            (
+                "server.tls_handshake_timeout_ms",
+                server.tls_handshake_timeout_ms,
+            ),
+            (
+                "server.header_read_timeout_ms",
+                server.header_read_timeout_ms,
+            ),
+            ("server.body_read_timeout_ms", server.body_read_timeout_ms),
+            ("server.idle_timeout_ms", server.idle_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
         }
         if self.tls.certificate.is_some() != self.tls.private_key.is_some() {
             return Err(invalid(
@@ -905,6 +954,23 @@ mod tests {
         assert!(settings.auth.is_enabled());
         settings.validate().unwrap();
         assert!(!Settings::default().auth.is_enabled());
+    }
+
+    #[test]
+    fn connection_limits_of_zero_are_refused_with_their_key() {
+        for key in [
+            "max_connections",
+            "tls_handshake_timeout_ms",
+            "header_read_timeout_ms",
+            "body_read_timeout_ms",
+            "idle_timeout_ms",
+        ] {
+            let error = error_of(&format!("[server]\n{key} = 0\n"));
+            assert!(error.contains(&format!("server.{key}")), "{key}: {error}");
+        }
+        assert!(
+            error_of("[server]\nmax_connections = 2000000\n").contains("server.max_connections")
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! that are not X3DH at all get a plain 4xx: 404 for another path, 405 for another
 //! method, 413 for a body over the cap (refused before it is read whole).
 
-use crate::auth::{self, AuthFailure, Authenticator, Refusal};
+use crate::auth::{self, AuthFailure, Authenticator, ClientAddress, Refusal};
 use crate::error::RequestError;
 use crate::service::{KeyService, error_answer};
 use bytes::Bytes;
@@ -16,9 +16,6 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::time::Duration;
-
-/// How long a client has to send a request's body.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The media type of every X3DH message.
 pub const X3DH_CONTENT_TYPE: &str = "x3dh/octet-stream";
@@ -33,6 +30,9 @@ pub struct HttpState {
     pub paths: Vec<String>,
     /// Largest body accepted.
     pub max_body_bytes: usize,
+    /// Longest wait for a request's body, from the end of its headers
+    /// (`server.body_read_timeout_ms`).
+    pub body_read_timeout: Duration,
     /// Longest wait for a store in the readiness check.
     pub readiness_timeout: Duration,
 }
@@ -74,8 +74,9 @@ async fn x3dh(state: &HttpState, request: Request<Incoming>) -> Response<Full<By
     if declared.is_some_and(|len| len > state.max_body_bytes as u64) {
         return too_large(state, declared);
     }
+    // The headers are whole once the handler runs: the body's time starts now.
     let read = tokio::time::timeout(
-        BODY_READ_TIMEOUT,
+        state.body_read_timeout,
         Limited::new(body, state.max_body_bytes).collect(),
     );
     let body = match read.await {
@@ -88,7 +89,14 @@ async fn x3dh(state: &HttpState, request: Request<Incoming>) -> Response<Full<By
             return plain(StatusCode::BAD_REQUEST, "request body could not be read\n");
         }
         Err(_) => {
-            tracing::warn!("refused: request body not received within {BODY_READ_TIMEOUT:?}");
+            // Answered, then closed: hyper does not keep a connection whose request
+            // body was not read to its end.
+            tracing::warn!(
+                peer = %client_address(&parts),
+                limit_ms = state.body_read_timeout.as_millis(),
+                declared = ?declared,
+                "refused: request body not received within server.body_read_timeout_ms"
+            );
             return plain(StatusCode::REQUEST_TIMEOUT, "request body too slow\n");
         }
     };
@@ -163,6 +171,14 @@ fn refused(state: &HttpState, failure: AuthFailure) -> Response<Full<Bytes>> {
             "authentication is unavailable, try again later\n",
         ),
     }
+}
+
+/// The client's address for a log line ("unknown" outside a served connection).
+fn client_address(parts: &http::request::Parts) -> String {
+    parts
+        .extensions
+        .get::<ClientAddress>()
+        .map_or_else(|| "unknown".to_owned(), |address| address.0.to_string())
 }
 
 fn check_content_type(headers: &HeaderMap) -> Result<(), RequestError> {

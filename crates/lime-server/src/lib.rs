@@ -8,7 +8,10 @@
 //!
 //! - [`config`]: typed settings from one TOML file, checked once at start.
 //! - [`cli`]: `serve`, `db init`, `check-config`.
-//! - [`startup`]: builds stores, TLS and listeners; runs until stopped.
+//! - [`startup`]: builds stores, TLS and listeners; accepts (or refuses, over the
+//!   connection limit) until stopped.
+//! - [`connection`]: one accepted connection: TLS handshake, hyper, and the time
+//!   limits (handshake, headers, idle) that keep slow clients from holding it.
 //! - [`tls`]: certificate (configured or self-signed) and rustls config.
 //! - [`http`]: routes, method, body cap, content type; X3DH answers as HTTP 200.
 //! - [`auth`]: who a request acts for ([`auth::Sender`]).
@@ -22,6 +25,7 @@ pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod connection;
 pub mod error;
 pub mod http;
 pub mod service;

@@ -1,47 +1,48 @@
 //! Builds the application from settings (stores, TLS, listeners), then runs it
 //! until told to stop.
 //!
-//! Each listener has an accept loop; each connection is served by hyper (HTTP/1.1
-//! keep-alive and HTTP/2) on its own task. A semaphore bounds the connections
-//! served at once; a watch channel tells the accept loops to stop, and hyper's
-//! graceful shutdown lets the requests in flight finish.
+//! Each listener has an accept loop; each connection is served on its own task
+//! (`connection/`: TLS, hyper, time limits). A semaphore bounds the connections
+//! served at once: a connection over `server.max_connections` is accepted and
+//! closed at once (plain HTTP: after a 503), not left waiting in the kernel's
+//! backlog. A watch channel tells the accept loops and the connections to stop;
+//! the stop is over when every permit is back.
 
-use crate::auth::certificate::{
-    self, CertificateIdentity, CertificateIdentityError, PeerCertificate,
-};
-use crate::auth::{Authenticator, ClientAddress};
+use crate::auth::Authenticator;
+use crate::auth::certificate;
 use crate::config::Settings;
-use crate::http::{self, HttpState};
+use crate::connection::{self, ConnectionLimits};
+use crate::http::HttpState;
 use crate::service::KeyService;
 use crate::store::sqlite::SqliteOptions;
 use crate::store::{self, ServerStoreOptions, StoreError, Stores};
 use crate::tls::{self, CertificateFiles};
 use anyhow::{Context, Result};
-use hyper::Request;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use lime_protocol::Curve;
 use std::future::Future;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
-
-/// How long a client has to finish its TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a client has to send a request's headers.
-const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long requests in flight may take to finish once a stop is asked.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// What a plain-HTTP client over `server.max_connections` reads before the close.
+const OVER_CAPACITY_ANSWER: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+    Connection: close\r\n\
+    Content-Type: text/plain; charset=utf-8\r\n\
+    Content-Length: 21\r\n\
+    \r\n\
+    too many connections\n";
+
+/// Least time between two log lines about refused connections.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A bound listener and whether it speaks TLS.
 struct Listener {
@@ -54,8 +55,12 @@ struct Listener {
 pub struct Application {
     listeners: Vec<Listener>,
     state: Arc<HttpState>,
-    /// Bounds the connections served at once.
+    /// The time limits of every connection.
+    limits: ConnectionLimits,
+    /// One permit per connection served; none left: the next one is refused.
     connections: Arc<Semaphore>,
+    /// The number of permits (`server.max_connections`): all back, no connection left.
+    max_connections: u32,
     /// The certificate of the TLS listeners, when there are any.
     certificate: Option<CertificateFiles>,
     /// How often old bundle requests are purged, and how old they must be.
@@ -108,12 +113,16 @@ impl Application {
             auth,
             paths: settings.server.paths.clone(),
             max_body_bytes: settings.server.max_body_bytes,
+            body_read_timeout: Duration::from_millis(settings.server.body_read_timeout_ms),
             readiness_timeout: Duration::from_millis(settings.storage.timeout_ms),
         });
+        let max_connections = settings.server.max_connections;
         Ok(Application {
             listeners,
             state,
-            connections: Arc::new(Semaphore::new(settings.server.max_connections)),
+            limits: settings.server.connection_limits(),
+            connections: Arc::new(Semaphore::new(max_connections as usize)),
+            max_connections,
             certificate,
             purge: (limits.request_purge_interval_secs > 0).then(|| {
                 (
@@ -147,7 +156,6 @@ impl Application {
     /// Serves until `shutdown` completes, then lets requests in flight finish.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let (stop, stopped) = watch::channel(false);
-        let graceful = Arc::new(GracefulShutdown::new());
         let mut loops = Vec::new();
         for listener in self.listeners {
             let addr = listener.tcp.local_addr()?;
@@ -160,8 +168,9 @@ impl Application {
             loops.push(tokio::spawn(accept_loop(
                 listener,
                 self.state.clone(),
+                self.limits,
                 self.connections.clone(),
-                graceful.clone(),
+                self.max_connections,
                 stopped.clone(),
             )));
         }
@@ -178,12 +187,9 @@ impl Application {
         for accept in loops {
             let _ = accept.await;
         }
-        // The accept loops held the other references; the connections hold watchers.
-        let Ok(graceful) = Arc::try_unwrap(graceful) else {
-            tracing::warn!("connections not tracked, stopping without waiting for them");
-            return Ok(());
-        };
-        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        // Each connection gives its permit back when it ends.
+        let all_closed = self.connections.acquire_many(self.max_connections);
+        if tokio::time::timeout(SHUTDOWN_GRACE, all_closed)
             .await
             .is_err()
         {
@@ -294,21 +300,18 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr}"))
 }
 
+/// Accepts connections until `stopped`, each served on its own task while a
+/// permit is left, refused at once otherwise.
 async fn accept_loop(
     listener: Listener,
     state: Arc<HttpState>,
+    limits: ConnectionLimits,
     connections: Arc<Semaphore>,
-    graceful: Arc<GracefulShutdown>,
+    max_connections: u32,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let mut refusals = RefusalLog::new(max_connections);
     loop {
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            _ = stopped.changed() => return,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.tcp.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -321,90 +324,108 @@ async fn accept_loop(
             },
             _ = stopped.changed() => return,
         };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            refuse(stream, listener.tls.is_none());
+            refusals.refused(peer);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         let tls = listener.tls.clone();
-        let graceful = graceful.watcher();
+        let stopped = stopped.clone();
         tokio::spawn(async move {
-            serve_connection(stream, peer, tls, state, graceful).await;
+            connection::serve(stream, peer, tls, state, limits, stopped).await;
             drop(permit);
         });
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    tls: Option<TlsAcceptor>,
-    state: Arc<HttpState>,
-    graceful: Watcher,
-) {
-    // Every request of the connection carries the client's address and its
-    // verified client certificate, if any.
-    let service = move |peer_certificate: Option<PeerCertificate>| {
-        service_fn(move |mut request: Request<Incoming>| {
-            let state = state.clone();
-            request.extensions_mut().insert(ClientAddress(peer));
-            if let Some(certificate) = &peer_certificate {
-                request.extensions_mut().insert(certificate.clone());
-            }
-            async move { http::handle(&state, request).await }
-        })
+/// Closes a connection over `server.max_connections` at once, without a task or a
+/// wait: a plain-HTTP client first gets a 503 (written only if the socket takes it
+/// at once, which a fresh socket does), a TLS client just sees the close.
+fn refuse(stream: TcpStream, plain_http: bool) {
+    // Leaving tokio's reactor makes the socket a plain non-blocking one, written
+    // and read at once (tokio would wait for a readiness event first).
+    let Ok(mut stream) = stream.into_std() else {
+        return;
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A client that trickles its headers is cut off instead of holding a slot.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(REQUEST_READ_TIMEOUT);
-    let result = match tls {
-        Some(acceptor) => {
-            let stream =
-                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(error)) => {
-                        tracing::debug!(%peer, %error, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
-            let peer_certificate = match peer_certificate(&stream) {
-                Ok(peer_certificate) => peer_certificate,
-                Err(error) => {
-                    tracing::warn!(%peer, %error, "unreadable client certificate, connection closed");
-                    return;
-                }
-            };
-            let connection =
-                builder.serve_connection(TokioIo::new(stream), service(peer_certificate));
-            graceful.watch(connection.into_owned()).await
-        }
-        None => {
-            let connection = builder.serve_connection(TokioIo::new(stream), service(None));
-            graceful.watch(connection.into_owned()).await
-        }
-    };
-    if let Err(error) = result {
-        tracing::debug!(%peer, %error, "connection ended with an error");
+    if plain_http {
+        // Closing with unread bytes makes the kernel reset the connection, which
+        // can destroy the 503 before the client reads it: take what has arrived.
+        let mut arrived = [0; 4096];
+        let _ = stream.read(&mut arrived);
+        let _ = stream.write(OVER_CAPACITY_ANSWER);
     }
 }
 
-/// The names of the certificate the client presented in the handshake (already
-/// verified by rustls), or `None` when it presented none.
-fn peer_certificate(
-    stream: &TlsStream<TcpStream>,
-) -> Result<Option<PeerCertificate>, CertificateIdentityError> {
-    let Some(end_entity) = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-    else {
-        return Ok(None);
-    };
-    let identity = CertificateIdentity::from_der(end_entity)?;
-    Ok(Some(PeerCertificate(Arc::new(identity))))
+/// Counts the connections refused over `server.max_connections` and logs them at
+/// most once every [`REFUSAL_LOG_INTERVAL`], so that a flood of connections does
+/// not flood the log too.
+struct RefusalLog {
+    /// `server.max_connections`, for the log line.
+    max_connections: u32,
+    /// Refused since the last line.
+    refused: u64,
+    /// When the last line was written.
+    last_line: Option<Instant>,
+}
+
+impl RefusalLog {
+    fn new(max_connections: u32) -> RefusalLog {
+        RefusalLog {
+            max_connections,
+            refused: 0,
+            last_line: None,
+        }
+    }
+
+    /// Counts a refusal of `peer`; logs the count when the last line is old enough.
+    /// Returns the count logged, if a line was written.
+    fn refused(&mut self, peer: SocketAddr) -> Option<u64> {
+        self.refused += 1;
+        if self
+            .last_line
+            .is_some_and(|at| at.elapsed() < REFUSAL_LOG_INTERVAL)
+        {
+            return None;
+        }
+        tracing::warn!(
+            %peer,
+            refused = self.refused,
+            limit = self.max_connections,
+            "refused connections: server.max_connections reached (count since the last such line, peer of the latest)"
+        );
+        self.last_line = Some(Instant::now());
+        Some(std::mem::take(&mut self.refused))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_over_capacity_answer_is_one_whole_http_response() {
+        let text = std::str::from_utf8(OVER_CAPACITY_ANSWER).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "));
+        assert!(head.contains("\r\nConnection: close"));
+        assert!(head.contains(&format!("\r\nContent-Length: {}", body.len())));
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_refusals_is_logged_once_a_second_with_its_count() {
+        let peer = SocketAddr::from(([192, 0, 2, 1], 40000));
+        let mut log = RefusalLog::new(5);
+        assert_eq!(log.refused(peer), Some(1), "the first refusal is logged");
+        for _ in 0..999 {
+            assert_eq!(log.refused(peer), None);
+        }
+        tokio::time::sleep(REFUSAL_LOG_INTERVAL).await;
+        assert_eq!(
+            log.refused(peer),
+            Some(1000),
+            "the next line counts them all"
+        );
+    }
 }

@@ -1,0 +1,286 @@
+//! The clock of one connection: which time limit runs now, and since when.
+//!
+//! A connection is always in one of three phases:
+//! - receiving a request's headers, from the connection's start (after TLS) or from
+//!   the first byte after an idle spell: `server.header_read_timeout_ms` runs;
+//! - handling requests, from the end of a request's headers until its handler has
+//!   returned: no clock of this module runs (the body read time-out in `http.rs`
+//!   and the store time-out bound a handler);
+//! - idle, from the end of the last handler, while nothing is received:
+//!   `server.idle_timeout_ms` runs. It also bounds how long a client may take to
+//!   read its answer.
+//!
+//! [`WatchedIo`] tells the clock when bytes arrive; each request holds a
+//! [`RequestInProgress`] while its handler runs. This module only measures: what
+//! to do when a limit runs out is `connection/mod.rs`'s business.
+
+use http::Version;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// A time limit of a connection that ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expired {
+    /// A request's headers did not arrive within `server.header_read_timeout_ms`.
+    HeaderRead,
+    /// No request came within `server.idle_timeout_ms` after the last one.
+    Idle,
+}
+
+/// What a connection is doing, as its time limits see it.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// A request's headers are expected, since this instant.
+    ReceivingHeaders(Instant),
+    /// This many requests are being handled (several at once over HTTP/2).
+    Handling(usize),
+    /// No request in progress and nothing received, since this instant.
+    Idle(Instant),
+}
+
+#[derive(Debug)]
+struct State {
+    phase: Phase,
+    /// The connection speaks HTTP/2, where bytes between requests (pings, window
+    /// updates, settings) do not start a request: they leave the idle clock
+    /// running instead of starting the header clock.
+    multiplexed: bool,
+}
+
+/// The clock of one connection, shared by its IO, its requests and its watchdog.
+#[derive(Debug)]
+pub struct ConnectionClock {
+    state: Mutex<State>,
+    /// Wakes [`ConnectionClock::expired`] when the phase changes.
+    changed: Notify,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl ConnectionClock {
+    /// A clock for a connection that starts now, waiting for its first request.
+    pub fn start(header_read_timeout: Duration, idle_timeout: Duration) -> Arc<ConnectionClock> {
+        Arc::new(ConnectionClock {
+            state: Mutex::new(State {
+                phase: Phase::ReceivingHeaders(Instant::now()),
+                multiplexed: false,
+            }),
+            changed: Notify::new(),
+            header_read_timeout,
+            idle_timeout,
+        })
+    }
+
+    /// Marks a request whose headers have arrived; it is in progress until the
+    /// returned guard is dropped.
+    pub fn request_started(self: &Arc<Self>, version: Version) -> RequestInProgress {
+        let mut state = self.state();
+        state.multiplexed |= version == Version::HTTP_2;
+        state.phase = match state.phase {
+            Phase::Handling(requests) => Phase::Handling(requests + 1),
+            Phase::ReceivingHeaders(_) | Phase::Idle(_) => Phase::Handling(1),
+        };
+        drop(state);
+        self.changed.notify_one();
+        RequestInProgress(self.clone())
+    }
+
+    /// Resolves when a time limit runs out; never while requests are handled.
+    pub async fn expired(&self) -> Expired {
+        loop {
+            match self.deadline() {
+                Some((at, expired)) if at <= Instant::now() => return expired,
+                Some((at, _)) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => {}
+                        _ = self.changed.notified() => {}
+                    }
+                }
+                None => self.changed.notified().await,
+            }
+        }
+    }
+
+    /// When the running limit runs out, and which one; `None` while handling (or
+    /// for a limit too large to reach).
+    fn deadline(&self) -> Option<(Instant, Expired)> {
+        match self.state().phase {
+            Phase::ReceivingHeaders(since) => since
+                .checked_add(self.header_read_timeout)
+                .map(|at| (at, Expired::HeaderRead)),
+            Phase::Idle(since) => since
+                .checked_add(self.idle_timeout)
+                .map(|at| (at, Expired::Idle)),
+            Phase::Handling(_) => None,
+        }
+    }
+
+    /// Bytes arrived: on an idle HTTP/1 connection, the next request has begun.
+    fn bytes_received(&self) {
+        let mut state = self.state();
+        if let Phase::Idle(_) = state.phase {
+            if !state.multiplexed {
+                state.phase = Phase::ReceivingHeaders(Instant::now());
+                drop(state);
+                self.changed.notify_one();
+            }
+        }
+    }
+
+    fn request_finished(&self) {
+        let mut state = self.state();
+        state.phase = match state.phase {
+            Phase::Handling(requests) if requests > 1 => Phase::Handling(requests - 1),
+            _ => Phase::Idle(Instant::now()),
+        };
+        drop(state);
+        self.changed.notify_one();
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // The lock is never held across a panic-prone step; a poisoned one still
+        // holds a consistent phase.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Held by a request while its handler runs; dropping it ends the request on the
+/// connection's clock.
+#[derive(Debug)]
+pub struct RequestInProgress(Arc<ConnectionClock>);
+
+impl Drop for RequestInProgress {
+    fn drop(&mut self) {
+        self.0.request_finished();
+    }
+}
+
+/// The connection's byte stream (TCP, or TLS once the handshake is done), telling
+/// the clock when bytes arrive.
+#[derive(Debug)]
+pub struct WatchedIo<S> {
+    inner: S,
+    clock: Arc<ConnectionClock>,
+}
+
+impl<S> WatchedIo<S> {
+    /// Wraps `inner`, reporting to `clock`.
+    pub fn new(inner: S, clock: Arc<ConnectionClock>) -> WatchedIo<S> {
+        WatchedIo { inner, clock }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WatchedIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.clock.bytes_received();
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WatchedIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Real (short) time: a deadline is never met early, so lower bounds are exact;
+    //! which limit ran out tells the phases apart.
+    use super::*;
+
+    const HEADERS: Duration = Duration::from_millis(100);
+    const IDLE: Duration = Duration::from_millis(300);
+
+    #[tokio::test]
+    async fn a_new_connection_has_the_header_read_timeout_for_its_first_request() {
+        let clock = ConnectionClock::start(HEADERS, IDLE);
+        let started = Instant::now();
+        assert_eq!(clock.expired().await, Expired::HeaderRead);
+        assert!(started.elapsed() >= HEADERS);
+    }
+
+    #[tokio::test]
+    async fn no_limit_runs_while_a_request_is_handled() {
+        let clock = ConnectionClock::start(HEADERS, IDLE);
+        let request = clock.request_started(Version::HTTP_11);
+        let waited = tokio::time::timeout(IDLE * 2, clock.expired()).await;
+        assert!(waited.is_err(), "expired while handling: {waited:?}");
+        drop(request);
+        let finished = Instant::now();
+        assert_eq!(clock.expired().await, Expired::Idle);
+        assert!(finished.elapsed() >= IDLE);
+    }
+
+    #[tokio::test]
+    async fn the_first_byte_after_idle_starts_the_header_clock_over_http1() {
+        let clock = ConnectionClock::start(HEADERS, IDLE);
+        drop(clock.request_started(Version::HTTP_11));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        clock.bytes_received();
+        let first_byte = Instant::now();
+        assert_eq!(clock.expired().await, Expired::HeaderRead);
+        assert!(first_byte.elapsed() >= HEADERS);
+    }
+
+    #[tokio::test]
+    async fn bytes_between_http2_requests_leave_the_idle_clock_running() {
+        let clock = ConnectionClock::start(HEADERS, IDLE);
+        drop(clock.request_started(Version::HTTP_2));
+        let finished = Instant::now();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        clock.bytes_received();
+        assert_eq!(clock.expired().await, Expired::Idle);
+        assert!(finished.elapsed() >= IDLE);
+    }
+
+    #[tokio::test]
+    async fn the_connection_is_idle_only_once_every_request_ended() {
+        let clock = ConnectionClock::start(HEADERS, IDLE);
+        let first = clock.request_started(Version::HTTP_2);
+        let second = clock.request_started(Version::HTTP_2);
+        drop(first);
+        let waited = tokio::time::timeout(IDLE * 2, clock.expired()).await;
+        assert!(waited.is_err(), "expired with a request in progress");
+        drop(second);
+        assert_eq!(clock.expired().await, Expired::Idle);
+    }
+}

@@ -1,0 +1,199 @@
+//! Serves one accepted connection: the TLS handshake, then HTTP/1.1 or HTTP/2 by
+//! hyper, under the time limits that keep a slow or silent client from holding
+//! one of the `server.max_connections` places for long.
+//!
+//! Why the header and idle clocks are ours ([`clock`]) and hyper's are off
+//! (hyper 1.12, hyper-util 0.1.21):
+//! - hyper's HTTP/1 `header_read_timeout` (`proto/h1/conn.rs`, `poll_read_head`)
+//!   starts when hyper first asks for a request head and runs, not reset by the
+//!   bytes that trickle in, until the head is whole; when it runs out the
+//!   connection is closed without an answer. It is armed again as soon as an
+//!   answer is sent (`State::idle` sets `notify_read`), so it also closes idle
+//!   keep-alive connections, after the same time: one key could not mean both
+//!   "headers within 10 s" and "idle for 60 s".
+//! - hyper-util's `auto::Builder` first reads bytes to tell HTTP/2's preface from
+//!   HTTP/1 (`server/conn/auto/mod.rs`, `ReadVersion`), with no timer: hyper's
+//!   header timer starts only after the first byte, and a client that connects
+//!   and sends nothing was never cut off.
+//! - HTTP/2 has no header or idle time-out in hyper at all (only keep-alive pings,
+//!   which a live client answers, and `max_concurrent_streams`, 200 by default).
+//! - Graceful shutdown does not close an HTTP/1 connection before its first
+//!   request head is whole (it only turns keep-alive off), so a connection that
+//!   runs out of header time is dropped, not shut down gracefully.
+
+pub mod clock;
+
+use crate::auth::ClientAddress;
+use crate::auth::certificate::{CertificateIdentity, CertificateIdentityError, PeerCertificate};
+use crate::http::{self, HttpState};
+use clock::{ConnectionClock, Expired, WatchedIo};
+use hyper::Request;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+/// How long an idle connection's graceful close (an HTTP/2 GOAWAY, the end of an
+/// answer the client is slow to read) may take before the connection is dropped.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The time limits of every connection (`[server]` `*_timeout_ms`).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// From accept to the end of the TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// From the connection's start, or the first byte after an idle spell, until a
+    /// request's headers are whole.
+    pub header_read_timeout: Duration,
+    /// From the end of the last request while nothing is received (HTTP/1) or no
+    /// request comes (HTTP/2).
+    pub idle_timeout: Duration,
+}
+
+/// Serves `stream` until the client closes it, a time limit runs out, or `stopped`
+/// turns true and the requests in flight are answered.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    state: Arc<HttpState>,
+    limits: ConnectionLimits,
+    stopped: watch::Receiver<bool>,
+) {
+    let Some(acceptor) = tls else {
+        serve_http(stream, peer, None, state, limits, stopped).await;
+        return;
+    };
+    let stream =
+        match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                tracing::debug!(%peer, %error, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(
+                    %peer,
+                    limit_ms = limits.tls_handshake_timeout.as_millis(),
+                    "closed: TLS handshake not finished within server.tls_handshake_timeout_ms"
+                );
+                return;
+            }
+        };
+    let peer_certificate = match peer_certificate(&stream) {
+        Ok(peer_certificate) => peer_certificate,
+        Err(error) => {
+            tracing::warn!(%peer, %error, "unreadable client certificate, connection closed");
+            return;
+        }
+    };
+    serve_http(stream, peer, peer_certificate, state, limits, stopped).await;
+}
+
+/// Serves HTTP on a connection (TLS already done), watching its clock.
+async fn serve_http<S>(
+    stream: S,
+    peer: SocketAddr,
+    peer_certificate: Option<PeerCertificate>,
+    state: Arc<HttpState>,
+    limits: ConnectionLimits,
+    mut stopped: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let clock = ConnectionClock::start(limits.header_read_timeout, limits.idle_timeout);
+    // Every request of the connection carries the client's address and its
+    // verified client certificate, if any, and is timed on the connection's clock.
+    let service = {
+        let clock = clock.clone();
+        service_fn(move |mut request: Request<Incoming>| {
+            let in_progress = clock.request_started(request.version());
+            let state = state.clone();
+            request.extensions_mut().insert(ClientAddress(peer));
+            if let Some(certificate) = &peer_certificate {
+                request.extensions_mut().insert(certificate.clone());
+            }
+            async move {
+                let answer = http::handle(&state, request).await;
+                drop(in_progress);
+                answer
+            }
+        })
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The clock above times the headers, for HTTP/1 and HTTP/2 alike.
+    builder.http1().header_read_timeout(None);
+    let connection =
+        builder.serve_connection(TokioIo::new(WatchedIo::new(stream, clock.clone())), service);
+    tokio::pin!(connection);
+
+    let mut stopping = false;
+    let mut idle_close_by = None;
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            expired = clock.expired(), if idle_close_by.is_none() => match expired {
+                Expired::HeaderRead => {
+                    tracing::warn!(
+                        %peer,
+                        limit_ms = limits.header_read_timeout.as_millis(),
+                        "closed: request headers not received within server.header_read_timeout_ms"
+                    );
+                    return;
+                }
+                Expired::Idle => {
+                    tracing::debug!(
+                        %peer,
+                        limit_ms = limits.idle_timeout.as_millis(),
+                        "closing: idle for server.idle_timeout_ms"
+                    );
+                    connection.as_mut().graceful_shutdown();
+                    idle_close_by = Some(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
+                }
+            },
+            () = sleep_until_some(idle_close_by) => return,
+            _ = stopped.changed(), if !stopping => {
+                // Answers the requests in flight, then closes; a client still
+                // sending its headers is cut off by the clock.
+                connection.as_mut().graceful_shutdown();
+                stopping = true;
+            }
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%peer, %error, "connection ended with an error");
+    }
+}
+
+/// Sleeps until `deadline`, or forever when there is none.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The names of the certificate the client presented in the handshake (already
+/// verified by rustls), or `None` when it presented none.
+fn peer_certificate(
+    stream: &TlsStream<TcpStream>,
+) -> Result<Option<PeerCertificate>, CertificateIdentityError> {
+    let Some(end_entity) = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+    else {
+        return Ok(None);
+    };
+    let identity = CertificateIdentity::from_der(end_entity)?;
+    Ok(Some(PeerCertificate(Arc::new(identity))))
+}
