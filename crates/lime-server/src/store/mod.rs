@@ -43,6 +43,33 @@ pub struct Migration {
     pub applied: Vec<String>,
 }
 
+/// A connection idle for longer than this is pinged before it is used: firewalls
+/// and the server's `wait_timeout` close idle connections silently.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(60);
+
+/// A sqlx pool of at most `pool_size` connections, opened as needed and waited for
+/// at most `acquire_timeout`. sqlx pings every connection when it comes back to
+/// the pool; a second ping on the way out would cost every request a round trip,
+/// so only connections idle for long are pinged before use.
+pub fn pool_options<DB: sqlx::Database>(
+    pool_size: u32,
+    acquire_timeout: Duration,
+) -> sqlx::pool::PoolOptions<DB> {
+    sqlx::pool::PoolOptions::<DB>::new()
+        .max_connections(pool_size.max(1))
+        .min_connections(0)
+        .acquire_timeout(acquire_timeout)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > PING_IF_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
 /// How a database-server store (MariaDB/MySQL, PostgreSQL) is run.
 #[derive(Debug, Clone)]
 pub struct ServerStoreOptions {

@@ -7,17 +7,11 @@ use super::{
     AccountDatabaseOptions, AccountError, CHECK_DOMAIN, CHECK_USERNAME, PasswordRow,
     too_few_columns,
 };
-use sqlx::pool::PoolOptions;
 use sqlx::{
     ColumnIndex, ConnectOptions, Connection, Database, Decode, Encode, Executor, IntoArguments,
     Pool, Row, Statement, Type,
 };
-use std::time::Duration;
 use tokio::time::timeout;
-
-/// A connection idle for longer than this is pinged before a lookup uses it:
-/// firewalls and the server's `wait_timeout` close idle connections silently.
-const PING_IF_IDLE_FOR: Duration = Duration::from_secs(60);
 
 /// The pool and the query in the backend's positional form.
 pub(super) struct ServerAccounts<DB: Database> {
@@ -73,22 +67,8 @@ where
                 options.timeout
             ))
         })??;
-        let pool = PoolOptions::<DB>::new()
-            .max_connections(options.pool_size.max(1))
-            .min_connections(0)
-            // Lookups are bounded by `options.timeout` on top of this.
-            .acquire_timeout(options.connect_timeout)
-            // Rather than a ping before every lookup (a round trip each), one
-            // before those on a connection that has been idle for long.
-            .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for > PING_IF_IDLE_FOR {
-                        conn.ping().await?;
-                    }
-                    Ok(true)
-                })
-            })
+        // Lookups are bounded by `options.timeout` on top of the acquire time-out.
+        let pool = crate::store::pool_options::<DB>(options.pool_size, options.connect_timeout)
             .connect_lazy_with(connect_options);
         Ok(ServerAccounts { pool, query })
     }

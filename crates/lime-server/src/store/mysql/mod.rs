@@ -37,7 +37,7 @@ use crate::store::{
 };
 use async_trait::async_trait;
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
-use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlDatabaseError, MySqlPoolOptions};
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlDatabaseError};
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, Executor, MySql, MySqlPool};
 use std::future::Future;
@@ -52,10 +52,6 @@ type Work<'c, T> = Pin<Box<dyn Future<Output = Result<T, Fault>> + Send + 'c>>;
 
 /// How often a transaction that InnoDB chose as a deadlock victim is run again.
 const DEADLOCK_ATTEMPTS: u32 = 5;
-
-/// A connection idle for longer than this is pinged before use: firewalls and the
-/// server's `wait_timeout` close idle connections silently.
-const PING_IF_IDLE_FOR: Duration = Duration::from_secs(60);
 
 /// A base algorithm's keys in a MariaDB/MySQL database.
 pub struct MysqlStore {
@@ -150,26 +146,14 @@ pub async fn migrate(url: &str) -> Result<Migration, SetupError> {
 fn connect(url: &str, options: &ServerStoreOptions) -> Result<MySqlPool, SetupError> {
     let connect_options = connect_options(url)?;
     let lock_wait = lock_wait_seconds(options.timeout);
-    Ok(MySqlPoolOptions::new()
-        .max_connections(options.pool_size.max(1))
-        .min_connections(0)
-        // Requests are bounded by `options.timeout` on top of this.
-        .acquire_timeout(options.connect_timeout)
-        // sqlx pings every connection when it comes back to the pool; a second
-        // ping on the way out would cost every request a round trip. Connections
-        // idle for long are pinged, and a stale one met anyway is replaced and
-        // the method run again (see `MysqlStore::run`).
-        .test_before_acquire(false)
-        .before_acquire(|conn, meta| {
-            Box::pin(async move {
-                if meta.idle_for > PING_IF_IDLE_FOR {
-                    conn.ping().await?;
-                }
-                Ok(true)
-            })
-        })
-        .after_connect(move |conn, _| Box::pin(prepare_connection(conn, lock_wait)))
-        .connect_lazy_with(connect_options))
+    // Requests are bounded by `options.timeout` on top of the acquire time-out. A
+    // stale connection met despite the pings is replaced and the method run again
+    // (see `MysqlStore::run`).
+    Ok(
+        crate::store::pool_options(options.pool_size, options.connect_timeout)
+            .after_connect(move |conn, _| Box::pin(prepare_connection(conn, lock_wait)))
+            .connect_lazy_with(connect_options),
+    )
 }
 
 /// Session settings every store connection needs.
