@@ -427,6 +427,9 @@ pub struct DigestSettings {
     pub accounts_pool_size: u32,
     /// Longest wait for the account database, in milliseconds.
     pub accounts_timeout_ms: u64,
+    /// How long an account's passwords are kept after a lookup, in seconds; 0:
+    /// looked up on every request.
+    pub accounts_cache_secs: u64,
     /// File holding the secret nonces are made with (the same on every instance).
     pub nonce_secret_file: Option<PathBuf>,
     /// Environment variable holding it (read when the file is not set).
@@ -446,6 +449,7 @@ impl Default for DigestSettings {
             accounts_password_env: None,
             accounts_pool_size: 4,
             accounts_timeout_ms: 2_000,
+            accounts_cache_secs: 30,
             nonce_secret_file: None,
             nonce_secret_env: None,
             nonce_lifetime_secs: 300,

@@ -54,6 +54,7 @@ fn options() -> AccountDatabaseOptions {
         pool_size: 2,
         connect_timeout: Duration::from_secs(5),
         timeout: Duration::from_secs(5),
+        cache_time_to_live: Duration::ZERO,
     }
 }
 

@@ -435,6 +435,41 @@ async fn an_unreachable_account_database_answers_503_and_changes_nothing() {
     app.stop().await;
 }
 
+#[tokio::test]
+async fn a_changed_password_works_at_once_despite_the_kept_one() {
+    let app = digest_app(Backend::Mariadb, |settings| {
+        settings.auth.digest.accounts_cache_secs = 3_600;
+    })
+    .await;
+    let (device, body) = register("changed");
+    let (user, old_password) = add_owner(&app, &device, &["SHA-256"]).await;
+    let old_client = app.client.with_digest(&user, &old_password, None);
+    let answer = old_client
+        .post(&app.base_url, &x3dh_headers(&device), body.clone())
+        .await
+        .unwrap();
+    assert_registered(&answer, "the first password");
+    let (_, domain) = user_and_domain(&device);
+    let new_secret = common::accounts::stored_secret("SHA-256", &user, &domain, "new password");
+    accounts_of(&app)
+        .execute(&format!(
+            "UPDATE passwords SET password = '{new_secret}' WHERE algorithm = 'SHA-256'"
+        ))
+        .await;
+    let new_client = app.client.with_digest(&user, "new password", None);
+    let answer = new_client
+        .post(&app.base_url, &x3dh_headers(&device), body.clone())
+        .await
+        .unwrap();
+    assert_registered(&answer, "the new password, while the old one is kept");
+    let answer = old_client
+        .post(&app.base_url, &x3dh_headers(&device), body)
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 401, "the old password: {answer:?}");
+    app.stop().await;
+}
+
 // --- Throttling --------------------------------------------------------------------
 
 #[tokio::test]

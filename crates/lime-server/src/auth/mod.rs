@@ -164,6 +164,27 @@ struct DigestAuthenticator {
     algorithms: Vec<DigestAlgorithm>,
 }
 
+impl DigestAuthenticator {
+    /// The stored passwords of `username` in `realm` (kept ones unless `fresh`),
+    /// and whether they were kept ones; a database failure is a 503.
+    async fn lookup(
+        &self,
+        username: &str,
+        realm: &str,
+        device: &str,
+        fresh: bool,
+    ) -> Result<(Vec<accounts::StoredPassword>, bool), AuthFailure> {
+        self.accounts
+            .cached_passwords(username, realm, fresh)
+            .await
+            .map_err(|error| AuthFailure {
+                refusal: Refusal::Unavailable,
+                reason: format!("account database: {error} (user {username}, device id {device})"),
+                routine: false,
+            })
+    }
+}
+
 /// Decides whether a request's sender may act for the device id it names.
 pub struct Authenticator {
     /// `auth.realm`
@@ -198,6 +219,7 @@ impl Authenticator {
                     pool_size: settings.digest.accounts_pool_size,
                     connect_timeout: Duration::from_millis(settings.digest.accounts_timeout_ms),
                     timeout: Duration::from_millis(settings.digest.accounts_timeout_ms),
+                    cache_time_to_live: Duration::from_secs(settings.digest.accounts_cache_secs),
                 };
                 let accounts =
                     AccountDatabase::connect(&url, &settings.digest.accounts_query, &options)
@@ -357,30 +379,29 @@ impl Authenticator {
         } else {
             None
         };
-        let verified =
-            match problem {
-                Some(problem) => Err(problem),
-                None => {
-                    let stored = digest.accounts.passwords(&username, &realm).await.map_err(
-                        |error| AuthFailure {
-                            refusal: Refusal::Unavailable,
-                            reason: format!(
-                                "account database: {error} (user {username}, device id {device})"
-                            ),
-                            routine: false,
-                        },
-                    )?;
-                    if stored.is_empty() {
-                        Err("an unknown user".to_owned())
-                    } else if stored.iter().any(|password| {
-                        password_matches(&credentials, password, &realm, request.method.as_str())
-                    }) {
-                        Ok(())
-                    } else {
-                        Err("a wrong password".to_owned())
-                    }
+        let verified = match problem {
+            Some(problem) => Err(problem),
+            None => {
+                let method = request.method.as_str();
+                let matches = |stored: &[accounts::StoredPassword]| {
+                    stored
+                        .iter()
+                        .any(|password| password_matches(&credentials, password, &realm, method))
+                };
+                let (mut stored, cached) = digest.lookup(&username, &realm, &device, false).await?;
+                if cached && !matches(&stored) {
+                    // The password may have changed since it was kept.
+                    stored = digest.lookup(&username, &realm, &device, true).await?.0;
                 }
-            };
+                if stored.is_empty() {
+                    Err("an unknown user".to_owned())
+                } else if matches(&stored) {
+                    Ok(())
+                } else {
+                    Err("a wrong password".to_owned())
+                }
+            }
+        };
         if let Err(problem) = verified {
             let delay = self.throttle.failure(&username, client, Instant::now());
             tokio::time::sleep(delay).await;

@@ -10,6 +10,7 @@
 //! - `server.rs`: MariaDB/MySQL and PostgreSQL, through a sqlx pool.
 //! - `sqlite.rs`: an SQLite file, read-only, through rusqlite.
 
+mod cache;
 mod named_parameters;
 mod server;
 mod sqlite;
@@ -112,6 +113,9 @@ pub struct AccountDatabaseOptions {
     pub connect_timeout: Duration,
     /// Longest a lookup may take, waiting for a connection included.
     pub timeout: Duration,
+    /// How long the passwords of an account found are kept; zero: looked up on
+    /// every request.
+    pub cache_time_to_live: Duration,
 }
 
 /// What looking passwords up can fail with. Messages never hold a password.
@@ -173,6 +177,8 @@ pub struct AccountDatabase {
     backend: Backend,
     /// Longest a lookup may take.
     timeout: Duration,
+    /// Accounts looked up lately, when kept.
+    cache: Option<cache::PasswordCache>,
 }
 
 /// The database, on its backend.
@@ -229,6 +235,8 @@ impl AccountDatabase {
             location,
             backend,
             timeout: options.timeout,
+            cache: (!options.cache_time_to_live.is_zero())
+                .then(|| cache::PasswordCache::new(options.cache_time_to_live)),
         })
     }
 
@@ -253,6 +261,31 @@ impl AccountDatabase {
             .into_iter()
             .filter_map(|row| self.stored_password(row, username, domain))
             .collect())
+    }
+
+    /// Like [`AccountDatabase::passwords`], from what was looked up within the
+    /// cache's time-to-live unless `fresh`; what the database answers is kept.
+    /// Also says whether the rows came from the cache (a password that does not
+    /// match them is checked against the database again).
+    pub async fn cached_passwords(
+        &self,
+        username: &str,
+        domain: &str,
+        fresh: bool,
+    ) -> Result<(Vec<StoredPassword>, bool), AccountError> {
+        let now = std::time::Instant::now();
+        let kept = match (&self.cache, fresh) {
+            (Some(cache), false) => cache.get(username, domain, now),
+            _ => None,
+        };
+        if let Some(rows) = kept {
+            return Ok((rows, true));
+        }
+        let rows = self.passwords(username, domain).await?;
+        if let Some(cache) = &self.cache {
+            cache.put(username, domain, &rows, now);
+        }
+        Ok((rows, false))
     }
 
     /// Where the database is, password hidden, for logs.
@@ -353,6 +386,7 @@ mod tests {
             pool_size: 1,
             connect_timeout: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
+            cache_time_to_live: Duration::ZERO,
         };
         let error =
             AccountDatabase::connect("redis://u:secret@host/0", DEFAULT_ACCOUNTS_QUERY, &options)
