@@ -3,9 +3,10 @@
 # SQLite key store, with authentication off and with HTTP Digest (the client
 # reusing its nonce, as Linphone does, so every request carries credentials and
 # the server checks them), the accounts on SQLite and on the local MariaDB (kept
-# for accounts_cache_secs, or looked up on every request: "-nocache"); and, as mode "requests", with the bundle request limitation on (every
-# bundle recorded in Requests and counted; the limit never reached). Prints
-# lime-load's report per run and a summary of medians.
+# for accounts_cache_secs, or looked up on every request: "-nocache"); and, as
+# mode "requests", with the bundle request limitation on (every bundle recorded in
+# Requests and counted; the limit never reached). Prints lime-load's report per
+# run and a summary of medians.
 #
 # Usage: cargo build --release -p lime-server -p lime-load &&
 #        tools/lime-load/run-auth-benchmarks.sh [WORK_DIR]
