@@ -14,10 +14,13 @@ use std::time::{Duration, Instant};
 const MAX_ENTRIES: usize = 100_000;
 
 /// Password rows by (username, domain), each with the time it was looked up.
+type Entries = HashMap<(String, String), (Instant, Vec<StoredPassword>)>;
+
+/// Accounts looked up lately.
 #[derive(Debug)]
 pub(super) struct PasswordCache {
     time_to_live: Duration,
-    entries: Mutex<HashMap<(String, String), (Instant, Vec<StoredPassword>)>>,
+    entries: Mutex<Entries>,
 }
 
 impl PasswordCache {
@@ -28,9 +31,7 @@ impl PasswordCache {
         }
     }
 
-    fn entries(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(String, String), (Instant, Vec<StoredPassword>)>> {
+    fn entries(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.entries
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
