@@ -102,10 +102,11 @@ pub fn error_answer(
     let device = sender
         .map(|sender| sender.device_id().as_str())
         .unwrap_or("-");
+    let identity = sender.and_then(Sender::authenticated_as).unwrap_or("-");
     if error.is_server_fault() {
-        tracing::error!(%code, sender = device, curve = curve_byte, %error, "request failed");
+        tracing::error!(%code, sender = device, identity, curve = curve_byte, %error, "request failed");
     } else {
-        tracing::warn!(%code, sender = device, curve = curve_byte, %error, "request refused");
+        tracing::warn!(%code, sender = device, identity, curve = curve_byte, %error, "request refused");
     }
     ResponseMessage::error(curve_byte, code, error.client_text())
 }
