@@ -24,6 +24,9 @@ use std::time::Duration;
 /// as it is so that the PHP server keeps working on a migrated database.
 pub const SCHEMA_VERSION: i64 = 2;
 
+/// Most `Requests` rows one purge transaction deletes.
+pub const PURGE_CHUNK: u64 = 10_000;
+
 /// The `Config.Name` of [`SCHEMA_VERSION`].
 pub const SCHEMA_VERSION_NAME: &str = "lime_rs_schema";
 
@@ -230,7 +233,9 @@ pub trait KeyStore: Send + Sync {
         devices: Vec<DeviceId>,
     ) -> Result<Vec<PeerBundle>, StoreError>;
 
-    /// Deletes the `Requests` rows older than `retention`; returns how many.
+    /// Deletes the `Requests` rows older than `retention`, at most
+    /// [`PURGE_CHUNK`] per transaction so that writers are never held up for long;
+    /// returns how many.
     async fn purge_requests(&self, retention: Duration) -> Result<u64, StoreError>;
 
     /// Ids of the device's one-time pre-keys still stored, oldest first.
@@ -238,6 +243,23 @@ pub trait KeyStore: Send + Sync {
 
     /// Checks that the database answers (for readiness).
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Runs `chunk` (one transaction deleting at most [`PURGE_CHUNK`] rows) until a
+/// chunk deletes fewer; returns the rows deleted in all.
+pub(crate) async fn purge_in_chunks<F, Fut>(mut chunk: F) -> Result<u64, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, StoreError>>,
+{
+    let mut total = 0;
+    loop {
+        let deleted = chunk().await?;
+        total += deleted;
+        if deleted < PURGE_CHUNK {
+            return Ok(total);
+        }
+    }
 }
 
 /// The stores of the enabled base algorithms.
@@ -313,5 +335,32 @@ pub async fn migrate(location: &StoreLocation) -> Result<Migration, SetupError> 
         StoreLocation::Sqlite(path) => Ok(sqlite::migrate_database(path)?),
         StoreLocation::Mysql(url) => mysql::migrate(url).await,
         StoreLocation::Postgres(url) => postgres::migrate(url).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn purges_go_on_until_a_chunk_is_not_full() {
+        let mut chunks = vec![PURGE_CHUNK, PURGE_CHUNK, 3].into_iter();
+        let mut calls = 0;
+        let total = purge_in_chunks(|| {
+            calls += 1;
+            let deleted = chunks.next().expect("no chunk after a short one");
+            async move { Ok(deleted) }
+        })
+        .await
+        .unwrap();
+        assert_eq!((total, calls), (2 * PURGE_CHUNK + 3, 3));
+        let mut calls = 0;
+        let total = purge_in_chunks(|| {
+            calls += 1;
+            async { Ok(0) }
+        })
+        .await
+        .unwrap();
+        assert_eq!((total, calls), (0, 1));
     }
 }

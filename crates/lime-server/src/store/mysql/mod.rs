@@ -580,8 +580,10 @@ impl KeyStore for MysqlStore {
     }
 
     async fn purge_requests(&self, retention: Duration) -> Result<u64, StoreError> {
-        self.run(Mode::Statement, retention, |conn, retention| {
-            Box::pin(queries::purge_requests(conn, *retention))
+        crate::store::purge_in_chunks(|| {
+            self.run(Mode::Statement, retention, |conn, retention| {
+                Box::pin(queries::purge_requests(conn, *retention))
+            })
         })
         .await
     }

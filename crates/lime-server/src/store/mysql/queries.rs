@@ -15,7 +15,7 @@ use super::Fault;
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled};
 use crate::store::rules::Grant;
 use crate::store::rules::{self, StoredDevice};
-use crate::store::{BundleRequestLimit, Registered, StoreError, StoreLimits};
+use crate::store::{BundleRequestLimit, PURGE_CHUNK, Registered, StoreError, StoreLimits};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use sqlx::mysql::MySqlConnection;
 use sqlx::{Executor, Row};
@@ -325,13 +325,14 @@ async fn bundle_grant(
     Ok(grant)
 }
 
-/// Deletes the `Requests` rows older than `retention`.
+/// Deletes at most [`PURGE_CHUNK`] `Requests` rows older than `retention`.
 pub(super) async fn purge_requests(
     conn: &mut MySqlConnection,
     retention: Duration,
 ) -> Result<u64, Fault> {
-    let deleted = sqlx::query("DELETE FROM Requests WHERE at < NOW() - INTERVAL ? SECOND")
+    let deleted = sqlx::query("DELETE FROM Requests WHERE at < NOW() - INTERVAL ? SECOND LIMIT ?")
         .bind(retention.as_secs())
+        .bind(PURGE_CHUNK)
         .execute(&mut *conn)
         .await?
         .rows_affected();

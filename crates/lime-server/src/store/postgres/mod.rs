@@ -261,11 +261,12 @@ impl KeyStore for PostgresStore {
     }
 
     async fn purge_requests(&self, retention: Duration) -> Result<u64, StoreError> {
-        self.transactions
-            .run(&retention, |conn, retention| {
+        crate::store::purge_in_chunks(|| {
+            self.transactions.run(&retention, |conn, retention| {
                 Box::pin(queries::purge_requests(conn, *retention))
             })
-            .await
+        })
+        .await
     }
 
     async fn one_time_pre_key_ids(&self, device: DeviceId) -> Result<Vec<u32>, StoreError> {

@@ -11,7 +11,7 @@ use super::transaction::Failure;
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled, TOKEN_LIFETIME};
 use crate::store::rules::Grant;
 use crate::store::rules::{self, StoredDevice};
-use crate::store::{BundleRequestLimit, Registered, StoreError, StoreLimits};
+use crate::store::{BundleRequestLimit, PURGE_CHUNK, Registered, StoreError, StoreLimits};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
@@ -71,8 +71,8 @@ const COUNT_BUNDLE_REQUESTS: &str = r#"SELECT COUNT(*) FROM "Requests"
 const INSERT_BUNDLE_REQUEST: &str =
     r#"INSERT INTO "Requests" ("source", "target") VALUES ($1, $2)"#;
 
-const PURGE_REQUESTS: &str =
-    r#"DELETE FROM "Requests" WHERE "at" < now() - make_interval(secs => $1)"#;
+const PURGE_REQUESTS: &str = r#"DELETE FROM "Requests" WHERE ctid IN (
+    SELECT ctid FROM "Requests" WHERE "at" < now() - make_interval(secs => $1) LIMIT $2)"#;
 
 const INSERT_CLAIM_TOKEN: &str = r#"INSERT INTO "lime_rs_claims" ("token") VALUES ($1)"#;
 
@@ -371,13 +371,14 @@ async fn bundle_grant(
     Ok(grant)
 }
 
-/// Deletes the `Requests` rows older than `retention`.
+/// Deletes at most [`PURGE_CHUNK`] `Requests` rows older than `retention`.
 pub(super) async fn purge_requests(
     conn: &mut PgConnection,
     retention: Duration,
 ) -> Result<u64, Failure> {
     Ok(sqlx::query(PURGE_REQUESTS)
         .bind(retention.as_secs_f64())
+        .bind(PURGE_CHUNK as i64)
         .execute(&mut *conn)
         .await?
         .rows_affected())

@@ -11,7 +11,9 @@
 mod queries;
 pub mod schema;
 
-use crate::store::{KeyStore, Migration, Registered, SchemaState, StoreError, StoreLimits};
+use crate::store::{
+    KeyStore, Migration, Registered, SchemaState, StoreError, StoreLimits, purge_in_chunks,
+};
 use async_trait::async_trait;
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use rusqlite::Connection;
@@ -243,8 +245,7 @@ impl KeyStore for SqliteStore {
     }
 
     async fn purge_requests(&self, retention: Duration) -> Result<u64, StoreError> {
-        self.execute(move |conn| queries::purge_requests(conn, retention))
-            .await
+        purge_in_chunks(|| self.execute(move |conn| queries::purge_requests(conn, retention))).await
     }
 
     async fn one_time_pre_key_ids(&self, device: DeviceId) -> Result<Vec<u32>, StoreError> {

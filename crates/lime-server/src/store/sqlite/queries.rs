@@ -3,7 +3,7 @@
 //! and leave their savepoint to be rolled back.
 
 use crate::store::rules::{self, Grant, StoredDevice};
-use crate::store::{BundleRequestLimit, Registered, StoreError, StoreLimits};
+use crate::store::{BundleRequestLimit, PURGE_CHUNK, Registered, StoreError, StoreLimits};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::time::Duration;
@@ -199,11 +199,17 @@ fn bundle_grant(
     Ok(grant)
 }
 
-/// Deletes the `Requests` rows older than `retention`.
+/// Deletes at most [`PURGE_CHUNK`] `Requests` rows older than `retention`.
 pub(super) fn purge_requests(conn: &Connection, retention: Duration) -> Result<u64, StoreError> {
     let deleted = conn
-        .prepare_cached("DELETE FROM Requests WHERE at < datetime('now', ?1)")?
-        .execute([format!("-{} seconds", retention.as_secs())])?;
+        .prepare_cached(
+            "DELETE FROM Requests WHERE rowid IN \
+             (SELECT rowid FROM Requests WHERE at < datetime('now', ?1) LIMIT ?2)",
+        )?
+        .execute(params![
+            format!("-{} seconds", retention.as_secs()),
+            PURGE_CHUNK
+        ])?;
     Ok(deleted as u64)
 }
 
