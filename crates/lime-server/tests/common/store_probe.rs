@@ -112,11 +112,17 @@ impl StoreProbe {
     /// The device ids stored for a curve, sorted.
     pub async fn device_ids(&self, curve: Curve) -> Vec<String> {
         let sql = "SELECT UserId FROM Users ORDER BY UserId";
+        let rows = self.text_rows(curve, sql, 1).await;
+        rows.into_iter().map(|mut row| row.remove(0)).collect()
+    }
+
+    /// The first `columns` columns of what `sql` selects, as text, on any backend.
+    async fn text_rows(&self, curve: Curve, sql: &str, columns: usize) -> Vec<Vec<String>> {
         match &mut self.connect(curve).await {
             Conn::Sqlite(conn) => conn
                 .prepare(sql)
                 .unwrap()
-                .query_map([], |row| row.get(0))
+                .query_map([], |row| (0..columns).map(|index| row.get(index)).collect())
                 .unwrap()
                 .collect::<Result<_, _>>()
                 .unwrap(),
@@ -126,14 +132,18 @@ impl StoreProbe {
                 .await
                 .unwrap()
                 .iter()
-                .map(|row| String::from_utf8(row.get(0)).unwrap())
+                .map(|row| {
+                    (0..columns)
+                        .map(|index| String::from_utf8(row.get(index)).unwrap())
+                        .collect()
+                })
                 .collect(),
             Conn::Postgres(conn) => sqlx::query(&postgres_sql(sql))
                 .fetch_all(conn)
                 .await
                 .unwrap()
                 .iter()
-                .map(|row| row.get(0))
+                .map(|row| (0..columns).map(|index| row.get(index)).collect())
                 .collect(),
         }
     }
@@ -239,34 +249,13 @@ impl StoreProbe {
 
     /// The (source, target) of every recorded bundle request of a curve, sorted.
     pub async fn requests(&self, curve: Curve) -> Vec<(String, String)> {
-        let sql = "SELECT source, target FROM Requests ORDER BY source, target";
-        let mut rows: Vec<(String, String)> = match &mut self.connect(curve).await {
-            Conn::Sqlite(conn) => conn
-                .prepare(sql)
-                .unwrap()
-                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap(),
-            // utf8_bin text comes back as bytes.
-            Conn::Mysql(conn) => sqlx::query(sql)
-                .fetch_all(conn)
-                .await
-                .unwrap()
-                .iter()
-                .map(|row| {
-                    let text = |index| String::from_utf8(row.get(index)).unwrap();
-                    (text(0), text(1))
-                })
-                .collect(),
-            Conn::Postgres(conn) => sqlx::query(&postgres_sql(sql))
-                .fetch_all(conn)
-                .await
-                .unwrap()
-                .iter()
-                .map(|row| (row.get(0), row.get(1)))
-                .collect(),
-        };
+        let sql = "SELECT source, target FROM Requests";
+        let mut rows: Vec<(String, String)> = self
+            .text_rows(curve, sql, 2)
+            .await
+            .into_iter()
+            .map(|mut row| (row.remove(0), row.remove(0)))
+            .collect();
         rows.sort();
         rows
     }
