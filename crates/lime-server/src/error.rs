@@ -5,13 +5,14 @@
 //! the client is short and safe; the log line (the `Display` form) is complete.
 
 use crate::store::StoreError;
+use crate::telemetry::clip;
 use lime_protocol::{Curve, EncodeError, ErrorCode, ParseError};
 
 /// A request that gets an X3DH error answer.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
     /// Content-Type is not `x3dh/octet-stream`.
-    #[error("Content-Type is {0:?}, expected x3dh/octet-stream")]
+    #[error("Content-Type is {:?}, expected x3dh/octet-stream", .0.as_deref().map(clip))]
     BadContentType(Option<String>),
     /// Neither `X-Lime-user-identity` nor `From` is present.
     #[error("no X-Lime-user-identity or From header")]
