@@ -1,5 +1,5 @@
 //! The original PHP lime-server's side of a shared MariaDB database: its schema
-//! script (`../shared/fixtures`), its bundle query, and devices written the way
+//! script (`tests/fixtures/original-lime-server-schema.mysql.sql`), its bundle query, and devices written the way
 //! it writes them.
 
 use sqlx::MySqlConnection;
@@ -7,7 +7,7 @@ use sqlx::MySqlConnection;
 /// The original's per-algorithm schema script, as published in its README.
 pub const SCHEMA_SCRIPT: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/fixtures/original-lime-server-schema.mysql.sql"
+    "/tests/fixtures/original-lime-server-schema.mysql.sql"
 ));
 
 /// The original's bundle query, as the PHP server runs it.
