@@ -655,6 +655,12 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// A tracing filter, e.g. "info" or "lime_server=debug"; `RUST_LOG` overrides it.
     pub level: String,
+    /// Most lines a second written from one place in the code; the rest are
+    /// counted and summarised. 0: no limit.
+    pub max_lines_per_second: u32,
+    /// Most bytes of log lines waiting for a slow log reader; past it lines are
+    /// dropped and counted. At least 64 KiB.
+    pub max_queued_bytes: usize,
 }
 
 impl Default for LogSettings {
@@ -662,6 +668,8 @@ impl Default for LogSettings {
         LogSettings {
             format: LogFormat::Human,
             level: "info".into(),
+            max_lines_per_second: 20,
+            max_queued_bytes: 4 << 20,
         }
     }
 }
@@ -844,6 +852,15 @@ impl Settings {
             return Err(invalid(
                 "log.level",
                 format!("{:?} is not a tracing filter", self.log.level),
+            ));
+        }
+        if self.log.max_queued_bytes < 64 << 10 {
+            return Err(invalid(
+                "log.max_queued_bytes",
+                format!(
+                    "{} bytes cannot hold a burst of lines: give at least 65536",
+                    self.log.max_queued_bytes
+                ),
             ));
         }
         self.auth.validate()?;

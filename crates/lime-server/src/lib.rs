@@ -18,7 +18,7 @@
 //! - [`service`]: one handler per X3DH request type.
 //! - [`store`]: the [`store::KeyStore`] trait and the SQLite backend.
 //! - [`error`]: one error type for the request path, mapped to X3DH error codes.
-//! - [`telemetry`]: log set-up.
+//! - [`telemetry`]: log set-up, and the bounds on what a flood can make us log.
 //! - [`client`]: a small X3DH client for tests and tools (not used by the server).
 
 pub mod auth;

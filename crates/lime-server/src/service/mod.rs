@@ -99,14 +99,16 @@ pub fn error_answer(
     error: &RequestError,
 ) -> ResponseMessage {
     let code = error.code();
-    let device = sender
-        .map(|sender| sender.device_id().as_str())
-        .unwrap_or("-");
+    let device = crate::telemetry::clip(
+        sender
+            .map(|sender| sender.device_id().as_str())
+            .unwrap_or("-"),
+    );
     let identity = sender.and_then(Sender::authenticated_as).unwrap_or("-");
     if error.is_server_fault() {
-        tracing::error!(%code, sender = device, identity, curve = curve_byte, %error, "request failed");
+        tracing::error!(%code, sender = %device, identity, curve = curve_byte, %error, "request failed");
     } else {
-        tracing::warn!(%code, sender = device, identity, curve = curve_byte, %error, "request refused");
+        tracing::warn!(%code, sender = %device, identity, curve = curve_byte, %error, "request refused");
     }
     ResponseMessage::error(curve_byte, code, error.client_text())
 }

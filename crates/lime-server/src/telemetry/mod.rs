@@ -1,32 +1,53 @@
-//! Log set-up: `tracing` to stderr, human-readable or JSON lines.
+//! Log set-up: `tracing` to stderr, human-readable or JSON lines, and the bounds
+//! that keep a flood of requests from becoming a flood of log bytes.
 //!
-//! Lines are written by a background thread (tracing-appender): a slow or closed
-//! stderr never blocks or breaks a request; under a flood, lines are dropped
-//! rather than requests slowed.
+//! - Lines are written by a background thread ([`queue`]): a slow or closed stderr
+//!   never blocks a request; the queue is bounded in bytes and drops (counted)
+//!   rather than grows.
+//! - Each place in the code writes at most `log.max_lines_per_second` lines a
+//!   second ([`rate_limit`]); the rest are summarised with a count.
+//! - Values a client sent are cut short wherever they are logged or echoed
+//!   ([`clip`]).
+
+pub mod queue;
+pub mod rate_limit;
 
 use crate::config::{LogFormat, LogSettings};
 use std::fmt;
 use std::io::IsTerminal;
-use tracing_appender::non_blocking::WorkerGuard;
+use std::time::Duration;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::FilterExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+pub use queue::QueueGuard;
 
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides `log.level`.
-/// Keep the returned guard for the life of the program: dropping it flushes the
+/// Keep the returned guard for the life of the program: dropping it writes the
 /// lines still queued.
-pub fn init(settings: &LogSettings) -> WorkerGuard {
+pub fn init(settings: &LogSettings) -> QueueGuard {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.level));
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let limit = rate_limit::RateLimit::new(settings.max_lines_per_second);
+    let (writer, guard) = queue::bounded(std::io::stderr(), settings.max_queued_bytes);
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         // Colours only on a terminal: journald and log files get plain text.
         .with_ansi(std::io::stderr().is_terminal());
-    // A second init (tests, or a subscriber set by an embedding program) keeps the first.
-    let _ = match settings.format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let layer = match settings.format {
+        LogFormat::Human => layer.boxed(),
+        LogFormat::Json => layer.json().boxed(),
     };
+    // A second init (tests, or a subscriber set by an embedding program) keeps the first.
+    if tracing_subscriber::registry()
+        .with(layer.with_filter(filter.and(limit.clone())))
+        .try_init()
+        .is_ok()
+    {
+        limit.report_every(Duration::from_secs(1));
+    }
     guard
 }
 
@@ -67,7 +88,10 @@ mod tests {
 
     #[test]
     fn short_values_are_shown_whole() {
-        assert_eq!(clip("sip:alice@example.org").to_string(), "sip:alice@example.org");
+        assert_eq!(
+            clip("sip:alice@example.org").to_string(),
+            "sip:alice@example.org"
+        );
         assert_eq!(format!("{:?}", clip("a\"b")), "\"a\\\"b\"");
     }
 
