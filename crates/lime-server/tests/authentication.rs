@@ -811,3 +811,121 @@ async fn client_address_is_the_last_forwarded_for_entry() {
     assert_registered(&answer, "from an address the attacker only named");
     app.stop().await;
 }
+
+// --- Which name of a certificate counts ---------------------------------------------
+
+/// RFC 6125: a certificate that names someone in its subjectAltName is theirs; its
+/// common name counts only when it has no subjectAltName identity at all.
+#[tokio::test]
+async fn common_name_is_ignored_when_the_san_names_someone_else() {
+    let pki = TestPki::new();
+    let app = both_methods(&pki).await;
+    let (device, body) = register("cn-victim");
+    let (user, domain) = user_and_domain(&device);
+    let certificate = pki.issue(
+        &["sip:mallory@example.org"],
+        &[],
+        &format!("sip:{user}@{domain}"),
+    );
+
+    let answer = presenting(&app, &certificate)
+        .post(&app.base_url, &x3dh_headers(&device), body)
+        .await
+        .unwrap();
+
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert!(!is_registered(&app, &device).await);
+    app.stop().await;
+}
+
+/// The same rule for a certificate a trusted proxy verified.
+#[tokio::test]
+async fn proxy_verified_common_name_is_ignored_when_the_san_names_someone_else() {
+    let app = behind_proxy("127.0.0.0/8").await;
+    let pki = TestPki::new();
+    let (device, body) = register("proxied-cn-victim");
+    let (user, domain) = user_and_domain(&device);
+    let certificate = escaped_pem(&pki.issue(
+        &["sip:mallory@example.org"],
+        &[],
+        &format!("{user}@{domain}"),
+    ));
+
+    let answer = app
+        .post_raw(&proxy_headers(&device, "SUCCESS", &certificate), body)
+        .await;
+
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert!(!is_registered(&app, &device).await);
+    app.stop().await;
+}
+
+/// A certificate without subjectAltName still names its owner in its common name.
+#[tokio::test]
+async fn a_common_name_alone_names_the_owner() {
+    let pki = TestPki::new();
+    let app = both_methods(&pki).await;
+    let (device, body) = register("cn-only");
+    let (user, domain) = user_and_domain(&device);
+    let certificate = pki.issue(&[], &[], &format!("sip:{user}@{domain}"));
+
+    let answer = presenting(&app, &certificate)
+        .post(&app.base_url, &x3dh_headers(&device), body)
+        .await
+        .unwrap();
+
+    assert_registered(&answer, "identity in the common name only");
+    app.stop().await;
+}
+
+/// `auth.client_certificates.identity = "san_or_cn"`, the PHP server's rule, lets
+/// the common name count beside a subjectAltName: for TLS client certificates and
+/// proxy-verified ones alike.
+#[tokio::test]
+async fn looser_rule_is_an_explicit_option() {
+    let pki = TestPki::new();
+    let (ca, crl) = (pki.ca_file(), pki.crl_file());
+    let app = digest_app(Backend::Sqlite, move |settings| {
+        let certificates = &mut settings.auth.client_certificates;
+        certificates.ca_file = Some(ca);
+        certificates.crl_files = vec![crl];
+        certificates.identity =
+            toml::from_str::<Settings>("[auth.client_certificates]\nidentity = \"san_or_cn\"\n")
+                .unwrap()
+                .auth
+                .client_certificates
+                .identity;
+    })
+    .await;
+    let (device, body) = register("cn-looser");
+    let (user, domain) = user_and_domain(&device);
+    let certificate = pki.issue(
+        &["sip:bob@example.org"],
+        &[],
+        &format!("sip:{user}@{domain}"),
+    );
+    let answer = presenting(&app, &certificate)
+        .post(&app.base_url, &x3dh_headers(&device), body)
+        .await
+        .unwrap();
+    assert_registered(&answer, "common name under san_or_cn");
+    app.stop().await;
+
+    let app = digest_app(Backend::Sqlite, |settings| {
+        settings.server.listen = Vec::new();
+        settings.server.plain_http_listen = vec!["127.0.0.1:0".parse().unwrap()];
+        settings.auth.proxy.trusted = vec!["127.0.0.0/8".into()];
+        settings.auth.client_certificates.identity =
+            lime_server::auth::certificate::IdentityRule::SanOrCn;
+    })
+    .await;
+    let (device, body) = register("proxied-cn-looser");
+    let (user, domain) = user_and_domain(&device);
+    let certificate =
+        escaped_pem(&pki.issue(&["sip:bob@example.org"], &[], &format!("{user}@{domain}")));
+    let answer = app
+        .post_raw(&proxy_headers(&device, "SUCCESS", &certificate), body)
+        .await;
+    assert_registered(&answer, "proxy-verified common name under san_or_cn");
+    app.stop().await;
+}
