@@ -527,6 +527,11 @@ pub struct ClientCertificateSettings {
     pub crl_files: Vec<PathBuf>,
     /// Refuse TLS connections without a client certificate (no digest fallback).
     pub required: bool,
+    /// Which names of a certificate are its identity, for TLS client certificates
+    /// and proxy-verified ones alike: `"san_else_cn"` (RFC 6125: the CN only when
+    /// there is no subjectAltName URI or DNS entry) or `"san_or_cn"` (the PHP
+    /// server's rule: the CN counts beside the subjectAltName).
+    pub identity: crate::auth::certificate::IdentityRule,
 }
 
 impl ClientCertificateSettings {
@@ -966,6 +971,28 @@ mod tests {
             error_of("[auth.proxy]\ntrusted = [\"10.0.0.0/33\"]\n").contains("auth.proxy.trusted")
         );
         assert!(error_of("[auth]\nrealm = \"exa mple.org\"\n").contains("auth.realm"));
+    }
+
+    #[test]
+    fn certificate_identity_rule_is_read_by_name() {
+        use crate::auth::certificate::IdentityRule;
+        let read = |text: &str| {
+            Settings::from_toml(text).map(|settings| settings.auth.client_certificates.identity)
+        };
+        assert_eq!(read(""), Ok(IdentityRule::SanElseCn));
+        assert_eq!(
+            read("[auth.client_certificates]\nidentity = \"san_else_cn\"\n"),
+            Ok(IdentityRule::SanElseCn)
+        );
+        assert_eq!(
+            read("[auth.client_certificates]\nidentity = \"san_or_cn\"\n"),
+            Ok(IdentityRule::SanOrCn)
+        );
+        let error = error_of("[auth.client_certificates]\nidentity = \"cn\"\n");
+        assert!(
+            error.contains("identity") && error.contains("san_else_cn"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -695,3 +695,237 @@ async fn proxy_headers_from_an_untrusted_address_are_ignored() {
     assert!(!is_registered(&app, &device).await);
     app.stop().await;
 }
+
+/// Behind a proxy that appends (HAProxy `add-header`, Apache `RequestHeader add`),
+/// a client's own verdict comes first and the proxy's after it: with two verdicts
+/// nobody can tell which the proxy wrote, so the request is refused.
+#[tokio::test]
+async fn two_verdict_headers_are_refused() {
+    let app = behind_proxy("127.0.0.0/8").await;
+    let pki = TestPki::new();
+    let (device, body) = register("two-verdicts");
+    let (user, domain) = user_and_domain(&device);
+    // Someone's certificate is public: a client may paste it into its own headers.
+    let victims = escaped_pem(&pki.issue(&[&format!("sip:{user}@{domain}")], &[], "v"));
+    let mut headers = x3dh_headers(&device).to_vec();
+    headers.push(("x-ssl-client-verify", "SUCCESS"));
+    headers.push(("x-ssl-client-cert", &victims));
+    // What the proxy appends: the client presented no certificate.
+    headers.push(("x-ssl-client-verify", "NONE"));
+    headers.push(("x-forwarded-for", "198.51.100.7"));
+
+    let answer = app.post_raw(&headers, body).await;
+
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert!(!is_registered(&app, &device).await);
+    app.stop().await;
+}
+
+/// The proxy sets its verdict but appends the certificate: the client's pasted
+/// certificate comes first, the one it really presented after.
+#[tokio::test]
+async fn two_certificate_headers_are_refused() {
+    let app = behind_proxy("127.0.0.0/8").await;
+    let pki = TestPki::new();
+    let (device, body) = register("two-certificates");
+    let (user, domain) = user_and_domain(&device);
+    let victims = escaped_pem(&pki.issue(&[&format!("sip:{user}@{domain}")], &[], "v"));
+    let own = escaped_pem(&pki.issue(&["sip:mallory@example.org"], &[], "m"));
+    let mut headers = x3dh_headers(&device).to_vec();
+    headers.push(("x-ssl-client-cert", &victims));
+    headers.push(("x-ssl-client-verify", "SUCCESS"));
+    headers.push(("x-ssl-client-cert", &own));
+    headers.push(("x-forwarded-for", "198.51.100.7"));
+
+    let answer = app.post_raw(&headers, body.clone()).await;
+    assert_eq!(answer.status, 403, "two header lines: {answer:?}");
+
+    // Apache's `RequestHeader append` joins them into one line instead.
+    let joined = format!("{victims}, {own}");
+    let mut headers = x3dh_headers(&device).to_vec();
+    headers.push(("x-ssl-client-verify", "SUCCESS"));
+    headers.push(("x-ssl-client-cert", &joined));
+    let answer = app.post_raw(&headers, body).await;
+    assert_eq!(
+        answer.status, 403,
+        "two certificates in one line: {answer:?}"
+    );
+
+    assert!(!is_registered(&app, &device).await);
+    app.stop().await;
+}
+
+/// The proxy appends the address it saw to whatever the client sent, as a last
+/// entry or a last header line: failures are counted against that address, so a
+/// client can neither spread its failures over made-up addresses nor pin them on
+/// someone else's.
+#[tokio::test]
+async fn client_address_is_the_last_forwarded_for_entry() {
+    let app = digest_app(Backend::Sqlite, |settings| {
+        settings.server.listen = Vec::new();
+        settings.server.plain_http_listen = vec!["127.0.0.1:0".parse().unwrap()];
+        settings.auth.proxy.trusted = vec!["127.0.0.0/8".into()];
+        let throttle = &mut settings.auth.throttle;
+        throttle.max_failures_per_user = 0;
+        throttle.max_failures_per_address = 2;
+        throttle.lockout_secs = 60;
+        throttle.delay_step_ms = 0;
+    })
+    .await;
+    let (device, body) = register("forwarded");
+    let (user, password) = add_owner(&app, &device, &["MD5", "SHA-256"]).await;
+    let attacker = "198.51.100.7";
+    for attempt in 1..=2 {
+        // A forged first line, then the line the proxy appended.
+        let forged = format!("203.0.113.{attempt}");
+        let mut headers = x3dh_headers(&device).to_vec();
+        headers.push(("x-forwarded-for", &forged));
+        headers.push(("x-forwarded-for", attacker));
+        let guess = app.client.with_digest(&user, "a guess", None);
+        let answer = guess
+            .post(&app.base_url, &headers, body.clone())
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 401, "wrong password #{attempt}: {answer:?}");
+    }
+
+    // The attacker's address is locked out, whatever first line it sends...
+    let mut headers = x3dh_headers(&device).to_vec();
+    headers.push(("x-forwarded-for", "192.0.2.99, 203.0.113.50"));
+    let last_line = format!("192.0.2.98, {attacker}");
+    headers.push(("x-forwarded-for", &last_line));
+    let owner = app.client.with_digest(&user, &password, None);
+    let answer = owner
+        .post(&app.base_url, &headers, body.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.status, 429,
+        "from the locked-out address: {answer:?}"
+    );
+
+    // ...and the addresses it named in its first lines are not.
+    let mut headers = x3dh_headers(&device).to_vec();
+    headers.push(("x-forwarded-for", "203.0.113.1"));
+    let answer = owner.post(&app.base_url, &headers, body).await.unwrap();
+    assert_registered(&answer, "from an address the attacker only named");
+    app.stop().await;
+}
+
+// --- Which name of a certificate counts ---------------------------------------------
+
+/// RFC 6125: a certificate that names someone in its subjectAltName is theirs; its
+/// common name counts only when it has no subjectAltName identity at all.
+#[tokio::test]
+async fn common_name_is_ignored_when_the_san_names_someone_else() {
+    let pki = TestPki::new();
+    let app = both_methods(&pki).await;
+    let (device, body) = register("cn-victim");
+    let (user, domain) = user_and_domain(&device);
+    let certificate = pki.issue(
+        &["sip:mallory@example.org"],
+        &[],
+        &format!("sip:{user}@{domain}"),
+    );
+
+    let answer = presenting(&app, &certificate)
+        .post(&app.base_url, &x3dh_headers(&device), body)
+        .await
+        .unwrap();
+
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert!(!is_registered(&app, &device).await);
+    app.stop().await;
+}
+
+/// The same rule for a certificate a trusted proxy verified.
+#[tokio::test]
+async fn proxy_verified_common_name_is_ignored_when_the_san_names_someone_else() {
+    let app = behind_proxy("127.0.0.0/8").await;
+    let pki = TestPki::new();
+    let (device, body) = register("proxied-cn-victim");
+    let (user, domain) = user_and_domain(&device);
+    let certificate = escaped_pem(&pki.issue(
+        &["sip:mallory@example.org"],
+        &[],
+        &format!("{user}@{domain}"),
+    ));
+
+    let answer = app
+        .post_raw(&proxy_headers(&device, "SUCCESS", &certificate), body)
+        .await;
+
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert!(!is_registered(&app, &device).await);
+    app.stop().await;
+}
+
+/// A certificate without subjectAltName still names its owner in its common name.
+#[tokio::test]
+async fn a_common_name_alone_names_the_owner() {
+    let pki = TestPki::new();
+    let app = both_methods(&pki).await;
+    let (device, body) = register("cn-only");
+    let (user, domain) = user_and_domain(&device);
+    let certificate = pki.issue(&[], &[], &format!("sip:{user}@{domain}"));
+
+    let answer = presenting(&app, &certificate)
+        .post(&app.base_url, &x3dh_headers(&device), body)
+        .await
+        .unwrap();
+
+    assert_registered(&answer, "identity in the common name only");
+    app.stop().await;
+}
+
+/// `auth.client_certificates.identity = "san_or_cn"`, the PHP server's rule, lets
+/// the common name count beside a subjectAltName: for TLS client certificates and
+/// proxy-verified ones alike.
+#[tokio::test]
+async fn looser_rule_is_an_explicit_option() {
+    let pki = TestPki::new();
+    let (ca, crl) = (pki.ca_file(), pki.crl_file());
+    let app = digest_app(Backend::Sqlite, move |settings| {
+        let certificates = &mut settings.auth.client_certificates;
+        certificates.ca_file = Some(ca);
+        certificates.crl_files = vec![crl];
+        certificates.identity =
+            toml::from_str::<Settings>("[auth.client_certificates]\nidentity = \"san_or_cn\"\n")
+                .unwrap()
+                .auth
+                .client_certificates
+                .identity;
+    })
+    .await;
+    let (device, body) = register("cn-looser");
+    let (user, domain) = user_and_domain(&device);
+    let certificate = pki.issue(
+        &["sip:bob@example.org"],
+        &[],
+        &format!("sip:{user}@{domain}"),
+    );
+    let answer = presenting(&app, &certificate)
+        .post(&app.base_url, &x3dh_headers(&device), body)
+        .await
+        .unwrap();
+    assert_registered(&answer, "common name under san_or_cn");
+    app.stop().await;
+
+    let app = digest_app(Backend::Sqlite, |settings| {
+        settings.server.listen = Vec::new();
+        settings.server.plain_http_listen = vec!["127.0.0.1:0".parse().unwrap()];
+        settings.auth.proxy.trusted = vec!["127.0.0.0/8".into()];
+        settings.auth.client_certificates.identity =
+            lime_server::auth::certificate::IdentityRule::SanOrCn;
+    })
+    .await;
+    let (device, body) = register("proxied-cn-looser");
+    let (user, domain) = user_and_domain(&device);
+    let certificate =
+        escaped_pem(&pki.issue(&["sip:bob@example.org"], &[], &format!("{user}@{domain}")));
+    let answer = app
+        .post_raw(&proxy_headers(&device, "SUCCESS", &certificate), body)
+        .await;
+    assert_registered(&answer, "proxy-verified common name under san_or_cn");
+    app.stop().await;
+}

@@ -14,7 +14,7 @@ use common::pki::{IssuedCertificate, TestPki};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use lime_server::auth::certificate::{CertificateIdentity, client_verifier};
+use lime_server::auth::certificate::{CertificateIdentity, IdentityRule, client_verifier};
 use lime_server::client::LimeClient;
 use lime_server::tls::{self, CertificateFiles};
 use rustls::ClientConfig;
@@ -33,6 +33,9 @@ const ALICE: &str = "sip:alice@example.org";
 const ALICE_DEVICE: &str = "sip:alice@example.org;gr=1";
 const BOB: &str = "sip:bob@example.org";
 const BOB_DEVICE: &str = "sip:bob@example.org;gr=1";
+
+/// The default rule: a common name counts only without subjectAltName.
+const SAN_ELSE_CN: IdentityRule = IdentityRule::SanElseCn;
 
 /// Whether the server requires a client certificate or only checks one presented.
 #[derive(Clone, Copy)]
@@ -186,8 +189,8 @@ async fn valid_certificate_is_let_in_and_owns_its_devices() {
         .accepted()
         .expect("the server should see the certificate");
 
-    assert_eq!(identity.owner_of(ALICE_DEVICE), Some(ALICE));
-    assert_eq!(identity.owner_of(BOB_DEVICE), None);
+    assert_eq!(identity.owner_of(ALICE_DEVICE, SAN_ELSE_CN), Some(ALICE));
+    assert_eq!(identity.owner_of(BOB_DEVICE, SAN_ELSE_CN), None);
 }
 
 #[tokio::test]
@@ -200,7 +203,7 @@ async fn dns_name_without_scheme_is_a_sip_identity() {
         .accepted()
         .unwrap();
 
-    assert_eq!(identity.owner_of(ALICE_DEVICE), Some(ALICE));
+    assert_eq!(identity.owner_of(ALICE_DEVICE, SAN_ELSE_CN), Some(ALICE));
 }
 
 #[tokio::test]
@@ -219,7 +222,7 @@ async fn revoked_certificate_is_refused() {
         .await
         .accepted()
         .unwrap();
-    assert_eq!(identity.owner_of(BOB_DEVICE), Some(BOB));
+    assert_eq!(identity.owner_of(BOB_DEVICE, SAN_ELSE_CN), Some(BOB));
 }
 
 #[tokio::test]
@@ -267,7 +270,7 @@ async fn optional_certificates_are_still_verified() {
         .await
         .accepted()
         .unwrap();
-    assert_eq!(identity.owner_of(ALICE_DEVICE), Some(ALICE));
+    assert_eq!(identity.owner_of(ALICE_DEVICE, SAN_ELSE_CN), Some(ALICE));
 }
 
 #[tokio::test]
@@ -281,13 +284,12 @@ async fn identity_only_in_common_name_owns_its_devices() {
         .unwrap();
 
     assert!(identity.subject_alt_names().is_empty());
-    assert_eq!(identity.owner_of(ALICE_DEVICE), Some(ALICE));
+    assert_eq!(identity.owner_of(ALICE_DEVICE, SAN_ELSE_CN), Some(ALICE));
 }
 
-/// The common name is the fallback for each device id that no subjectAltName
-/// owns, not only for certificates without subjectAltNames.
+/// RFC 6125: beside a subjectAltName, the common name names nobody, by default.
 #[tokio::test]
-async fn common_name_owns_what_no_subject_alt_name_does() {
+async fn common_name_is_ignored_when_the_san_names_someone_else() {
     let pki = TestPki::new();
     let certificate = pki.issue(&[BOB], &[], "alice@example.org");
 
@@ -296,9 +298,34 @@ async fn common_name_owns_what_no_subject_alt_name_does() {
         .accepted()
         .unwrap();
 
-    assert_eq!(identity.owner_of(BOB_DEVICE), Some(BOB));
-    assert_eq!(identity.owner_of(ALICE_DEVICE), Some(ALICE));
-    assert_eq!(identity.owner_of("sip:carol@example.org;gr=1"), None);
+    assert_eq!(identity.owner_of(BOB_DEVICE, SAN_ELSE_CN), Some(BOB));
+    assert_eq!(identity.owner_of(ALICE_DEVICE, SAN_ELSE_CN), None);
+}
+
+/// Under the PHP server's rule, kept by name, the common name is the fallback for
+/// each device id that no subjectAltName owns.
+#[tokio::test]
+async fn looser_rule_is_an_explicit_option() {
+    let pki = TestPki::new();
+    let certificate = pki.issue(&[BOB], &[], "alice@example.org");
+
+    let identity = handshake(&pki, ClientAuth::Required, Some(&certificate))
+        .await
+        .accepted()
+        .unwrap();
+
+    assert_eq!(
+        identity.owner_of(BOB_DEVICE, IdentityRule::SanOrCn),
+        Some(BOB)
+    );
+    assert_eq!(
+        identity.owner_of(ALICE_DEVICE, IdentityRule::SanOrCn),
+        Some(ALICE)
+    );
+    assert_eq!(
+        identity.owner_of("sip:carol@example.org;gr=1", IdentityRule::SanOrCn),
+        None
+    );
 }
 
 #[tokio::test]
@@ -315,8 +342,8 @@ async fn names_of_another_user_own_nothing_of_alice() {
         .accepted()
         .unwrap();
 
-    assert_eq!(identity.owner_of(ALICE_DEVICE), None);
-    assert_eq!(identity.owner_of(BOB_DEVICE), Some(BOB));
+    assert_eq!(identity.owner_of(ALICE_DEVICE, SAN_ELSE_CN), None);
+    assert_eq!(identity.owner_of(BOB_DEVICE, SAN_ELSE_CN), Some(BOB));
 }
 
 /// `LimeClient::with_client_certificate` presents its certificate over HTTPS: a
@@ -339,7 +366,11 @@ async fn lime_client_presents_its_client_certificate() {
         let (tcp, _) = server.listener.accept().await.unwrap();
         let stream = server.acceptor.accept(tcp).await.unwrap();
         let owner = peer_identity(stream.get_ref().1)
-            .and_then(|identity| identity.owner_of(ALICE_DEVICE).map(str::to_owned))
+            .and_then(|identity| {
+                identity
+                    .owner_of(ALICE_DEVICE, SAN_ELSE_CN)
+                    .map(str::to_owned)
+            })
             .unwrap_or_default();
         let service = service_fn(move |_request: hyper::Request<hyper::body::Incoming>| {
             let owner = owner.clone();

@@ -80,8 +80,37 @@ fn read_crls(
     Ok(crls)
 }
 
+/// Which names of a certificate are its identities: `auth.client_certificates.identity`.
+///
+/// A CA that puts `sip:mallory@...` in the subjectAltName and something else in the
+/// common name certified mallory: RFC 6125 (6.4.4) reads the common name only when
+/// the certificate has no subjectAltName identifier. The original PHP server read
+/// both; that looser rule is kept for operators whose CA needs it, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityRule {
+    /// The subjectAltName URI and DNS entries; the common name only when there are
+    /// none (RFC 6125). The default.
+    #[default]
+    SanElseCn,
+    /// Every subjectAltName URI and DNS entry, and the common name too, each owning
+    /// its own devices (the PHP server's rule): a certificate whose CN and
+    /// subjectAltName name two users acts for both.
+    SanOrCn,
+}
+
+impl IdentityRule {
+    /// The name `auth.client_certificates.identity` gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            IdentityRule::SanElseCn => "san_else_cn",
+            IdentityRule::SanOrCn => "san_or_cn",
+        }
+    }
+}
+
 /// The identities a verified client certificate names: its subjectAltName URI and
-/// DNS entries, then its subject common name.
+/// DNS entries, and its subject common name ([`IdentityRule`] says which count).
 ///
 /// A name without a scheme is read as a SIP identity (`alice@example.org` is
 /// `sip:alice@example.org`); a name with another scheme (`https:...`) is kept as it
@@ -159,17 +188,23 @@ impl CertificateIdentity {
         self.common_name.as_deref()
     }
 
-    /// The identity of this certificate that owns `device_id`: the first
-    /// subjectAltName that does, else the common name if it does, else `None`.
+    /// The identity of this certificate that owns `device_id` under `rule`: the
+    /// first subjectAltName that does; else the common name if it does and the rule
+    /// lets it count; else `None`.
     ///
-    /// The common name is a fallback per device id, not per certificate: a
-    /// certificate with subjectAltName `sip:bob@example.org` and common name
-    /// `sip:alice@example.org` owns the devices of both, each through its own name.
-    /// Both names were signed by the same CA.
-    pub fn owner_of(&self, device_id: &str) -> Option<&str> {
+    /// Under [`IdentityRule::SanElseCn`] the common name counts only for a
+    /// certificate without subjectAltName URI or DNS entries. Under
+    /// [`IdentityRule::SanOrCn`] it is a fallback per device id: a certificate with
+    /// subjectAltName `sip:bob@example.org` and common name `sip:alice@example.org`
+    /// owns the devices of both.
+    pub fn owner_of(&self, device_id: &str, rule: IdentityRule) -> Option<&str> {
+        let common_name = match rule {
+            IdentityRule::SanElseCn if !self.subject_alt_names.is_empty() => None,
+            IdentityRule::SanElseCn | IdentityRule::SanOrCn => self.common_name.as_ref(),
+        };
         self.subject_alt_names
             .iter()
-            .chain(&self.common_name)
+            .chain(common_name)
             .find(|name| identity::owns_device(name, device_id))
             .map(String::as_str)
     }
@@ -276,7 +311,7 @@ mod tests {
         assert_eq!(identity.subject_alt_names(), ["sip:alice@example.org"]);
         assert_eq!(identity.common_name(), Some("sip:bob@example.org"));
         assert_eq!(
-            identity.owner_of("sip:alice@example.org;gr=1"),
+            identity.owner_of("sip:alice@example.org;gr=1", IdentityRule::SanElseCn),
             Some("sip:alice@example.org")
         );
     }
@@ -294,8 +329,14 @@ mod tests {
             identity.subject_alt_names(),
             ["https:alice@example.org", "sips:alice@example.org"]
         );
-        assert_eq!(identity.owner_of("https:alice@example.org;gr=1"), None);
-        assert_eq!(identity.owner_of("sip:alice@example.org;gr=1"), None);
+        assert_eq!(
+            identity.owner_of("https:alice@example.org;gr=1", IdentityRule::SanElseCn),
+            None
+        );
+        assert_eq!(
+            identity.owner_of("sip:alice@example.org;gr=1", IdentityRule::SanElseCn),
+            None
+        );
     }
 
     #[test]
@@ -308,7 +349,10 @@ mod tests {
             None,
         );
         assert!(identity.subject_alt_names().is_empty());
-        assert_eq!(identity.owner_of("sip:alice@example.org;gr=1"), None);
+        assert_eq!(
+            identity.owner_of("sip:alice@example.org;gr=1", IdentityRule::SanElseCn),
+            None
+        );
     }
 
     #[test]
@@ -318,40 +362,89 @@ mod tests {
             Some("sip:alice@example.org"),
         );
         assert_eq!(
-            identity.owner_of("sip:alice@example.org;gr=1"),
+            identity.owner_of("sip:alice@example.org;gr=1", IdentityRule::SanElseCn),
             Some("sip:alice@example.org")
         );
         assert_eq!(
-            identity.owner_of("sip:bob@example.org;gr=1"),
+            identity.owner_of("sip:bob@example.org;gr=1", IdentityRule::SanElseCn),
             Some("sip:bob@example.org")
         );
-        assert_eq!(identity.owner_of("sip:carol@example.org;gr=1"), None);
+        assert_eq!(
+            identity.owner_of("sip:carol@example.org;gr=1", IdentityRule::SanElseCn),
+            None
+        );
     }
 
     #[test]
-    fn common_name_owns_when_no_subject_alt_name_does() {
+    fn common_name_owns_when_there_is_no_subject_alt_name() {
         let only_common_name = identity_of(vec![], Some("sip:alice@example.org"));
+        for rule in [IdentityRule::SanElseCn, IdentityRule::SanOrCn] {
+            assert_eq!(
+                only_common_name.owner_of("sip:alice@example.org;gr=1", rule),
+                Some("sip:alice@example.org")
+            );
+        }
+        // An e-mail or IP subjectAltName is no SIP identity: the CN still counts.
+        let with_email = identity_of(
+            vec![SanType::Rfc822Name(
+                Ia5String::try_from("mallory@example.org").unwrap(),
+            )],
+            Some("alice@example.org"),
+        );
         assert_eq!(
-            only_common_name.owner_of("sip:alice@example.org;gr=1"),
+            with_email.owner_of("sip:alice@example.org;gr=1", IdentityRule::SanElseCn),
             Some("sip:alice@example.org")
         );
+    }
+
+    #[test]
+    fn common_name_is_ignored_when_the_san_names_someone_else() {
+        let both = identity_of(
+            vec![uri("sip:mallory@example.org")],
+            Some("sip:alice@example.org"),
+        );
+        assert_eq!(
+            both.owner_of("sip:alice@example.org;gr=1", IdentityRule::SanElseCn),
+            None
+        );
+        assert_eq!(
+            both.owner_of("sip:mallory@example.org;gr=1", IdentityRule::SanElseCn),
+            Some("sip:mallory@example.org")
+        );
+        // Any URI or DNS subjectAltName hides the CN, even one that owns nothing.
+        let other_scheme = identity_of(
+            vec![uri("https://example.org/")],
+            Some("sip:alice@example.org"),
+        );
+        assert_eq!(
+            other_scheme.owner_of("sip:alice@example.org;gr=1", IdentityRule::SanElseCn),
+            None
+        );
+    }
+
+    #[test]
+    fn looser_rule_is_an_explicit_option() {
         // The fallback is per device id: another user's subjectAltName does not hide it.
         let both = identity_of(vec![uri("sip:bob@example.org")], Some("alice@example.org"));
         assert_eq!(
-            both.owner_of("sip:alice@example.org;gr=1"),
+            both.owner_of("sip:alice@example.org;gr=1", IdentityRule::SanOrCn),
             Some("sip:alice@example.org")
         );
         assert_eq!(
-            both.owner_of("sip:bob@example.org;gr=1"),
+            both.owner_of("sip:bob@example.org;gr=1", IdentityRule::SanOrCn),
             Some("sip:bob@example.org")
         );
+        assert_eq!(IdentityRule::default(), IdentityRule::SanElseCn);
     }
 
     #[test]
     fn certificate_without_names_owns_nothing() {
         let identity = identity_of(vec![], None);
         assert_eq!(identity.common_name(), None);
-        assert_eq!(identity.owner_of("sip:alice@example.org;gr=1"), None);
+        assert_eq!(
+            identity.owner_of("sip:alice@example.org;gr=1", IdentityRule::SanElseCn),
+            None
+        );
         assert_eq!(identity.describe(), "subjectAltName: none; CN: none");
     }
 

@@ -23,9 +23,10 @@ pub mod throttle;
 
 use crate::config::AuthSettings;
 use crate::error::RequestError;
+use crate::telemetry::clip;
 use accounts::{AccountDatabase, AccountDatabaseOptions, PasswordAlgorithm};
 use anyhow::Context;
-use certificate::{CertificateIdentity, PeerCertificate};
+use certificate::{CertificateIdentity, IdentityRule, PeerCertificate};
 use digest::{Credentials, DigestAlgorithm, NonceKey, NonceState};
 use http::HeaderMap;
 use http::header::AUTHORIZATION;
@@ -191,6 +192,8 @@ pub struct Authenticator {
     realm: Option<String>,
     digest: Option<DigestAuthenticator>,
     certificates_required: bool,
+    /// `auth.client_certificates.identity`: which names of a certificate count.
+    certificate_identity: IdentityRule,
     proxies: Option<TrustedProxies>,
     throttle: Throttle,
     enabled: bool,
@@ -203,6 +206,7 @@ impl Authenticator {
             realm: None,
             digest: None,
             certificates_required: false,
+            certificate_identity: IdentityRule::default(),
             proxies: None,
             throttle: Throttle::new(AuthSettings::default().throttle.policy()),
             enabled: false,
@@ -240,6 +244,7 @@ impl Authenticator {
             realm: settings.realm.clone(),
             digest,
             certificates_required: settings.client_certificates.required,
+            certificate_identity: settings.client_certificates.identity,
             proxies: TrustedProxies::from_settings(&settings.proxy),
             throttle: Throttle::new(settings.throttle.policy()),
             enabled: settings.is_enabled(),
@@ -265,7 +270,12 @@ impl Authenticator {
             .get::<ClientAddress>()
             .map(|address| address.0.ip());
         if let Some(PeerCertificate(identity)) = request.extensions.get::<PeerCertificate>() {
-            return certificate_owner(sender, identity, "client certificate");
+            return certificate_owner(
+                sender,
+                identity,
+                self.certificate_identity,
+                "client certificate",
+            );
         }
         let mut client = peer;
         if let Some(proxies) = self
@@ -276,7 +286,12 @@ impl Authenticator {
             client = proxies.client_address(&request.headers).or(peer);
             match proxies.verdict(&request.headers) {
                 ProxyVerdict::Verified(identity) => {
-                    return certificate_owner(sender, &identity, "proxy-verified certificate");
+                    return certificate_owner(
+                        sender,
+                        &identity,
+                        self.certificate_identity,
+                        "proxy-verified certificate",
+                    );
                 }
                 ProxyVerdict::Refused(reason) => {
                     return Err(AuthFailure::forbidden(format!(
@@ -442,22 +457,35 @@ impl Authenticator {
     }
 }
 
-/// Lets `sender` in when the certificate's identity owns its device id.
+/// Lets `sender` in when the certificate's identity, under `rule`, owns its
+/// device id.
 fn certificate_owner(
     sender: Sender,
     identity: &CertificateIdentity,
+    rule: IdentityRule,
     what: &str,
 ) -> Result<Sender, AuthFailure> {
-    match identity.owner_of(sender.device_id().as_str()) {
+    let device = sender.device_id().as_str();
+    match identity.owner_of(device, rule) {
         Some(name) => {
             let how = format!("{what} {name}");
             Ok(sender.authenticated(how))
         }
-        None => Err(AuthFailure::forbidden(format!(
-            "{what} ({}) does not own device id {}",
-            identity.describe(),
-            sender.device_id()
-        ))),
+        None => {
+            // Say so when only the looser rule would have let it in.
+            let common_name_ignored = identity.owner_of(device, IdentityRule::SanOrCn).is_some();
+            Err(AuthFailure::forbidden(format!(
+                "{what} ({}) does not own device id {}{}",
+                clip(&identity.describe()),
+                clip(device),
+                if common_name_ignored {
+                    "; its common name would, but auth.client_certificates.identity = \
+                     \"san_else_cn\" ignores a common name beside a subjectAltName"
+                } else {
+                    ""
+                }
+            )))
+        }
     }
 }
 

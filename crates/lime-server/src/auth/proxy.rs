@@ -5,6 +5,7 @@
 
 use super::certificate::CertificateIdentity;
 use crate::config::ProxySettings;
+use crate::telemetry::clip;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use http::{HeaderMap, HeaderName};
@@ -54,14 +55,37 @@ impl TrustedProxies {
         self.networks.iter().any(|network| network.contains(&peer))
     }
 
-    /// The client's address as the proxy saw it: the last entry it appended.
+    /// The client's address as the proxy saw it: the last entry of the last
+    /// header line, which is what the proxy appended (nginx's
+    /// `$proxy_add_x_forwarded_for` and Apache add an entry to the line; HAProxy's
+    /// `option forwardfor` adds a line). Whatever the client sent comes before it.
     pub fn client_address(&self, headers: &HeaderMap) -> Option<IpAddr> {
-        let value = headers.get(&self.client_address_header)?.to_str().ok()?;
+        let value = headers
+            .get_all(&self.client_address_header)
+            .iter()
+            .next_back()?
+            .to_str()
+            .ok()?;
         value.rsplit(',').next()?.trim().parse().ok()
     }
 
     /// The proxy's verdict on the client certificate.
+    ///
+    /// A request carrying the verdict or the certificate header more than once is
+    /// refused: a proxy that appends (HAProxy `add-header`, Apache `RequestHeader
+    /// add`) instead of replacing lets a client put its own `SUCCESS` and someone
+    /// else's (public) certificate before the proxy's, and nobody can tell which
+    /// copy the proxy wrote.
     pub fn verdict(&self, headers: &HeaderMap) -> ProxyVerdict {
+        for name in [&self.verify_header, &self.certificate_header] {
+            let copies = headers.get_all(name).iter().count();
+            if copies > 1 {
+                return ProxyVerdict::Refused(format!(
+                    "the request carries {name} {copies} times: the proxy must replace this \
+                     header, not append to what the client sent"
+                ));
+            }
+        }
         let verify = headers
             .get(&self.verify_header)
             .map(|value| String::from_utf8_lossy(value.as_bytes()).trim().to_owned());
@@ -85,8 +109,9 @@ impl TrustedProxies {
                 }
             }
             Some(other) => ProxyVerdict::Refused(format!(
-                "the proxy did not verify the client certificate ({}: {other})",
-                self.verify_header
+                "the proxy did not verify the client certificate ({}: {})",
+                self.verify_header,
+                clip(other)
             )),
         }
     }
@@ -102,6 +127,15 @@ fn certificate_from_header(value: &[u8]) -> Result<CertificateDer<'static>, Stri
     const END: &str = "-----END CERTIFICATE-----";
     let start = text.find(BEGIN).ok_or("no BEGIN CERTIFICATE line")? + BEGIN.len();
     let end = start + text[start..].find(END).ok_or("no END CERTIFICATE line")?;
+    // Two certificates in one value: a proxy joined the client's copy and its own
+    // (Apache's `RequestHeader append`).
+    if text[end..].contains(BEGIN) {
+        return Err(
+            "more than one certificate in the header: the proxy must replace \
+                    this header, not append to what the client sent"
+                .to_owned(),
+        );
+    }
     let body: String = text[start..end]
         .chars()
         .filter(|c| !c.is_whitespace())
@@ -124,10 +158,11 @@ mod tests {
         .unwrap()
     }
 
+    /// Headers in this order; a name given twice is sent twice.
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (name, value) in pairs {
-            map.insert(
+            map.append(
                 HeaderName::from_bytes(name.as_bytes()).unwrap(),
                 value.parse().unwrap(),
             );
@@ -154,6 +189,94 @@ mod tests {
             Some("198.51.100.4".parse().unwrap())
         );
         assert_eq!(proxies.client_address(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn the_client_address_is_in_the_last_forwarded_line() {
+        let proxies = proxies();
+        let forwarded = headers(&[
+            ("x-forwarded-for", "203.0.113.9, 192.0.2.200"),
+            ("x-forwarded-for", "198.51.100.4"),
+        ]);
+        assert_eq!(
+            proxies.client_address(&forwarded),
+            Some("198.51.100.4".parse().unwrap())
+        );
+        let unreadable_last = headers(&[
+            ("x-forwarded-for", "198.51.100.4"),
+            ("x-forwarded-for", "unknown"),
+        ]);
+        assert_eq!(proxies.client_address(&unreadable_last), None);
+    }
+
+    #[test]
+    fn a_repeated_verdict_or_certificate_header_is_refused() {
+        let proxies = proxies();
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["alice@example.org".into()]).unwrap();
+        let pem = certified.cert.pem().replace('\n', " ");
+        for repeated in [
+            headers(&[
+                ("x-ssl-client-verify", "SUCCESS"),
+                ("x-ssl-client-cert", &pem),
+                ("x-ssl-client-verify", "NONE"),
+            ]),
+            headers(&[
+                ("x-ssl-client-verify", "SUCCESS"),
+                ("x-ssl-client-verify", "SUCCESS"),
+                ("x-ssl-client-cert", &pem),
+            ]),
+            headers(&[
+                ("x-ssl-client-cert", &pem),
+                ("x-ssl-client-verify", "SUCCESS"),
+                ("x-ssl-client-cert", &pem),
+            ]),
+            headers(&[
+                ("x-ssl-client-verify", "NONE"),
+                ("x-ssl-client-cert", &pem),
+                ("x-ssl-client-cert", &pem),
+            ]),
+        ] {
+            match proxies.verdict(&repeated) {
+                ProxyVerdict::Refused(reason) => assert!(
+                    reason.contains("x-ssl-client-") && reason.contains("2 times"),
+                    "{reason}"
+                ),
+                other => panic!("{repeated:?}: {other:?}"),
+            }
+        }
+        let once = headers(&[
+            ("x-ssl-client-verify", "SUCCESS"),
+            ("x-ssl-client-cert", &pem),
+        ]);
+        assert!(matches!(proxies.verdict(&once), ProxyVerdict::Verified(_)));
+    }
+
+    #[test]
+    fn a_header_holding_two_certificates_is_refused() {
+        let pem = |name: &str| {
+            rcgen::generate_simple_self_signed(vec![name.into()])
+                .unwrap()
+                .cert
+                .pem()
+        };
+        let joined = format!(
+            "{}, {}",
+            pem("alice@example.org"),
+            pem("mallory@example.org")
+        );
+        let error = certificate_from_header(joined.as_bytes()).unwrap_err();
+        assert!(error.contains("more than one certificate"), "{error}");
+    }
+
+    #[test]
+    fn a_refused_verdict_is_cut_in_the_reason() {
+        let proxies = proxies();
+        let long = format!("FAILED:{}", "x".repeat(10_000));
+        match proxies.verdict(&headers(&[("x-ssl-client-verify", &long)])) {
+            ProxyVerdict::Refused(reason) => assert!(reason.len() < 500, "{}", reason.len()),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
