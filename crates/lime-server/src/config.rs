@@ -401,6 +401,7 @@ impl AuthSettings {
         for (key, value) in [
             ("auth.throttle.window_secs", throttle.window_secs),
             ("auth.throttle.lockout_secs", throttle.lockout_secs),
+            ("auth.throttle.max_tracked", throttle.max_tracked as u64),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -438,6 +439,10 @@ pub struct DigestSettings {
     pub nonce_lifetime_secs: u64,
     /// Challenges offered, in order: "SHA-256", "MD5".
     pub algorithms: Vec<String>,
+    /// Account lookups a second, at most, to offer a challenge only the algorithms
+    /// the account can verify; past it, every algorithm is offered. 0: never looked
+    /// up (every algorithm offered).
+    pub challenge_lookups_per_sec: u32,
 }
 
 impl Default for DigestSettings {
@@ -454,6 +459,7 @@ impl Default for DigestSettings {
             nonce_secret_env: None,
             nonce_lifetime_secs: 300,
             algorithms: vec!["SHA-256".into(), "MD5".into()],
+            challenge_lookups_per_sec: 100,
         }
     }
 }
@@ -595,10 +601,18 @@ fn parse_network(text: &str) -> Result<ipnet::IpNet, String> {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ThrottleSettings {
-    /// Failures for one username within `window_secs` that lock it out; 0: never.
+    /// Failures for one user@realm from one address within `window_secs` that lock
+    /// that pair out; from several addresses, that pace the user. 0: never.
     pub max_failures_per_user: u32,
-    /// Failures from one client address within `window_secs` that lock it out; 0: never.
+    /// Failures from one client address (IPv6: one /64) within `window_secs` that
+    /// lock it out; 0: never.
     pub max_failures_per_address: u32,
+    /// Failed authentications per second for the whole instance; past it, attempts
+    /// from addresses a user has not authenticated from are refused (429). 0: no cap.
+    pub max_failures_per_sec: u32,
+    /// Most entries the throttle keeps (failure counts; and, as many, addresses
+    /// proven for a user); the least recently used is dropped first.
+    pub max_tracked: usize,
     /// Failures older than this many seconds are forgotten.
     pub window_secs: u64,
     /// Seconds a lock-out lasts.
@@ -612,6 +626,8 @@ impl Default for ThrottleSettings {
         ThrottleSettings {
             max_failures_per_user: 5,
             max_failures_per_address: 30,
+            max_failures_per_sec: 50,
+            max_tracked: 100_000,
             window_secs: 300,
             lockout_secs: 300,
             delay_step_ms: 200,
@@ -625,6 +641,8 @@ impl ThrottleSettings {
         ThrottlePolicy {
             max_failures_per_user: self.max_failures_per_user,
             max_failures_per_address: self.max_failures_per_address,
+            max_failures_per_sec: self.max_failures_per_sec,
+            max_tracked: self.max_tracked,
             window: Duration::from_secs(self.window_secs),
             lockout: Duration::from_secs(self.lockout_secs),
             delay_step: Duration::from_millis(self.delay_step_ms),

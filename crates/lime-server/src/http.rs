@@ -142,9 +142,13 @@ fn refused(state: &HttpState, failure: AuthFailure) -> Response<Full<Bytes>> {
         tracing::warn!(%reason, "refused: authentication");
     }
     match refusal {
-        Refusal::Challenge { realm, stale } => {
+        Refusal::Challenge {
+            realm,
+            stale,
+            algorithms,
+        } => {
             let mut response = plain(StatusCode::UNAUTHORIZED, "authentication required\n");
-            for challenge in state.auth.challenges(&realm, stale) {
+            for challenge in state.auth.challenges(&realm, stale, &algorithms) {
                 if let Ok(value) = http::HeaderValue::from_str(&challenge) {
                     response.headers_mut().append(WWW_AUTHENTICATE, value);
                 }

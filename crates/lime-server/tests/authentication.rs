@@ -508,6 +508,416 @@ async fn repeated_failures_lock_the_user_out_until_the_lockout_ends() {
     app.stop().await;
 }
 
+/// A plain-HTTP digest server behind a trusted proxy on loopback, so that each
+/// request can come from the address its `X-Forwarded-For` names; throttle
+/// settings changed by `configure` (no delays unless it sets them).
+async fn throttled_app(
+    configure: impl FnOnce(&mut lime_server::config::ThrottleSettings),
+) -> TestApp {
+    digest_app(Backend::Sqlite, move |settings| {
+        settings.server.listen = Vec::new();
+        settings.server.plain_http_listen = vec!["127.0.0.1:0".parse().unwrap()];
+        settings.auth.proxy.trusted = vec!["127.0.0.0/8".into()];
+        settings.auth.throttle.delay_step_ms = 0;
+        configure(&mut settings.auth.throttle);
+    })
+    .await
+}
+
+/// Posts `body` as `device` from `address` (through the trusted proxy), with
+/// `authorization` when given.
+async fn post_from(
+    app: &TestApp,
+    address: &str,
+    device: &str,
+    body: &[u8],
+    authorization: Option<&str>,
+) -> RawAnswer {
+    let mut headers = x3dh_headers(device).to_vec();
+    headers.push(("x-forwarded-for", address));
+    if let Some(authorization) = authorization {
+        headers.push(("authorization", authorization));
+    }
+    app.post_raw(&headers, body.to_vec()).await
+}
+
+/// An `Authorization` for `user` with `password`, answering a fresh challenge of
+/// `device`'s realm (`forged`: on a nonce this server never issued).
+async fn credentials(
+    app: &TestApp,
+    device: &str,
+    body: &[u8],
+    user: &str,
+    password: &str,
+    forged: bool,
+) -> String {
+    let challenges = first_challenges(app, device, body).await;
+    answer_challenge(&challenges[0], user, password, |prompt| {
+        if forged {
+            prompt.nonce = common::random_hex(24);
+        }
+    })
+}
+
+/// The answer to `user`'s right password for `device` from `address`.
+async fn owner_from(app: &TestApp, address: &str, device: &str, body: &[u8]) -> RawAnswer {
+    let (user, _) = user_and_domain(device);
+    let authorization = credentials(app, device, body, &user, &password_of(&user), false).await;
+    post_from(app, address, device, body, Some(&authorization)).await
+}
+
+#[tokio::test]
+async fn a_full_throttle_table_still_counts_new_failures() {
+    let app = throttled_app(|throttle| {
+        throttle.max_tracked = 100;
+        throttle.max_failures_per_user = 3;
+        throttle.max_failures_per_address = 1_000;
+        throttle.max_failures_per_sec = 0;
+    })
+    .await;
+    // Forged nonces from 300 addresses, each for another user: more than the
+    // table holds.
+    let (filler, filler_body) = register("filler");
+    let challenges = first_challenges(&app, &filler, &filler_body).await;
+    for index in 0..300 {
+        let address = format!("10.1.{}.{}", index / 250, index % 250 + 1);
+        let forged = answer_challenge(&challenges[0], &format!("filler{index}"), "x", |prompt| {
+            prompt.nonce = common::random_hex(24);
+        });
+        let answer = post_from(&app, &address, &filler, &filler_body, Some(&forged)).await;
+        assert_eq!(answer.status, 401, "filler #{index}");
+    }
+    let (device, body) = register("victim");
+    let (user, _) = add_owner(&app, &device, &["MD5", "SHA-256"]).await;
+    let guess = credentials(&app, &device, &body, &user, "guess", false).await;
+    for attempt in 1..=3 {
+        let answer = post_from(&app, "198.51.100.1", &device, &body, Some(&guess)).await;
+        assert_eq!(answer.status, 401, "guess #{attempt}");
+    }
+    let answer = owner_from(&app, "198.51.100.1", &device, &body).await;
+    assert_eq!(
+        answer.status, 429,
+        "the table is full, yet the guesser's failures must be counted: {answer:?}"
+    );
+    assert!(!is_registered(&app, &device).await);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn ipv6_addresses_are_counted_per_64() {
+    let app = throttled_app(|throttle| {
+        throttle.max_failures_per_address = 3;
+        throttle.max_failures_per_user = 100;
+    })
+    .await;
+    let (device, body) = register("six");
+    add_owner(&app, &device, &["MD5", "SHA-256"]).await;
+    let forged = credentials(&app, &device, &body, "someone", "x", true).await;
+    for host in 1..=3 {
+        let address = format!("2001:db8:1:2::{host}");
+        let answer = post_from(&app, &address, &device, &body, Some(&forged)).await;
+        assert_eq!(answer.status, 401, "{address}");
+    }
+    let answer = owner_from(&app, "2001:db8:1:2:ffff::99", &device, &body).await;
+    assert_eq!(
+        answer.status, 429,
+        "another address of the same /64 is the same source: {answer:?}"
+    );
+    let answer = owner_from(&app, "2001:db8:1:3::1", &device, &body).await;
+    assert_registered(&answer, "from the next /64");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn global_failure_cap_slows_everyone_past_it() {
+    let app = throttled_app(|throttle| {
+        throttle.max_failures_per_sec = 1;
+        throttle.max_failures_per_address = 1_000;
+        throttle.max_failures_per_user = 1_000;
+    })
+    .await;
+    let (alice, alice_body) = register("alice");
+    add_owner(&app, &alice, &["MD5", "SHA-256"]).await;
+    let answer = owner_from(&app, "198.51.100.1", &alice, &alice_body).await;
+    assert_registered(&answer, "alice, before the flood");
+    let (bob, bob_body) = register("bob");
+    add_owner(&app, &bob, &["MD5", "SHA-256"]).await;
+    let (user, user_body) = register("flood");
+    let forged = credentials(&app, &user, &user_body, "flood", "x", true).await;
+    let mut refused = 0;
+    for index in 0..12 {
+        let address = format!("10.2.0.{}", index + 1);
+        let answer = post_from(&app, &address, &user, &user_body, Some(&forged)).await;
+        if answer.status == 429 {
+            refused += 1;
+        }
+    }
+    assert!(
+        refused >= 10,
+        "past one failure a second, failures are refused: {refused} of 12"
+    );
+    let answer = owner_from(&app, "198.51.100.2", &bob, &bob_body).await;
+    assert_eq!(
+        answer.status, 429,
+        "bob, from an address he never authenticated from, waits too: {answer:?}"
+    );
+    let answer = owner_from(&app, "198.51.100.1", &alice, &alice_body).await;
+    assert_registered(&answer, "alice, from where she authenticated before");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn forged_nonce_does_not_count_against_the_username() {
+    let app = throttled_app(|throttle| {
+        throttle.max_failures_per_user = 3;
+        throttle.max_failures_per_address = 100;
+    })
+    .await;
+    let (device, body) = register("forged");
+    let (user, _) = add_owner(&app, &device, &["MD5", "SHA-256"]).await;
+    // No password at all: a nonce made up, answered with anything.
+    let forged = credentials(&app, &device, &body, &user, "", true).await;
+    for attempt in 1..=10 {
+        let answer = post_from(&app, "203.0.113.9", &device, &body, Some(&forged)).await;
+        assert_eq!(answer.status, 401, "forged nonce #{attempt}");
+    }
+    let answer = owner_from(&app, "198.51.100.1", &device, &body).await;
+    assert_registered(&answer, "the owner, after ten forged nonces for his name");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn alice_failures_do_not_lock_alice_at_another_realm() {
+    let app = throttled_app(|throttle| {
+        throttle.max_failures_per_user = 3;
+    })
+    .await;
+    let (device, body) = register("alice");
+    let (user, _) = add_owner(&app, &device, &["MD5", "SHA-256"]).await;
+    let elsewhere = device.replacen("@example.org;", "@other.org;", 1);
+    add_owner(&app, &elsewhere, &["MD5", "SHA-256"]).await;
+    let guess = credentials(&app, &device, &body, &user, "guess", false).await;
+    for attempt in 1..=5 {
+        post_from(&app, "198.51.100.1", &device, &body, Some(&guess)).await;
+        let _ = attempt;
+    }
+    let answer = owner_from(&app, "198.51.100.1", &device, &body).await;
+    assert_eq!(answer.status, 429, "{user}@example.org is locked out there");
+    let answer = owner_from(&app, "198.51.100.1", &elsewhere, &body).await;
+    assert_registered(&answer, "the same name at other.org");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn one_address_cannot_lock_a_user_out_for_others() {
+    let app = throttled_app(|throttle| {
+        throttle.max_failures_per_user = 3;
+    })
+    .await;
+    let (device, body) = register("target");
+    let (user, _) = add_owner(&app, &device, &["MD5", "SHA-256"]).await;
+    let guess = credentials(&app, &device, &body, &user, "guess", false).await;
+    for _ in 0..10 {
+        post_from(&app, "203.0.113.9", &device, &body, Some(&guess)).await;
+    }
+    let answer = owner_from(&app, "203.0.113.9", &device, &body).await;
+    assert_eq!(
+        answer.status, 429,
+        "the guessing address is locked out for that user, right password included"
+    );
+    let answer = owner_from(&app, "198.51.100.1", &device, &body).await;
+    assert_registered(&answer, "the user, from anywhere else");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_guesser_over_many_addresses_is_paced_but_the_user_gets_in_from_home() {
+    let app = throttled_app(|throttle| {
+        throttle.max_failures_per_user = 3;
+        throttle.lockout_secs = 30;
+    })
+    .await;
+    let (device, body) = register("paced");
+    let (user, _) = add_owner(&app, &device, &["MD5", "SHA-256"]).await;
+    let answer = owner_from(&app, "198.51.100.1", &device, &body).await;
+    assert_registered(&answer, "from home, before the attack");
+    let guess = credentials(&app, &device, &body, &user, "guess", false).await;
+    let mut statuses = Vec::new();
+    for index in 0..10 {
+        let address = format!("10.3.0.{}", index + 1);
+        statuses.push(
+            post_from(&app, &address, &device, &body, Some(&guess))
+                .await
+                .status,
+        );
+    }
+    assert_eq!(
+        statuses,
+        [401, 401, 401, 429, 429, 429, 429, 429, 429, 429],
+        "three guesses, then one per 10 s from addresses the user never used"
+    );
+    let answer = owner_from(&app, "198.51.100.1", &device, &body).await;
+    assert_registered(&answer, "from home, during the attack");
+    app.stop().await;
+}
+
+// --- Which algorithms a challenge offers --------------------------------------------
+
+/// The algorithms named by `challenges`, in order.
+fn algorithms_of(challenges: &[String]) -> Vec<String> {
+    challenges
+        .iter()
+        .map(|challenge| {
+            challenge
+                .rsplit_once("algorithm=")
+                .map(|(_, name)| name.split(',').next().unwrap_or(name).to_owned())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn md5_only_account_is_challenged_with_md5_only() {
+    let app = digest_app(Backend::Sqlite, |_| {}).await;
+    for (name, stored, offered) in [
+        ("md5only", &["MD5"][..], &["MD5"][..]),
+        ("sha256only", &["SHA-256"], &["SHA-256"]),
+        ("clrtxt", &["CLRTXT"], &["SHA-256", "MD5"]),
+        ("bothhashes", &["MD5", "SHA-256"], &["SHA-256", "MD5"]),
+    ] {
+        let (device, body) = register(name);
+        add_owner(&app, &device, stored).await;
+        let challenges = first_challenges(&app, &device, &body).await;
+        assert_eq!(
+            algorithms_of(&challenges),
+            offered,
+            "{name}: {challenges:?}"
+        );
+    }
+    let (stranger, body) = register("nobody");
+    let challenges = first_challenges(&app, &stranger, &body).await;
+    assert_eq!(algorithms_of(&challenges), ["SHA-256", "MD5"], "no account");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_clear_password_client_taking_the_first_challenge_registers_on_an_md5_account() {
+    // belle-sip holds the clear password and answers the first challenge.
+    for backend in [Backend::Sqlite, Backend::Mariadb] {
+        let app = digest_app(backend, |_| {}).await;
+        let (device, body) = register("belle");
+        let (user, password) = add_owner(&app, &device, &["MD5"]).await;
+        let client = app.client.with_digest(&user, &password, None);
+        let answer = client
+            .post(&app.base_url, &x3dh_headers(&device), body)
+            .await
+            .unwrap();
+        assert_registered(&answer, &format!("{backend:?}"));
+        app.stop().await;
+    }
+}
+
+/// An account database on PostgreSQL whose query records each lookup in a table
+/// `lookups`, and the query to configure.
+async fn counting_accounts() -> (AccountsFixture, String) {
+    let accounts = AccountsFixture::create(Backend::Postgres).await;
+    accounts
+        .execute(
+            "CREATE TABLE lookups (username TEXT NOT NULL);
+             CREATE FUNCTION counted(name TEXT) RETURNS INTEGER LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO lookups VALUES (name); RETURN 1; END $$;",
+        )
+        .await;
+    let query = "SELECT passwords.password, passwords.algorithm \
+                 FROM counted(:username) AS counted, accounts \
+                 JOIN passwords ON passwords.account_id = accounts.id \
+                 WHERE accounts.username = :username AND accounts.domain = :domain";
+    (accounts, query.to_owned())
+}
+
+/// Lookups the counting query recorded for `user` (all users but the start-up
+/// check when `None`).
+async fn lookups(accounts: &AccountsFixture, user: Option<&str>) -> i64 {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&accounts.url).await.unwrap();
+    let (count,): (i64,) = match user {
+        Some(user) => sqlx::query_as("SELECT count(*) FROM lookups WHERE username = $1")
+            .bind(user)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap(),
+        None => {
+            sqlx::query_as("SELECT count(*) FROM lookups WHERE username NOT LIKE 'lime-server:%'")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    count
+}
+
+#[tokio::test]
+async fn challenges_for_one_user_cost_one_account_lookup() {
+    let (accounts, query) = counting_accounts().await;
+    let url = accounts.url.clone();
+    let app = digest_app(Backend::Postgres, move |settings| {
+        settings.auth.digest.accounts_url = Some(url);
+        settings.auth.digest.accounts_query = query;
+    })
+    .await;
+    let (device, body) = register("counted");
+    let (user, domain) = user_and_domain(&device);
+    let password = password_of(&user);
+    accounts
+        .add_account(&user, &domain, &password, &["MD5"])
+        .await;
+    for request in 1..=10 {
+        let challenges = first_challenges(&app, &device, &body).await;
+        assert_eq!(algorithms_of(&challenges), ["MD5"], "request #{request}");
+    }
+    assert_eq!(
+        lookups(&accounts, Some(&user)).await,
+        1,
+        "10 challenges, one lookup"
+    );
+    // The authenticated request that follows uses what the challenge looked up.
+    let client = app.client.with_digest(&user, &password, None);
+    let answer = client
+        .post(&app.base_url, &x3dh_headers(&device), body)
+        .await
+        .unwrap();
+    assert_registered(&answer, "answering the MD5 challenge");
+    assert_eq!(lookups(&accounts, Some(&user)).await, 1, "and no more");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_stranger_cycling_usernames_causes_at_most_the_lookup_bound() {
+    let (accounts, query) = counting_accounts().await;
+    let url = accounts.url.clone();
+    let app = digest_app(Backend::Postgres, move |settings| {
+        settings.auth.digest.accounts_url = Some(url);
+        settings.auth.digest.accounts_query = query;
+        settings.auth.digest.challenge_lookups_per_sec = 5;
+    })
+    .await;
+    let started = std::time::Instant::now();
+    for index in 0..60 {
+        let (device, body) = register(&format!("cycle{index}"));
+        let challenges = first_challenges(&app, &device, &body).await;
+        assert_eq!(algorithms_of(&challenges), ["SHA-256", "MD5"]);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let made = lookups(&accounts, None).await;
+    let bound = 5 + (5.0 * seconds).ceil() as i64;
+    assert!(
+        made <= bound,
+        "{made} lookups in {seconds:.2} s for 60 names, bound {bound}"
+    );
+    assert!(made >= 5, "the first ones are looked up: {made}");
+    app.stop().await;
+}
+
 // --- Client certificates beside digest ---------------------------------------------
 
 /// A server with digest (accounts on SQLite) and optional client certificates of `pki`.

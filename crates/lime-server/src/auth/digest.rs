@@ -2,16 +2,17 @@
 //!
 //! No crate does the server side well, so this is written small, from the RFCs:
 //!
-//! - [`challenges`]: the `WWW-Authenticate` values of a 401, one per algorithm, in
-//!   the configured order (SHA-256 first by default: clients take the first they can
-//!   answer). The names are spelled exactly `SHA-256` and `MD5`: belle-sip,
+//! - [`challenges`]: the `WWW-Authenticate` values of a 401, one per algorithm
+//!   offered, in the configured order (SHA-256 first by default: clients take the
+//!   first they can answer; `offers.rs` leaves out what the account cannot verify). The names are spelled exactly `SHA-256` and `MD5`: belle-sip,
 //!   Linphone's HTTP stack, compares them case-sensitively.
 //! - [`NonceKey`]: stateless nonces, `base64url(timestamp || HMAC(secret, timestamp
 //!   || realm))`, so that any instance sharing the secret verifies any other's nonces.
 //!   A nonce older than its lifetime is *stale*: the client is challenged again with
 //!   `stale=true` and answers without asking its user. Nonce counts are not tracked
-//!   (Linphone always sends `nc=00000001` and reuses a nonce): within its lifetime a
-//!   captured request could be replayed, which TLS is there to prevent.
+//!   (clients send `nc=00000001`; Linphone never reuses a nonce, it is challenged
+//!   on every request): within its lifetime a captured request could be replayed,
+//!   which TLS is there to prevent.
 //! - [`Credentials::parse`]: the `Authorization` header.
 //! - [`Credentials::response_matches`]: recomputes the response from a stored HA1
 //!   and compares it in constant time.

@@ -18,6 +18,7 @@ pub mod accounts;
 pub mod certificate;
 pub mod digest;
 pub mod identity;
+pub mod offers;
 pub mod proxy;
 pub mod throttle;
 
@@ -109,6 +110,8 @@ pub enum Refusal {
         realm: String,
         /// The credentials were right but the nonce too old.
         stale: bool,
+        /// The algorithms offered, in order: those the account can verify.
+        algorithms: Vec<DigestAlgorithm>,
     },
     /// 403: the identity does not own the device id, or its certificate is refused.
     Forbidden,
@@ -139,11 +142,17 @@ impl AuthFailure {
         }
     }
 
-    fn challenge(realm: &str, stale: bool, reason: String) -> AuthFailure {
+    fn challenge(
+        realm: &str,
+        stale: bool,
+        algorithms: Vec<DigestAlgorithm>,
+        reason: String,
+    ) -> AuthFailure {
         AuthFailure {
             refusal: Refusal::Challenge {
                 realm: realm.to_owned(),
                 stale,
+                algorithms,
             },
             reason,
             routine: false,
@@ -162,10 +171,20 @@ impl AuthFailure {
 struct DigestAuthenticator {
     accounts: AccountDatabase,
     key: NonceKey,
-    algorithms: Vec<DigestAlgorithm>,
+    /// The configured algorithms, and which of them each account is offered.
+    offers: offers::AlgorithmOffers,
 }
 
 impl DigestAuthenticator {
+    /// The algorithms to challenge the owner of `device` with in `realm`: those
+    /// its account can verify (every configured one when that is not known).
+    async fn offered(&self, device: &str, realm: &str) -> Vec<DigestAlgorithm> {
+        match offers::user_of(device) {
+            Some(user) => self.offers.for_account(&self.accounts, user, realm).await,
+            None => self.offers.configured().to_vec(),
+        }
+    }
+
     /// The stored passwords of `username` in `realm` (kept ones unless `fresh`),
     /// and whether they were kept ones; a database failure is a 503.
     async fn lookup(
@@ -180,7 +199,11 @@ impl DigestAuthenticator {
             .await
             .map_err(|error| AuthFailure {
                 refusal: Refusal::Unavailable,
-                reason: format!("account database: {error} (user {username}, device id {device})"),
+                reason: format!(
+                    "account database: {error} (user {}, device id {})",
+                    clip(username),
+                    clip(device)
+                ),
                 routine: false,
             })
     }
@@ -236,10 +259,24 @@ impl Authenticator {
                         settings.digest.nonce_secret()?.as_bytes(),
                         Duration::from_secs(settings.digest.nonce_lifetime_secs),
                     ),
-                    algorithms: settings.digest.algorithms(),
+                    offers: offers::AlgorithmOffers::new(
+                        settings.digest.algorithms(),
+                        Duration::from_secs(settings.digest.accounts_cache_secs),
+                        settings.digest.challenge_lookups_per_sec,
+                    ),
                 })
             }
         };
+        let throttle = settings.throttle.policy();
+        if (throttle.max_tracked as u64) < throttle.entries_at_cap() {
+            tracing::warn!(
+                max_tracked = throttle.max_tracked,
+                needed = throttle.entries_at_cap(),
+                "auth.throttle.max_tracked holds fewer entries than failures at \
+                 auth.throttle.max_failures_per_sec fill within the window or lock-out: \
+                 a flood can make the throttle forget live counts early"
+            );
+        }
         Ok(Authenticator {
             realm: settings.realm.clone(),
             digest,
@@ -318,6 +355,10 @@ impl Authenticator {
         self.digest(digest, sender, request, client).await
     }
 
+    /// Digest: challenges a request without credentials with the algorithms its
+    /// account can verify; checks the credentials of the others, each failure
+    /// counted by the throttle (against the source only when it tested no
+    /// password).
     async fn digest(
         &self,
         digest: &DigestAuthenticator,
@@ -326,22 +367,25 @@ impl Authenticator {
         client: IpAddr,
     ) -> Result<Sender, AuthFailure> {
         let device = sender.device_id().as_str().to_owned();
+        let shown = clip(&device);
         let realm = match &self.realm {
             Some(realm) => realm.clone(),
             None => match identity::domain_of(&device).filter(|domain| is_valid_realm(domain)) {
                 Some(domain) => domain.to_owned(),
                 None => {
                     return Err(AuthFailure::forbidden(format!(
-                        "device id {device} has no domain to authenticate in (expected sip:user@domain;gr=...)"
+                        "device id {shown} has no domain to authenticate in (expected sip:user@domain;gr=...)"
                     )));
                 }
             },
         };
         let Some(header) = request.headers.get(AUTHORIZATION) else {
+            let algorithms = digest.offered(&device, &realm).await;
             return Err(AuthFailure::challenge(
                 &realm,
                 false,
-                format!("no credentials yet for device id {device}: challenged"),
+                algorithms,
+                format!("no credentials yet for device id {shown}: challenged"),
             )
             .routine());
         };
@@ -351,19 +395,28 @@ impl Authenticator {
         {
             Ok(credentials) => credentials,
             Err(reason) => {
+                let algorithms = digest.offered(&device, &realm).await;
                 return Err(AuthFailure::challenge(
                     &realm,
                     false,
-                    format!("unusable Authorization header ({reason}) for device id {device}"),
+                    algorithms,
+                    format!(
+                        "unusable Authorization header ({}) for device id {shown}",
+                        clip(&reason)
+                    ),
                 ));
             }
         };
         let username = credentials.username.clone();
-        if let Err(locked) = self.throttle.check(&username, client, Instant::now()) {
+        let user = clip(&username);
+        if let Err(locked) = self
+            .throttle
+            .check(&username, &realm, client, Instant::now())
+        {
             return Err(AuthFailure {
                 refusal: Refusal::LockedOut(locked.retry_after),
                 reason: format!(
-                    "{} is locked out after repeated failures (device id {device}, from {client})",
+                    "{} is held back after repeated failures (user {user}, device id {shown}, from {client})",
                     locked.what
                 ),
                 routine: false,
@@ -371,8 +424,13 @@ impl Authenticator {
         }
         let now = unix_now();
         let nonce = digest.key.check(&credentials.nonce, &realm, now);
-        let problem = if credentials.realm != realm {
-            Some(format!("realm {:?}, expected {realm:?}", credentials.realm))
+        // What makes the attempt worthless before any password is tested: it
+        // counts against the source only.
+        let untested = if credentials.realm != realm {
+            Some(format!(
+                "realm {:?}, expected {realm:?}",
+                clip(&credentials.realm)
+            ))
         } else if nonce == NonceState::Forged {
             Some("a nonce this server did not issue (altered, or for another realm)".to_owned())
         } else if credentials
@@ -384,9 +442,10 @@ impl Authenticator {
         } else if !uri_matches(&credentials.uri, &request.uri) {
             Some(format!(
                 "uri {:?} that is not the request's {}",
-                credentials.uri, request.uri
+                clip(&credentials.uri),
+                clip(&request.uri.to_string())
             ))
-        } else if !digest.algorithms.contains(&credentials.algorithm) {
+        } else if !digest.offers.configured().contains(&credentials.algorithm) {
             Some(format!(
                 "algorithm {} that is not offered",
                 credentials.algorithm
@@ -394,64 +453,85 @@ impl Authenticator {
         } else {
             None
         };
-        let verified = match problem {
-            Some(problem) => Err(problem),
-            None => {
-                let method = request.method.as_str();
-                let matches = |stored: &[accounts::StoredPassword]| {
-                    stored
-                        .iter()
-                        .any(|password| password_matches(&credentials, password, &realm, method))
-                };
-                let (mut stored, cached) = digest.lookup(&username, &realm, &device, false).await?;
-                if cached && !matches(&stored) {
-                    // The password may have changed since it was kept.
-                    stored = digest.lookup(&username, &realm, &device, true).await?.0;
-                }
-                if stored.is_empty() {
-                    Err("an unknown user".to_owned())
-                } else if matches(&stored) {
-                    Ok(())
-                } else {
-                    Err("a wrong password".to_owned())
-                }
-            }
+        if let Some(problem) = untested {
+            let delay = self
+                .throttle
+                .failure_without_password(client, Instant::now());
+            tokio::time::sleep(delay).await;
+            let algorithms = digest.offered(&device, &realm).await;
+            return Err(AuthFailure::challenge(
+                &realm,
+                false,
+                algorithms,
+                format!(
+                    "digest authentication failed: user {user} from {client} sent {problem} (device id {shown})"
+                ),
+            ));
+        }
+        let method = request.method.as_str();
+        let matches = |stored: &[accounts::StoredPassword]| {
+            stored
+                .iter()
+                .any(|password| password_matches(&credentials, password, &realm, method))
         };
-        if let Err(problem) = verified {
-            let delay = self.throttle.failure(&username, client, Instant::now());
+        let (mut stored, cached) = digest.lookup(&username, &realm, &device, false).await?;
+        if cached && !matches(&stored) {
+            // The password may have changed since it was kept.
+            stored = digest.lookup(&username, &realm, &device, true).await?.0;
+        }
+        digest.offers.learn(&username, &realm, &stored);
+        let algorithms = offers::verifiable(&stored, digest.offers.configured());
+        let problem = if stored.is_empty() {
+            Some("an unknown user")
+        } else if !matches(&stored) {
+            Some("a wrong password")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            let delay = self
+                .throttle
+                .failure(&username, &realm, client, Instant::now());
             tokio::time::sleep(delay).await;
             return Err(AuthFailure::challenge(
                 &realm,
                 false,
+                algorithms,
                 format!(
-                    "digest authentication failed: user {username} from {client} sent {problem} (device id {device})"
+                    "digest authentication failed: user {user} from {client} sent {problem} (device id {shown})"
                 ),
             ));
         }
-        self.throttle.success(&username);
+        self.throttle
+            .success(&username, &realm, client, Instant::now());
         if nonce == NonceState::Stale {
             return Err(AuthFailure::challenge(
                 &realm,
                 true,
-                format!("stale nonce from user {username}: challenged again with stale=true"),
+                algorithms,
+                format!("stale nonce from user {user}: challenged again with stale=true"),
             )
             .routine());
         }
         let owner = identity::user_uri(&username, &realm);
         if !identity::owns_device(&owner, &device) {
             return Err(AuthFailure::forbidden(format!(
-                "{owner} (digest) does not own device id {device}"
+                "{} (digest) does not own device id {shown}",
+                clip(&owner)
             )));
         }
         Ok(sender.authenticated(format!("digest {owner}")))
     }
 
-    /// The `WWW-Authenticate` values of a challenge.
-    pub fn challenges(&self, realm: &str, stale: bool) -> Vec<String> {
+    /// The `WWW-Authenticate` values of a challenge offering `algorithms`.
+    pub fn challenges(
+        &self,
+        realm: &str,
+        stale: bool,
+        algorithms: &[DigestAlgorithm],
+    ) -> Vec<String> {
         match &self.digest {
-            Some(digest) => {
-                digest::challenges(&digest.key, realm, &digest.algorithms, stale, unix_now())
-            }
+            Some(digest) => digest::challenges(&digest.key, realm, algorithms, stale, unix_now()),
             None => Vec::new(),
         }
     }
