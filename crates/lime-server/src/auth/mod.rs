@@ -437,6 +437,7 @@ impl Authenticator {
             )
             .routine());
         }
+        // The account's own spelling: rows spelt otherwise were ignored (accounts).
         let owner = identity::user_uri(&username, &realm);
         if !identity::owns_device(&owner, &device) {
             return Err(AuthFailure::forbidden(format!(
