@@ -296,7 +296,7 @@ impl Authenticator {
                 ProxyVerdict::Refused(reason) => {
                     return Err(AuthFailure::forbidden(format!(
                         "{reason} (device id {})",
-                        sender.device_id()
+                        clip(sender.device_id().as_str())
                     )));
                 }
                 ProxyVerdict::NoCertificate => {}
