@@ -418,7 +418,9 @@ pub struct DigestSettings {
     /// The account database (sqlite://, mysql://, postgres://); setting it turns
     /// digest authentication on.
     pub accounts_url: Option<String>,
-    /// Returns (password, algorithm) rows for `:username` and `:domain`.
+    /// Returns (password, algorithm, username[, domain]) rows for `:username` and
+    /// `:domain`; the `username` and `domain` columns are the account's own
+    /// spelling, which the client's must match exactly.
     pub accounts_query: String,
     /// File holding the account database password, for a URL given without one.
     pub accounts_password_file: Option<PathBuf>,

@@ -47,6 +47,11 @@ on_every_backend!(
     query_with_one_column_fails_at_connect,
     unreachable_database_fails_at_connect_with_its_location,
     rows_with_unknown_algorithm_are_skipped,
+    username_in_another_spelling_has_no_passwords,
+    domain_in_another_spelling_has_no_passwords,
+    case_insensitive_custom_query_gives_another_spelling_nothing,
+    query_without_a_username_column_fails_at_connect,
+    previous_default_query_is_read_as_the_current_one,
 );
 
 fn options() -> AccountDatabaseOptions {
@@ -159,8 +164,12 @@ async fn custom_query_reads_other_tables(backend: Backend) {
                  ('carol', 'c.smith', 'example.org', 'hidden', 'CLRTXT', ':username');",
         )
         .await;
-    // `:username` twice, `:domain` once, and a literal that looks like a name.
-    let query = "SELECT ha1, hash_kind FROM sip_users \
+    // `:username` three times, `:domain` once, and a literal that looks like a
+    // name. The stored spelling is whichever name matched: an alias is the
+    // operator's choice, made in the query.
+    let query = "SELECT ha1, hash_kind, \
+                 CASE WHEN login = :username THEN login ELSE alias END AS username \
+                 FROM sip_users \
                  WHERE (login = :username OR alias = :username) AND realm = :domain \
                  AND note <> ':username'";
     let accounts = connect(&fixture, query).await;
@@ -188,7 +197,7 @@ async fn binary_password_column_is_read_as_text(backend: Backend) {
             bytes_of("SHA-256"),
         ))
         .await;
-    let query = "SELECT secret, kind FROM binary_users WHERE login = :username";
+    let query = "SELECT secret, kind, login AS username FROM binary_users WHERE login = :username";
     let accounts = connect(&fixture, query).await;
 
     let passwords = accounts.passwords("dave", "any.example").await.unwrap();
@@ -274,7 +283,8 @@ async fn rows_with_unknown_algorithm_are_skipped(backend: Backend) {
 async fn mariadb_lookup_past_its_time_out_is_a_timeout() {
     lookup_past_its_time_out_is_a_timeout(
         Backend::Mariadb,
-        "SELECT 'x', 'MD5' FROM DUAL WHERE SLEEP(IF(:username = 'slow', 3, 0)) = 0",
+        "SELECT 'x', 'MD5', 'fast' AS username FROM DUAL \
+         WHERE SLEEP(IF(:username = 'slow', 3, 0)) = 0",
     )
     .await;
 }
@@ -283,7 +293,8 @@ async fn mariadb_lookup_past_its_time_out_is_a_timeout() {
 async fn postgres_lookup_past_its_time_out_is_a_timeout() {
     lookup_past_its_time_out_is_a_timeout(
         Backend::Postgres,
-        "SELECT 'x', 'MD5' FROM pg_sleep(CASE WHEN :username = 'slow' THEN 3 ELSE 0 END)",
+        "SELECT 'x', 'MD5', 'fast' AS username \
+         FROM pg_sleep(CASE WHEN :username = 'slow' THEN 3 ELSE 0 END)",
     )
     .await;
 }
@@ -304,4 +315,126 @@ async fn lookup_past_its_time_out_is_a_timeout(backend: Backend, sleepy_query: &
 
     assert!(matches!(error, AccountError::Timeout(_)), "{error:?}");
     assert_eq!(fast, [stored(PasswordAlgorithm::Md5, "x")]);
+}
+
+/// MariaDB's default collations (utf8mb4_unicode_ci here, utf8mb4_general_ci
+/// elsewhere) ignore case, accents and trailing spaces: `ALICE`, `alicé` and
+/// `alice ` find alice's row. The identity would be the client's spelling, a
+/// device namespace of its own: only the account's own spelling gets passwords.
+async fn username_in_another_spelling_has_no_passwords(backend: Backend) {
+    let fixture = AccountsFixture::create(backend).await;
+    fixture
+        .add_account("alice", "example.org", "s3cret", &["CLRTXT"])
+        .await;
+    let accounts = connect(&fixture, DEFAULT_ACCOUNTS_QUERY).await;
+
+    for spelling in ["ALICE", "Alice", "alicé", "alice ", "álice"] {
+        let passwords = accounts.passwords(spelling, "example.org").await.unwrap();
+        assert_eq!(passwords, [], "{backend:?}: {spelling:?}");
+    }
+    let passwords = accounts.passwords("alice", "example.org").await.unwrap();
+    assert_eq!(passwords, [stored(PasswordAlgorithm::ClearText, "s3cret")]);
+}
+
+/// Without `auth.realm`, the realm is the device id's domain: another spelling of
+/// the domain would be another namespace too.
+async fn domain_in_another_spelling_has_no_passwords(backend: Backend) {
+    let fixture = AccountsFixture::create(backend).await;
+    fixture
+        .add_account("alice", "example.org", "s3cret", &["CLRTXT"])
+        .await;
+    let accounts = connect(&fixture, DEFAULT_ACCOUNTS_QUERY).await;
+
+    for domain in ["EXAMPLE.ORG", "Example.org", "example.org ", "exámple.org"] {
+        let passwords = accounts.passwords("alice", domain).await.unwrap();
+        assert_eq!(passwords, [], "{backend:?}: {domain:?}");
+    }
+}
+
+/// An operator's query that compares names without case, on any backend: the
+/// `username` column it returns is what decides.
+async fn case_insensitive_custom_query_gives_another_spelling_nothing(backend: Backend) {
+    let fixture = AccountsFixture::create(backend).await;
+    fixture
+        .add_account("alice", "example.org", "s3cret", &["CLRTXT"])
+        .await;
+    let comparison = match backend {
+        Backend::Sqlite => "accounts.username = :username COLLATE NOCASE",
+        Backend::Mariadb => "accounts.username = :username",
+        Backend::Postgres => "lower(accounts.username) = lower(:username)",
+    };
+    let query = format!(
+        "SELECT passwords.password, passwords.algorithm, accounts.username \
+         FROM accounts JOIN passwords ON passwords.account_id = accounts.id \
+         WHERE {comparison}"
+    );
+    let accounts = connect(&fixture, &query).await;
+
+    let other = accounts.passwords("ALICE", "example.org").await.unwrap();
+    let own = accounts.passwords("alice", "example.org").await.unwrap();
+
+    assert_eq!(other, []);
+    assert_eq!(own, [stored(PasswordAlgorithm::ClearText, "s3cret")]);
+}
+
+/// Without the stored spelling the server cannot tell `ALICE` from `alice`: the
+/// query is refused at start, saying what to add.
+async fn query_without_a_username_column_fails_at_connect(backend: Backend) {
+    let fixture = AccountsFixture::create(backend).await;
+    let query = "SELECT passwords.password, passwords.algorithm, accounts.id \
+                 FROM accounts JOIN passwords ON passwords.account_id = accounts.id \
+                 WHERE accounts.username = :username";
+
+    let error = AccountDatabase::connect(&fixture.url, query, &options())
+        .await
+        .unwrap_err();
+
+    assert!(matches!(error, AccountError::BadQuery { .. }), "{error:?}");
+    let message = error.to_string();
+    assert!(message.contains("username"), "{message}");
+}
+
+/// The query this server shipped as its default (two columns) is still accepted
+/// where operators copied it from the example configuration: it is read as the
+/// current default, which returns the stored spelling.
+async fn previous_default_query_is_read_as_the_current_one(backend: Backend) {
+    let fixture = AccountsFixture::create(backend).await;
+    fixture
+        .add_account("alice", "example.org", "s3cret", &["CLRTXT"])
+        .await;
+    let previous = "SELECT passwords.password, passwords.algorithm FROM accounts \
+                    JOIN passwords ON passwords.account_id = accounts.id \
+                    WHERE accounts.username = :username AND accounts.domain = :domain";
+    let accounts = connect(&fixture, previous).await;
+
+    let other = accounts.passwords("ALICE", "example.org").await.unwrap();
+    let own = accounts.passwords("alice", "example.org").await.unwrap();
+
+    assert_eq!(other, []);
+    assert_eq!(own, [stored(PasswordAlgorithm::ClearText, "s3cret")]);
+}
+
+/// What an operator sees when the server starts with a query that returns no
+/// stored spelling: the key, and what to add.
+#[tokio::test]
+async fn start_up_error_names_the_key_of_a_query_without_username() {
+    let fixture = AccountsFixture::create(Backend::Sqlite).await;
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "a nonce secret long enough\n").unwrap();
+    let mut settings = lime_server::config::Settings::default();
+    let digest = &mut settings.auth.digest;
+    digest.accounts_url = Some(fixture.url.clone());
+    digest.accounts_query =
+        "SELECT password, algorithm FROM passwords WHERE account_id = :username".into();
+    digest.nonce_secret_file = Some(secret.path().to_owned());
+    settings.validate().unwrap();
+
+    let error = match lime_server::auth::Authenticator::from_settings(&settings.auth).await {
+        Ok(_) => panic!("a query without username must not start"),
+        Err(error) => format!("{error:#}"),
+    };
+
+    assert!(error.contains("auth.digest.accounts_query"), "{error}");
+    assert!(error.contains("no `username` column"), "{error}");
+    assert!(error.contains("accounts.username"), "{error}");
 }

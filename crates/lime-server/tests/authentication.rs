@@ -1339,3 +1339,65 @@ async fn looser_rule_is_an_explicit_option() {
     assert_registered(&answer, "proxy-verified common name under san_or_cn");
     app.stop().await;
 }
+
+// --- Account names spelt another way -------------------------------------------------
+
+/// On MariaDB's case- and accent-insensitive collations, `ALICE`, `alicé` and
+/// `alice ` find alice's row; with alice's password they would act as identities of
+/// their own (`sip:ALICE@...`), each with its own devices, past the devices-per-user
+/// limit. Only the account's own spelling is let in.
+#[tokio::test]
+async fn username_in_another_case_is_refused() {
+    let app = digest_app(Backend::Mariadb, |settings| {
+        settings.auth.throttle.delay_step_ms = 0;
+    })
+    .await;
+    let (device, body) = register("alice");
+    let (user, password) = add_owner(&app, &device, &["CLRTXT"]).await;
+    let accented = user.replacen("alice", "alicé", 1);
+    let trailing_space = format!("{user} ");
+    for spelling in [user.to_uppercase(), accented, trailing_space] {
+        let other_device = device.replacen(&user, &spelling, 1);
+        let client = app.client.with_digest(&spelling, &password, None);
+        let answer = client
+            .post(&app.base_url, &x3dh_headers(&other_device), body.clone())
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 401, "{spelling:?}: {answer:?}");
+        assert!(
+            !is_registered(&app, &other_device).await,
+            "{spelling:?} registered a device of its own"
+        );
+    }
+
+    let client = app.client.with_digest(&user, &password, None);
+    let answer = client
+        .post(&app.base_url, &x3dh_headers(&device), body)
+        .await
+        .unwrap();
+    assert_registered(&answer, "the account's own spelling");
+    app.stop().await;
+}
+
+/// Without `auth.realm`, the realm is the device id's domain: `EXAMPLE.ORG` is no
+/// second namespace either.
+#[tokio::test]
+async fn domain_in_another_case_is_refused() {
+    let app = digest_app(Backend::Mariadb, |settings| {
+        settings.auth.throttle.delay_step_ms = 0;
+    })
+    .await;
+    let (device, body) = register("domain-case");
+    let (user, password) = add_owner(&app, &device, &["CLRTXT"]).await;
+    let other_device = device.replacen("@example.org;", "@EXAMPLE.ORG;", 1);
+    let client = app.client.with_digest(&user, &password, None);
+
+    let answer = client
+        .post(&app.base_url, &x3dh_headers(&other_device), body)
+        .await
+        .unwrap();
+
+    assert_eq!(answer.status, 401, "{answer:?}");
+    assert!(!is_registered(&app, &other_device).await);
+    app.stop().await;
+}

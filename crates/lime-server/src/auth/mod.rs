@@ -333,7 +333,7 @@ impl Authenticator {
                 ProxyVerdict::Refused(reason) => {
                     return Err(AuthFailure::forbidden(format!(
                         "{reason} (device id {})",
-                        sender.device_id()
+                        clip(sender.device_id().as_str())
                     )));
                 }
                 ProxyVerdict::NoCertificate => {}
@@ -513,6 +513,7 @@ impl Authenticator {
             )
             .routine());
         }
+        // The account's own spelling: rows spelt otherwise were ignored (accounts).
         let owner = identity::user_uri(&username, &realm);
         if !identity::owns_device(&owner, &device) {
             return Err(AuthFailure::forbidden(format!(

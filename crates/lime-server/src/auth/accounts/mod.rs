@@ -6,6 +6,13 @@
 //! digest and decides nothing. It never writes to the database, and never logs a
 //! password or an unredacted URL.
 //!
+//! The name a client authenticates with becomes its identity (`sip:NAME@REALM`),
+//! so it must be the account's own spelling: a database that compares names
+//! without case, accents or trailing spaces (MariaDB's default collations) would
+//! otherwise give `ALICE`, `alicé` and `alice ` alice's passwords, and each a device
+//! namespace of its own. The query returns the stored `username` (and `domain`),
+//! and rows not spelt exactly as asked are ignored: the client gets "unknown user".
+//!
 //! - `named_parameters.rs`: `:username` / `:domain` in the query -> `?` or `$n`.
 //! - `server.rs`: MariaDB/MySQL and PostgreSQL, through a sqlx pool.
 //! - `sqlite.rs`: an SQLite file, read-only, through rusqlite.
@@ -16,14 +23,26 @@ mod server;
 mod sqlite;
 
 use crate::store::StoreLocation;
+use crate::telemetry::clip;
 use named_parameters::{Placeholders, translate};
 use sqlx::{MySql, Postgres};
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// The query shipped by default: the flexisip-account-manager schema.
-pub const DEFAULT_ACCOUNTS_QUERY: &str = "SELECT passwords.password, passwords.algorithm FROM accounts JOIN passwords ON passwords.account_id = accounts.id WHERE accounts.username = :username AND accounts.domain = :domain";
+/// The query shipped by default: the flexisip-account-manager schema. Its third
+/// and fourth columns are the account's own spelling of its name and domain.
+pub const DEFAULT_ACCOUNTS_QUERY: &str = "SELECT passwords.password, passwords.algorithm, accounts.username, accounts.domain FROM accounts JOIN passwords ON passwords.account_id = accounts.id WHERE accounts.username = :username AND accounts.domain = :domain";
+
+/// The default of earlier versions, without the stored spelling. Operators copied
+/// it from the example configuration: it is read as [`DEFAULT_ACCOUNTS_QUERY`].
+const PREVIOUS_DEFAULT_ACCOUNTS_QUERY: &str = "SELECT passwords.password, passwords.algorithm FROM accounts JOIN passwords ON passwords.account_id = accounts.id WHERE accounts.username = :username AND accounts.domain = :domain";
+
+/// The column holding the account's stored user name: required.
+const USERNAME_COLUMN: &str = "username";
+
+/// The column holding the account's stored domain: compared when present.
+const DOMAIN_COLUMN: &str = "domain";
 
 /// The user name the query is checked with at start: no account has it.
 const CHECK_USERNAME: &str = "lime-server: query check, no such user";
@@ -152,12 +171,47 @@ pub enum AccountError {
     Timeout(Duration),
 }
 
-/// What the start-up check says of a query returning fewer than two columns.
-fn too_few_columns(columns: usize) -> AccountError {
-    AccountError::BadQuery {
-        reason: format!(
-            "it returns {columns} column(s); its first two must be the password and its algorithm"
-        ),
+/// Where the query returns the account's own spelling of its name and domain,
+/// found by column name when the query is checked at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SpellingColumns {
+    /// The index of the `username` column.
+    username: usize,
+    /// The index of the `domain` column, if the query returns one.
+    domain: Option<usize>,
+}
+
+impl SpellingColumns {
+    /// Finds the columns by name (letter case aside) among the query's result
+    /// columns, after the password and algorithm: fewer than two columns, or no
+    /// `username` column, make the query unusable.
+    fn find<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<SpellingColumns, AccountError> {
+        let names: Vec<&str> = names.into_iter().collect();
+        if names.len() < 2 {
+            return Err(AccountError::BadQuery {
+                reason: format!(
+                    "it returns {} column(s); its first two must be the password and its algorithm",
+                    names.len()
+                ),
+            });
+        }
+        let position = |wanted: &str| {
+            (2..names.len()).find(|&index| names[index].eq_ignore_ascii_case(wanted))
+        };
+        let username = position(USERNAME_COLUMN).ok_or_else(|| AccountError::BadQuery {
+            reason: format!(
+                "it returns no `{USERNAME_COLUMN}` column (columns: {}). After the password \
+                 and algorithm, return the account's user name as the database stores it, \
+                 e.g. `accounts.username` (and `accounts.domain`): a database comparing \
+                 names without case or accents would otherwise let `ALICE` or `alicé` act \
+                 as an identity of their own with alice's password",
+                names.join(", ")
+            ),
+        })?;
+        Ok(SpellingColumns {
+            username,
+            domain: position(DOMAIN_COLUMN),
+        })
     }
 }
 
@@ -167,6 +221,19 @@ struct PasswordRow {
     password: Option<String>,
     /// The second column: the algorithm's name (`None`: NULL).
     algorithm: Option<String>,
+    /// The `username` column: the account's own spelling (`None`: NULL).
+    username: Option<String>,
+    /// The `domain` column, when the query returns one (`None`: NULL or absent).
+    domain: Option<String>,
+}
+
+impl PasswordRow {
+    /// True when the row is spelt exactly as asked, byte for byte: its username
+    /// always, its domain when the query returns one.
+    fn spelt_as(&self, username: &str, domain: &str, columns: SpellingColumns) -> bool {
+        self.username.as_deref() == Some(username)
+            && (columns.domain.is_none() || self.domain.as_deref() == Some(domain))
+    }
 }
 
 /// The operator's account database, connected and its query checked.
@@ -177,6 +244,8 @@ pub struct AccountDatabase {
     backend: Backend,
     /// Longest a lookup may take.
     timeout: Duration,
+    /// Where the rows' own spelling is.
+    spelling: SpellingColumns,
     /// Accounts looked up lately, when kept.
     cache: Option<cache::PasswordCache>,
 }
@@ -196,12 +265,21 @@ impl Backend {
             Backend::Postgres(accounts) => accounts.rows(username, domain).await,
         }
     }
+
+    fn spelling(&self) -> SpellingColumns {
+        match self {
+            Backend::Sqlite(accounts) => accounts.spelling(),
+            Backend::Mysql(accounts) => accounts.spelling(),
+            Backend::Postgres(accounts) => accounts.spelling(),
+        }
+    }
 }
 
 impl AccountDatabase {
     /// Connects and checks the query by running it once (with a user name no
     /// account has): a bad URL, an unreachable database, or a query with a syntax
-    /// error or too few columns stops the server at start with a clear message.
+    /// error, too few columns or no `username` column stops the server at start
+    /// with a clear message. The previous default query is read as the current one.
     pub async fn connect(
         url: &str,
         query: &str,
@@ -211,6 +289,15 @@ impl AccountDatabase {
             url: error.url,
             reason: error.reason.into(),
         })?;
+        let query = if query.trim() == PREVIOUS_DEFAULT_ACCOUNTS_QUERY {
+            tracing::info!(
+                "auth.digest.accounts_query is the previous default: using the current \
+                 default, which also returns the account's own spelling of its name"
+            );
+            DEFAULT_ACCOUNTS_QUERY
+        } else {
+            query
+        };
         let query = translate(
             query,
             match location {
@@ -233,6 +320,7 @@ impl AccountDatabase {
         tracing::info!(location = %location, "account database connected, query checked");
         Ok(AccountDatabase {
             location,
+            spelling: backend.spelling(),
             backend,
             timeout: options.timeout,
             cache: (!options.cache_time_to_live.is_zero())
@@ -241,8 +329,9 @@ impl AccountDatabase {
     }
 
     /// The password rows of one account, in the order the query returns them.
-    /// Rows whose algorithm is none of the three are skipped with a warning. An
-    /// unknown account has none.
+    /// Rows whose stored username (or domain) is not spelt exactly as asked are
+    /// ignored; rows whose algorithm is none of the three are skipped with a
+    /// warning. An unknown account has none.
     pub async fn passwords(
         &self,
         username: &str,
@@ -251,10 +340,26 @@ impl AccountDatabase {
         let rows = tokio::time::timeout(self.timeout, self.backend.rows(username, domain))
             .await
             .map_err(|_| AccountError::Timeout(self.timeout))??;
+        let found = rows.len();
+        let (rows, spelt_otherwise): (Vec<_>, Vec<_>) = rows
+            .into_iter()
+            .partition(|row| row.spelt_as(username, domain, self.spelling));
+        if let Some(row) = spelt_otherwise.first() {
+            // Debug only: a client can ask for any spelling, as often as it likes.
+            tracing::debug!(
+                username = %clip(username),
+                domain = %clip(domain),
+                stored_username = %clip(row.username.as_deref().unwrap_or("NULL")),
+                stored_domain = %clip(row.domain.as_deref().unwrap_or("-")),
+                rows = spelt_otherwise.len(),
+                "account rows spelt otherwise than the client's name ignored"
+            );
+        }
         tracing::debug!(
-            username,
-            domain,
-            rows = rows.len(),
+            username = %clip(username),
+            domain = %clip(domain),
+            rows = found,
+            kept = rows.len(),
             "account passwords looked up"
         );
         Ok(rows
@@ -312,7 +417,7 @@ impl AccountDatabase {
             Ok(algorithm) => Some(StoredPassword { algorithm, secret }),
             Err(UnknownAlgorithm(algorithm)) => {
                 tracing::warn!(
-                    location = %self.location, username, domain, algorithm,
+                    location = %self.location, username, domain, algorithm = %clip(&algorithm),
                     "account database row with an unknown algorithm skipped \
                      (expected CLRTXT, MD5 or SHA-256)"
                 );
@@ -378,6 +483,72 @@ mod tests {
             shown.contains("ClearText") && shown.contains("***"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn spelling_columns_are_found_by_name_after_the_first_two() {
+        let columns = SpellingColumns::find(["password", "algorithm", "Domain", "USERNAME"]);
+        assert_eq!(
+            columns.unwrap(),
+            SpellingColumns {
+                username: 3,
+                domain: Some(2)
+            }
+        );
+        let columns = SpellingColumns::find(["secret", "kind", "username"]).unwrap();
+        assert_eq!(columns.domain, None);
+        // The first two are the password and algorithm, whatever their names.
+        let error = SpellingColumns::find(["username", "algorithm"]).unwrap_err();
+        assert!(
+            error.to_string().contains("no `username` column"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_query_without_username_or_with_too_few_columns_is_refused() {
+        let error = SpellingColumns::find(["password", "algorithm", "login"]).unwrap_err();
+        let message = error.to_string();
+        assert!(message.contains("no `username` column"), "{message}");
+        assert!(message.contains("password, algorithm, login"), "{message}");
+        let error = SpellingColumns::find(["password"]).unwrap_err();
+        assert!(error.to_string().contains("1 column"), "{error}");
+    }
+
+    #[test]
+    fn only_rows_spelt_exactly_as_asked_count() {
+        let row = |username: Option<&str>, domain: Option<&str>| PasswordRow {
+            password: Some("x".into()),
+            algorithm: Some("MD5".into()),
+            username: username.map(str::to_owned),
+            domain: domain.map(str::to_owned),
+        };
+        let with_domain = SpellingColumns {
+            username: 2,
+            domain: Some(3),
+        };
+        let without_domain = SpellingColumns {
+            username: 2,
+            domain: None,
+        };
+        let alice = row(Some("alice"), Some("example.org"));
+        assert!(alice.spelt_as("alice", "example.org", with_domain));
+        for (username, domain) in [
+            ("ALICE", "example.org"),
+            ("alicé", "example.org"),
+            ("alice ", "example.org"),
+            ("alice", "EXAMPLE.ORG"),
+            ("alice", "example.org "),
+        ] {
+            assert!(
+                !alice.spelt_as(username, domain, with_domain),
+                "{username:?}@{domain:?}"
+            );
+        }
+        // Without a domain column, the domain is the query's business.
+        assert!(row(Some("alice"), None).spelt_as("alice", "EXAMPLE.ORG", without_domain));
+        assert!(!row(None, Some("example.org")).spelt_as("alice", "example.org", with_domain));
+        assert!(!row(Some("alice"), None).spelt_as("alice", "example.org", with_domain));
     }
 
     #[tokio::test]

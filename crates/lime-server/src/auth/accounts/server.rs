@@ -5,11 +5,11 @@
 use super::named_parameters::PositionalQuery;
 use super::{
     AccountDatabaseOptions, AccountError, CHECK_DOMAIN, CHECK_USERNAME, PasswordRow,
-    too_few_columns,
+    SpellingColumns,
 };
 use sqlx::{
-    ColumnIndex, ConnectOptions, Connection, Database, Decode, Encode, Executor, IntoArguments,
-    Pool, Row, Statement, Type,
+    Column, ColumnIndex, ConnectOptions, Connection, Database, Decode, Encode, Executor,
+    IntoArguments, Pool, Row, Statement, Type,
 };
 use tokio::time::timeout;
 
@@ -18,6 +18,8 @@ pub(super) struct ServerAccounts<DB: Database> {
     /// Opens connections as lookups need them, up to the configured size.
     pool: Pool<DB>,
     query: PositionalQuery,
+    /// Where each row holds the account's own spelling.
+    spelling: SpellingColumns,
 }
 
 impl<DB> ServerAccounts<DB>
@@ -61,7 +63,7 @@ where
             .map_err(|error| cannot(format!("cannot connect: {error}")))?;
         let checked = timeout(options.timeout, check::<DB>(&mut conn, &query, &location)).await;
         let _ = conn.close().await;
-        checked.map_err(|_| {
+        let spelling = checked.map_err(|_| {
             cannot(format!(
                 "the query gave no answer within {:?}",
                 options.timeout
@@ -70,7 +72,16 @@ where
         // Lookups are bounded by `options.timeout` on top of the acquire time-out.
         let pool = crate::store::pool_options::<DB>(options.pool_size, options.connect_timeout)
             .connect_lazy_with(connect_options);
-        Ok(ServerAccounts { pool, query })
+        Ok(ServerAccounts {
+            pool,
+            query,
+            spelling,
+        })
+    }
+
+    /// Where each row holds the account's own spelling.
+    pub fn spelling(&self) -> SpellingColumns {
+        self.spelling
     }
 
     /// The rows the query returns for one account.
@@ -79,19 +90,19 @@ where
         username: &str,
         domain: &str,
     ) -> Result<Vec<PasswordRow>, AccountError> {
-        fetch_rows(&self.pool, &self.query, username, domain)
+        fetch_rows(&self.pool, &self.query, self.spelling, username, domain)
             .await
             .map_err(|error| AccountError::Query(error.to_string()))
     }
 }
 
 /// Prepares the query (the database reports syntax errors and unknown tables or
-/// columns then), checks it returns two columns, and runs it once.
+/// columns then), finds its columns (two, then `username`), and runs it once.
 async fn check<DB>(
     conn: &mut DB::Connection,
     query: &PositionalQuery,
     location: &str,
-) -> Result<(), AccountError>
+) -> Result<SpellingColumns, AccountError>
 where
     DB: Database,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
@@ -111,24 +122,18 @@ where
             message: format!("checking the query: {other}"),
         },
     };
-    let columns = conn
-        .prepare(&query.sql)
-        .await
-        .map_err(refused)?
-        .columns()
-        .len();
-    if columns < 2 {
-        return Err(too_few_columns(columns));
-    }
-    fetch_rows(&mut *conn, query, CHECK_USERNAME, CHECK_DOMAIN)
+    let statement = conn.prepare(&query.sql).await.map_err(refused)?;
+    let spelling = SpellingColumns::find(statement.columns().iter().map(|column| column.name()))?;
+    fetch_rows(&mut *conn, query, spelling, CHECK_USERNAME, CHECK_DOMAIN)
         .await
         .map_err(refused)?;
-    Ok(())
+    Ok(spelling)
 }
 
 async fn fetch_rows<'c, DB, E>(
     executor: E,
     query: &PositionalQuery,
+    spelling: SpellingColumns,
     username: &str,
     domain: &str,
 ) -> sqlx::Result<Vec<PasswordRow>>
@@ -153,6 +158,11 @@ where
             Ok(PasswordRow {
                 password: text(row, 0)?,
                 algorithm: text(row, 1)?,
+                username: text(row, spelling.username)?,
+                domain: match spelling.domain {
+                    Some(index) => text(row, index)?,
+                    None => None,
+                },
             })
         })
         .collect()

@@ -6,7 +6,7 @@
 use super::named_parameters::PositionalQuery;
 use super::{
     AccountDatabaseOptions, AccountError, CHECK_DOMAIN, CHECK_USERNAME, PasswordRow,
-    too_few_columns,
+    SpellingColumns,
 };
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
@@ -22,6 +22,8 @@ pub(super) struct SqliteAccounts {
 struct Shared {
     connection: Mutex<Connection>,
     query: PositionalQuery,
+    /// Where each row holds the account's own spelling.
+    spelling: SpellingColumns,
 }
 
 impl SqliteAccounts {
@@ -48,10 +50,11 @@ impl SqliteAccounts {
             // The operator's tools may be writing: wait for their locks, within
             // the lookup's time-out.
             connection.busy_timeout(busy_timeout).map_err(cannot_open)?;
-            check(&connection, &query, &location)?;
+            let spelling = check(&connection, &query, &location)?;
             Ok(Shared {
                 connection: Mutex::new(connection),
                 query,
+                spelling,
             })
         })
         .await
@@ -59,6 +62,11 @@ impl SqliteAccounts {
         Ok(SqliteAccounts {
             shared: Arc::new(opened),
         })
+    }
+
+    /// Where each row holds the account's own spelling.
+    pub fn spelling(&self) -> SpellingColumns {
+        self.shared.spelling
     }
 
     /// The rows the query returns for one account.
@@ -74,8 +82,14 @@ impl SqliteAccounts {
                 .connection
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            fetch_rows(&connection, &shared.query, &username, &domain)
-                .map_err(|error| AccountError::Query(error.to_string()))
+            fetch_rows(
+                &connection,
+                &shared.query,
+                shared.spelling,
+                &username,
+                &domain,
+            )
+            .map_err(|error| AccountError::Query(error.to_string()))
         })
         .await
         .map_err(|error| AccountError::Query(format!("lookup task failed: {error}")))?
@@ -83,12 +97,12 @@ impl SqliteAccounts {
 }
 
 /// Prepares the query (SQLite reports syntax errors and unknown tables or columns
-/// then), checks it returns two columns, and runs it once.
+/// then), finds its columns (two, then `username`), and runs it once.
 fn check(
     connection: &Connection,
     query: &PositionalQuery,
     location: &str,
-) -> Result<(), AccountError> {
+) -> Result<SpellingColumns, AccountError> {
     let refused = |error: rusqlite::Error| match error.sqlite_error_code() {
         // SQLITE_ERROR: what SQLite says of a query it does not understand.
         Some(ErrorCode::Unknown) | None => AccountError::BadQuery {
@@ -100,20 +114,17 @@ fn check(
             message: format!("cannot read: {error}"),
         },
     };
-    let columns = connection
-        .prepare_cached(&query.sql)
-        .map_err(refused)?
-        .column_count();
-    if columns < 2 {
-        return Err(too_few_columns(columns));
-    }
-    fetch_rows(connection, query, CHECK_USERNAME, CHECK_DOMAIN).map_err(refused)?;
-    Ok(())
+    let statement = connection.prepare_cached(&query.sql).map_err(refused)?;
+    let spelling = SpellingColumns::find(statement.column_names())?;
+    drop(statement);
+    fetch_rows(connection, query, spelling, CHECK_USERNAME, CHECK_DOMAIN).map_err(refused)?;
+    Ok(spelling)
 }
 
 fn fetch_rows(
     connection: &Connection,
     query: &PositionalQuery,
+    spelling: SpellingColumns,
     username: &str,
     domain: &str,
 ) -> rusqlite::Result<Vec<PasswordRow>> {
@@ -123,6 +134,11 @@ fn fetch_rows(
         Ok(PasswordRow {
             password: text(row.get_ref(0)?)?,
             algorithm: text(row.get_ref(1)?)?,
+            username: text(row.get_ref(spelling.username)?)?,
+            domain: match spelling.domain {
+                Some(index) => text(row.get_ref(index)?)?,
+                None => None,
+            },
         })
     })?;
     rows.collect()
