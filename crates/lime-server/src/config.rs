@@ -198,6 +198,16 @@ impl StorageSettings {
     }
 }
 
+/// `limits.max_bundle_answer_bytes` by default: 20 MiB. A C448MLK1024 bundle with
+/// its one-time pre-key is 3,430 bytes plus its device id, so this serves 5,000
+/// devices with ids of up to 764 bytes on the largest curve (liblime's ids are
+/// about 80), and 5,000 devices on any curve.
+pub const DEFAULT_MAX_BUNDLE_ANSWER_BYTES: u64 = 20 * 1024 * 1024;
+
+/// The least `limits.max_bundle_answer_bytes` accepted: room for one bundle of
+/// any curve, with a device id of a few hundred bytes.
+const MIN_MAX_BUNDLE_ANSWER_BYTES: u64 = 8 * 1024;
+
 /// `[limits]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -207,8 +217,13 @@ pub struct LimitSettings {
     pub max_opks_per_device: u32,
     /// Most devices one user (`sip:user@domain` before `;gr=`) may register; 0: no limit.
     pub max_devices_per_user: u32,
-    /// Most devices one getPeerBundle may ask for: bounds the size of an answer.
-    pub max_devices_per_bundle_request: u16,
+    /// Largest answer one getPeerBundle may need, in bytes, reckoned before any
+    /// claim as if every device asked for had a bundle with a one-time pre-key:
+    /// bounds what one request costs without refusing a real group.
+    pub max_bundle_answer_bytes: u64,
+    /// Replaced by `max_bundle_answer_bytes`: set, it stops the start with a
+    /// message naming the new key.
+    pub max_devices_per_bundle_request: Option<serde::de::IgnoredAny>,
     /// Most key bundles of one target device one source device may receive within
     /// `bundle_request_window_secs`; 0: no limit (and nothing recorded).
     pub max_bundle_requests: u32,
@@ -228,7 +243,8 @@ impl Default for LimitSettings {
         LimitSettings {
             max_opks_per_device: 1_000,
             max_devices_per_user: 100,
-            max_devices_per_bundle_request: 1_000,
+            max_bundle_answer_bytes: DEFAULT_MAX_BUNDLE_ANSWER_BYTES,
+            max_devices_per_bundle_request: None,
             max_bundle_requests: 10,
             bundle_request_window_secs: 3_600,
             bundle_request_over_limit: OverLimit::WithoutOneTimePreKey,
@@ -266,10 +282,21 @@ impl LimitSettings {
                 ),
             ));
         }
-        if self.max_devices_per_bundle_request == 0 {
+        if self.max_devices_per_bundle_request.is_some() {
             return Err(invalid(
                 "limits.max_devices_per_bundle_request",
-                "must be at least 1",
+                "this key is gone: getPeerBundle is now bounded by the size of its answer, \
+                 limits.max_bundle_answer_bytes (default 20 MiB: 5,000 devices on any curve); \
+                 remove the old key",
+            ));
+        }
+        if self.max_bundle_answer_bytes < MIN_MAX_BUNDLE_ANSWER_BYTES {
+            return Err(invalid(
+                "limits.max_bundle_answer_bytes",
+                format!(
+                    "must be at least {MIN_MAX_BUNDLE_ANSWER_BYTES} (one C448MLK1024 bundle \
+                     with a long device id)"
+                ),
             ));
         }
         if self.max_bundle_requests > 0 {
@@ -913,10 +940,24 @@ mod tests {
                 .contains("bundle_request_over_limit")
         );
         assert!(error_of("[server]\nlisten = \"x\"\n").contains("listen"));
+        assert!(
+            error_of("[limits]\nmax_bundle_answer_bytes = 100\n")
+                .contains("limits.max_bundle_answer_bytes")
+        );
         assert!(error_of("[tls]\ncertificate = \"/a\"\n").contains("tls.private_key"));
         assert!(
             error_of("[storage]\nsqlite_synchronous = \"off\"\n").contains("sqlite_synchronous")
         );
+    }
+
+    #[test]
+    fn the_replaced_device_count_key_stops_the_start_naming_its_successor() {
+        let error = error_of("[limits]\nmax_devices_per_bundle_request = 1000\n");
+        assert!(
+            error.contains("limits.max_devices_per_bundle_request"),
+            "{error}"
+        );
+        assert!(error.contains("limits.max_bundle_answer_bytes"), "{error}");
     }
 
     #[test]

@@ -109,7 +109,7 @@ impl Application {
 
         let auth = Authenticator::from_settings(&settings.auth).await?;
         let state = Arc::new(HttpState {
-            service: KeyService::new(stores, settings.limits.max_devices_per_bundle_request),
+            service: KeyService::new(stores, settings.limits.max_bundle_answer_bytes),
             auth,
             paths: settings.server.paths.clone(),
             max_body_bytes: settings.server.max_body_bytes,

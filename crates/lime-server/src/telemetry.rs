@@ -67,7 +67,10 @@ mod tests {
 
     #[test]
     fn short_values_are_shown_whole() {
-        assert_eq!(clip("sip:alice@example.org").to_string(), "sip:alice@example.org");
+        assert_eq!(
+            clip("sip:alice@example.org").to_string(),
+            "sip:alice@example.org"
+        );
         assert_eq!(format!("{:?}", clip("a\"b")), "\"a\\\"b\"");
     }
 
