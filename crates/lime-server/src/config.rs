@@ -49,6 +49,12 @@ pub struct ServerSettings {
     pub paths: Vec<String>,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// The bytes of request bodies held at once, all requests together; a body
+    /// that does not fit is refused (503, Retry-After). At least `max_body_bytes`.
+    pub max_buffered_body_bytes: usize,
+    /// Largest request head (HTTP/1: request line and headers; HTTP/2: the header
+    /// list as RFC 9113 counts it), in bytes; over it: 431. 8192 to 1 MiB.
+    pub max_header_bytes: usize,
     /// Most connections served at once; more are accepted and closed at once
     /// (plain HTTP: after a 503). At most 1,000,000.
     pub max_connections: u32,
@@ -76,6 +82,8 @@ impl Default for ServerSettings {
             plain_http_listen: Vec::new(),
             paths: vec!["/".into(), "/lime-server/lime-server.php".into()],
             max_body_bytes: 1024 * 1024,
+            max_buffered_body_bytes: 32 * 1024 * 1024,
+            max_header_bytes: 16 * 1024,
             max_connections: 10_000,
             tls_handshake_timeout_ms: 10_000,
             header_read_timeout_ms: 10_000,
@@ -93,9 +101,20 @@ impl ServerSettings {
             tls_handshake_timeout: Duration::from_millis(self.tls_handshake_timeout_ms),
             header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_header_bytes: self.max_header_bytes,
         }
     }
 }
+
+/// The least `server.max_header_bytes`: hyper's smallest HTTP/1 read buffer.
+const MIN_MAX_HEADER_BYTES: usize = 8 * 1024;
+
+/// The most `server.max_header_bytes`: 1 MiB.
+const MAX_MAX_HEADER_BYTES: usize = 1024 * 1024;
+
+/// The most `server.max_body_bytes`: 64 MiB (a reservation of the body budget is
+/// counted in `u32`; no X3DH request comes near).
+const MAX_MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 
 /// `[tls]`
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -803,6 +822,30 @@ impl Settings {
         if server.max_body_bytes < 64 {
             return Err(invalid("server.max_body_bytes", "must be at least 64"));
         }
+        if server.max_body_bytes > MAX_MAX_BODY_BYTES {
+            return Err(invalid(
+                "server.max_body_bytes",
+                format!("must be at most {MAX_MAX_BODY_BYTES}"),
+            ));
+        }
+        if server.max_buffered_body_bytes < server.max_body_bytes {
+            return Err(invalid(
+                "server.max_buffered_body_bytes",
+                format!(
+                    "{} is less than server.max_body_bytes ({}): a body of that size could never be read",
+                    server.max_buffered_body_bytes, server.max_body_bytes
+                ),
+            ));
+        }
+        if !(MIN_MAX_HEADER_BYTES..=MAX_MAX_HEADER_BYTES).contains(&server.max_header_bytes) {
+            return Err(invalid(
+                "server.max_header_bytes",
+                format!(
+                    "must be from {MIN_MAX_HEADER_BYTES} (hyper's least HTTP/1 buffer) to \
+                     {MAX_MAX_HEADER_BYTES}"
+                ),
+            ));
+        }
         if !(1..=1_000_000).contains(&server.max_connections) {
             return Err(invalid(
                 "server.max_connections",
@@ -1016,6 +1059,22 @@ mod tests {
         assert!(
             error_of("[server]\nmax_connections = 2000000\n").contains("server.max_connections")
         );
+    }
+
+    #[test]
+    fn memory_limits_of_the_server_are_checked_with_their_key() {
+        for (text, key) in [
+            ("max_header_bytes = 4096", "server.max_header_bytes"),
+            ("max_header_bytes = 2000000", "server.max_header_bytes"),
+            (
+                "max_buffered_body_bytes = 1000",
+                "server.max_buffered_body_bytes",
+            ),
+            ("max_body_bytes = 100000000", "server.max_body_bytes"),
+        ] {
+            let error = error_of(&format!("[server]\n{text}\n"));
+            assert!(error.contains(key), "{text}: {error}");
+        }
     }
 
     #[test]
