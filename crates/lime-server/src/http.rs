@@ -102,7 +102,7 @@ async fn x3dh(state: &HttpState, request: Request<Incoming>) -> Response<Full<By
             // The X3DH error echoes the request's curve byte, the body's third:
             // read that far, then the rest thrown away as it comes.
             let curve_byte = curve_byte_of(state, &mut body).await;
-            discard_body(state, body).await;
+            discard_body(state, &parts, body).await;
             return x3dh_answer(curve_byte, error_answer(curve_byte, None, &error));
         }
     };
@@ -110,7 +110,7 @@ async fn x3dh(state: &HttpState, request: Request<Incoming>) -> Response<Full<By
         Ok(sender) => sender,
         // Decided from the headers: the body is thrown away, never held.
         Err(failure) => {
-            discard_body(state, body).await;
+            discard_body(state, &parts, body).await;
             return refused(state, failure);
         }
     };
@@ -152,7 +152,16 @@ async fn curve_byte_of(state: &HttpState, body: &mut Incoming) -> u8 {
 /// and as HTTP/2 clients expect before the stream's end) keeps its connection for
 /// the next request. A body still coming after that is left unread: hyper then
 /// closes the connection after the answer (HTTP/1) or resets the stream (HTTP/2).
-async fn discard_body(state: &HttpState, mut body: Incoming) {
+/// A client waiting for `100 Continue` has sent nothing: it gets its answer at
+/// once, and the body is never asked for.
+async fn discard_body(state: &HttpState, parts: &http::request::Parts, mut body: Incoming) {
+    let waits_for_continue = parts
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if waits_for_continue {
+        return;
+    }
     let drain = async {
         let mut left = state.max_body_bytes;
         while let Some(Ok(frame)) = body.frame().await {

@@ -607,3 +607,21 @@ async fn with_authentication_off_the_body_budget_bounds_memory_and_refuses_with_
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_client_waiting_for_100_continue_is_refused_without_being_asked_for_its_body() {
+    let accounts = AccountsFixture::create(Backend::Sqlite).await;
+    let server = start_server(Some(&accounts), "");
+    let mut stream = TcpStream::connect(server.http).await.unwrap();
+    let head = String::from_utf8(stranger_head(DECLARED_BODY, "x3dh/octet-stream")).unwrap();
+    let head = head.replacen("\r\n\r\n", "\r\nExpect: 100-continue\r\n\r\n", 1);
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_until_closed(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("answered and closed at once, the body never asked for");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 401"),
+        "no 100 Continue first: {answer}"
+    );
+}

@@ -14,6 +14,7 @@ mod register_user;
 use crate::auth::Sender;
 use crate::error::RequestError;
 use crate::store::{KeyStore, Stores};
+use crate::telemetry::clip;
 use lime_protocol::{Curve, DeviceId, Request, RequestMessage, Response, ResponseMessage};
 
 /// Answers X3DH requests from the stores of the enabled curves.
@@ -126,10 +127,11 @@ pub fn error_answer(
         .map(|sender| sender.device_id().as_str())
         .unwrap_or("-");
     let identity = sender.and_then(Sender::authenticated_as).unwrap_or("-");
+    let (device, identity) = (clip(device), clip(identity));
     if error.is_server_fault() {
-        tracing::error!(%code, sender = device, identity, curve = curve_byte, %error, "request failed");
+        tracing::error!(%code, sender = %device, identity = %identity, curve = curve_byte, %error, "request failed");
     } else {
-        tracing::warn!(%code, sender = device, identity, curve = curve_byte, %error, "request refused");
+        tracing::warn!(%code, sender = %device, identity = %identity, curve = curve_byte, %error, "request refused");
     }
     ResponseMessage::error(curve_byte, code, error.client_text())
 }
