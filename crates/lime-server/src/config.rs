@@ -49,6 +49,12 @@ pub struct ServerSettings {
     pub paths: Vec<String>,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// The bytes of request bodies held at once, all requests together; a body
+    /// that does not fit is refused (503, Retry-After). At least `max_body_bytes`.
+    pub max_buffered_body_bytes: usize,
+    /// Largest request head (HTTP/1: request line and headers; HTTP/2: the header
+    /// list as RFC 9113 counts it), in bytes; over it: 431. 8192 to 1 MiB.
+    pub max_header_bytes: usize,
     /// Most connections served at once; more are accepted and closed at once
     /// (plain HTTP: after a 503). At most 1,000,000.
     pub max_connections: u32,
@@ -76,6 +82,8 @@ impl Default for ServerSettings {
             plain_http_listen: Vec::new(),
             paths: vec!["/".into(), "/lime-server/lime-server.php".into()],
             max_body_bytes: 1024 * 1024,
+            max_buffered_body_bytes: 32 * 1024 * 1024,
+            max_header_bytes: 16 * 1024,
             max_connections: 10_000,
             tls_handshake_timeout_ms: 10_000,
             header_read_timeout_ms: 10_000,
@@ -93,9 +101,20 @@ impl ServerSettings {
             tls_handshake_timeout: Duration::from_millis(self.tls_handshake_timeout_ms),
             header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_header_bytes: self.max_header_bytes,
         }
     }
 }
+
+/// The least `server.max_header_bytes`: hyper's smallest HTTP/1 read buffer.
+const MIN_MAX_HEADER_BYTES: usize = 8 * 1024;
+
+/// The most `server.max_header_bytes`: 1 MiB.
+const MAX_MAX_HEADER_BYTES: usize = 1024 * 1024;
+
+/// The most `server.max_body_bytes`: 64 MiB (a reservation of the body budget is
+/// counted in `u32`; no X3DH request comes near).
+const MAX_MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 
 /// `[tls]`
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -198,6 +217,16 @@ impl StorageSettings {
     }
 }
 
+/// `limits.max_bundle_answer_bytes` by default: 20 MiB. A C448MLK1024 bundle with
+/// its one-time pre-key is 3,430 bytes plus its device id, so this serves 5,000
+/// devices with ids of up to 764 bytes on the largest curve (liblime's ids are
+/// about 80), and 5,000 devices on any curve.
+pub const DEFAULT_MAX_BUNDLE_ANSWER_BYTES: u64 = 20 * 1024 * 1024;
+
+/// The least `limits.max_bundle_answer_bytes` accepted: room for one bundle of
+/// any curve, with a device id of a few hundred bytes.
+const MIN_MAX_BUNDLE_ANSWER_BYTES: u64 = 8 * 1024;
+
 /// `[limits]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -207,8 +236,13 @@ pub struct LimitSettings {
     pub max_opks_per_device: u32,
     /// Most devices one user (`sip:user@domain` before `;gr=`) may register; 0: no limit.
     pub max_devices_per_user: u32,
-    /// Most devices one getPeerBundle may ask for: bounds the size of an answer.
-    pub max_devices_per_bundle_request: u16,
+    /// Largest answer one getPeerBundle may need, in bytes, reckoned before any
+    /// claim as if every device asked for had a bundle with a one-time pre-key:
+    /// bounds what one request costs without refusing a real group.
+    pub max_bundle_answer_bytes: u64,
+    /// Replaced by `max_bundle_answer_bytes`: set, it stops the start with a
+    /// message naming the new key.
+    pub max_devices_per_bundle_request: Option<serde::de::IgnoredAny>,
     /// Most key bundles of one target device one source device may receive within
     /// `bundle_request_window_secs`; 0: no limit (and nothing recorded).
     pub max_bundle_requests: u32,
@@ -228,7 +262,8 @@ impl Default for LimitSettings {
         LimitSettings {
             max_opks_per_device: 1_000,
             max_devices_per_user: 100,
-            max_devices_per_bundle_request: 1_000,
+            max_bundle_answer_bytes: DEFAULT_MAX_BUNDLE_ANSWER_BYTES,
+            max_devices_per_bundle_request: None,
             max_bundle_requests: 10,
             bundle_request_window_secs: 3_600,
             bundle_request_over_limit: OverLimit::WithoutOneTimePreKey,
@@ -266,10 +301,21 @@ impl LimitSettings {
                 ),
             ));
         }
-        if self.max_devices_per_bundle_request == 0 {
+        if self.max_devices_per_bundle_request.is_some() {
             return Err(invalid(
                 "limits.max_devices_per_bundle_request",
-                "must be at least 1",
+                "this key is gone: getPeerBundle is now bounded by the size of its answer, \
+                 limits.max_bundle_answer_bytes (default 20 MiB: 5,000 devices on any curve); \
+                 remove the old key",
+            ));
+        }
+        if self.max_bundle_answer_bytes < MIN_MAX_BUNDLE_ANSWER_BYTES {
+            return Err(invalid(
+                "limits.max_bundle_answer_bytes",
+                format!(
+                    "must be at least {MIN_MAX_BUNDLE_ANSWER_BYTES} (one C448MLK1024 bundle \
+                     with a long device id)"
+                ),
             ));
         }
         if self.max_bundle_requests > 0 {
@@ -809,6 +855,30 @@ impl Settings {
         if server.max_body_bytes < 64 {
             return Err(invalid("server.max_body_bytes", "must be at least 64"));
         }
+        if server.max_body_bytes > MAX_MAX_BODY_BYTES {
+            return Err(invalid(
+                "server.max_body_bytes",
+                format!("must be at most {MAX_MAX_BODY_BYTES}"),
+            ));
+        }
+        if server.max_buffered_body_bytes < server.max_body_bytes {
+            return Err(invalid(
+                "server.max_buffered_body_bytes",
+                format!(
+                    "{} is less than server.max_body_bytes ({}): a body of that size could never be read",
+                    server.max_buffered_body_bytes, server.max_body_bytes
+                ),
+            ));
+        }
+        if !(MIN_MAX_HEADER_BYTES..=MAX_MAX_HEADER_BYTES).contains(&server.max_header_bytes) {
+            return Err(invalid(
+                "server.max_header_bytes",
+                format!(
+                    "must be from {MIN_MAX_HEADER_BYTES} (hyper's least HTTP/1 buffer) to \
+                     {MAX_MAX_HEADER_BYTES}"
+                ),
+            ));
+        }
         if !(1..=1_000_000).contains(&server.max_connections) {
             return Err(invalid(
                 "server.max_connections",
@@ -955,10 +1025,24 @@ mod tests {
                 .contains("bundle_request_over_limit")
         );
         assert!(error_of("[server]\nlisten = \"x\"\n").contains("listen"));
+        assert!(
+            error_of("[limits]\nmax_bundle_answer_bytes = 100\n")
+                .contains("limits.max_bundle_answer_bytes")
+        );
         assert!(error_of("[tls]\ncertificate = \"/a\"\n").contains("tls.private_key"));
         assert!(
             error_of("[storage]\nsqlite_synchronous = \"off\"\n").contains("sqlite_synchronous")
         );
+    }
+
+    #[test]
+    fn the_replaced_device_count_key_stops_the_start_naming_its_successor() {
+        let error = error_of("[limits]\nmax_devices_per_bundle_request = 1000\n");
+        assert!(
+            error.contains("limits.max_devices_per_bundle_request"),
+            "{error}"
+        );
+        assert!(error.contains("limits.max_bundle_answer_bytes"), "{error}");
     }
 
     #[test]
@@ -1039,6 +1123,22 @@ mod tests {
         assert!(
             error_of("[server]\nmax_connections = 2000000\n").contains("server.max_connections")
         );
+    }
+
+    #[test]
+    fn memory_limits_of_the_server_are_checked_with_their_key() {
+        for (text, key) in [
+            ("max_header_bytes = 4096", "server.max_header_bytes"),
+            ("max_header_bytes = 2000000", "server.max_header_bytes"),
+            (
+                "max_buffered_body_bytes = 1000",
+                "server.max_buffered_body_bytes",
+            ),
+            ("max_body_bytes = 100000000", "server.max_body_bytes"),
+        ] {
+            let error = error_of(&format!("[server]\n{text}\n"));
+            assert!(error.contains(key), "{text}: {error}");
+        }
     }
 
     #[test]

@@ -31,13 +31,18 @@ pub enum RequestError {
     /// The curve is known but not served here.
     #[error("curve {0} is not enabled on this server")]
     CurveNotEnabled(Curve),
-    /// A getPeerBundle asks for more devices than allowed.
-    #[error("getPeerBundle asks for {asked} devices, the limit is {limit}")]
-    TooManyDevicesRequested {
-        /// How many were asked for.
-        asked: usize,
-        /// `limits.max_devices_per_bundle_request`.
-        limit: u16,
+    /// A getPeerBundle whose answer could be larger than allowed.
+    #[error(
+        "getPeerBundle for {devices} devices could need a {bytes}-byte answer, over \
+         limits.max_bundle_answer_bytes ({limit})"
+    )]
+    BundleAnswerTooLarge {
+        /// How many devices were asked for.
+        devices: usize,
+        /// The largest answer they could need.
+        bytes: u64,
+        /// `limits.max_bundle_answer_bytes`.
+        limit: u64,
     },
     /// The store refused or failed.
     #[error(transparent)]
@@ -56,7 +61,7 @@ impl RequestError {
             RequestError::InvalidSender { .. } => ErrorCode::BadRequest,
             RequestError::Parse(error) => error.code(),
             RequestError::CurveNotEnabled(_) => ErrorCode::BadCurve,
-            RequestError::TooManyDevicesRequested { .. } => ErrorCode::ResourceLimitReached,
+            RequestError::BundleAnswerTooLarge { .. } => ErrorCode::ResourceLimitReached,
             RequestError::Store(StoreError::DeviceNotFound) => ErrorCode::UserNotFound,
             RequestError::Store(StoreError::DeviceRegisteredWithOtherKeys) => {
                 ErrorCode::UserAlreadyIn

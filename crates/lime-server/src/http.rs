@@ -5,10 +5,19 @@
 //! `Content-Type: x3dh/octet-stream` (the client reads no other status). Requests
 //! that are not X3DH at all get a plain 4xx: 404 for another path, 405 for another
 //! method, 413 for a body over the cap (refused before it is read whole).
+//!
+//! An unauthenticated request costs its headers (the threat model's invariant 3):
+//! authentication is decided from the headers and refused (401/403/429/503)
+//! before any of the body is read; a refused request's body is then thrown away
+//! as it comes, never held (so that a client that sent it keeps its connection),
+//! for a second at most. A body is kept only for a request let in, and only within
+//! the budget of bodies buffered at once ([`BodyBudget`]; 503 when it is spent).
 
 use crate::auth::{self, AuthFailure, Authenticator, ClientAddress, Refusal};
+use crate::body_budget::{BodyBudget, BodyReservation};
 use crate::error::RequestError;
 use crate::service::{KeyService, error_answer};
+use crate::telemetry::clip;
 use bytes::Bytes;
 use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
@@ -16,6 +25,11 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::time::Duration;
+
+/// Longest time a refused request's body is read (and thrown away) before the
+/// answer: a client that sent its body keeps its connection; one that stalls is
+/// answered and cut off after this.
+const REFUSED_BODY_DRAIN: Duration = Duration::from_secs(1);
 
 /// The media type of every X3DH message.
 pub const X3DH_CONTENT_TYPE: &str = "x3dh/octet-stream";
@@ -30,6 +44,9 @@ pub struct HttpState {
     pub paths: Vec<String>,
     /// Largest body accepted.
     pub max_body_bytes: usize,
+    /// The bytes of bodies buffered at once, all requests together
+    /// (`server.max_buffered_body_bytes`).
+    pub body_budget: BodyBudget,
     /// Longest wait for a request's body, from the end of its headers
     /// (`server.body_read_timeout_ms`).
     pub body_read_timeout: Duration,
@@ -47,7 +64,7 @@ pub async fn handle(
         if request.method() == Method::POST {
             x3dh(state, request).await
         } else {
-            tracing::warn!(method = %request.method(), path, "refused: X3DH requests are POSTed");
+            tracing::warn!(method = %request.method(), path = %clip(path), "refused: X3DH requests are POSTed");
             method_not_allowed("POST")
         }
     } else {
@@ -56,7 +73,7 @@ pub async fn handle(
             "/ready" if request.method() == Method::GET => readiness(state).await,
             "/health" | "/ready" => method_not_allowed("GET"),
             _ => {
-                tracing::warn!(method = %request.method(), path, "refused: no such path");
+                tracing::warn!(method = %request.method(), path = %clip(path), "refused: no such path");
                 plain(StatusCode::NOT_FOUND, "not found\n")
             }
         }
@@ -64,8 +81,11 @@ pub async fn handle(
     Ok(response)
 }
 
+/// An X3DH POST, in the order that keeps a stranger's cost to its headers: the
+/// declared size, then the content type and sender header, then authentication
+/// (from the headers alone), and only then the body, against the body budget.
 async fn x3dh(state: &HttpState, request: Request<Incoming>) -> Response<Full<Bytes>> {
-    let (parts, body) = request.into_parts();
+    let (parts, mut body) = request.into_parts();
     let declared = parts
         .headers
         .get(CONTENT_LENGTH)
@@ -74,44 +94,186 @@ async fn x3dh(state: &HttpState, request: Request<Incoming>) -> Response<Full<By
     if declared.is_some_and(|len| len > state.max_body_bytes as u64) {
         return too_large(state, declared);
     }
-    // The headers are whole once the handler runs: the body's time starts now.
-    let read = tokio::time::timeout(
-        state.body_read_timeout,
-        Limited::new(body, state.max_body_bytes).collect(),
-    );
-    let body = match read.await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
-            return too_large(state, declared);
+    let claimed = match check_content_type(&parts.headers)
+        .and_then(|()| auth::sender_from_headers(&parts.headers))
+    {
+        Ok(claimed) => claimed,
+        Err(error) => {
+            // The X3DH error echoes the request's curve byte, the body's third:
+            // read that far, then the rest thrown away as it comes.
+            let curve_byte = curve_byte_of(state, &mut body).await;
+            discard_body(state, &parts, body).await;
+            return x3dh_answer(curve_byte, error_answer(curve_byte, None, &error));
         }
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "refused: request body could not be read");
-            return plain(StatusCode::BAD_REQUEST, "request body could not be read\n");
+    };
+    let sender = match state.auth.authenticate(claimed, &parts).await {
+        Ok(sender) => sender,
+        // Decided from the headers: the body is thrown away, never held.
+        Err(failure) => {
+            discard_body(state, &parts, body).await;
+            return refused(state, failure);
+        }
+    };
+    // Held until the answer is built: the body's bytes count against the budget
+    // for as long as they are in memory.
+    let (body, _reservation) = match read_body(state, &parts, body, declared).await {
+        Ok(read) => read,
+        Err(response) => return response,
+    };
+    let curve_byte = body.get(2).copied().unwrap_or(0);
+    let answer = state.service.handle(&sender, &body).await;
+    x3dh_answer(curve_byte, answer)
+}
+
+/// The third byte of the body (the curve byte of an X3DH message), reading at
+/// most what the client sent up to it, within `server.body_read_timeout_ms`; 0
+/// when the body is shorter or does not come.
+async fn curve_byte_of(state: &HttpState, body: &mut Incoming) -> u8 {
+    let read = async {
+        let mut seen = 0;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                if seen + data.len() > 2 {
+                    return data[2 - seen];
+                }
+                seen += data.len();
+            }
+        }
+        0
+    };
+    tokio::time::timeout(state.body_read_timeout, read)
+        .await
+        .unwrap_or(0)
+}
+
+/// Reads what is left of a refused request's body and throws each piece away as
+/// it comes, within [`REFUSED_BODY_DRAIN`] and `server.max_body_bytes`: nothing is
+/// held, and a client that sent its whole body (as liblime does before its 401,
+/// and as HTTP/2 clients expect before the stream's end) keeps its connection for
+/// the next request. A body still coming after that is left unread: hyper then
+/// closes the connection after the answer (HTTP/1) or resets the stream (HTTP/2).
+/// A client waiting for `100 Continue` has sent nothing: it gets its answer at
+/// once, and the body is never asked for.
+async fn discard_body(state: &HttpState, parts: &http::request::Parts, mut body: Incoming) {
+    let waits_for_continue = parts
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if waits_for_continue {
+        return;
+    }
+    let drain = async {
+        let mut left = state.max_body_bytes;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                let Some(rest) = left.checked_sub(data.len()) else {
+                    return;
+                };
+                left = rest;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(REFUSED_BODY_DRAIN.min(state.body_read_timeout), drain).await;
+}
+
+/// Why a body was not read whole.
+enum BodyError {
+    /// Over `server.max_body_bytes`.
+    TooLarge,
+    /// The budget of bodies buffered at once is spent.
+    OverBudget { needed: usize },
+    /// The connection failed or the framing was wrong.
+    Unreadable(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Reads the body of a request that was let in: within `server.max_body_bytes`,
+/// `server.body_read_timeout_ms` and the body budget. The bytes its Content-Length
+/// declares are reserved before the first is read; without one, each chunk is
+/// reserved as it arrives. The reservation comes back with the body.
+async fn read_body(
+    state: &HttpState,
+    parts: &http::request::Parts,
+    body: Incoming,
+    declared: Option<u64>,
+) -> Result<(Bytes, BodyReservation), Response<Full<Bytes>>> {
+    // At most max_body_bytes, checked above.
+    let declared = declared.map(|len| len as usize);
+    let mut reservation = state.body_budget.reservation();
+    let read = async {
+        if let Some(len) = declared {
+            reservation
+                .grow(len)
+                .map_err(|_| BodyError::OverBudget { needed: len })?;
+        }
+        let mut body = Limited::new(body, state.max_body_bytes);
+        let mut received: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|error| {
+                if error.downcast_ref::<LengthLimitError>().is_some() {
+                    BodyError::TooLarge
+                } else {
+                    BodyError::Unreadable(error)
+                }
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if received.capacity() - received.len() < data.len() {
+                match declared {
+                    // Allocated once, as declared (hyper checks the length).
+                    Some(len) => received
+                        .reserve_exact(len.max(received.len() + data.len()) - received.len()),
+                    None => received.reserve(data.len()),
+                }
+            }
+            // What is allocated is what the budget counts.
+            let needed = received.capacity().saturating_sub(reservation.bytes());
+            reservation
+                .grow(needed)
+                .map_err(|_| BodyError::OverBudget { needed })?;
+            received.extend_from_slice(&data);
+        }
+        Ok(Bytes::from(received))
+    };
+    // The headers are whole once the handler runs: the body's time starts now.
+    let result = tokio::time::timeout(state.body_read_timeout, read).await;
+    let peer = client_address(parts);
+    match result {
+        Ok(Ok(body)) => Ok((body, reservation)),
+        Ok(Err(BodyError::TooLarge)) => Err(too_large(state, declared.map(|len| len as u64))),
+        Ok(Err(BodyError::OverBudget { needed })) => {
+            state.body_budget.refused(&peer, needed);
+            let mut response = plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many request bodies being received, try again\n",
+            );
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, http::HeaderValue::from(1));
+            Err(response)
+        }
+        Ok(Err(BodyError::Unreadable(error))) => {
+            tracing::warn!(%peer, %error, "refused: request body could not be read");
+            Err(plain(
+                StatusCode::BAD_REQUEST,
+                "request body could not be read\n",
+            ))
         }
         Err(_) => {
             // Answered, then closed: hyper does not keep a connection whose request
             // body was not read to its end.
             tracing::warn!(
-                peer = %client_address(&parts),
+                %peer,
                 limit_ms = state.body_read_timeout.as_millis(),
                 declared = ?declared,
                 "refused: request body not received within server.body_read_timeout_ms"
             );
-            return plain(StatusCode::REQUEST_TIMEOUT, "request body too slow\n");
+            Err(plain(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body too slow\n",
+            ))
         }
-    };
-    let curve_byte = body.get(2).copied().unwrap_or(0);
-    let claimed = match check_content_type(&parts.headers)
-        .and_then(|()| auth::sender_from_headers(&parts.headers))
-    {
-        Ok(claimed) => claimed,
-        Err(error) => return x3dh_answer(curve_byte, error_answer(curve_byte, None, &error)),
-    };
-    let answer = match state.auth.authenticate(claimed, &parts).await {
-        Ok(sender) => state.service.handle(&sender, &body).await,
-        Err(failure) => return refused(state, failure),
-    };
-    x3dh_answer(curve_byte, answer)
+    }
 }
 
 /// The HTTP 200 carrying an X3DH answer.

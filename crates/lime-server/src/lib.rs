@@ -13,7 +13,10 @@
 //! - [`connection`]: one accepted connection: TLS handshake, hyper, and the time
 //!   limits (handshake, headers, idle) that keep slow clients from holding it.
 //! - [`tls`]: certificate (configured or self-signed) and rustls config.
-//! - [`http`]: routes, method, body cap, content type; X3DH answers as HTTP 200.
+//! - [`http`]: routes, method, body cap, content type, authentication before the
+//!   body; X3DH answers as HTTP 200.
+//! - [`body_budget`]: the bytes of request bodies buffered at once, all requests
+//!   together.
 //! - [`auth`]: who a request acts for ([`auth::Sender`]).
 //! - [`service`]: one handler per X3DH request type.
 //! - [`store`]: the [`store::KeyStore`] trait and the SQLite backend.
@@ -22,6 +25,7 @@
 //! - [`client`]: a small X3DH client for tests and tools (not used by the server).
 
 pub mod auth;
+pub mod body_budget;
 pub mod cli;
 pub mod client;
 pub mod config;

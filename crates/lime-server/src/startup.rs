@@ -10,6 +10,7 @@
 
 use crate::auth::Authenticator;
 use crate::auth::certificate;
+use crate::body_budget::BodyBudget;
 use crate::config::Settings;
 use crate::connection::{self, ConnectionLimits};
 use crate::http::HttpState;
@@ -109,10 +110,11 @@ impl Application {
 
         let auth = Authenticator::from_settings(&settings.auth).await?;
         let state = Arc::new(HttpState {
-            service: KeyService::new(stores, settings.limits.max_devices_per_bundle_request),
+            service: KeyService::new(stores, settings.limits.max_bundle_answer_bytes),
             auth,
             paths: settings.server.paths.clone(),
             max_body_bytes: settings.server.max_body_bytes,
+            body_budget: BodyBudget::new(settings.server.max_buffered_body_bytes),
             body_read_timeout: Duration::from_millis(settings.server.body_read_timeout_ms),
             readiness_timeout: Duration::from_millis(settings.storage.timeout_ms),
         });

@@ -786,33 +786,6 @@ async fn post_opks_past_the_per_device_limit_is_resource_limit_reached_and_store
 }
 
 #[tokio::test]
-async fn bundle_request_for_more_devices_than_the_limit_is_resource_limit_reached_and_serves_nothing()
- {
-    let app = spawn_app_with(|s| s.limits.max_devices_per_bundle_request = 3).await;
-    for curve in Curve::ALL {
-        let alice = device_id("alice");
-        register(&app, curve, &alice, 4).await;
-        let (b, c, d) = (device_id("b"), device_id("c"), device_id("d"));
-        let four_entries = [&alice, &b, &c, &d].map(|device| id(device)).to_vec();
-        expect_error(
-            &app,
-            ASKER,
-            curve,
-            Request::GetPeerBundle(four_entries),
-            ErrorCode::ResourceLimitReached,
-        )
-        .await;
-        assert_eq!(
-            self_opk_ids(&app, curve, &alice).await,
-            [1, 2, 3, 4],
-            "{curve}"
-        );
-        let three = peer_bundles(&app, curve, &[&alice, &b, &c]).await;
-        assert_eq!(flags(&three), [1, 2, 2], "{curve}");
-    }
-}
-
-#[tokio::test]
 async fn register_user_past_the_per_device_limit_is_resource_limit_reached_and_registers_nothing() {
     let app = spawn_app_with(|s| s.limits.max_opks_per_device = 10).await;
     for curve in Curve::ALL {

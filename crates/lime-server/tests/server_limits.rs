@@ -243,10 +243,14 @@ async fn a_body_that_stops_halfway_is_answered_408_after_server_body_read_timeou
     })
     .await;
     let mut stalled = TcpStream::connect(app.addr).await.unwrap();
+    // A request that is let in (authentication off, a sender named): its body is
+    // read, and stops halfway.
     stalled
         .write_all(
             b"POST / HTTP/1.1\r\nHost: lime.example.org\r\n\
-              Content-Type: x3dh/octet-stream\r\nContent-Length: 1000\r\n\r\n",
+              Content-Type: x3dh/octet-stream\r\n\
+              X-Lime-user-identity: sip:stalled@example.org;gr=urn:uuid:stalled\r\n\
+              Content-Length: 1000\r\n\r\n",
         )
         .await
         .unwrap();

@@ -16,10 +16,19 @@
 //!   header timer starts only after the first byte, and a client that connects
 //!   and sends nothing was never cut off.
 //! - HTTP/2 has no header or idle time-out in hyper at all (only keep-alive pings,
-//!   which a live client answers, and `max_concurrent_streams`, 200 by default).
+//!   which a live client answers).
 //! - Graceful shutdown does not close an HTTP/1 connection before its first
 //!   request head is whole (it only turns keep-alive off), so a connection that
 //!   runs out of header time is dropped, not shut down gracefully.
+//!
+//! What a connection may make the server hold is bounded too, for what a LIME
+//! client does (one request at a time per device): a request head of at most
+//! `server.max_header_bytes` (HTTP/1: hyper's read buffer, which also bounds what
+//! is read ahead of a body; HTTP/2: the header list), and over HTTP/2 a few
+//! streams with small flow-control windows ([`Http2Bounds`]), since hyper's h2
+//! buffers what a client sends on a stream up to its window whether or not the
+//! request is ever let in. hyper's defaults (200 streams, 1 MiB windows, a ~400 KB
+//! HTTP/1 buffer) let one stranger make the server hold megabytes.
 
 pub mod clock;
 
@@ -45,7 +54,29 @@ use tokio_rustls::server::TlsStream;
 /// answer the client is slow to read) may take before the connection is dropped.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// The time limits of every connection (`[server]` `*_timeout_ms`).
+/// How much one HTTP/2 connection may make the server hold. A LIME client sends
+/// one request at a time per device; bodies are a few KB (the largest, a
+/// registerUser with 100 C448MLK1024 one-time keys, about 170 KB).
+pub struct Http2Bounds;
+
+impl Http2Bounds {
+    /// Streams open at once on one connection (hyper's default: 200).
+    pub const MAX_CONCURRENT_STREAMS: u32 = 16;
+    /// What a client may send on one stream before the server has read it
+    /// (hyper's default: 1 MiB). A larger body takes more round trips.
+    pub const STREAM_WINDOW: u32 = 64 * 1024;
+    /// What a client may send on all streams of a connection before the server
+    /// has read it (hyper's default: 1 MiB): what a stranger's connection can
+    /// make the server hold beyond its headers.
+    pub const CONNECTION_WINDOW: u32 = 128 * 1024;
+    /// Largest frame (the protocol's least, and hyper's default).
+    pub const MAX_FRAME_SIZE: u32 = 16 * 1024;
+    /// Answer bytes queued per stream ahead of the client's window (hyper's
+    /// default: 400 KB).
+    pub const MAX_SEND_BUFFER: usize = 64 * 1024;
+}
+
+/// The time and size limits of every connection (`[server]`).
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     /// From accept to the end of the TLS handshake.
@@ -56,6 +87,8 @@ pub struct ConnectionLimits {
     /// From the end of the last request while nothing is received (HTTP/1) or no
     /// request comes (HTTP/2).
     pub idle_timeout: Duration,
+    /// Largest request head (`server.max_header_bytes`).
+    pub max_header_bytes: usize,
 }
 
 /// Serves `stream` until the client closes it, a time limit runs out, or `stopped`
@@ -129,8 +162,21 @@ async fn serve_http<S>(
         })
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // The clock above times the headers, for HTTP/1 and HTTP/2 alike.
-    builder.http1().header_read_timeout(None);
+    // The clock above times the headers, for HTTP/1 and HTTP/2 alike. The head
+    // must fit hyper's read buffer: over it, hyper answers 431 and closes.
+    builder
+        .http1()
+        .header_read_timeout(None)
+        .max_buf_size(limits.max_header_bytes);
+    // Over the header list size, h2 answers the stream 431 itself.
+    builder
+        .http2()
+        .max_concurrent_streams(Http2Bounds::MAX_CONCURRENT_STREAMS)
+        .initial_stream_window_size(Http2Bounds::STREAM_WINDOW)
+        .initial_connection_window_size(Http2Bounds::CONNECTION_WINDOW)
+        .max_frame_size(Http2Bounds::MAX_FRAME_SIZE)
+        .max_send_buf_size(Http2Bounds::MAX_SEND_BUFFER)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let connection =
         builder.serve_connection(TokioIo::new(WatchedIo::new(stream, clock.clone())), service);
     tokio::pin!(connection);
@@ -169,7 +215,18 @@ async fn serve_http<S>(
         }
     };
     if let Err(error) = result {
-        tracing::debug!(%peer, %error, "connection ended with an error");
+        let head_too_large = error
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse_too_large);
+        if head_too_large {
+            tracing::warn!(
+                %peer,
+                limit = limits.max_header_bytes,
+                "refused: request headers over server.max_header_bytes (431, connection closed)"
+            );
+        } else {
+            tracing::debug!(%peer, %error, "connection ended with an error");
+        }
     }
 }
 

@@ -14,23 +14,24 @@ mod register_user;
 use crate::auth::Sender;
 use crate::error::RequestError;
 use crate::store::{KeyStore, Stores};
-use lime_protocol::{Request, RequestMessage, Response, ResponseMessage};
+use crate::telemetry::clip;
+use lime_protocol::{Curve, DeviceId, Request, RequestMessage, Response, ResponseMessage};
 
 /// Answers X3DH requests from the stores of the enabled curves.
 pub struct KeyService {
     /// One store per enabled base algorithm.
     stores: Stores,
-    /// `limits.max_devices_per_bundle_request`.
-    max_devices_per_bundle_request: u16,
+    /// `limits.max_bundle_answer_bytes`.
+    max_bundle_answer_bytes: u64,
 }
 
 impl KeyService {
     /// A service over `stores`. Each store keeps its own time-out (see
     /// [`KeyStore`]): the service never abandons a store call.
-    pub fn new(stores: Stores, max_devices_per_bundle_request: u16) -> KeyService {
+    pub fn new(stores: Stores, max_bundle_answer_bytes: u64) -> KeyService {
         KeyService {
             stores,
-            max_devices_per_bundle_request,
+            max_bundle_answer_bytes,
         }
     }
 
@@ -60,16 +61,39 @@ impl KeyService {
             .ok_or(RequestError::CurveNotEnabled(curve))?
             .as_ref();
         if let Request::GetPeerBundle(devices) = &request {
-            let limit = self.max_devices_per_bundle_request;
-            if devices.len() > usize::from(limit) {
-                return Err(RequestError::TooManyDevicesRequested {
-                    asked: devices.len(),
-                    limit,
+            // Before any claim: a refused request takes no one-time key.
+            let bytes = largest_peer_bundle_answer(curve, devices);
+            if bytes > self.max_bundle_answer_bytes {
+                return Err(RequestError::BundleAnswerTooLarge {
+                    devices: devices.len(),
+                    bytes,
+                    limit: self.max_bundle_answer_bytes,
                 });
             }
         }
         run(store, sender.device_id().clone(), request).await
     }
+}
+
+/// The largest peerBundle answer `devices` could need on `curve`: every device
+/// with a bundle and a one-time pre-key. What a getPeerBundle costs (the answer is
+/// built whole in memory) is known from the request alone.
+fn largest_peer_bundle_answer(curve: Curve, devices: &[DeviceId]) -> u64 {
+    // Per entry: id length (2), flag (1), Ik, SPk, SPk id (4), SPk signature,
+    // OPk, OPk id (4); the id's own bytes are added per device.
+    let keys = 2
+        + 1
+        + curve.identity_key_len()
+        + curve.pre_key_len()
+        + 4
+        + curve.signature_len()
+        + curve.pre_key_len()
+        + 4;
+    // The 3-byte header and the 2-byte count.
+    let header = 3 + 2;
+    devices.iter().fold(header, |total, device| {
+        total + (keys + device.as_str().len()) as u64
+    })
 }
 
 async fn run(
@@ -99,16 +123,85 @@ pub fn error_answer(
     error: &RequestError,
 ) -> ResponseMessage {
     let code = error.code();
-    let device = crate::telemetry::clip(
-        sender
-            .map(|sender| sender.device_id().as_str())
-            .unwrap_or("-"),
-    );
+    let device = sender
+        .map(|sender| sender.device_id().as_str())
+        .unwrap_or("-");
     let identity = sender.and_then(Sender::authenticated_as).unwrap_or("-");
+    let (device, identity) = (clip(device), clip(identity));
     if error.is_server_fault() {
-        tracing::error!(%code, sender = %device, identity, curve = curve_byte, %error, "request failed");
+        tracing::error!(%code, sender = %device, identity = %identity, curve = curve_byte, %error, "request failed");
     } else {
-        tracing::warn!(%code, sender = %device, identity, curve = curve_byte, %error, "request refused");
+        tracing::warn!(%code, sender = %device, identity = %identity, curve = curve_byte, %error, "request refused");
     }
     ResponseMessage::error(curve_byte, code, error.client_text())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lime_protocol::{IdentityKey, KeyBundle, OneTimePreKey, PeerBundle, SignedPreKey};
+
+    /// The answer with every device given a bundle and a one-time pre-key.
+    fn fullest_answer(curve: Curve, devices: &[DeviceId]) -> Vec<u8> {
+        let bundle = KeyBundle {
+            identity_key: IdentityKey::new(curve, vec![1; curve.identity_key_len()]).unwrap(),
+            signed_pre_key: SignedPreKey::new(
+                curve,
+                vec![2; curve.pre_key_len()],
+                vec![3; curve.signature_len()],
+                7,
+            )
+            .unwrap(),
+            one_time_pre_key: Some(
+                OneTimePreKey::new(curve, vec![4; curve.pre_key_len()], 9).unwrap(),
+            ),
+        };
+        let bundles = devices
+            .iter()
+            .map(|device_id| PeerBundle {
+                device_id: device_id.clone(),
+                bundle: Some(bundle.clone()),
+            })
+            .collect();
+        ResponseMessage {
+            curve_byte: curve.id(),
+            response: Response::PeerBundles(bundles),
+        }
+        .encode()
+        .unwrap()
+    }
+
+    #[test]
+    fn the_reckoned_answer_size_is_the_size_of_the_fullest_answer_on_every_curve() {
+        let devices: Vec<DeviceId> = ["a", "sip:bob@example.org;gr=urn:uuid:0123", "ü"]
+            .into_iter()
+            .map(|text| DeviceId::new(text).unwrap())
+            .collect();
+        for curve in Curve::ALL {
+            let reckoned = largest_peer_bundle_answer(curve, &devices);
+            assert_eq!(
+                reckoned,
+                fullest_answer(curve, &devices).len() as u64,
+                "{curve}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_default_bound_serves_5000_devices_with_long_ids_on_every_curve() {
+        let long_id = DeviceId::new(format!(
+            "sip:{}@example.org;gr=urn:uuid:{}",
+            "u".repeat(200),
+            "0".repeat(36)
+        ))
+        .unwrap();
+        let group = vec![long_id; 5_000];
+        for curve in Curve::ALL {
+            assert!(
+                largest_peer_bundle_answer(curve, &group)
+                    <= crate::config::DEFAULT_MAX_BUNDLE_ANSWER_BYTES,
+                "{curve}"
+            );
+        }
+    }
 }

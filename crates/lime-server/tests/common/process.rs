@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The binary under test.
@@ -16,6 +17,8 @@ pub struct ServerProcess {
     pub addr: SocketAddr,
     /// What it logged up to its "listening" line.
     pub log: String,
+    /// Everything it logged, still growing: read on by a thread after "listening".
+    all_log: Arc<Mutex<String>>,
 }
 
 impl ServerProcess {
@@ -35,9 +38,11 @@ impl ServerProcess {
             child,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             log: String::new(),
+            all_log: Arc::default(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        for line in BufReader::new(stderr).lines() {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Some(line) = lines.next() {
             let line = line.expect("read the server's log");
             server.log.push_str(&line);
             server.log.push('\n');
@@ -47,6 +52,15 @@ impl ServerProcess {
                     .find_map(|field| field.strip_prefix("addr="))
                     .and_then(|addr| addr.parse().ok())
                     .unwrap_or_else(|| panic!("no addr= in {line:?}"));
+                server.all_log.lock().unwrap().push_str(&server.log);
+                let all_log = server.all_log.clone();
+                std::thread::spawn(move || {
+                    for line in lines.map_while(Result::ok) {
+                        let mut log = all_log.lock().unwrap();
+                        log.push_str(&line);
+                        log.push('\n');
+                    }
+                });
                 return server;
             }
             assert!(
@@ -56,6 +70,18 @@ impl ServerProcess {
             );
         }
         panic!("serve exited before listening:\n{}", server.log);
+    }
+}
+
+impl ServerProcess {
+    /// Its process id (for /proc/PID/status).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything it has logged so far.
+    pub fn log_so_far(&self) -> String {
+        self.all_log.lock().unwrap().clone()
     }
 }
 

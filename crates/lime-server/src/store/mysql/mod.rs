@@ -595,10 +595,19 @@ impl KeyStore for MysqlStore {
         .await
     }
 
+    /// Ready means "can serve writes": a real write in a transaction that commits
+    /// (the `version` row of `Config` up by one and back, nothing seen by anyone),
+    /// so that a read-only, full or broken database is not ready.
     async fn ping(&self) -> Result<(), StoreError> {
-        self.run(Mode::Statement, (), |conn, ()| {
+        self.run(Mode::Transaction, (), |conn, ()| {
             Box::pin(async move {
-                sqlx::query("SELECT 1").execute(conn).await?;
+                for step in ["+ 1", "- 1"] {
+                    sqlx::query(&format!(
+                        "UPDATE `Config` SET `Value` = `Value` {step} WHERE `Name` = 'version'"
+                    ))
+                    .execute(&mut *conn)
+                    .await?;
+                }
                 Ok(())
             })
         })

@@ -277,11 +277,26 @@ impl KeyStore for PostgresStore {
             .await
     }
 
+    /// Ready means "can serve writes": a real write in a transaction that commits
+    /// (the `version` row of `Config` up by one and back, nothing seen by anyone),
+    /// so that a read-only (a standby, `default_transaction_read_only`), full or
+    /// broken database is not ready.
     async fn ping(&self) -> Result<(), StoreError> {
         // Through the same path as every call: bounded, and a connection found
         // dead is replaced rather than reported as a database failure.
         self.transactions
-            .run(&(), |conn, _| Box::pin(queries::ping(conn)))
+            .run(&(), |conn, _| {
+                Box::pin(async move {
+                    for step in ["+ 1", "- 1"] {
+                        sqlx::query(&format!(
+                            r#"UPDATE "Config" SET "Value" = "Value" {step} WHERE "Name" = 'version'"#
+                        ))
+                        .execute(&mut *conn)
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
             .await
     }
 }

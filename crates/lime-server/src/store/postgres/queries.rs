@@ -478,8 +478,3 @@ pub(super) async fn one_time_pre_key_ids(
     }
     Ok(ids)
 }
-
-pub(super) async fn ping(conn: &mut PgConnection) -> Result<(), Failure> {
-    sqlx::query("SELECT 1").execute(&mut *conn).await?;
-    Ok(())
-}

@@ -163,6 +163,16 @@ fn open_connection(
     synchronous: Synchronous,
 ) -> Result<(Connection, SchemaState), OpenError> {
     let fail = |error: rusqlite::Error| OpenError::Sqlite(path.to_owned(), error);
+    // SQLite takes an empty file for a new database and would fill it with an
+    // empty schema: a file truncated by a full disk or a failed copy would be
+    // served as if no device had ever registered. Only a file SQLite creates here
+    // may start empty.
+    if path
+        .metadata()
+        .is_ok_and(|metadata| metadata.is_file() && metadata.len() == 0)
+    {
+        return Err(OpenError::EmptyFile(path.to_owned()));
+    }
     let conn = Connection::open(path).map_err(fail)?;
     let synchronous = match synchronous {
         Synchronous::Full => "FULL",
@@ -188,6 +198,12 @@ pub enum OpenError {
     /// The file is not a database this server can serve.
     #[error("SQLite database {0}: {1}")]
     Schema(PathBuf, schema::SchemaError),
+    /// The file exists and is empty: not a database.
+    #[error(
+        "SQLite database {0} is an empty file, not a database (truncated by a full disk or a \
+         failed copy?): restore it, or remove it to start with no devices"
+    )]
+    EmptyFile(PathBuf),
     /// `db migrate` on a file that does not exist.
     #[error("SQLite database {0} does not exist (db init creates it)")]
     Missing(PathBuf),
@@ -253,9 +269,20 @@ impl KeyStore for SqliteStore {
             .await
     }
 
+    /// Ready means "can serve writes": a real write committed by the writer like
+    /// any request's (the `version` row of `Config` up by one and back, nothing
+    /// seen by anyone), so that a read-only, full or broken file is not ready.
     async fn ping(&self) -> Result<(), StoreError> {
-        self.execute(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
-            .await
+        self.execute(|conn| {
+            for step in ["+ 1", "- 1"] {
+                conn.execute(
+                    &format!("UPDATE Config SET Value = Value {step} WHERE Name = 'version'"),
+                    [],
+                )?;
+            }
+            Ok(())
+        })
+        .await
     }
 }
 
