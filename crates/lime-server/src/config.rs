@@ -237,7 +237,7 @@ impl Default for LimitSettings {
             max_devices_per_bundle_request: 1_000,
             max_bundle_requests: 10,
             max_bundle_requests_per_identity: 10,
-            max_recorded_requests_per_identity: 20_000,
+            max_recorded_requests_per_identity: 10_000,
             bundle_request_window_secs: 3_600,
             bundle_request_over_limit: OverLimit::WithoutOneTimePreKey,
             request_retention_secs: 14 * 24 * 3_600,
@@ -937,6 +937,15 @@ mod tests {
             error_of("[limits]\nbundle_request_over_limit = \"drop\"\n")
                 .contains("bundle_request_over_limit")
         );
+        for key in [
+            "max_bundle_requests_per_identity",
+            "max_recorded_requests_per_identity",
+        ] {
+            assert!(
+                error_of(&format!("[limits]\n{key} = 0\n")).contains(&format!("limits.{key}")),
+                "{key}"
+            );
+        }
         assert!(error_of("[server]\nlisten = \"x\"\n").contains("listen"));
         assert!(error_of("[tls]\ncertificate = \"/a\"\n").contains("tls.private_key"));
         assert!(
