@@ -456,6 +456,35 @@ async fn rows_per_source_are_bounded() {
     app.stop().await;
 }
 
+/// The rows recorded for an identity are counted per window: in the next one,
+/// its devices get one-time keys again, up to the cap.
+#[tokio::test]
+async fn rows_per_identity_are_counted_afresh_in_each_window() {
+    let app = spawn_app_with(|settings| {
+        limited(OverLimit::WithoutOneTimePreKey)(settings);
+        settings.limits.max_recorded_requests_per_identity = 2;
+    })
+    .await;
+    let targets: Vec<String> = (0..3).map(|_| device_id("target")).collect();
+    for target in &targets {
+        done(
+            &register(&app, target, 5).await,
+            MessageType::RegisterUser,
+            target,
+        );
+    }
+    let source = device_of(&user("mallory"), 1);
+    done(
+        &register(&app, &source, 0).await,
+        MessageType::RegisterUser,
+        &source,
+    );
+    assert_eq!(fetch_all(&app, &source, &targets).await, [1, 1, 0]);
+    tokio::time::sleep(Duration::from_millis(WINDOW_SECS * 1_000 + 1_500)).await;
+    assert_eq!(fetch_all(&app, &source, &targets).await, [1, 1, 0]);
+    app.stop().await;
+}
+
 // --- Log lines ------------------------------------------------------------------------------
 
 /// `lime-server serve` as operators run it, at debug, its log written to a file.
