@@ -32,6 +32,9 @@ use rusqlite::{Connection, params};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+/// The device that asks for bundles, registered with the seeded devices.
+const ASKER: &str = "sip:asker@example.org;gr=1";
+
 const CURVE: Curve = Curve::C25519;
 
 /// Claims timed between two put-backs: few enough that no device runs out of
@@ -80,6 +83,12 @@ fn seeded(devices: u64, opks_per_device: u32) -> (tempfile::TempDir, Connection)
             }
         }
     }
+    // The device that asks (a bundle's source must be a registered device).
+    tx.execute(
+        "INSERT INTO Users (UserId, Ik, SPk, SPk_sig, SPk_id) VALUES (?1, ?2, ?3, ?4, 1)",
+        params![ASKER, &key[..32], &key[32..], &key[..]],
+    )
+    .expect("insert the asker");
     tx.commit().expect("commit");
     // The bulk load on disk (the checkpoint's fsync), so that no timed claim pays
     // for writing it; from here on, checkpoints happen only in `put_back`.
@@ -94,7 +103,7 @@ fn seeded(devices: u64, opks_per_device: u32) -> (tempfile::TempDir, Connection)
 fn claims(conn: &Connection, rng: &mut StdRng, devices: u64, iters: u64) -> Duration {
     let mut elapsed = Duration::ZERO;
     let mut done = 0;
-    let asker = DeviceId::new("sip:asker@example.org;gr=1").expect("device id");
+    let asker = DeviceId::new(ASKER).expect("device id");
     while done < iters {
         let chunk = CHUNK.min(iters - done);
         let mut claimed = Vec::with_capacity(chunk as usize);

@@ -246,6 +246,12 @@ pub struct LimitSettings {
     /// Most key bundles of one target device one source device may receive within
     /// `bundle_request_window_secs`; 0: no limit (and nothing recorded).
     pub max_bundle_requests: u32,
+    /// Most key bundles of one target device all the devices of one identity
+    /// (`sip:user@domain`, whatever device ids it uses) may receive within the window.
+    pub max_bundle_requests_per_identity: u32,
+    /// Most bundle requests recorded for one identity within a window, across all
+    /// targets: past it, its devices get bundles the over-limit way, unrecorded.
+    pub max_recorded_requests_per_identity: u32,
     /// The sliding window of `max_bundle_requests`, in seconds.
     pub bundle_request_window_secs: u64,
     /// What a source past `max_bundle_requests` gets.
@@ -265,6 +271,8 @@ impl Default for LimitSettings {
             max_bundle_answer_bytes: DEFAULT_MAX_BUNDLE_ANSWER_BYTES,
             max_devices_per_bundle_request: None,
             max_bundle_requests: 10,
+            max_bundle_requests_per_identity: 10,
+            max_recorded_requests_per_identity: 10_000,
             bundle_request_window_secs: 3_600,
             bundle_request_over_limit: OverLimit::WithoutOneTimePreKey,
             request_retention_secs: 14 * 24 * 3_600,
@@ -285,6 +293,8 @@ impl LimitSettings {
             max_devices_per_user: self.max_devices_per_user,
             bundle_requests: (self.max_bundle_requests > 0).then(|| BundleRequestLimit {
                 max: self.max_bundle_requests,
+                max_per_identity: self.max_bundle_requests_per_identity,
+                max_recorded_per_identity: self.max_recorded_requests_per_identity,
                 window: Duration::from_secs(self.bundle_request_window_secs),
                 over_limit: self.bundle_request_over_limit,
             }),
@@ -319,11 +329,26 @@ impl LimitSettings {
             ));
         }
         if self.max_bundle_requests > 0 {
-            if self.bundle_request_window_secs == 0 {
-                return Err(invalid(
+            for (key, value) in [
+                (
                     "limits.bundle_request_window_secs",
-                    "must be at least 1",
-                ));
+                    self.bundle_request_window_secs,
+                ),
+                (
+                    "limits.max_bundle_requests_per_identity",
+                    u64::from(self.max_bundle_requests_per_identity),
+                ),
+                (
+                    "limits.max_recorded_requests_per_identity",
+                    u64::from(self.max_recorded_requests_per_identity),
+                ),
+            ] {
+                if value == 0 {
+                    return Err(invalid(
+                        key,
+                        "must be at least 1 while limits.max_bundle_requests is on",
+                    ));
+                }
             }
             if self.request_retention_secs < self.bundle_request_window_secs {
                 return Err(invalid(
@@ -1024,6 +1049,15 @@ mod tests {
             error_of("[limits]\nbundle_request_over_limit = \"drop\"\n")
                 .contains("bundle_request_over_limit")
         );
+        for key in [
+            "max_bundle_requests_per_identity",
+            "max_recorded_requests_per_identity",
+        ] {
+            assert!(
+                error_of(&format!("[limits]\n{key} = 0\n")).contains(&format!("limits.{key}")),
+                "{key}"
+            );
+        }
         assert!(error_of("[server]\nlisten = \"x\"\n").contains("listen"));
         assert!(
             error_of("[limits]\nmax_bundle_answer_bytes = 100\n")

@@ -13,7 +13,7 @@ use common::{TestApp, device_id, id, one_time_pre_key, registration, spawn_app, 
 use futures::stream::{self, StreamExt};
 use lime_protocol::{
     Curve, DeviceId, ErrorCode, MessageType, PeerBundle, Registration, Request, RequestMessage,
-    Response,
+    Response, ResponseMessage,
 };
 use lime_server::client::RawAnswer;
 use lime_server::http::X3DH_CONTENT_TYPE;
@@ -24,6 +24,23 @@ const IDENTITY: &str = "x-lime-user-identity";
 
 /// The device that asks for others' bundles; it is never registered.
 const ASKER: &str = "sip:asker@example.org;gr=urn:uuid:asker";
+
+/// `request` sent by the asker, registered just before (as liblime registers a
+/// device before it fetches anyone's bundle) and deleted just after, so that the
+/// store holds only what the test put there.
+async fn asker_asks(app: &TestApp, curve: Curve, request: Request) -> ResponseMessage {
+    let registration = Request::RegisterUser(registration(curve, 0, 1));
+    let registered = app.ask(ASKER, curve, registration).await.response;
+    assert_eq!(
+        registered,
+        Response::Done(MessageType::RegisterUser),
+        "{curve}"
+    );
+    let answer = app.ask(ASKER, curve, request).await;
+    let deleted = app.ask(ASKER, curve, Request::DeleteUser).await.response;
+    assert_eq!(deleted, Response::Done(MessageType::DeleteUser), "{curve}");
+    answer
+}
 
 /// A device registered before the bad input; it must come out of it untouched.
 struct Sentinel {
@@ -723,7 +740,10 @@ async fn body_over_a_small_cap_is_refused_with_413_and_one_at_the_cap_is_served(
     assert_eq!(answer.status, 413, "{answer:?}");
     assert_ne!(answer.content_type.as_deref(), Some(X3DH_CONTENT_TYPE));
 
-    // A getPeerBundle of exactly the cap: 3 header + 2 count + 2 length + the id.
+    // A getPeerBundle of exactly the cap (3 header + 2 count + 2 length + the id),
+    // from a registered device.
+    let small = encode(curve, Request::RegisterUser(registration(curve, 0, 1)));
+    assert_eq!(post_as(&app, &fresh, small).await.status, 200);
     let peer = format!("sip:{}", "p".repeat(CAP - 7 - 4));
     let at_cap = encode(curve, Request::GetPeerBundle(vec![id(&peer)]));
     assert_eq!(at_cap.len(), CAP);
@@ -737,6 +757,8 @@ async fn body_over_a_small_cap_is_refused_with_413_and_one_at_the_cap_is_served(
     let over_cap = [&at_cap[..], &[0]].concat();
     let answer = post_as(&app, &fresh, over_cap).await;
     assert_eq!(answer.status, 413, "{answer:?}");
+    let delete = encode(curve, Request::DeleteUser);
+    assert_eq!(post_as(&app, &fresh, delete).await.status, 200);
     assert_still_serving(&app, &sentinels).await;
 }
 
@@ -879,9 +901,7 @@ async fn utf8_sender_header_beyond_ascii_is_an_ordinary_device_id() {
     );
 
     // The body names it in UTF-8 too: the same device.
-    let answer = app
-        .ask(ASKER, curve, Request::GetPeerBundle(vec![id(device)]))
-        .await;
+    let answer = asker_asks(&app, curve, Request::GetPeerBundle(vec![id(device)])).await;
     let Response::PeerBundles(bundles) = answer.response else {
         panic!("expected peerBundle, got {answer:?}");
     };
@@ -914,9 +934,7 @@ async fn unknown_device_id_of_65535_bytes_gets_flag_2() {
             " ".repeat(65_535 - sentinel.device.len())
         );
         let devices = vec![id(&long), id(&padded)];
-        let answer = app
-            .ask(ASKER, curve, Request::GetPeerBundle(devices.clone()))
-            .await;
+        let answer = asker_asks(&app, curve, Request::GetPeerBundle(devices.clone())).await;
         assert_eq!(answer.curve_byte, curve.id());
         let Response::PeerBundles(bundles) = answer.response else {
             panic!("{curve}: expected peerBundle, got {answer:?}");
@@ -948,9 +966,7 @@ async fn sender_of_65535_bytes_registers_and_is_served() {
             [0x01, MessageType::RegisterUser.byte(), curve.id()][..]
         );
 
-        let answer = app
-            .ask(ASKER, curve, Request::GetPeerBundle(vec![id(long)]))
-            .await;
+        let answer = asker_asks(&app, curve, Request::GetPeerBundle(vec![id(long)])).await;
         let Response::PeerBundles(bundles) = answer.response else {
             panic!("{curve}: expected peerBundle, got {answer:?}");
         };
@@ -1009,9 +1025,7 @@ async fn device_ids_with_quotes_and_sql_are_ordinary_ids() {
             registered.push(keys);
         }
         let devices: Vec<DeviceId> = hostile.iter().map(|device| id(device)).collect();
-        let answer = app
-            .ask(ASKER, curve, Request::GetPeerBundle(devices.clone()))
-            .await;
+        let answer = asker_asks(&app, curve, Request::GetPeerBundle(devices.clone())).await;
         let Response::PeerBundles(bundles) = answer.response else {
             panic!("{curve}: expected peerBundle, got {answer:?}");
         };
@@ -1056,9 +1070,7 @@ async fn like_wildcards_in_a_device_id_match_no_other_device() {
             sentinel[..sentinel.len() - 1].to_owned(),
         ];
         let devices: Vec<DeviceId> = wildcards.iter().map(|w| id(w)).collect();
-        let answer = app
-            .ask(ASKER, curve, Request::GetPeerBundle(devices.clone()))
-            .await;
+        let answer = asker_asks(&app, curve, Request::GetPeerBundle(devices.clone())).await;
         let Response::PeerBundles(bundles) = answer.response else {
             panic!("{curve}: expected peerBundle, got {answer:?}");
         };

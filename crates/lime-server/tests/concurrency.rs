@@ -69,10 +69,21 @@ async fn each_opk_is_served_once_to_concurrent_requests(curve: Curve) {
         curve,
         request: Request::GetPeerBundle(vec![id(&bob)]),
     };
-    let answers = send_all_at_once(&app, &ask_for_bob, |task| {
-        device_id(&format!("asker{task}"))
-    })
-    .await;
+    // Registered first, as liblime registers a device before it fetches.
+    let askers: Vec<String> = (0..TASKS)
+        .map(|task| device_id(&format!("asker{task}")))
+        .collect();
+    for asker in &askers {
+        let answer = app
+            .ask(
+                asker,
+                curve,
+                Request::RegisterUser(registration(curve, 0, 1)),
+            )
+            .await;
+        assert_eq!(answer.response, Response::Done(MessageType::RegisterUser));
+    }
+    let answers = send_all_at_once(&app, &ask_for_bob, |task| askers[task].clone()).await;
     assert_eq!(answers.len(), TASKS * REQUESTS_PER_TASK);
 
     let mut served: Vec<OneTimePreKey> = Vec::new();

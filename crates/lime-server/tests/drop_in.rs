@@ -81,14 +81,18 @@ async fn a_php_servers_database_is_served_as_it_is_and_stays_usable_by_it_after_
         }
     };
 
-    // The PHP-written bundle, with one of its OPks.
-    let Response::PeerBundles(bundles) = ask(
-        "sip:asker@example.org;gr=1".into(),
-        Request::GetPeerBundle(vec![id(&alice)]),
+    // The PHP-written bundle, with one of its OPks, for a device registered as
+    // liblime registers before it fetches (it stays registered for what follows).
+    let asker = "sip:asker@example.org;gr=1";
+    let registered = ask(
+        asker.into(),
+        Request::RegisterUser(registration(CURVE, 0, 1)),
     )
-    .await
-    else {
-        panic!("expected a peerBundle");
+    .await;
+    assert_eq!(registered, Response::Done(MessageType::RegisterUser));
+    let answer = ask(asker.into(), Request::GetPeerBundle(vec![id(&alice)])).await;
+    let Response::PeerBundles(bundles) = answer else {
+        panic!("expected a peerBundle, got {answer:?}");
     };
     let bundle = bundles[0].bundle.as_ref().expect("alice's bundle");
     assert_eq!(bundle.identity_key.as_bytes(), identity_key);

@@ -194,11 +194,13 @@ async fn fetch(app: &TestApp, source: &str, target: &str) -> u8 {
 async fn sixth_fetch_within_the_window(over_limit: OverLimit, sixth_flag: u8) {
     let app = spawn_app_with(limited(over_limit)).await;
     let (source, other, target) = (device_id("source"), device_id("other"), device_id("target"));
-    done(
-        &register(&app, &target, 20).await,
-        MessageType::RegisterUser,
-        "target",
-    );
+    for (device, opks) in [(&target, 20), (&source, 0), (&other, 0)] {
+        done(
+            &register(&app, device, opks).await,
+            MessageType::RegisterUser,
+            device,
+        );
+    }
     for fetch_number in 1..=5 {
         assert_eq!(
             fetch(&app, &source, &target).await,
@@ -212,10 +214,10 @@ async fn sixth_fetch_within_the_window(over_limit: OverLimit, sixth_flag: u8) {
         "sixth fetch"
     );
     assert_eq!(fetch(&app, &other, &target).await, 1, "another source");
-    // Served bundles are recorded; a refused one is not.
+    // Bundles served within the limit are recorded; past it, nothing is.
     let recorded = app.probe.requests(CURVE).await;
     let by_source = recorded.iter().filter(|(s, _)| *s == source).count();
-    assert_eq!(by_source, if sixth_flag == 2 { 5 } else { 6 });
+    assert_eq!(by_source, 5);
     tokio::time::sleep(Duration::from_millis(WINDOW_SECS * 1_000 + 1_500)).await;
     assert_eq!(
         fetch(&app, &source, &target).await,
@@ -239,11 +241,13 @@ async fn past_the_bundle_limit_no_bundle_is_served() {
 async fn a_device_named_twice_counts_once_and_repeats_follow_its_fate() {
     let app = spawn_app_with(limited(OverLimit::NoBundle)).await;
     let (source, target) = (device_id("source"), device_id("target"));
-    done(
-        &register(&app, &target, 20).await,
-        MessageType::RegisterUser,
-        "target",
-    );
+    for (device, opks) in [(&target, 20), (&source, 0)] {
+        done(
+            &register(&app, device, opks).await,
+            MessageType::RegisterUser,
+            device,
+        );
+    }
     let twice = Request::GetPeerBundle(vec![common::id(&target), common::id(&target)]);
     for round in 1..=6 {
         let flags: Vec<u8> = match app.ask(&source, CURVE, twice.clone()).await.response {
@@ -254,6 +258,388 @@ async fn a_device_named_twice_counts_once_and_repeats_follow_its_fate() {
         assert_eq!(flags, expected, "round {round}");
     }
     app.stop().await;
+}
+
+/// The flags of `targets`' bundles as `source` gets them in one request.
+async fn fetch_all(app: &TestApp, source: &str, targets: &[String]) -> Vec<u8> {
+    let request = Request::GetPeerBundle(targets.iter().map(|t| common::id(t)).collect());
+    match app.ask(source, CURVE, request).await.response {
+        Response::PeerBundles(bundles) => bundles.iter().map(|b| b.flag()).collect(),
+        other => panic!("getPeerBundle by {source}: {other:?}"),
+    }
+}
+
+/// `sip:NAME-xxxxxxxx@example.org`: a user of its own.
+fn user(name: &str) -> String {
+    device_id(name).split(';').next().unwrap().to_owned()
+}
+
+/// The requests recorded for sources of `user`.
+async fn recorded_by(app: &TestApp, user: &str) -> usize {
+    let prefix = format!("{user};gr=");
+    let requests = app.probe.requests(CURVE).await;
+    requests
+        .iter()
+        .filter(|(s, _)| s.starts_with(&prefix))
+        .count()
+}
+
+/// liblime registers a device before it fetches anyone's bundle: a source that is
+/// not a registered device (a device id made up for the request) gets
+/// `user_not_found`, as postOPks and getSelfOPks from such a device do, and takes
+/// nothing. Bundle request limit on or off.
+#[tokio::test]
+async fn unregistered_source_gets_no_bundle() {
+    for max_bundle_requests in [0, 5] {
+        let app = spawn_app_with(|settings| {
+            settings.limits.max_bundle_requests = max_bundle_requests;
+        })
+        .await;
+        let target = device_id("target");
+        done(
+            &register(&app, &target, 50).await,
+            MessageType::RegisterUser,
+            "target",
+        );
+        let mallory = user("mallory");
+        for n in 0..20 {
+            let request = Request::GetPeerBundle(vec![common::id(&target)]);
+            let answer = app.ask(&device_of(&mallory, n), CURVE, request).await;
+            assert_eq!(
+                error_code(&answer.response),
+                Some(ErrorCode::UserNotFound),
+                "fetch {n} from an unregistered device: {:?}",
+                answer.response
+            );
+        }
+        assert_eq!(
+            app.stored_one_time_pre_keys(CURVE).await,
+            50,
+            "nothing taken"
+        );
+        assert!(
+            app.probe.requests(CURVE).await.is_empty(),
+            "nothing recorded"
+        );
+        // Registered, the same device is served.
+        done(
+            &register(&app, &device_of(&mallory, 0), 0).await,
+            MessageType::RegisterUser,
+            "mallory registers",
+        );
+        assert_eq!(fetch(&app, &device_of(&mallory, 0), &target).await, 1);
+        app.stop().await;
+    }
+}
+
+/// The story of issue 9: one account fetching a victim's bundle from ever new
+/// device ids. Each is registered (then deleted, so that the devices-per-user
+/// limit never stops it): the account still takes at most
+/// `max_bundle_requests_per_identity` of the victim's one-time keys per window.
+#[tokio::test]
+async fn one_identity_takes_at_most_n_one_time_keys_of_a_target_with_fresh_device_ids() {
+    const PER_IDENTITY: u32 = 3;
+    let app = spawn_app_with(|settings| {
+        limited(OverLimit::WithoutOneTimePreKey)(settings);
+        settings.limits.bundle_request_window_secs = 600;
+        settings.limits.max_bundle_requests_per_identity = PER_IDENTITY;
+    })
+    .await;
+    let (target, mallory) = (device_id("victim"), user("mallory"));
+    done(
+        &register(&app, &target, 50).await,
+        MessageType::RegisterUser,
+        "victim",
+    );
+    let mut with_key = 0;
+    for n in 0..20 {
+        let device = device_of(&mallory, n);
+        done(
+            &register(&app, &device, 0).await,
+            MessageType::RegisterUser,
+            &device,
+        );
+        if fetch(&app, &device, &target).await == 1 {
+            with_key += 1;
+        }
+        done(
+            &app.ask(&device, CURVE, Request::DeleteUser).await.response,
+            MessageType::DeleteUser,
+            &device,
+        );
+    }
+    assert_eq!(with_key, PER_IDENTITY, "one-time keys mallory got");
+    assert_eq!(
+        stored_opk_ids(&app, &target).await,
+        50 - PER_IDENTITY as usize,
+        "the victim's keys left"
+    );
+    // Another account is counted apart.
+    let alice = device_of(&user("alice"), 1);
+    done(
+        &register(&app, &alice, 0).await,
+        MessageType::RegisterUser,
+        "alice",
+    );
+    assert_eq!(fetch(&app, &alice, &target).await, 1, "alice gets a key");
+    app.stop().await;
+}
+
+/// Past the limit a source gets a bundle without a one-time key, and the
+/// `Requests` table does not grow: only bundles served within the limit are
+/// recorded.
+#[tokio::test]
+async fn requests_over_the_limit_are_not_recorded() {
+    let app = spawn_app_with(limited(OverLimit::WithoutOneTimePreKey)).await;
+    let (source, target) = (device_id("source"), device_id("target"));
+    for (device, opks) in [(&target, 50), (&source, 0)] {
+        done(
+            &register(&app, device, opks).await,
+            MessageType::RegisterUser,
+            device,
+        );
+    }
+    let mut flags = Vec::new();
+    for _ in 0..30 {
+        flags.push(fetch(&app, &source, &target).await);
+    }
+    assert_eq!(flags.iter().filter(|flag| **flag == 1).count(), 5);
+    assert_eq!(flags.iter().filter(|flag| **flag == 0).count(), 25);
+    assert_eq!(app.probe.requests(CURVE).await.len(), 5, "rows recorded");
+    app.stop().await;
+}
+
+/// Rows per account are bounded across all targets: past
+/// `max_recorded_requests_per_identity` within a window, the account's devices
+/// (any of them) get bundles the over-limit way, and nothing more is recorded.
+#[tokio::test]
+async fn rows_per_source_are_bounded() {
+    const CAP: u32 = 4;
+    let app = spawn_app_with(|settings| {
+        limited(OverLimit::WithoutOneTimePreKey)(settings);
+        settings.limits.bundle_request_window_secs = 600;
+        settings.limits.max_recorded_requests_per_identity = CAP;
+    })
+    .await;
+    let targets: Vec<String> = (0..6).map(|_| device_id("target")).collect();
+    for target in &targets {
+        done(
+            &register(&app, target, 5).await,
+            MessageType::RegisterUser,
+            target,
+        );
+    }
+    let mallory = user("mallory");
+    let (first, second) = (device_of(&mallory, 1), device_of(&mallory, 2));
+    let alice = device_of(&user("alice"), 1);
+    for device in [&first, &second, &alice] {
+        done(
+            &register(&app, device, 0).await,
+            MessageType::RegisterUser,
+            device,
+        );
+    }
+    assert_eq!(fetch_all(&app, &first, &targets).await, [1, 1, 1, 1, 0, 0]);
+    for round in 0..5 {
+        for device in [&first, &second] {
+            let flags = fetch_all(&app, device, &targets).await;
+            assert_eq!(flags, [0; 6], "round {round}, {device}");
+        }
+    }
+    assert_eq!(recorded_by(&app, &mallory).await, CAP as usize);
+    assert_eq!(
+        fetch_all(&app, &alice, &targets).await,
+        [1, 1, 1, 1, 0, 0],
+        "another account has a budget of its own"
+    );
+    assert_eq!(app.probe.requests(CURVE).await.len(), 2 * CAP as usize);
+    app.stop().await;
+}
+
+/// The rows recorded for an identity are counted per window: in the next one,
+/// its devices get one-time keys again, up to the cap.
+#[tokio::test]
+async fn rows_per_identity_are_counted_afresh_in_each_window() {
+    let app = spawn_app_with(|settings| {
+        limited(OverLimit::WithoutOneTimePreKey)(settings);
+        settings.limits.max_recorded_requests_per_identity = 2;
+    })
+    .await;
+    let targets: Vec<String> = (0..3).map(|_| device_id("target")).collect();
+    for target in &targets {
+        done(
+            &register(&app, target, 5).await,
+            MessageType::RegisterUser,
+            target,
+        );
+    }
+    let source = device_of(&user("mallory"), 1);
+    done(
+        &register(&app, &source, 0).await,
+        MessageType::RegisterUser,
+        &source,
+    );
+    assert_eq!(fetch_all(&app, &source, &targets).await, [1, 1, 0]);
+    tokio::time::sleep(Duration::from_millis(WINDOW_SECS * 1_000 + 1_500)).await;
+    assert_eq!(fetch_all(&app, &source, &targets).await, [1, 1, 0]);
+    app.stop().await;
+}
+
+// --- Log lines ------------------------------------------------------------------------------
+
+/// `lime-server serve` as operators run it, at debug, its log written to a file.
+struct LoggingServer {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl LoggingServer {
+    fn start(limits: &str) -> LoggingServer {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, log) = (dir.path().join("lime.toml"), dir.path().join("log"));
+        std::fs::write(&config, format!("[limits]\n{limits}")).unwrap();
+        let child = std::process::Command::new(BIN)
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .args(["--plain-http", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .env("RUST_LOG", "lime_server=debug")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start lime-server serve");
+        // Killed when dropped, even if it never listens.
+        let mut server = LoggingServer {
+            child,
+            log,
+            url: String::new(),
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&server.log).unwrap_or_default();
+            let addr = text
+                .lines()
+                .filter(|line| line.contains("listening"))
+                .flat_map(str::split_whitespace)
+                .find_map(|field| field.strip_prefix("addr="));
+            if let Some(addr) = addr {
+                server.url = format!("http://{addr}/");
+                return server;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not listening:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    async fn ask(&self, sender: &str, request: Request) -> Response {
+        let client = lime_server::client::LimeClient::plain().unwrap();
+        let message = lime_protocol::RequestMessage {
+            curve: CURVE,
+            request,
+        };
+        client
+            .send(&self.url, sender, &message)
+            .await
+            .unwrap()
+            .response
+    }
+
+    /// The log lines that contain every one of `words`.
+    fn lines_with(&self, words: &[&str]) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap()
+            .lines()
+            .filter(|line| words.iter().all(|word| line.contains(word)))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for LoggingServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Operators see at debug every getPeerBundle and getSelfOPks, each bundle
+/// served without a one-time key or not served, and the limit that withheld
+/// one, with source and target.
+#[tokio::test]
+async fn bundle_requests_and_their_limits_are_logged_at_debug() {
+    for (mode, withheld) in [
+        (
+            "without_one_time_pre_key",
+            "bundle served without a one-time pre-key (",
+        ),
+        ("no_bundle", "no bundle (device unknown"),
+    ] {
+        let server = LoggingServer::start(&format!(
+            "max_bundle_requests = 1\nbundle_request_over_limit = \"{mode}\"\n"
+        ));
+        let (source, target, unknown) = (
+            device_id("source"),
+            device_id("target"),
+            device_id("unknown"),
+        );
+        for (device, opks) in [(&target, 5), (&source, 0)] {
+            let request = Request::RegisterUser(registration(CURVE, opks, 1));
+            done(
+                &server.ask(device, request).await,
+                MessageType::RegisterUser,
+                device,
+            );
+        }
+        let fetch = || Request::GetPeerBundle(vec![common::id(&target), common::id(&unknown)]);
+        for _ in 0..2 {
+            assert!(matches!(
+                server.ask(&source, fetch()).await,
+                Response::PeerBundles(_)
+            ));
+        }
+        let own = server.ask(&target, Request::GetSelfOneTimePreKeys).await;
+        assert_eq!(own, Response::SelfOneTimePreKeys(vec![2, 3, 4, 5]));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let answered = server.lines_with(&["DEBUG", "getPeerBundle answered", &source]);
+        assert_eq!(answered.len(), 2, "{mode}: {answered:?}");
+        assert_eq!(
+            server
+                .lines_with(&["DEBUG", withheld, &source, &target])
+                .len(),
+            1,
+            "{mode}"
+        );
+        assert_eq!(
+            server
+                .lines_with(&["DEBUG", "no bundle (device unknown", &source, &unknown])
+                .len(),
+            2,
+            "{mode}: the unknown device, twice"
+        );
+        let over = server.lines_with(&[
+            "DEBUG",
+            "over the limit",
+            "limit=limits.max_bundle_requests",
+            &source,
+            &target,
+        ]);
+        assert_eq!(over.len(), 1, "{mode}: {over:?}");
+        assert_eq!(
+            server
+                .lines_with(&["DEBUG", "getSelfOPks answered", &target])
+                .len(),
+            1,
+            "{mode}"
+        );
+    }
 }
 
 // --- Purge -------------------------------------------------------------------------------

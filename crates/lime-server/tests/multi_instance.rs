@@ -29,6 +29,8 @@ const CONCURRENCY: usize = 64;
 const MAX_BUNDLE_REQUESTS: u32 = 5;
 /// The window of that limit, in seconds: short, since the tests wait it out.
 const BUNDLE_REQUEST_WINDOW_SECS: u64 = 3;
+/// The device that fetches bundles in the test without a limit.
+const ASKER: &str = "sip:asker@example.org;gr=x";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_servers_on_one_mariadb_serve_each_one_time_key_once() {
@@ -74,6 +76,14 @@ async fn two_servers_serve_each_one_time_key_once(backend: Backend) {
         );
     }
 
+    // The asker is registered, as liblime registers a device before it fetches.
+    let message = RequestMessage {
+        curve,
+        request: Request::RegisterUser(registration(curve, 0, 1)),
+    };
+    let answer = client.send(&urls[0], ASKER, &message).await.unwrap();
+    assert_eq!(answer.response, Response::Done(MessageType::RegisterUser));
+
     // Each request asks for two targets, so that claims for one device race both
     // inside a server and across the two.
     let answers: Vec<Response> = stream::iter(0..REQUESTS)
@@ -89,11 +99,7 @@ async fn two_servers_serve_each_one_time_key_once(backend: Backend) {
                     curve,
                     request: Request::GetPeerBundle(devices),
                 };
-                client
-                    .send(&url, "sip:asker@example.org;gr=x", &message)
-                    .await
-                    .unwrap()
-                    .response
+                client.send(&url, ASKER, &message).await.unwrap().response
             }
         })
         .buffer_unordered(CONCURRENCY)
@@ -110,10 +116,7 @@ async fn two_servers_serve_each_one_time_key_once(backend: Backend) {
                 curve,
                 request: Request::GetPeerBundle(vec![id(target)]),
             };
-            let answer = client
-                .send(&urls[n % 2], "sip:asker@example.org;gr=x", &message)
-                .await
-                .unwrap();
+            let answer = client.send(&urls[n % 2], ASKER, &message).await.unwrap();
             let drained = matches!(&answer.response, Response::PeerBundles(bundles)
                 if bundles.iter().all(|entry| entry.flag() != 1));
             answers.push(answer.response);
@@ -188,7 +191,15 @@ async fn bundle_request_limit_shared_by_two_servers(over_limit: &str, over_limit
     let answer = client.send(&urls[0], &target, &message).await.unwrap();
     assert_eq!(answer.response, Response::Done(MessageType::RegisterUser));
 
-    let source = device_id("source");
+    let (source, other_source) = (device_id("source"), device_id("other-source"));
+    for device in [&source, &other_source] {
+        let message = RequestMessage {
+            curve,
+            request: Request::RegisterUser(registration(curve, 0, 1)),
+        };
+        let answer = client.send(&urls[1], device, &message).await.unwrap();
+        assert_eq!(answer.response, Response::Done(MessageType::RegisterUser));
+    }
     let fetch = |server: usize, source: String| {
         let (client, url, target) = (client.clone(), urls[server].clone(), target.clone());
         async move {
@@ -218,7 +229,7 @@ async fn bundle_request_limit_shared_by_two_servers(over_limit: &str, over_limit
             "fetch {n} (server {server}) is past the limit ({over_limit})"
         );
     }
-    let flag = fetch(0, device_id("other-source")).await;
+    let flag = fetch(0, other_source).await;
     assert_eq!(flag, 1, "another source is not counted with the first");
 
     tokio::time::sleep(
@@ -232,6 +243,73 @@ async fn bundle_request_limit_shared_by_two_servers(over_limit: &str, over_limit
             "once the window has passed, server {server} serves an OPk again"
         );
     }
+    drop(servers);
+    drop(databases);
+}
+
+/// One account fetches a target's bundle from ever new device ids of its own,
+/// each registered on one server and fetching on the other, alternately: both
+/// servers count the bundles of all its devices, and the account gets at most
+/// `max_bundle_requests_per_identity` one-time keys of the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_request_limit_per_identity_counts_every_device_of_an_account_on_both_servers() {
+    const PER_IDENTITY: usize = 3;
+    let curve = Curve::C25519;
+    let (databases, url) = TestDatabases::create(Backend::Mariadb, &Curve::ALL).await;
+    let url = url.expect("a database server URL");
+    let data_dir = tempfile::tempdir().unwrap();
+    let limits = format!(
+        "max_bundle_requests = {MAX_BUNDLE_REQUESTS}\n\
+         max_bundle_requests_per_identity = {PER_IDENTITY}\n"
+    );
+    let servers = start_two_servers(data_dir.path(), &url, &limits);
+    let urls = server_urls(&servers);
+    let client = LimeClient::plain().unwrap();
+    let send = |server: usize, sender: String, request: Request| {
+        let (client, url) = (client.clone(), urls[server].clone());
+        async move {
+            let message = RequestMessage { curve, request };
+            client.send(&url, &sender, &message).await.unwrap().response
+        }
+    };
+    let target = device_id("target");
+    let answer = send(
+        0,
+        target.clone(),
+        Request::RegisterUser(registration(curve, 40, 1)),
+    )
+    .await;
+    assert_eq!(answer, Response::Done(MessageType::RegisterUser));
+
+    let mallory = device_id("mallory");
+    let user = mallory.split(';').next().unwrap();
+    let mut with_key = 0;
+    for n in 0..12 {
+        let device = format!("{user};gr=urn:uuid:{n}");
+        let answer = send(
+            n % 2,
+            device.clone(),
+            Request::RegisterUser(registration(curve, 0, 1)),
+        )
+        .await;
+        assert_eq!(
+            answer,
+            Response::Done(MessageType::RegisterUser),
+            "{device}"
+        );
+        let answer = send(
+            1 - n % 2,
+            device.clone(),
+            Request::GetPeerBundle(vec![id(&target)]),
+        )
+        .await;
+        match answer {
+            Response::PeerBundles(bundles) if bundles[0].flag() == 1 => with_key += 1,
+            Response::PeerBundles(bundles) => assert_eq!(bundles[0].flag(), 0, "{device}"),
+            other => panic!("{device}: {other:?}"),
+        }
+    }
+    assert_eq!(with_key, PER_IDENTITY, "one-time keys the account got");
     drop(servers);
     drop(databases);
 }

@@ -93,6 +93,19 @@ async fn outage_mid_load_answers_db_error_then_recovers_without_restart(backend:
         );
         uploaded.extend((1..=OPKS_PER_TARGET).map(|opk_id| (target.clone(), opk_id)));
     }
+    // The devices that fetch bundles, registered as liblime registers first.
+    let askers = (0..IN_FLIGHT)
+        .map(|worker| format!("sip:asker{worker}@example.org;gr=x"))
+        .chain(["sip:asker@example.org;gr=x".to_owned()]);
+    for asker in askers {
+        let answer = ask(
+            &server,
+            &asker,
+            Request::RegisterUser(registration(CURVE, 0, 1)),
+        )
+        .await;
+        assert_eq!(answer, Response::Done(MessageType::RegisterUser), "{asker}");
+    }
 
     // Load, then the cut once a third of the keys are served: claims are under
     // way on every connection when it comes.

@@ -87,8 +87,21 @@ async fn self_opk_ids(app: &TestApp, curve: Curve, device: &str) -> Vec<u32> {
     }
 }
 
-/// getPeerBundle for `devices`; checks that the answer lists them in request order.
+/// Registers the device that asks for bundles, as liblime does before it fetches
+/// any (a source that is not registered gets `user_not_found`); once per curve.
+async fn register_asker(app: &TestApp, curve: Curve) {
+    let request = Request::RegisterUser(registration(curve, 0, 1));
+    match ask(app, ASKER, curve, request).await {
+        Response::Done(MessageType::RegisterUser) => {}
+        Response::Error(error) if error.code == ErrorCode::UserAlreadyIn => {}
+        other => panic!("{curve}: registering the asker: {other:?}"),
+    }
+}
+
+/// getPeerBundle for `devices` by the (registered) asker; checks that the answer
+/// lists them in request order.
 async fn peer_bundles(app: &TestApp, curve: Curve, devices: &[&str]) -> Vec<PeerBundle> {
+    register_asker(app, curve).await;
     let request = Request::GetPeerBundle(devices.iter().map(|device| id(device)).collect());
     match ask(app, ASKER, curve, request).await {
         Response::PeerBundles(bundles) => {

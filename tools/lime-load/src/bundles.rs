@@ -114,6 +114,7 @@ async fn load(args: &BundlesArgs, clients: Vec<LimeClient>, port: u16) -> Result
         sent: AtomicU64::new(0),
         start: Barrier::new(args.connections + 1),
     });
+    register_sender(&shared, &clients).await?;
     let tasks: Vec<_> = clients
         .into_iter()
         .map(|client| tokio::spawn(connection_task(shared.clone(), client)))
@@ -333,6 +334,30 @@ fn count_connections(port: u16) -> Result<usize> {
         }
     }
     Ok(count)
+}
+
+/// Registers the sender (a bundle's source must be a registered device); one
+/// registered by an earlier run is left as it is.
+async fn register_sender(shared: &Shared, clients: &[LimeClient]) -> Result<()> {
+    let client = clients.first().context("no connection")?;
+    let registration = crate::server_db::random_registration(
+        shared.curve,
+        0,
+        &mut StdRng::from_rng(&mut rand::rng()),
+    )?;
+    let message = RequestMessage {
+        curve: shared.curve,
+        request: Request::RegisterUser(registration),
+    };
+    match client
+        .send(&shared.url, &shared.sender, &message)
+        .await?
+        .response
+    {
+        Response::Done(_) => Ok(()),
+        Response::Error(error) if error.code == lime_protocol::ErrorCode::UserAlreadyIn => Ok(()),
+        other => bail!("registering the sender {}: {other:?}", shared.sender),
+    }
 }
 
 #[cfg(test)]

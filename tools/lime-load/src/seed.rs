@@ -73,6 +73,12 @@ pub fn run(args: &SeedArgs) -> Result<()> {
         );
     }
     eprintln!();
+    // The device the store-level runs ask as: a bundle's source must be registered.
+    conn.execute(
+        "INSERT OR IGNORE INTO Users (UserId, Ik, SPk, SPk_sig, SPk_id) \
+         SELECT ?1, Ik, SPk, SPk_sig, SPk_id FROM Users WHERE UserId = ?2",
+        params![crate::asker().as_str(), device_name(0)],
+    )?;
     // Leave a self-contained file (nothing pending in the WAL), ready to be copied.
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
     let size = std::fs::metadata(&path).map(|meta| meta.len()).unwrap_or(0);

@@ -132,7 +132,11 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// Random keys of `curve`'s sizes, with `opks` OPks of ids `1..=opks`.
-fn random_registration(curve: Curve, opks: u32, rng: &mut impl RngCore) -> Result<Registration> {
+pub(crate) fn random_registration(
+    curve: Curve,
+    opks: u32,
+    rng: &mut impl RngCore,
+) -> Result<Registration> {
     let mut bytes = |len: usize| {
         let mut out = vec![0; len];
         rng.fill_bytes(&mut out);
@@ -266,6 +270,13 @@ pub fn seed(args: &SeedDbArgs) -> Result<()> {
         let state = store::init(&location).await?;
         eprintln!("{location}: schema {state:?}");
         let store = open_store(&args.store, args.curve, args.connections as u32).await?;
+        // The device the store-level runs ask as: a bundle's source must be registered.
+        let registration =
+            random_registration(args.curve, 0, &mut StdRng::from_rng(&mut rand::rng()))?;
+        match store.register_device(asker(), registration).await {
+            Ok(_) | Err(StoreError::DeviceRegisteredWithOtherKeys) => {}
+            Err(error) => return Err(error.into()),
+        }
         let started = Instant::now();
         let (curve, opks) = (args.curve, args.opks_per_device);
         let states = (0..args.connections).map(|_| store.clone()).collect();

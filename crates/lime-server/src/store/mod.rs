@@ -22,7 +22,7 @@ use std::time::Duration;
 /// The version of this server's schema additions, kept in `Config` as
 /// `('lime_rs_schema', N)` beside the original's `('version', 1)`, which is left
 /// as it is so that the PHP server keeps working on a migrated database.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Most `Requests` rows one purge transaction deletes.
 pub const PURGE_CHUNK: u64 = 10_000;
@@ -163,11 +163,21 @@ pub struct StoreLimits {
     pub bundle_requests: Option<BundleRequestLimit>,
 }
 
-/// How many key bundles of one target device one source device may receive.
+/// How many key bundles of one target device a source may receive, counted per
+/// source device and per identity (`sip:user@domain`, the part of a device id
+/// before `;gr=`: an identity owns every device id with that prefix), and how
+/// many bundle requests one identity may have recorded in all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BundleRequestLimit {
-    /// Bundles within `window`.
+    /// Bundles of one target one source device may receive within `window`.
     pub max: u32,
+    /// Bundles of one target all the devices of one identity may receive within
+    /// `window`, however many device ids it registers or deletes.
+    pub max_per_identity: u32,
+    /// Bundle requests recorded in `Requests` for one identity within a window
+    /// (fixed, aligned on multiples of `window` since the epoch), across all
+    /// targets: what bounds the rows one account adds to the table.
+    pub max_recorded_per_identity: u32,
     /// The sliding window, counted by the database's clock in whole seconds.
     pub window: Duration,
     /// What a source past the limit gets.

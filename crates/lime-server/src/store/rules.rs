@@ -3,6 +3,7 @@
 //! MariaDB and PostgreSQL answer alike.
 
 use crate::store::{BundleRequestLimit, OverLimit, Registered, StoreError, StoreLimits};
+use crate::telemetry::clip;
 use lime_protocol::{
     Curve, DeviceId, IdentityKey, KeyBundle, OneTimePreKey, Registration, SignedPreKey,
     WrongKeyLength,
@@ -155,7 +156,8 @@ pub fn repeats(devices: &[DeviceId]) -> Vec<Option<usize>> {
 /// What a source gets of a target's bundle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grant {
-    /// The bundle, with a one-time pre-key when one is left.
+    /// The bundle, with a one-time pre-key when one is left; recorded in
+    /// `Requests` when the bundle request limit is on.
     Full,
     /// The bundle without a one-time pre-key.
     WithoutOneTimePreKey,
@@ -164,22 +166,126 @@ pub enum Grant {
 }
 
 impl Grant {
-    /// True when the bundle is served (and so recorded in `Requests`).
+    /// True when a bundle is served.
     pub fn is_served(self) -> bool {
         self != Grant::Refused
     }
 }
 
-/// The grant of a first occurrence, for a source that received `received`
-/// bundles of the target within the window.
-pub fn grant(received: u64, limit: Option<&BundleRequestLimit>) -> Grant {
-    match limit {
-        Some(limit) if received >= u64::from(limit.max) => match limit.over_limit {
-            OverLimit::WithoutOneTimePreKey => Grant::WithoutOneTimePreKey,
-            OverLimit::NoBundle => Grant::Refused,
-        },
-        _ => Grant::Full,
+/// The identity a source device acts for, as the bundle request limits count it:
+/// `sip:user@domain` for a GRUU, the device id itself for any other id (only
+/// possible with authentication off: an authenticated identity owns GRUUs only).
+#[derive(Debug, Clone)]
+pub struct SourceIdentity<'a> {
+    /// `sip:user@domain`, or the whole device id.
+    pub identity: &'a str,
+    /// Every device id the identity owns, when the source is a GRUU.
+    pub devices: Option<UserDevices<'a>>,
+}
+
+impl<'a> SourceIdentity<'a> {
+    /// The identity of `source`.
+    pub fn of(source: &'a DeviceId) -> SourceIdentity<'a> {
+        let devices = user_devices(source);
+        SourceIdentity {
+            identity: devices.as_ref().map_or(source.as_str(), |range| range.user),
+            devices,
+        }
     }
+
+    /// The key of the identity's row in `lime_rs_identity_requests`: the first 16
+    /// bytes of its SHA-256, so that identities of any length fit one key column.
+    pub fn key(&self) -> [u8; 16] {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.identity.as_bytes());
+        let mut key = [0; 16];
+        key.copy_from_slice(&digest[..16]);
+        key
+    }
+}
+
+/// The bundles of one target received within the window, as `Requests` records
+/// them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Received {
+    /// By the source device.
+    pub by_device: u64,
+    /// By all the devices of the source's identity (the source's included).
+    pub by_identity: u64,
+}
+
+/// The limit a source reached, named by its configuration key for log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitReached {
+    /// `limits.max_bundle_requests`: bundles of the target for the source device.
+    PerDevice,
+    /// `limits.max_bundle_requests_per_identity`: bundles of the target for the
+    /// source's identity.
+    PerIdentity,
+    /// `limits.max_recorded_requests_per_identity`: bundle requests recorded for
+    /// the source's identity, all targets.
+    RecordedPerIdentity,
+}
+
+impl LimitReached {
+    /// The configuration key of the limit.
+    pub fn key(self) -> &'static str {
+        match self {
+            LimitReached::PerDevice => "limits.max_bundle_requests",
+            LimitReached::PerIdentity => "limits.max_bundle_requests_per_identity",
+            LimitReached::RecordedPerIdentity => "limits.max_recorded_requests_per_identity",
+        }
+    }
+}
+
+/// The first limit a source past it has reached, if any: `received` bundles of
+/// the target, `recorded` requests of its identity in this window.
+pub fn limit_reached(
+    received: Received,
+    recorded: u64,
+    limit: &BundleRequestLimit,
+) -> Option<LimitReached> {
+    if received.by_device >= u64::from(limit.max) {
+        Some(LimitReached::PerDevice)
+    } else if received.by_identity >= u64::from(limit.max_per_identity) {
+        Some(LimitReached::PerIdentity)
+    } else if recorded >= u64::from(limit.max_recorded_per_identity) {
+        Some(LimitReached::RecordedPerIdentity)
+    } else {
+        None
+    }
+}
+
+/// The grant of a first occurrence of `target` for `source`, and the log line of
+/// a bundle withheld by a limit (debug: one per bundle, with source and target).
+pub fn grant(
+    source: &DeviceId,
+    target: &DeviceId,
+    received: Received,
+    recorded: u64,
+    limit: &BundleRequestLimit,
+) -> Grant {
+    let Some(reached) = limit_reached(received, recorded, limit) else {
+        return Grant::Full;
+    };
+    let grant = match limit.over_limit {
+        OverLimit::WithoutOneTimePreKey => Grant::WithoutOneTimePreKey,
+        OverLimit::NoBundle => Grant::Refused,
+    };
+    tracing::debug!(
+        source = %clip(source.as_str()),
+        target = %clip(target.as_str()),
+        limit = %reached.key(),
+        received_by_device = received.by_device,
+        received_by_identity = received.by_identity,
+        recorded_for_identity = recorded,
+        "bundle request over the limit: {}",
+        match grant {
+            Grant::Refused => "no bundle (no_bundle), not recorded",
+            _ => "bundle without a one-time pre-key, not recorded",
+        }
+    );
+    grant
 }
 
 /// The grant of a repeat of a device whose first occurrence got `first`: never a
@@ -266,20 +372,63 @@ mod tests {
     }
 
     #[test]
-    fn grants_follow_the_limit_and_repeats_follow_their_first() {
+    fn grants_follow_each_limit_and_repeats_follow_their_first() {
         let limit = |over_limit| BundleRequestLimit {
             max: 2,
+            max_per_identity: 3,
+            max_recorded_per_identity: 100,
             window: std::time::Duration::from_secs(10),
             over_limit,
         };
-        assert_eq!(grant(5, None), Grant::Full);
+        let (source, target) = (DeviceId::new("s").unwrap(), DeviceId::new("t").unwrap());
+        let received = |by_device, by_identity| Received {
+            by_device,
+            by_identity,
+        };
         let served = limit(OverLimit::WithoutOneTimePreKey);
-        assert_eq!(grant(1, Some(&served)), Grant::Full);
-        assert_eq!(grant(2, Some(&served)), Grant::WithoutOneTimePreKey);
+        let grant_of = |received, recorded, limit: &BundleRequestLimit| {
+            grant(&source, &target, received, recorded, limit)
+        };
+        assert_eq!(grant_of(received(1, 2), 99, &served), Grant::Full);
+        assert_eq!(
+            limit_reached(received(2, 2), 0, &served),
+            Some(LimitReached::PerDevice)
+        );
+        assert_eq!(
+            limit_reached(received(0, 3), 0, &served),
+            Some(LimitReached::PerIdentity)
+        );
+        assert_eq!(
+            limit_reached(received(0, 0), 100, &served),
+            Some(LimitReached::RecordedPerIdentity)
+        );
+        assert_eq!(
+            grant_of(received(2, 2), 0, &served),
+            Grant::WithoutOneTimePreKey
+        );
         let refused = limit(OverLimit::NoBundle);
-        assert_eq!(grant(2, Some(&refused)), Grant::Refused);
+        assert_eq!(grant_of(received(0, 3), 0, &refused), Grant::Refused);
+        assert_eq!(grant_of(received(0, 0), 100, &refused), Grant::Refused);
         assert_eq!(repeat_grant(Grant::Full), Grant::WithoutOneTimePreKey);
         assert_eq!(repeat_grant(Grant::Refused), Grant::Refused);
+    }
+
+    #[test]
+    fn a_gruu_counts_for_its_user_and_any_other_id_for_itself() {
+        let gruu = DeviceId::new("sip:alice@example.org;gr=urn:uuid:1").unwrap();
+        let other = DeviceId::new("sip:alice@example.org;gr=urn:uuid:2").unwrap();
+        let plain = DeviceId::new("alice").unwrap();
+        assert_eq!(SourceIdentity::of(&gruu).identity, "sip:alice@example.org");
+        assert_eq!(
+            SourceIdentity::of(&gruu).key(),
+            SourceIdentity::of(&other).key()
+        );
+        assert_eq!(SourceIdentity::of(&plain).identity, "alice");
+        assert!(SourceIdentity::of(&plain).devices.is_none());
+        assert_ne!(
+            SourceIdentity::of(&gruu).key(),
+            SourceIdentity::of(&plain).key()
+        );
     }
 
     #[test]

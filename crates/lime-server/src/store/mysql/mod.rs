@@ -66,6 +66,10 @@ pub struct MysqlStore {
     /// Whether the database has the table of claim tokens (not before `db
     /// migrate`); without it, a claim whose COMMIT goes unanswered may lose keys.
     claims_table: bool,
+    /// Whether the database has the table of bundle requests recorded per
+    /// identity (not before `db migrate` to version 3); without it,
+    /// `limits.max_recorded_requests_per_identity` is not enforced.
+    identities_table: bool,
     /// Claims whose COMMIT went unanswered, until settled.
     in_doubt: InDoubtClaims,
     /// This store, for the task that settles claims in doubt.
@@ -91,6 +95,9 @@ pub async fn open(
         .map_err(|error| fail(connect_failure(&error)))?;
     let ours = schema::check(&mut conn).await.map_err(&fail)?;
     let claims_table = schema::has_claims_table(&mut conn).await.map_err(&fail)?;
+    let identities_table = schema::has_identities_table(&mut conn)
+        .await
+        .map_err(&fail)?;
     match ours {
         None => tracing::warn!(
             location = %redact(url),
@@ -102,7 +109,10 @@ pub async fn open(
         Some(version) if version < crate::store::SCHEMA_VERSION => tracing::warn!(
             location = %redact(url),
             version,
-            "database schema is older than this server's; run `lime-server db migrate`"
+            "database schema is older than this server's (served anyway); run `lime-server db \
+             migrate`: until then bundle requests are counted without the index by target, \
+             and without the table lime_rs_identity_requests the rows one account adds to \
+             Requests are not bounded (limits.max_recorded_requests_per_identity)"
         ),
         Some(_) if !claims_table => tracing::warn!(
             location = %redact(url),
@@ -120,6 +130,7 @@ pub async fn open(
         pool,
         pool_size: options.pool_size.max(1),
         claims_table,
+        identities_table,
         in_doubt: InDoubtClaims::new(curve.name()),
         this: this.clone(),
     }))
@@ -559,7 +570,7 @@ impl KeyStore for MysqlStore {
         devices: Vec<DeviceId>,
     ) -> Result<Vec<PeerBundle>, StoreError> {
         let curve = self.curve;
-        let claims_table = self.claims_table;
+        let (claims_table, identities_table) = (self.claims_table, self.identities_table);
         let limit = self.limits.bundle_requests;
         self.purge_claim_tokens_when_due();
         let claimed = self
@@ -571,6 +582,7 @@ impl KeyStore for MysqlStore {
                         conn,
                         curve,
                         claims_table,
+                        identities_table,
                         request,
                     ))
                 },

@@ -13,8 +13,7 @@
 
 use super::Fault;
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled};
-use crate::store::rules::Grant;
-use crate::store::rules::{self, StoredDevice};
+use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
 use crate::store::{BundleRequestLimit, PURGE_CHUNK, Registered, StoreError, StoreLimits};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use sqlx::mysql::MySqlConnection;
@@ -239,9 +238,26 @@ pub(super) async fn claim_key_bundles(
     conn: &mut MySqlConnection,
     curve: Curve,
     claims_table: bool,
+    identities_table: bool,
     (limit, source, devices): &(Option<BundleRequestLimit>, DeviceId, Vec<DeviceId>),
 ) -> Result<(Vec<PeerBundle>, Claim), Fault> {
     let limit = limit.as_ref();
+    let identity = SourceIdentity::of(source);
+    // The identity's row first: it is locked until the end of the transaction,
+    // so that the claims of one identity take turns on every server and each
+    // counts what the others recorded (this is a locking statement: the
+    // transaction's snapshot is taken later, after the lock was granted).
+    // Before `db migrate` to version 3 there is no such table: the rows of an
+    // identity are then not capped (the server warned at start).
+    let counts_recorded = limit.is_some() && identities_table;
+    let mut recorded = match limit {
+        Some(limit) if counts_recorded => recorded_in_window(conn, &identity, limit).await?,
+        _ => 0,
+    };
+    let recorded_before = recorded;
+    // liblime registers a device before it fetches: a made-up source id would
+    // otherwise be a fresh budget under every limit counted per device.
+    find_uid(conn, source).await?;
     let repeats = rules::repeats(devices);
     let stored = find_devices(conn, devices).await?;
     let mut claimed = Vec::new();
@@ -251,10 +267,25 @@ pub(super) async fn claim_key_bundles(
         let device = stored
             .get(device_id.as_str())
             .filter(|device| device.signed_pre_key.is_some());
-        let grant = match (device, repeat) {
-            (None, _) => Grant::Refused,
-            (Some(_), Some(first)) => rules::repeat_grant(grants[first]),
-            (Some(_), None) => bundle_grant(conn, limit, source, device_id).await?,
+        let grant = match (device, repeat, limit) {
+            (None, _, _) => Grant::Refused,
+            (Some(_), Some(first), _) => rules::repeat_grant(grants[first]),
+            (Some(_), None, None) => Grant::Full,
+            (Some(_), None, Some(limit)) => {
+                let received = received(conn, limit, source, &identity, device_id).await?;
+                let grant = rules::grant(source, device_id, received, recorded, limit);
+                if grant == Grant::Full {
+                    sqlx::query("INSERT INTO Requests (source, target) VALUES (?, ?)")
+                        .bind(source.as_str())
+                        .bind(device_id.as_str())
+                        .execute(&mut *conn)
+                        .await?;
+                    if counts_recorded {
+                        recorded += 1;
+                    }
+                }
+                grant
+            }
         };
         grants.push(grant);
         let bundle = match device {
@@ -275,6 +306,13 @@ pub(super) async fn claim_key_bundles(
     }
     let ids: Vec<i64> = claimed.iter().map(|key| key.id).collect();
     delete_one_time_pre_keys(conn, &ids).await?;
+    if recorded != recorded_before {
+        sqlx::query("UPDATE lime_rs_identity_requests SET recorded = ? WHERE identity = ?")
+            .bind(recorded)
+            .bind(identity.key().as_slice())
+            .execute(&mut *conn)
+            .await?;
+    }
     let token = if claims_table && !claimed.is_empty() {
         let token = ClaimToken::new();
         sqlx::query("INSERT INTO lime_rs_claims (token) VALUES (?)")
@@ -294,35 +332,94 @@ pub(super) async fn claim_key_bundles(
     ))
 }
 
-/// What `source` gets of `target`'s bundle under `limit`; a bundle served is
-/// recorded in `Requests`, which every instance on this database counts.
-async fn bundle_grant(
+/// The device's `Uid`, or `user_not_found`.
+async fn find_uid(conn: &mut MySqlConnection, device: &DeviceId) -> Result<i64, Fault> {
+    let uid: Option<i32> = sqlx::query_scalar(
+        "SELECT Uid FROM Users WHERE UserId = ? AND OCTET_LENGTH(UserId) = ? ORDER BY Uid LIMIT 1",
+    )
+    .bind(device.as_str())
+    .bind(device.as_str().len() as u64)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(i64::from(uid.ok_or(StoreError::DeviceNotFound)?))
+}
+
+/// The bundle requests recorded for `identity` in the current window (fixed
+/// windows, aligned on multiples of the window since the epoch, by the
+/// database's clock), its row locked until the transaction ends; the row is
+/// started afresh in a new window. Assignments run left to right in MySQL:
+/// `recorded` is decided before `window_start` changes.
+async fn recorded_in_window(
     conn: &mut MySqlConnection,
-    limit: Option<&BundleRequestLimit>,
+    identity: &SourceIdentity<'_>,
+    limit: &BundleRequestLimit,
+) -> Result<u64, Fault> {
+    let key = identity.key();
+    sqlx::query(
+        "INSERT INTO lime_rs_identity_requests (identity, window_start, recorded) \
+         VALUES (?, UNIX_TIMESTAMP() DIV ? * ?, 0) \
+         ON DUPLICATE KEY UPDATE \
+         recorded = IF(window_start = VALUES(window_start), recorded, 0), \
+         window_start = VALUES(window_start)",
+    )
+    .bind(key.as_slice())
+    .bind(limit.window.as_secs())
+    .bind(limit.window.as_secs())
+    .execute(&mut *conn)
+    .await?;
+    let recorded: u32 = sqlx::query_scalar(
+        "SELECT recorded FROM lime_rs_identity_requests WHERE identity = ? FOR UPDATE",
+    )
+    .bind(key.as_slice())
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(u64::from(recorded))
+}
+
+/// The bundles of `target` that `source` and its identity received within the
+/// window, recorded by any instance on this database: one statement, served by
+/// the index on `Requests(target(100), source(100), at)` (the identity's
+/// devices are a range of `source`).
+async fn received(
+    conn: &mut MySqlConnection,
+    limit: &BundleRequestLimit,
     source: &DeviceId,
+    identity: &SourceIdentity<'_>,
     target: &DeviceId,
-) -> Result<Grant, Fault> {
-    let Some(window) = limit.map(|limit| limit.window) else {
-        return Ok(Grant::Full);
+) -> Result<Received, Fault> {
+    let window = limit.window.as_secs();
+    let Some(range) = &identity.devices else {
+        let by_device: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM Requests \
+             WHERE target = ? AND source = ? AND at > NOW() - INTERVAL ? SECOND",
+        )
+        .bind(target.as_str())
+        .bind(source.as_str())
+        .bind(window)
+        .fetch_one(&mut *conn)
+        .await?;
+        return Ok(Received {
+            by_device: by_device as u64,
+            by_identity: by_device as u64,
+        });
     };
-    let received: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM Requests \
-         WHERE source = ? AND target = ? AND at > NOW() - INTERVAL ? SECOND",
+    let row = sqlx::query(
+        "SELECT CAST(COALESCE(SUM(source = ?), 0) AS SIGNED), COUNT(*) FROM Requests \
+         WHERE target = ? AND source >= ? AND source < ? AND at > NOW() - INTERVAL ? SECOND",
     )
     .bind(source.as_str())
     .bind(target.as_str())
-    .bind(window.as_secs())
+    .bind(range.start)
+    .bind(&range.end)
+    .bind(window)
     .fetch_one(&mut *conn)
     .await?;
-    let grant = rules::grant(received as u64, limit);
-    if grant.is_served() {
-        sqlx::query("INSERT INTO Requests (source, target) VALUES (?, ?)")
-            .bind(source.as_str())
-            .bind(target.as_str())
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(grant)
+    let by_device: i64 = row.try_get(0)?;
+    let by_identity: i64 = row.try_get(1)?;
+    Ok(Received {
+        by_device: by_device as u64,
+        by_identity: by_identity as u64,
+    })
 }
 
 /// Deletes at most [`PURGE_CHUNK`] `Requests` rows older than `retention`.

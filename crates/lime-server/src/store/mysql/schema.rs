@@ -60,16 +60,34 @@ PRIMARY KEY(`token`),
 INDEX(`claimed_at`)
 ) ENGINE=InnoDB";
 
-/// Our index on bundle requests (version 2): the request limitation counts a
-/// source's requests for a target within a window. TEXT columns take a prefix.
-const REQUESTS_INDEX: &str = "Requests_source_target_at";
+/// Our index on bundle requests (version 3, in place of version 2's
+/// `Requests_source_target_at`): the request limitation counts a target's
+/// requests from a source device, and from all the devices of the source's
+/// identity (a range of `source`), within a window. TEXT columns take a prefix.
+const REQUESTS_INDEX: &str = "Requests_target_source_at";
 const REQUESTS_INDEX_DDL: &str =
-    "CREATE INDEX `Requests_source_target_at` ON Requests (`source`(100), `target`(100), `at`)";
+    "CREATE INDEX `Requests_target_source_at` ON Requests (`target`(100), `source`(100), `at`)";
+/// Version 2's index, dropped by `db migrate` once the new one is there.
+const OLD_REQUESTS_INDEX: &str = "Requests_source_target_at";
+
+/// Our table of bundle requests recorded per identity in the current window
+/// (version 3): one row per identity (the first 16 bytes of the SHA-256 of
+/// `sip:user@domain`), locked by a claim of that identity. The PHP server never
+/// reads it.
+const IDENTITIES_TABLE: &str = "lime_rs_identity_requests";
+const IDENTITIES_TABLE_DDL: &str = "CREATE TABLE IF NOT EXISTS `lime_rs_identity_requests` (
+`identity` BINARY(16) NOT NULL,
+`window_start` BIGINT NOT NULL,
+`recorded` INTEGER UNSIGNED NOT NULL,
+PRIMARY KEY(`identity`)
+) ENGINE=InnoDB";
 
 /// Step names, as `db migrate` reports them.
 const OPK_UNIQUE_STEP: &str = "unique index OPk(Uid, OPk_id)";
 const CLAIMS_TABLE_STEP: &str = "table lime_rs_claims";
-const REQUESTS_INDEX_STEP: &str = "index Requests(source, target, at)";
+const REQUESTS_INDEX_STEP: &str = "index Requests(target, source, at)";
+const OLD_REQUESTS_INDEX_STEP: &str = "drop index Requests(source, target, at)";
+const IDENTITIES_TABLE_STEP: &str = "table lime_rs_identity_requests";
 
 // No unique index on Users(UserId): a TEXT column can only have a prefix index
 // in MySQL, and devices of one long user name share their first 100 characters;
@@ -89,6 +107,7 @@ pub(super) async fn init(conn: &mut MySqlConnection) -> Result<SchemaState, Stri
     add_opk_unique_index(conn).await?;
     execute(conn, CLAIMS_TABLE_DDL).await?;
     execute(conn, REQUESTS_INDEX_DDL).await?;
+    execute(conn, IDENTITIES_TABLE_DDL).await?;
     execute(conn, config).await?;
     sqlx::query("INSERT INTO `Config` (`Name`, `Value`) VALUES ('version', ?), (?, ?)")
         .bind(LAYOUT_VERSION)
@@ -121,6 +140,18 @@ pub(super) async fn migrate(conn: &mut MySqlConnection) -> Result<Migration, Str
     if !has_index(conn, "Requests", REQUESTS_INDEX).await? {
         execute(conn, REQUESTS_INDEX_DDL).await?;
         applied.push(REQUESTS_INDEX_STEP.to_owned());
+    }
+    if has_index(conn, "Requests", OLD_REQUESTS_INDEX).await? {
+        execute(
+            conn,
+            &format!("DROP INDEX `{OLD_REQUESTS_INDEX}` ON Requests"),
+        )
+        .await?;
+        applied.push(OLD_REQUESTS_INDEX_STEP.to_owned());
+    }
+    if !has_identities_table(conn).await? {
+        execute(conn, IDENTITIES_TABLE_DDL).await?;
+        applied.push(IDENTITIES_TABLE_STEP.to_owned());
     }
     match ours {
         None => {
@@ -279,6 +310,12 @@ async fn add_opk_unique_index(conn: &mut MySqlConnection) -> Result<(), String> 
 /// Whether the table of claim tokens is there (not before `db migrate`).
 pub(super) async fn has_claims_table(conn: &mut MySqlConnection) -> Result<bool, String> {
     has_table(conn, crate::store::in_doubt::CLAIMS_TABLE).await
+}
+
+/// Whether the table of requests recorded per identity is there (not before `db
+/// migrate` to version 3).
+pub(super) async fn has_identities_table(conn: &mut MySqlConnection) -> Result<bool, String> {
+    has_table(conn, IDENTITIES_TABLE).await
 }
 
 async fn has_table(conn: &mut MySqlConnection, table: &str) -> Result<bool, String> {

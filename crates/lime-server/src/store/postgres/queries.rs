@@ -9,8 +9,7 @@
 
 use super::transaction::Failure;
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled, TOKEN_LIFETIME};
-use crate::store::rules::Grant;
-use crate::store::rules::{self, StoredDevice};
+use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
 use crate::store::{BundleRequestLimit, PURGE_CHUNK, Registered, StoreError, StoreLimits};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use sqlx::postgres::PgRow;
@@ -64,9 +63,39 @@ const CLAIM_ONE_TIME_PRE_KEY: &str = r#"DELETE FROM "OPk" WHERE "id" = (
 /// Beside a claim that took keys, in its transaction (see `store::in_doubt`).
 const COUNT_USER_DEVICES: &str = r#"SELECT COUNT(*) FROM "Users" WHERE starts_with("UserId", $1)"#;
 
+/// The bundles of target $1 that source $2 received within the window ($3
+/// seconds), served by the index on `(md5(target), md5(identity), at)` where
+/// the identity is what comes before `;gr=` (the whole id when there is none).
 const COUNT_BUNDLE_REQUESTS: &str = r#"SELECT COUNT(*) FROM "Requests"
-    WHERE md5("source") = md5($1) AND md5("target") = md5($2)
-    AND "source" = $1 AND "target" = $2 AND "at" > now() - make_interval(secs => $3)"#;
+    WHERE md5("target") = md5($1) AND md5(split_part("source", ';gr=', 1)) = md5(split_part($2, ';gr=', 1))
+    AND "target" = $1 AND "source" = $2 AND "at" > now() - make_interval(secs => $3)"#;
+
+/// The bundles of target $1 received within the window ($5 seconds) by source
+/// $2 and by all the devices of its identity $3 (the device ids that start with
+/// $4, `identity;gr=`), through the same index.
+const COUNT_IDENTITY_BUNDLE_REQUESTS: &str = r#"SELECT
+        COUNT(*) FILTER (WHERE "source" = $2), COUNT(*) FROM "Requests"
+    WHERE md5("target") = md5($1) AND md5(split_part("source", ';gr=', 1)) = md5($3)
+    AND "target" = $1 AND starts_with("source", $4) AND "at" > now() - make_interval(secs => $5)"#;
+
+/// The identity's row, started afresh in a new window (fixed windows, aligned on
+/// multiples of the window since the epoch, by the database's clock), locked
+/// until the transaction ends: the claims of one identity take turns on every
+/// server. Answers the requests recorded in the current window.
+const RECORDED_IN_WINDOW: &str = r#"INSERT INTO "lime_rs_identity_requests" AS row
+        ("identity", "window_start", "recorded")
+    VALUES ($1, floor(extract(epoch FROM now()) / $2)::bigint * $2, 0)
+    ON CONFLICT ("identity") DO UPDATE SET
+        "recorded" = CASE WHEN row."window_start" = EXCLUDED."window_start"
+            THEN row."recorded" ELSE 0 END,
+        "window_start" = EXCLUDED."window_start"
+    RETURNING "recorded""#;
+
+const UPDATE_RECORDED: &str =
+    r#"UPDATE "lime_rs_identity_requests" SET "recorded" = $2 WHERE "identity" = $1"#;
+
+const FIND_UID: &str =
+    r#"SELECT "Uid" FROM "Users" WHERE md5("UserId") = md5($1) AND "UserId" = $1"#;
 
 const INSERT_BUNDLE_REQUEST: &str =
     r#"INSERT INTO "Requests" ("source", "target") VALUES ($1, $2)"#;
@@ -294,6 +323,26 @@ pub(super) async fn claim_key_bundles(
     (limit, source, devices): &(Option<BundleRequestLimit>, DeviceId, Vec<DeviceId>),
 ) -> Result<(Vec<PeerBundle>, Claim), Failure> {
     let limit = limit.as_ref();
+    let identity = SourceIdentity::of(source);
+    let mut recorded = match limit {
+        Some(limit) => {
+            let recorded: i64 = sqlx::query_scalar(RECORDED_IN_WINDOW)
+                .bind(identity.key().as_slice())
+                .bind(limit.window.as_secs() as i64)
+                .fetch_one(&mut *conn)
+                .await?;
+            recorded as u64
+        }
+        None => 0,
+    };
+    let recorded_before = recorded;
+    // liblime registers a device before it fetches: a made-up source id would
+    // otherwise be a fresh budget under every limit counted per device.
+    sqlx::query(FIND_UID)
+        .bind(source.as_str())
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or(StoreError::DeviceNotFound)?;
     let repeats = rules::repeats(devices);
     let mut claimed = Vec::new();
     let mut grants = Vec::with_capacity(devices.len());
@@ -302,10 +351,23 @@ pub(super) async fn claim_key_bundles(
         let device = find_device(conn, device_id)
             .await?
             .filter(|device| device.signed_pre_key.is_some());
-        let grant = match (&device, repeat) {
-            (None, _) => Grant::Refused,
-            (Some(_), Some(first)) => rules::repeat_grant(grants[first]),
-            (Some(_), None) => bundle_grant(conn, limit, source, device_id).await?,
+        let grant = match (&device, repeat, limit) {
+            (None, _, _) => Grant::Refused,
+            (Some(_), Some(first), _) => rules::repeat_grant(grants[first]),
+            (Some(_), None, None) => Grant::Full,
+            (Some(_), None, Some(limit)) => {
+                let received = received(conn, limit, source, &identity, device_id).await?;
+                let grant = rules::grant(source, device_id, received, recorded, limit);
+                if grant == Grant::Full {
+                    sqlx::query(INSERT_BUNDLE_REQUEST)
+                        .bind(source.as_str())
+                        .bind(device_id.as_str())
+                        .execute(&mut *conn)
+                        .await?;
+                    recorded += 1;
+                }
+                grant
+            }
         };
         grants.push(grant);
         let bundle = match device {
@@ -323,6 +385,13 @@ pub(super) async fn claim_key_bundles(
             device_id: device_id.clone(),
             bundle,
         });
+    }
+    if recorded != recorded_before {
+        sqlx::query(UPDATE_RECORDED)
+            .bind(identity.key().as_slice())
+            .bind(recorded as i64)
+            .execute(&mut *conn)
+            .await?;
     }
     let token = if claims_table && !claimed.is_empty() {
         let token = ClaimToken::new();
@@ -343,32 +412,42 @@ pub(super) async fn claim_key_bundles(
     ))
 }
 
-/// What `source` gets of `target`'s bundle under `limit`; a bundle served is
-/// recorded in `Requests`, which every instance on this database counts.
-async fn bundle_grant(
+/// The bundles of `target` that `source` and its identity received within the
+/// window, recorded by any instance on this database.
+async fn received(
     conn: &mut PgConnection,
-    limit: Option<&BundleRequestLimit>,
+    limit: &BundleRequestLimit,
     source: &DeviceId,
+    identity: &SourceIdentity<'_>,
     target: &DeviceId,
-) -> Result<Grant, Failure> {
-    let Some(window) = limit.map(|limit| limit.window) else {
-        return Ok(Grant::Full);
+) -> Result<Received, Failure> {
+    let window = limit.window.as_secs_f64();
+    let Some(range) = &identity.devices else {
+        let by_device: i64 = sqlx::query_scalar(COUNT_BUNDLE_REQUESTS)
+            .bind(target.as_str())
+            .bind(source.as_str())
+            .bind(window)
+            .fetch_one(&mut *conn)
+            .await?;
+        return Ok(Received {
+            by_device: by_device as u64,
+            by_identity: by_device as u64,
+        });
     };
-    let received: i64 = sqlx::query_scalar(COUNT_BUNDLE_REQUESTS)
-        .bind(source.as_str())
+    let row = sqlx::query(COUNT_IDENTITY_BUNDLE_REQUESTS)
         .bind(target.as_str())
-        .bind(window.as_secs_f64())
+        .bind(source.as_str())
+        .bind(range.user)
+        .bind(range.start)
+        .bind(window)
         .fetch_one(&mut *conn)
         .await?;
-    let grant = rules::grant(received as u64, limit);
-    if grant.is_served() {
-        sqlx::query(INSERT_BUNDLE_REQUEST)
-            .bind(source.as_str())
-            .bind(target.as_str())
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(grant)
+    let by_device: i64 = row.try_get(0)?;
+    let by_identity: i64 = row.try_get(1)?;
+    Ok(Received {
+        by_device: by_device as u64,
+        by_identity: by_identity as u64,
+    })
 }
 
 /// Deletes at most [`PURGE_CHUNK`] `Requests` rows older than `retention`.

@@ -62,7 +62,7 @@ struct Step {
     sql: &'static str,
 }
 
-const STEPS: [Step; 4] = [
+const STEPS: [Step; 5] = [
     Step {
         name: "unique index Users(md5(UserId))",
         relation: r#""Users_UserId_md5""#,
@@ -84,12 +84,26 @@ const STEPS: [Step; 4] = [
 );
 CREATE INDEX IF NOT EXISTS "lime_rs_claims_claimed_at" ON "lime_rs_claims" ("claimed_at")"#,
     },
-    // Version 2: bundle requests counted per (source, target) within a window.
-    // Hashed, as device ids can be longer than a B-tree entry may be.
+    // Version 3 (in place of version 2's index on (md5(source), md5(target),
+    // at)): a target's bundle requests counted per source device and per
+    // identity of the source (what comes before ';gr=') within a window. Hashed,
+    // as device ids can be longer than a B-tree entry may be.
     Step {
-        name: "index Requests(md5(source), md5(target), at)",
-        relation: r#""Requests_source_target_at""#,
-        sql: r#"CREATE INDEX IF NOT EXISTS "Requests_source_target_at" ON "Requests" (md5("source"), md5("target"), "at")"#,
+        name: "index Requests(md5(target), md5(identity of source), at)",
+        relation: r#""Requests_target_identity_at""#,
+        sql: r#"CREATE INDEX IF NOT EXISTS "Requests_target_identity_at" ON "Requests" (md5("target"), md5(split_part("source", ';gr=', 1)), "at");
+DROP INDEX IF EXISTS "Requests_source_target_at""#,
+    },
+    // Version 3: bundle requests recorded per identity (the first 16 bytes of
+    // the SHA-256 of `sip:user@domain`) in the current window.
+    Step {
+        name: "table lime_rs_identity_requests",
+        relation: r#""lime_rs_identity_requests""#,
+        sql: r#"CREATE TABLE IF NOT EXISTS "lime_rs_identity_requests" (
+    "identity" BYTEA PRIMARY KEY CHECK (octet_length("identity") = 16),
+    "window_start" BIGINT NOT NULL,
+    "recorded" BIGINT NOT NULL
+)"#,
     },
 ];
 

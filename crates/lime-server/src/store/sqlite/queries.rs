@@ -2,7 +2,7 @@
 //! it opened (see `mod.rs`). Functions here never commit: they succeed, or fail
 //! and leave their savepoint to be rolled back.
 
-use crate::store::rules::{self, Grant, StoredDevice};
+use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
 use crate::store::{BundleRequestLimit, PURGE_CHUNK, Registered, StoreError, StoreLimits};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -135,6 +135,15 @@ pub(super) fn claim_key_bundles(
     source: &DeviceId,
     devices: Vec<DeviceId>,
 ) -> Result<Vec<PeerBundle>, StoreError> {
+    // liblime registers a device before it fetches: a made-up source id would
+    // otherwise be a fresh budget under every limit counted per device.
+    find_uid(conn, source)?;
+    let identity = SourceIdentity::of(source);
+    let mut recorded = match limit {
+        Some(limit) => recorded_in_window(conn, &identity, limit)?,
+        None => 0,
+    };
+    let recorded_before = recorded;
     let repeats = rules::repeats(&devices);
     let mut claim = conn.prepare_cached(
         "DELETE FROM OPk WHERE id = (SELECT id FROM OPk WHERE Uid = ?1 LIMIT 1) RETURNING OPk, OPk_id",
@@ -143,10 +152,20 @@ pub(super) fn claim_key_bundles(
     let mut bundles = Vec::with_capacity(devices.len());
     for (device_id, repeat) in devices.into_iter().zip(repeats) {
         let device = find_device(conn, &device_id)?.filter(|d| d.signed_pre_key.is_some());
-        let grant = match (&device, repeat) {
-            (None, _) => Grant::Refused,
-            (Some(_), Some(first)) => rules::repeat_grant(grants[first]),
-            (Some(_), None) => bundle_grant(conn, limit, source, &device_id)?,
+        let grant = match (&device, repeat, limit) {
+            (None, _, _) => Grant::Refused,
+            (Some(_), Some(first), _) => rules::repeat_grant(grants[first]),
+            (Some(_), None, None) => Grant::Full,
+            (Some(_), None, Some(limit)) => {
+                let received = received(conn, limit, source, &identity, &device_id)?;
+                let grant = rules::grant(source, &device_id, received, recorded, limit);
+                if grant == Grant::Full {
+                    conn.prepare_cached("INSERT INTO Requests (source, target) VALUES (?1, ?2)")?
+                        .execute(params![source.as_str(), device_id.as_str()])?;
+                    recorded += 1;
+                }
+                grant
+            }
         };
         grants.push(grant);
         let bundle = match device {
@@ -164,39 +183,82 @@ pub(super) fn claim_key_bundles(
         };
         bundles.push(PeerBundle { device_id, bundle });
     }
+    if recorded != recorded_before {
+        conn.prepare_cached(
+            "UPDATE lime_rs_identity_requests SET recorded = ?1 WHERE identity = ?2",
+        )?
+        .execute(params![recorded, identity.key()])?;
+    }
     Ok(bundles)
 }
 
-/// What `source` gets of `target`'s bundle under `limit`; a bundle served is
-/// recorded in `Requests`.
-fn bundle_grant(
+/// The bundle requests recorded for `identity` in the current window (fixed
+/// windows, aligned on multiples of the window since the epoch, by the
+/// database's clock); its row is started afresh in a new window.
+fn recorded_in_window(
     conn: &Connection,
-    limit: Option<&BundleRequestLimit>,
-    source: &DeviceId,
-    target: &DeviceId,
-) -> Result<Grant, StoreError> {
-    let Some(window) = limit.map(|limit| limit.window) else {
-        return Ok(Grant::Full);
-    };
-    let received: u64 = conn
+    identity: &SourceIdentity<'_>,
+    limit: &BundleRequestLimit,
+) -> Result<u64, StoreError> {
+    let recorded = conn
         .prepare_cached(
-            "SELECT COUNT(*) FROM Requests \
-             WHERE source = ?1 AND target = ?2 AND at > datetime('now', ?3)",
+            "INSERT INTO lime_rs_identity_requests (identity, window_start, recorded) \
+             VALUES (?1, (CAST(strftime('%s', 'now') AS INTEGER) / ?2) * ?2, 0) \
+             ON CONFLICT (identity) DO UPDATE SET \
+             recorded = CASE WHEN window_start = excluded.window_start THEN recorded ELSE 0 END, \
+             window_start = excluded.window_start \
+             RETURNING recorded",
+        )?
+        .query_row(params![identity.key(), limit.window.as_secs()], |row| {
+            row.get(0)
+        })?;
+    Ok(recorded)
+}
+
+/// The bundles of `target` that `source` and its identity received within the
+/// window: one statement, served by the index on `Requests(target, source, at)`
+/// (the identity's devices are a range of `source`).
+fn received(
+    conn: &Connection,
+    limit: &BundleRequestLimit,
+    source: &DeviceId,
+    identity: &SourceIdentity<'_>,
+    target: &DeviceId,
+) -> Result<Received, StoreError> {
+    let since = format!("-{} seconds", limit.window.as_secs());
+    let Some(range) = &identity.devices else {
+        let by_device: u64 = conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM Requests \
+                 WHERE target = ?1 AND source = ?2 AND at > datetime('now', ?3)",
+            )?
+            .query_row(params![target.as_str(), source.as_str(), since], |row| {
+                row.get(0)
+            })?;
+        return Ok(Received {
+            by_device,
+            by_identity: by_device,
+        });
+    };
+    let (by_device, by_identity) = conn
+        .prepare_cached(
+            "SELECT COALESCE(SUM(source = ?2), 0), COUNT(*) FROM Requests \
+             WHERE target = ?1 AND source >= ?3 AND source < ?4 AND at > datetime('now', ?5)",
         )?
         .query_row(
             params![
-                source.as_str(),
                 target.as_str(),
-                format!("-{} seconds", window.as_secs())
+                source.as_str(),
+                range.start,
+                range.end,
+                since
             ],
-            |row| row.get(0),
+            |row| Ok((row.get(0)?, row.get(1)?)),
         )?;
-    let grant = rules::grant(received, limit);
-    if grant.is_served() {
-        conn.prepare_cached("INSERT INTO Requests (source, target) VALUES (?1, ?2)")?
-            .execute(params![source.as_str(), target.as_str()])?;
-    }
-    Ok(grant)
+    Ok(Received {
+        by_device,
+        by_identity,
+    })
 }
 
 /// Deletes at most [`PURGE_CHUNK`] `Requests` rows older than `retention`.

@@ -37,8 +37,11 @@ INSERT INTO Config (Name, Value) VALUES ('version', 1);
 ";
 
 /// Our additions, each idempotent, with the schema version that brought it: one
-/// device per id, one key per (device, id), bundle requests counted by index.
-const ADDITIONS: [(i64, &str, &str); 3] = [
+/// device per id, one key per (device, id), bundle requests counted by index
+/// (version 3: per target first, so that a target's requests from all the
+/// devices of one identity, a range of `source`, are one index range), and the
+/// bundle requests recorded per identity in the current window.
+const ADDITIONS: [(i64, &str, &str); 5] = [
     (
         1,
         "unique index Users(UserId)",
@@ -53,6 +56,21 @@ const ADDITIONS: [(i64, &str, &str); 3] = [
         2,
         "index Requests(source, target, at)",
         "CREATE INDEX IF NOT EXISTS Requests_source_target_at ON Requests(source, target, at)",
+    ),
+    (
+        3,
+        "index Requests(target, source, at) in place of Requests(source, target, at)",
+        "CREATE INDEX IF NOT EXISTS Requests_target_source_at ON Requests(target, source, at);
+         DROP INDEX IF EXISTS Requests_source_target_at",
+    ),
+    (
+        3,
+        "table lime_rs_identity_requests",
+        "CREATE TABLE IF NOT EXISTS lime_rs_identity_requests (
+             identity BLOB NOT NULL PRIMARY KEY,
+             window_start INTEGER NOT NULL,
+             recorded INTEGER NOT NULL
+         ) WITHOUT ROWID",
     ),
 ];
 
@@ -180,16 +198,48 @@ mod tests {
     fn a_database_of_schema_1_is_brought_up_to_date_on_open() {
         let conn = Connection::open_in_memory().unwrap();
         assert_eq!(ensure_schema(&conn).unwrap(), SchemaState::Created);
-        // What the previous release left: schema 1, without the Requests index.
+        // What the first release left: schema 1, without the Requests index.
         conn.execute_batch(
-            "DROP INDEX Requests_source_target_at;
+            "DROP INDEX Requests_target_source_at;
+             DROP TABLE lime_rs_identity_requests;
              UPDATE Config SET Value = 1 WHERE Name = 'lime_rs_schema';",
         )
         .unwrap();
         assert_eq!(ensure_schema(&conn).unwrap(), SchemaState::Present);
         assert_eq!(versions(&conn).unwrap(), (Some(1), Some(SCHEMA_VERSION)));
-        assert!(index_names(&conn).contains(&"Requests_source_target_at".to_owned()));
+        assert!(index_names(&conn).contains(&"Requests_target_source_at".to_owned()));
+        assert!(!index_names(&conn).contains(&"Requests_source_target_at".to_owned()));
+        assert!(has_table(&conn, "lime_rs_identity_requests"));
         assert_eq!(migrate(&conn).unwrap(), Migration::default());
+    }
+
+    fn has_table(conn: &Connection, name: &str) -> bool {
+        conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+            [name],
+            |row| row.get(0),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_database_of_schema_2_gets_the_index_by_target_and_the_table_of_identities_on_open() {
+        let conn = Connection::open_in_memory().unwrap();
+        ensure_schema(&conn).unwrap();
+        // What the previous release left: schema 2.
+        conn.execute_batch(
+            "DROP INDEX Requests_target_source_at;
+             DROP TABLE lime_rs_identity_requests;
+             CREATE INDEX Requests_source_target_at ON Requests(source, target, at);
+             UPDATE Config SET Value = 2 WHERE Name = 'lime_rs_schema';",
+        )
+        .unwrap();
+        assert_eq!(ensure_schema(&conn).unwrap(), SchemaState::Present);
+        assert_eq!(versions(&conn).unwrap(), (Some(1), Some(SCHEMA_VERSION)));
+        let indexes = index_names(&conn);
+        assert!(indexes.contains(&"Requests_target_source_at".to_owned()));
+        assert!(!indexes.contains(&"Requests_source_target_at".to_owned()));
+        assert!(has_table(&conn, "lime_rs_identity_requests"));
     }
 
     #[test]
