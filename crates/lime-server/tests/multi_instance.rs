@@ -314,7 +314,92 @@ async fn bundle_request_limit_per_identity_counts_every_device_of_an_account_on_
     drop(databases);
 }
 
-/// Starts two `lime-server serve` processes on the databases at `url` (plain HTTP,
+/// The devices of one account fetch a target's bundle all at once, half through
+/// each server: the identity's row lock makes their claims take turns, so the
+/// account still gets exactly `max_bundle_requests_per_identity` keys, and no
+/// request fails (MariaDB and PostgreSQL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_claims_of_one_account_on_two_servers_stay_within_its_limit() {
+    for backend in [Backend::Mariadb, Backend::Postgres] {
+        concurrent_claims_of_one_account_stay_within_its_limit(backend).await;
+    }
+}
+
+async fn concurrent_claims_of_one_account_stay_within_its_limit(backend: Backend) {
+    const PER_IDENTITY: usize = 3;
+    const DEVICES: usize = 8;
+    let curve = Curve::C25519;
+    let (databases, url) = TestDatabases::create(backend, &Curve::ALL).await;
+    let url = url.expect("a database server URL");
+    let data_dir = tempfile::tempdir().unwrap();
+    let limits = format!(
+        "max_bundle_requests = {MAX_BUNDLE_REQUESTS}\n\
+         max_bundle_requests_per_identity = {PER_IDENTITY}\n"
+    );
+    let servers = start_two_servers(data_dir.path(), &url, &limits);
+    let urls = server_urls(&servers);
+    let client = LimeClient::plain().unwrap();
+    let send = |server: usize, sender: String, request: Request| {
+        let (client, url) = (client.clone(), urls[server % 2].clone());
+        async move {
+            let message = RequestMessage { curve, request };
+            client.send(&url, &sender, &message).await.unwrap().response
+        }
+    };
+    let target = device_id("target");
+    let answer = send(
+        0,
+        target.clone(),
+        Request::RegisterUser(registration(curve, 40, 1)),
+    )
+    .await;
+    assert_eq!(answer, Response::Done(MessageType::RegisterUser));
+    let mallory = device_id("mallory");
+    let user = mallory.split(';').next().unwrap();
+    let devices: Vec<String> = (0..DEVICES)
+        .map(|n| format!("{user};gr=urn:uuid:{n}"))
+        .collect();
+    for (n, device) in devices.iter().enumerate() {
+        let answer = send(
+            n,
+            device.clone(),
+            Request::RegisterUser(registration(curve, 0, 1)),
+        )
+        .await;
+        assert_eq!(
+            answer,
+            Response::Done(MessageType::RegisterUser),
+            "{device}"
+        );
+    }
+    let answers: Vec<Response> = stream::iter(0..4 * DEVICES)
+        .map(|n| {
+            send(
+                n,
+                devices[n % DEVICES].clone(),
+                Request::GetPeerBundle(vec![id(&target)]),
+            )
+        })
+        .buffer_unordered(4 * DEVICES)
+        .collect()
+        .await;
+    let mut with_key = 0;
+    for answer in answers {
+        match answer {
+            Response::PeerBundles(bundles) if bundles[0].flag() == 1 => with_key += 1,
+            Response::PeerBundles(bundles) => assert_eq!(bundles[0].flag(), 0, "{backend:?}"),
+            other => panic!("{backend:?}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        with_key, PER_IDENTITY,
+        "{backend:?}: one-time keys the account got"
+    );
+    drop(servers);
+    drop(databases);
+}
+
+/// Starts two `lime-server serve` processes/// Starts two `lime-server serve` processes on the databases at `url` (plain HTTP,
 /// data directory `dir`), their config file holding `limits` as its `[limits]`.
 fn start_two_servers(dir: &Path, url: &str, limits: &str) -> Vec<ServerProcess> {
     let config = dir.join("lime-server.toml");
