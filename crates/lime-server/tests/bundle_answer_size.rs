@@ -15,8 +15,24 @@ use lime_server::client::LimeClient;
 /// The group size the default must serve on every curve.
 const GROUP: usize = 5_000;
 
-/// Registers `count` devices on `curve` (one OPk each), a few at a time.
+/// The device that asks for the group's bundles.
+const ASKER: &str = "sip:asker@example.org;gr=urn:uuid:asker";
+
+/// Registers `count` devices on `curve` (one OPk each), a few at a time, and the
+/// asker (without OPks: a getPeerBundle's source must be registered).
 async fn register_group(app: &TestApp, curve: Curve, count: usize) -> Vec<String> {
+    let answer = app
+        .ask(
+            ASKER,
+            curve,
+            Request::RegisterUser(registration(curve, 0, 1)),
+        )
+        .await;
+    assert!(
+        matches!(answer.response, Response::Done(_)),
+        "{curve}: register the asker: {:?}",
+        answer.response
+    );
     let devices: Vec<String> = (0..count).map(|_| device_id("member")).collect();
     futures::stream::iter(devices.iter())
         .for_each_concurrent(32, |device| async move {
@@ -45,13 +61,7 @@ async fn a_group_of_5000_is_served_whole(curve: Curve) {
     .await;
     let group = register_group(&app, curve, GROUP).await;
     let asked = group.iter().map(|device| id(device)).collect();
-    let answer = app
-        .ask(
-            "sip:asker@example.org;gr=urn:uuid:asker",
-            curve,
-            Request::GetPeerBundle(asked),
-        )
-        .await;
+    let answer = app.ask(ASKER, curve, Request::GetPeerBundle(asked)).await;
     let Response::PeerBundles(bundles) = answer.response else {
         panic!("{curve}: expected peerBundle, got {:?}", answer.response);
     };
@@ -83,13 +93,7 @@ async fn a_bundle_request_whose_answer_could_pass_the_bound_is_refused_and_claim
     let curve = Curve::C448Mlk1024;
     let group = register_group(&app, curve, 4).await;
     let four = group.iter().map(|device| id(device)).collect();
-    let answer = app
-        .ask(
-            "sip:asker@example.org;gr=urn:uuid:asker",
-            curve,
-            Request::GetPeerBundle(four),
-        )
-        .await;
+    let answer = app.ask(ASKER, curve, Request::GetPeerBundle(four)).await;
     match answer.response {
         Response::Error(error) => {
             assert_eq!(error.code, ErrorCode::ResourceLimitReached);
@@ -108,13 +112,7 @@ async fn a_bundle_request_whose_answer_could_pass_the_bound_is_refused_and_claim
     );
     // Three fit, whatever their keys: served.
     let three = group[..3].iter().map(|device| id(device)).collect();
-    let answer = app
-        .ask(
-            "sip:asker@example.org;gr=urn:uuid:asker",
-            curve,
-            Request::GetPeerBundle(three),
-        )
-        .await;
+    let answer = app.ask(ASKER, curve, Request::GetPeerBundle(three)).await;
     assert!(
         matches!(answer.response, Response::PeerBundles(ref bundles) if bundles.len() == 3),
         "{:?}",
@@ -146,7 +144,7 @@ async fn the_refusal_of_a_too_large_bundle_request_names_the_limit_in_the_log() 
         curve: Curve::C448Mlk1024,
         request: Request::GetPeerBundle(asked),
     };
-    let sender = "sip:asker@example.org;gr=urn:uuid:asker";
+    let sender = ASKER;
     let answer = LimeClient::plain()
         .unwrap()
         .send(&format!("http://{}/", server.addr), sender, &message)
