@@ -48,8 +48,8 @@ grep -qxF "$data_dir_line" "$example" || {
     log "$example has no line '$data_dir_line' to point at /var/lib/lime-server"
     exit 1
 }
-sed -e "s|^$data_dir_line\$|data_dir = \"/var/lib/lime-server\"|" \
-    -e 's|with SQLite databases in ./lime-data\.|with SQLite databases in /var/lib/lime-server.|' \
+sed -e "s|^$data_dir_line\$|# The packaged service's data directory (without a config file: \"lime-data\").\\
+data_dir = \"/var/lib/lime-server\"|" \
     "$example" >"$staging/lime-server.toml"
 grep -qx 'data_dir = "/var/lib/lime-server"' "$staging/lime-server.toml"
 "$target_dir/release/lime-server" --config "$staging/lime-server.toml" check-config >&2
@@ -58,7 +58,7 @@ grep -qx 'data_dir = "/var/lib/lime-server"' "$staging/lime-server.toml"
 strip --strip-all -o "$staging/lime-server" "$target_dir/release/lime-server"
 
 log "building the .deb"
-cargo deb -p lime-server --no-build >&2
+cargo deb -p lime-server --no-build --strip >&2
 deb=$(ls -t "$target_dir"/debian/lime-server_*.deb | head -n 1)
 log "building the .rpm"
 cargo generate-rpm -p crates/lime-server >&2
