@@ -5,8 +5,8 @@
 # user with the installed config (registerUser + getPeerBundle over HTTPS, and
 # the systemd READY/STOPPING notifications), checks that reinstalling keeps an
 # edited config, verifies the unit, removes the package (the data directory stays),
-# purges it (it goes), and lists the RPM's files. Leaves the machine as it found
-# it, also on failure.
+# purges it (it goes), and reads the RPM (files, modes, config files, license,
+# scriptlets). Leaves the machine as it found it, also on failure.
 # Usage: scripts/test-packages.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -198,17 +198,44 @@ dpkg --purge lime-server
 [ ! -e /etc/systemd/system/multi-user.target.wants/lime-server.service ] \
     || fail "the unit is still enabled after dpkg -P"
 
-log "rpm -qlp $(basename "$rpm_file")"
-rpm -qlp "$rpm_file" >"$work/rpm-files"
+log "rpm -qp $(basename "$rpm_file")"
+# rpm queries with its database in $work: Debian's rpm would make ~/.rpmdb.
+rpmq() { rpm --dbpath "$work/rpmdb" -qp "$@" "$rpm_file" 2>/dev/null; }
+rpmq -l >"$work/rpm-files"
 cat "$work/rpm-files" >&2
-for path in /usr/bin/lime-server "$config" /usr/lib/systemd/system/lime-server.service \
-    /etc/logrotate.d/lime-server /usr/share/licenses/lime-server/LICENSE \
-    /usr/share/doc/lime-server/operators.md; do
+for path in /usr/bin/lime-server /etc/lime-server "$config" \
+    /usr/lib/systemd/system/lime-server.service /etc/logrotate.d/lime-server \
+    /usr/share/licenses/lime-server/LICENSE /usr/share/doc/lime-server/operators.md \
+    /usr/share/doc/lime-server/examples/lime-server.example.toml; do
     grep -qx "$path" "$work/rpm-files" || fail "the RPM lacks $path"
 done
-rpm_config=$(rpm -qp --configfiles "$rpm_file" 2>/dev/null)
-grep -qx "$config" <<<"$rpm_config" || fail "$config is not a config file of the RPM"
-rpm_scripts=$(rpm -qp --scripts "$rpm_file" 2>/dev/null)
-grep -q "useradd --system" <<<"$rpm_scripts" || fail "the RPM does not create the lime-server user"
+# Mode, owner and group of each file, as rpm would install them.
+rpm_modes=$(rpmq --queryformat '[%{FILEMODES:perms} %{FILEUSERNAME}:%{FILEGROUPNAME} %{FILENAMES}\n]')
+for expected in "-rwxr-xr-x root:root /usr/bin/lime-server" \
+    "drwxr-xr-x root:root /etc/lime-server" \
+    "-rw-r--r-- root:root $config" \
+    "-rw-r--r-- root:root /usr/lib/systemd/system/lime-server.service"; do
+    grep -qxF -- "$expected" <<<"$rpm_modes" \
+        || fail "the RPM does not hold '$expected': $(grep -F "${expected##* }" <<<"$rpm_modes")"
+done
+rpm_licenses=$(rpmq --licensefiles)
+grep -qx /usr/share/licenses/lime-server/LICENSE <<<"$rpm_licenses" \
+    || fail "the RPM does not mark its LICENSE as %license"
+rpm_config=$(rpmq --configfiles)
+for path in "$config" /etc/logrotate.d/lime-server; do
+    grep -qx "$path" <<<"$rpm_config" || fail "$path is not a config file of the RPM"
+done
+# %config(noreplace): the flag shows as "n" in the file flags (%{FILEFLAGS:fflags}).
+rpm_flags=$(rpmq --queryformat '[%{FILEFLAGS:fflags} %{FILENAMES}\n]')
+grep -qx "cn $config" <<<"$rpm_flags" || fail "$config is not %config(noreplace): $(grep -F "$config" <<<"$rpm_flags")"
+rpm_scripts=$(rpmq --scripts)
+for needed_line in "useradd --system" "install -d -o lime-server -g lime-server -m 0750 /var/lib/lime-server"; do
+    grep -qF -- "$needed_line" <<<"$rpm_scripts" || fail "the RPM's scriptlets lack '$needed_line'"
+done
+# As usual on RPM systems, installing neither enables nor starts the service (the
+# comments, which tell how to, aside).
+rpm_commands=$(grep -v '^[[:space:]]*#' <<<"$rpm_scripts")
+grep -Eq 'systemctl (.* )?(enable|start|preset)( |$)' <<<"$rpm_commands" \
+    && fail "the RPM's scriptlets enable or start the service: $rpm_commands"
 
 log "passed in $(($(date +%s) - started)) s"
