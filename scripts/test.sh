@@ -61,3 +61,8 @@ LIME_TEST_AUTH=digest LIME_TEST_BACKEND=mariadb cargo test -p lime-server --lock
     --test liblime_interop "$@"
 echo "test.sh: liblime interop with client certificates" >&2
 LIME_TEST_AUTH=certificate cargo test -p lime-server --locked --test liblime_interop "$@"
+
+# The packages: built, the .deb installed and served from as the service would run
+# it, upgraded, removed and purged (scripts/test-packages.sh).
+echo "test.sh: packages" >&2
+"${sudo_cmd[@]}" scripts/test-packages.sh

@@ -3,7 +3,7 @@
 use crate::config::Settings;
 use crate::startup::{self, Application};
 use crate::store::{self, SCHEMA_VERSION, SchemaState};
-use crate::telemetry;
+use crate::{systemd, telemetry};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use lime_protocol::Curve;
@@ -203,7 +203,13 @@ fn serve(settings: Settings, source: Option<PathBuf>) -> Result<()> {
             );
         }
         let app = Application::build(&settings).await?;
-        app.run_until(shutdown_signal()).await
+        // Listeners bound, stores open: a Type=notify unit counts as started now.
+        systemd::notify_ready();
+        app.run_until(async {
+            shutdown_signal().await;
+            systemd::notify_stopping();
+        })
+        .await
     })
 }
 

@@ -21,6 +21,7 @@
 //! - [`service`]: one handler per X3DH request type.
 //! - [`store`]: the [`store::KeyStore`] trait and the SQLite backend.
 //! - [`error`]: one error type for the request path, mapped to X3DH error codes.
+//! - [`systemd`]: readiness and stopping notifications for a `Type=notify` unit.
 //! - [`telemetry`]: log set-up, and the bounds on what a flood can make us log.
 //! - [`client`]: a small X3DH client for tests and tools (not used by the server).
 
@@ -35,5 +36,6 @@ pub mod http;
 pub mod service;
 pub mod startup;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;
