@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # What authentication costs a request: getPeerBundle over loopback HTTPS, C25519,
-# SQLite key store, with authentication off and with HTTP Digest (the client
-# reusing its nonce, as Linphone does, so every request carries credentials and
-# the server checks them), the accounts on SQLite and on the local MariaDB (kept
-# for accounts_cache_secs, or looked up on every request: "-nocache"); and, as
+# SQLite key store, with authentication off and with HTTP Digest, the accounts on
+# SQLite and on the local MariaDB (kept for accounts_cache_secs, or looked up on
+# every request: "-nocache"). Digest two ways: the client reusing its nonce, so
+# every request carries credentials the server checks; and, "-401", as Linphone
+# (liblinphone 5.1, belle-sip) talks: each request sent without credentials, its
+# 401 answered on the same connection (a pair per timed request); and, as
 # mode "requests", with the bundle request limitation on (every bundle recorded in
 # Requests and counted; the limit never reached). Prints lime-load's report per
 # run and a summary of medians.
@@ -11,8 +13,8 @@
 # Usage: cargo build --release -p lime-server -p lime-load &&
 #        tools/lime-load/run-auth-benchmarks.sh [WORK_DIR]
 # Environment: DEVICES (1000), OPKS (1000), REQUESTS (20000), REPEAT (3),
-# CONNECTIONS ("1 16"), MODES ("off requests digest-sqlite digest-mariadb
-# digest-mariadb-nocache"), PORT (25700).
+# CONNECTIONS ("1 16"), MODES ("off requests digest-sqlite digest-sqlite-401
+# digest-mariadb digest-mariadb-401 digest-mariadb-nocache"), PORT (25700).
 set -euo pipefail
 
 BIN=${BIN:-target/release}
@@ -22,7 +24,7 @@ OPKS=${OPKS:-1000}
 REQUESTS=${REQUESTS:-20000}
 REPEAT=${REPEAT:-3}
 CONNECTIONS=${CONNECTIONS:-1 16}
-MODES=${MODES:-off requests digest-sqlite digest-mariadb digest-mariadb-nocache}
+MODES=${MODES:-off requests digest-sqlite digest-sqlite-401 digest-mariadb digest-mariadb-401 digest-mariadb-nocache}
 PORT=${PORT:-25700}
 USER_NAME=load-client
 DOMAIN=example.org
@@ -75,7 +77,7 @@ server_run() {
         if [[ $mode == requests ]]; then max=1000000000; else max=0; fi
         printf '[limits]\nmax_bundle_requests = %s\n[log]\nlevel = "warn"\n' "$max"
         case $mode in
-        digest-sqlite) printf '[auth.digest]\naccounts_url = "sqlite://%s"\n' "$WORK/accounts.sqlite3" ;;
+        digest-sqlite*) printf '[auth.digest]\naccounts_url = "sqlite://%s"\n' "$WORK/accounts.sqlite3" ;;
         digest-mariadb*) printf '[auth.digest]\naccounts_url = "mysql://root@127.0.0.1/lime_auth_bench"\n' ;;
         esac
         [[ $mode == digest-* ]] && printf 'nonce_secret_file = "%s"\n' "$WORK/nonce.secret"
@@ -84,6 +86,8 @@ server_run() {
         true
     } >"$run/lime-server.toml"
     [[ $mode == digest-* ]] && digest=(--digest "$USER_NAME:$PASSWORD")
+    # "-401": Linphone's way, a 401 then the authenticated request.
+    [[ $mode == *-401 ]] && digest+=(--challenged-each-time)
     "$BIN/lime-server" --config "$run/lime-server.toml" serve --listen "127.0.0.1:$PORT" \
         2>>"$WORK/server.log" &
     server_pid=$!

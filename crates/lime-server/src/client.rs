@@ -102,8 +102,8 @@ impl LimeClient {
     }
 
     /// Sends any request; for tests of what is not a POST. With a digest login, a
-    /// 401 is answered once (and its challenge kept for the next requests, as
-    /// Linphone does).
+    /// 401 is answered once, and its challenge kept for the next requests unless
+    /// the login is [challenged each time](LimeClient::with_digest_challenged_each_time).
     pub async fn request(
         &self,
         method: &str,
@@ -114,7 +114,10 @@ impl LimeClient {
         let Some(login) = &self.login else {
             return self.request_once(method, url, headers, body, None).await;
         };
-        let authorization = login.authorization(method, url)?;
+        let authorization = match login.reuse_nonce {
+            true => login.authorization(method, url)?,
+            false => None,
+        };
         let answer = self
             .request_once(method, url, headers, body.clone(), authorization)
             .await?;
@@ -176,12 +179,35 @@ impl LimeClient {
         password: &str,
         algorithm: Option<&str>,
     ) -> LimeClient {
+        self.with_login(username, password, algorithm, true)
+    }
+
+    /// Like [`LimeClient::with_digest`], but each request is first sent without
+    /// credentials and answered after its 401, on the same connection: what
+    /// Linphone (liblinphone 5.1, belle-sip) does, never reusing a nonce.
+    pub fn with_digest_challenged_each_time(
+        &self,
+        username: &str,
+        password: &str,
+        algorithm: Option<&str>,
+    ) -> LimeClient {
+        self.with_login(username, password, algorithm, false)
+    }
+
+    fn with_login(
+        &self,
+        username: &str,
+        password: &str,
+        algorithm: Option<&str>,
+        reuse_nonce: bool,
+    ) -> LimeClient {
         LimeClient {
             inner: self.inner.clone(),
             login: Some(Arc::new(DigestLogin {
                 username: username.to_owned(),
                 password: password.to_owned(),
                 algorithm: algorithm.map(str::to_owned),
+                reuse_nonce,
                 challenge: std::sync::Mutex::new(None),
             })),
         }
@@ -221,6 +247,9 @@ struct DigestLogin {
     username: String,
     password: String,
     algorithm: Option<String>,
+    /// Answer the next requests with the last challenge (false: send each one
+    /// without credentials first, as Linphone does).
+    reuse_nonce: bool,
     challenge: std::sync::Mutex<Option<digest_auth::WwwAuthenticateHeader>>,
 }
 

@@ -802,17 +802,29 @@ async fn md5_only_account_is_challenged_with_md5_only() {
 
 #[tokio::test]
 async fn a_clear_password_client_taking_the_first_challenge_registers_on_an_md5_account() {
-    // belle-sip holds the clear password and answers the first challenge.
+    // belle-sip holds the clear password, answers the first challenge, and is
+    // challenged on every request (it never reuses a nonce).
     for backend in [Backend::Sqlite, Backend::Mariadb] {
         let app = digest_app(backend, |_| {}).await;
         let (device, body) = register("belle");
         let (user, password) = add_owner(&app, &device, &["MD5"]).await;
-        let client = app.client.with_digest(&user, &password, None);
+        let client = app
+            .client
+            .with_digest_challenged_each_time(&user, &password, None);
         let answer = client
             .post(&app.base_url, &x3dh_headers(&device), body)
             .await
             .unwrap();
         assert_registered(&answer, &format!("{backend:?}"));
+        let again = RequestMessage {
+            curve: CURVE,
+            request: Request::GetSelfOneTimePreKeys,
+        };
+        let answer = client.send(&app.base_url, &device, &again).await.unwrap();
+        assert!(
+            matches!(&answer.response, Response::SelfOneTimePreKeys(ids) if ids.len() == 3),
+            "{backend:?}: {answer:?}"
+        );
         app.stop().await;
     }
 }

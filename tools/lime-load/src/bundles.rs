@@ -54,10 +54,15 @@ pub struct BundlesArgs {
         default_value = "sip:load-client@example.org;gr=urn:uuid:00000000-0000-0000-0000-ffffffffffff"
     )]
     sender: String,
-    /// Answer digest challenges as USER:PASSWORD (each connection keeps reusing its
-    /// nonce, as Linphone does).
+    /// Answer digest challenges as USER:PASSWORD (each connection reusing its
+    /// nonce, every request sent with credentials).
     #[arg(long, value_name = "USER:PASSWORD")]
     digest: Option<String>,
+    /// With --digest, send each request without credentials first and answer its
+    /// 401, on the same connection, as Linphone does (it never reuses a nonce):
+    /// each timed request is then a pair of HTTP requests.
+    #[arg(long, requires = "digest")]
+    challenged_each_time: bool,
 }
 
 /// What one task measured.
@@ -92,7 +97,10 @@ pub fn run(args: &BundlesArgs) -> Result<()> {
                 .context("--digest takes USER:PASSWORD")?;
             clients
                 .iter()
-                .map(|client| client.with_digest(user, password, None))
+                .map(|client| match args.challenged_each_time {
+                    true => client.with_digest_challenged_each_time(user, password, None),
+                    false => client.with_digest(user, password, None),
+                })
                 .collect()
         }
     };

@@ -472,6 +472,8 @@ impl Throttle {
             );
         }
         record.next_attempt = Some(now + policy.account_pace());
+        // Paced as long as failures keep coming: the window restarts with each.
+        record.first_failure = now;
     }
 
     fn delay(&self, failures: u32) -> Duration {
@@ -663,6 +665,24 @@ mod tests {
         let later = now + Duration::from_secs(10);
         assert!(throttle.check("alice", REALM, v4(200), later).is_ok());
         assert!(throttle.check("alice", REALM, v4(201), later).is_err());
+    }
+
+    #[test]
+    fn a_sustained_guesser_stays_paced_past_the_window() {
+        let throttle = throttle();
+        let start = Instant::now();
+        let mut tried = 0;
+        // Five minutes of guesses, one address after another, every second.
+        for second in 0..300u32 {
+            let now = start + Duration::from_secs(u64::from(second));
+            let address = v4(second);
+            if throttle.check("alice", REALM, address, now).is_ok() {
+                tried += 1;
+                throttle.failure("alice", REALM, address, now);
+            }
+        }
+        // Three, then one per 10 s pace: not three more each window.
+        assert_eq!(tried, 3 + 29);
     }
 
     #[test]
