@@ -1,6 +1,7 @@
-//! Stored passwords kept for a short while, so that a client reusing its digest
-//! nonce (every request authenticated, as Linphone does) does not cost the account
-//! database a query per request. Only accounts found are kept; a password that
+//! Stored passwords kept for a short while, so that an account's requests do not
+//! cost the account database a query each: neither a client reusing its digest
+//! nonce, nor Linphone's way (every request challenged with a 401, whose offered
+//! algorithms are looked up, then sent again with credentials). Only accounts found are kept; a password that
 //! does not match what is kept is looked up again before the attempt counts as a
 //! failure (see `Authenticator`), so a changed password works at once. A deleted
 //! account keeps working for at most the time-to-live.
