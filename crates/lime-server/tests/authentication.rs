@@ -840,7 +840,7 @@ async fn counting_accounts() -> (AccountsFixture, String) {
              BEGIN INSERT INTO lookups VALUES (name); RETURN 1; END $$;",
         )
         .await;
-    let query = "SELECT passwords.password, passwords.algorithm \
+    let query = "SELECT passwords.password, passwords.algorithm, accounts.username \
                  FROM counted(:username) AS counted, accounts \
                  JOIN passwords ON passwords.account_id = accounts.id \
                  WHERE accounts.username = :username AND accounts.domain = :domain";
