@@ -1,6 +1,6 @@
 //! Server-to-client messages: encode (server side) and parse (clients, tests, tools).
 
-use crate::header::{split_header, start_message};
+use crate::header::{HEADER_LEN, split_header, start_message};
 use crate::reader::Reader;
 use crate::request::{
     put_count, put_device_id, put_one_time_pre_key, read_device_id, read_identity_key,
@@ -135,6 +135,27 @@ impl ResponseMessage {
                 kind,
             })
     }
+}
+
+/// The largest peerBundle answer a getPeerBundle naming `devices` could get on
+/// `curve`: every device with a bundle and a one-time pre-key. What such a
+/// request can cost (the answer is built whole) is known from the request alone.
+pub fn largest_peer_bundle_len(curve: Curve, devices: &[DeviceId]) -> u64 {
+    // Per entry: id length (2), flag (1), Ik, SPk, SPk id (4), SPk signature,
+    // OPk, OPk id (4); the id's own bytes are added per device.
+    let entry = 2
+        + 1
+        + curve.identity_key_len()
+        + curve.pre_key_len()
+        + 4
+        + curve.signature_len()
+        + curve.pre_key_len()
+        + 4;
+    // The header and the 2-byte count.
+    let start = (HEADER_LEN + 2) as u64;
+    devices.iter().fold(start, |total, device| {
+        total + (entry + device.as_str().len()) as u64
+    })
 }
 
 fn encode_peer_bundles(curve_byte: u8, bundles: &[PeerBundle]) -> Result<Vec<u8>, EncodeError> {

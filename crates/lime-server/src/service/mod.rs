@@ -15,7 +15,8 @@ use crate::auth::Sender;
 use crate::error::RequestError;
 use crate::store::{KeyStore, Stores};
 use crate::telemetry::clip;
-use lime_protocol::{Curve, DeviceId, Request, RequestMessage, Response, ResponseMessage};
+use lime_protocol::response::largest_peer_bundle_len;
+use lime_protocol::{Request, RequestMessage, Response, ResponseMessage};
 
 /// Answers X3DH requests from the stores of the enabled curves.
 pub struct KeyService {
@@ -62,7 +63,7 @@ impl KeyService {
             .as_ref();
         if let Request::GetPeerBundle(devices) = &request {
             // Before any claim: a refused request takes no one-time key.
-            let bytes = largest_peer_bundle_answer(curve, devices);
+            let bytes = largest_peer_bundle_len(curve, devices);
             if bytes > self.max_bundle_answer_bytes {
                 return Err(RequestError::BundleAnswerTooLarge {
                     devices: devices.len(),
@@ -73,27 +74,6 @@ impl KeyService {
         }
         run(store, sender.device_id().clone(), request).await
     }
-}
-
-/// The largest peerBundle answer `devices` could need on `curve`: every device
-/// with a bundle and a one-time pre-key. What a getPeerBundle costs (the answer is
-/// built whole in memory) is known from the request alone.
-fn largest_peer_bundle_answer(curve: Curve, devices: &[DeviceId]) -> u64 {
-    // Per entry: id length (2), flag (1), Ik, SPk, SPk id (4), SPk signature,
-    // OPk, OPk id (4); the id's own bytes are added per device.
-    let keys = 2
-        + 1
-        + curve.identity_key_len()
-        + curve.pre_key_len()
-        + 4
-        + curve.signature_len()
-        + curve.pre_key_len()
-        + 4;
-    // The 3-byte header and the 2-byte count.
-    let header = 3 + 2;
-    devices.iter().fold(header, |total, device| {
-        total + (keys + device.as_str().len()) as u64
-    })
 }
 
 async fn run(
@@ -139,7 +119,9 @@ pub fn error_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lime_protocol::{IdentityKey, KeyBundle, OneTimePreKey, PeerBundle, SignedPreKey};
+    use lime_protocol::{
+        Curve, DeviceId, IdentityKey, KeyBundle, OneTimePreKey, PeerBundle, SignedPreKey,
+    };
 
     /// The answer with every device given a bundle and a one-time pre-key.
     fn fullest_answer(curve: Curve, devices: &[DeviceId]) -> Vec<u8> {
@@ -178,7 +160,7 @@ mod tests {
             .map(|text| DeviceId::new(text).unwrap())
             .collect();
         for curve in Curve::ALL {
-            let reckoned = largest_peer_bundle_answer(curve, &devices);
+            let reckoned = largest_peer_bundle_len(curve, &devices);
             assert_eq!(
                 reckoned,
                 fullest_answer(curve, &devices).len() as u64,
@@ -198,7 +180,7 @@ mod tests {
         let group = vec![long_id; 5_000];
         for curve in Curve::ALL {
             assert!(
-                largest_peer_bundle_answer(curve, &group)
+                largest_peer_bundle_len(curve, &group)
                     <= crate::config::DEFAULT_MAX_BUNDLE_ANSWER_BYTES,
                 "{curve}"
             );
