@@ -14,7 +14,10 @@ sudo_cmd=()
 # libsoci-sqlite3-4.0: liblime keeps its local keys through SOCI's sqlite3 backend,
 # which liblime0 does not pull in by itself.
 # curl: a real HTTP Digest client for the authentication tests.
-needed=(liblime-dev libsoci-sqlite3-4.0 curl)
+# prometheus: its promtool checks the metrics scrape (tests/metrics.rs). Debian
+# ships promtool only in this package, beside the Prometheus server (whose unit
+# the package enables; the tests use none of its ports).
+needed=(liblime-dev libsoci-sqlite3-4.0 curl prometheus)
 missing=()
 for package in "${needed[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \

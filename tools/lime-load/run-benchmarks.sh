@@ -14,7 +14,9 @@
 #   PARTS ("raw server": which halves to run), SCHEME (https; http runs the server with
 #   --plain-http), PORT (25600), BIN (target/release: where lime-server and lime-load are),
 #   MAX_OTHERS (0.5: a run during which other processes used more CPU seconds than this is
-#   done again, at most 5 times; a run kept anyway is marked with * in the summary).
+#   done again, at most 5 times; a run kept anyway is marked with * in the summary),
+#   METRICS (off; on: the server runs with [metrics] listen on port PORT+1, scraped
+#   never: the cost of counting).
 set -euo pipefail
 
 BIN=${BIN:-target/release}
@@ -30,6 +32,7 @@ PARTS=${PARTS:-raw server}
 SCHEME=${SCHEME:-https}
 PORT=${PORT:-25600}
 MAX_OTHERS=${MAX_OTHERS:-0.5}
+METRICS=${METRICS:-off}
 
 for tool in lime-server lime-load; do
     [[ -x $BIN/$tool ]] || {
@@ -87,10 +90,13 @@ raw_run() {
 # lime-load's report.
 server_run() {
     local sync=$1 conns=$2 plain=() ca=()
-    echo "== server $SCHEME synchronous=$sync devices=$DEVICES connections=$conns"
+    echo "== server $SCHEME synchronous=$sync devices=$DEVICES connections=$conns metrics=$METRICS"
     fresh_copy
     printf '[storage]\ndata_dir = "%s"\ncurves = ["c25519"]\nsqlite_synchronous = "%s"\n[limits]\nmax_bundle_requests = 0\n[log]\nlevel = "warn"\n' \
         "$run" "$sync" >"$run/lime-server.toml"
+    if [[ $METRICS == on ]]; then
+        printf '[metrics]\nlisten = "127.0.0.1:%s"\n' "$((PORT + 1))" >>"$run/lime-server.toml"
+    fi
     if [[ $SCHEME == http ]]; then
         plain=(--plain-http)
     else
@@ -149,7 +155,7 @@ if [[ " $PARTS " == *" server "* ]]; then
                 cpus+=("$(awk '/server CPU:/ { print $3 }' <<<"$out")$mark")
                 others+=("$(other_cpu <<<"$out")")
             done
-            summary+=("server $SCHEME $sync devices=$DEVICES connections=$conns: median $(printf '%s\n' "${rates[@]}" | median) requests/s (runs: ${rates[*]}), server CPU median $(printf '%s\n' "${cpus[@]}" | median) ms/request (runs: ${cpus[*]}; other processes' CPU s: ${others[*]})")
+            summary+=("server $SCHEME $sync devices=$DEVICES connections=$conns metrics=$METRICS: median $(printf '%s\n' "${rates[@]}" | median) requests/s (runs: ${rates[*]}), server CPU median $(printf '%s\n' "${cpus[@]}" | median) ms/request (runs: ${cpus[*]}; other processes' CPU s: ${others[*]})")
         done
     done
 fi

@@ -1,8 +1,9 @@
-//! The command line: `serve`, `db init`, `check-config`.
+//! The command line: `serve`, `db init`, `db migrate`, `db purge-requests`,
+//! `admin stats`, `check-config`.
 
 use crate::config::Settings;
 use crate::startup::{self, Application};
-use crate::store::{self, SCHEMA_VERSION, SchemaState};
+use crate::store::{self, SCHEMA_VERSION, SchemaState, StoreStats};
 use crate::{systemd, telemetry};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -33,6 +34,9 @@ pub enum Command {
     /// Database management.
     #[command(subcommand)]
     Db(DbCommand),
+    /// Looking into what the databases hold.
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Load and check the config, print what it means, and exit.
     CheckConfig,
 }
@@ -92,6 +96,26 @@ pub enum DbCommand {
     PurgeRequests(PurgeArgs),
 }
 
+/// `admin` sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Per curve: devices, one-time pre-keys stored and how many devices hold 0,
+    /// 1-9, 10-99 or 100+ of them (and fewer than metrics.low_stock_threshold),
+    /// recorded bundle requests (table Requests), schema version. Read-only; safe
+    /// while servers run.
+    Stats(StatsArgs),
+}
+
+/// Options of `admin stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// One JSON object on standard output, for scripts, instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub databases: DbArgs,
+}
+
 /// Options of `db purge-requests`.
 #[derive(Debug, Args)]
 pub struct PurgeArgs {
@@ -133,19 +157,7 @@ pub fn run(cli: Cli) -> Result<()> {
             | DbCommand::PurgeRequests(PurgeArgs {
                 databases: args, ..
             })) = &command;
-            if let Some(dir) = &args.data_dir {
-                settings.storage.data_dir = dir.clone();
-            }
-            if let Some(url) = &args.store.store {
-                settings.storage.url = Some(url.clone());
-                settings.storage.urls.clear();
-            }
-            settings.validate()?;
-            let curves = if args.curve.is_empty() {
-                settings.storage.enabled_curves()
-            } else {
-                args.curve.clone()
-            };
+            let curves = apply_db_args(&mut settings, args)?;
             match &command {
                 DbCommand::PurgeRequests(purge) => {
                     settings.storage.curves = curves.iter().map(|c| c.name().to_owned()).collect();
@@ -157,12 +169,35 @@ pub fn run(cli: Cli) -> Result<()> {
                 _ => db(&settings, &curves, matches!(command, DbCommand::Migrate(_))),
             }
         }
+        Command::Admin(AdminCommand::Stats(args)) => {
+            let curves = apply_db_args(&mut settings, &args.databases)?;
+            settings.storage.curves = curves.iter().map(|c| c.name().to_owned()).collect();
+            stats(&settings, args.json)
+        }
         Command::CheckConfig => {
             settings.validate()?;
             print_summary(&settings, source);
             Ok(())
         }
     }
+}
+
+/// Applies `--data-dir` and `--store`, checks the settings; returns the curves
+/// asked for (`--curve`), every enabled one by default.
+fn apply_db_args(settings: &mut Settings, args: &DbArgs) -> Result<Vec<Curve>> {
+    if let Some(dir) = &args.data_dir {
+        settings.storage.data_dir = dir.clone();
+    }
+    if let Some(url) = &args.store.store {
+        settings.storage.url = Some(url.clone());
+        settings.storage.urls.clear();
+    }
+    settings.validate()?;
+    Ok(if args.curve.is_empty() {
+        settings.storage.enabled_curves()
+    } else {
+        args.curve.clone()
+    })
 }
 
 fn apply_serve_overrides(settings: &mut Settings, args: ServeArgs) {
@@ -259,6 +294,91 @@ fn purge_requests(settings: &Settings, retention: std::time::Duration) -> Result
         anyhow::ensure!(!failed, "some stores were not purged");
         Ok(())
     })
+}
+
+/// One curve's line of `admin stats`.
+#[derive(serde::Serialize)]
+struct CurveStats {
+    curve: &'static str,
+    backend: &'static str,
+    #[serde(flatten)]
+    stats: StoreStats,
+}
+
+/// `admin stats`: the counts of every enabled store, as a table or JSON.
+fn stats(settings: &Settings, json: bool) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        // Counting must not create an empty database where there was none.
+        for curve in settings.storage.enabled_curves() {
+            if let store::StoreLocation::Sqlite(path) = settings.storage.location(curve)? {
+                anyhow::ensure!(path.exists(), "{curve}: no database at {}", path.display());
+            }
+        }
+        let stores = startup::open_stores(settings).await?;
+        let threshold = settings.metrics.low_stock_threshold;
+        let mut curves = Vec::new();
+        let mut failed = false;
+        for (curve, store) in stores.iter() {
+            match store.stats(threshold).await {
+                Ok(stats) => curves.push(CurveStats {
+                    curve: curve.name(),
+                    backend: store.backend(),
+                    stats,
+                }),
+                Err(error) => {
+                    eprintln!("{curve}: {error}");
+                    failed = true;
+                }
+            }
+        }
+        if json {
+            println!("{}", serde_json::json!({ "curves": curves }));
+        } else {
+            print_stats_table(&curves, threshold);
+        }
+        anyhow::ensure!(!failed, "some stores could not be counted");
+        Ok(())
+    })
+}
+
+fn print_stats_table(curves: &[CurveStats], threshold: u32) {
+    let below = format!("below_{threshold}");
+    println!(
+        "{:<13} {:<9} {:>9} {:>11} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>6}",
+        "curve",
+        "backend",
+        "devices",
+        "opks",
+        "opks:0",
+        "1-9",
+        "10-99",
+        "100+",
+        below,
+        "requests",
+        "schema"
+    );
+    for CurveStats {
+        curve,
+        backend,
+        stats,
+    } in curves
+    {
+        let [none, few, some, many] = stats.stock.buckets().map(|(_, devices)| devices);
+        let schema = stats
+            .schema_version
+            .map_or_else(|| "-".to_owned(), |version| version.to_string());
+        println!(
+            "{curve:<13} {backend:<9} {:>9} {:>11} {none:>7} {few:>7} {some:>7} {many:>7} {:>9} {:>9} {schema:>6}",
+            stats.devices,
+            stats.one_time_pre_keys,
+            stats.below_threshold,
+            stats.bundle_request_rows
+        );
+    }
 }
 
 /// `db init` (or `db migrate` when `migrate`) on the databases of `curves`.

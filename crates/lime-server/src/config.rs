@@ -35,6 +35,8 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// Log output.
     pub log: LogSettings,
+    /// The Prometheus scrape listener and the stock gauges.
+    pub metrics: MetricsSettings,
 }
 
 /// `[server]`
@@ -770,6 +772,31 @@ impl Default for LogSettings {
     }
 }
 
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// Where `GET /metrics` is served in Prometheus text format, over plain HTTP
+    /// without authentication; `None` (the default): no metrics listener.
+    pub listen: Option<SocketAddr>,
+    /// Devices holding fewer one-time pre-keys than this are counted in
+    /// `lime_devices_low_one_time_pre_key_stock` (and by `admin stats`).
+    pub low_stock_threshold: u32,
+    /// How often the stock gauges (devices, one-time pre-keys, their spread) are
+    /// counted in the databases, in seconds: one query per curve each time.
+    pub stock_refresh_secs: u64,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            listen: None,
+            low_stock_threshold: 10,
+            stock_refresh_secs: 60,
+        }
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -984,6 +1011,22 @@ impl Settings {
             ));
         }
         self.auth.validate()?;
+        if self.metrics.stock_refresh_secs == 0 {
+            return Err(invalid("metrics.stock_refresh_secs", "must be at least 1"));
+        }
+        if let Some(addr) = self.metrics.listen {
+            if self
+                .listeners()
+                .any(|listener| *listener == addr && addr.port() != 0)
+            {
+                return Err(invalid(
+                    "metrics.listen",
+                    format!(
+                        "{addr} is also an X3DH listener: give the metrics a port of their own"
+                    ),
+                ));
+            }
+        }
         if !self.auth.is_enabled() && !server.insecure_no_auth {
             if let Some(addr) = self.listeners().find(|addr| !addr.ip().is_loopback()) {
                 return Err(invalid(
@@ -1067,6 +1110,24 @@ mod tests {
         assert!(
             error_of("[storage]\nsqlite_synchronous = \"off\"\n").contains("sqlite_synchronous")
         );
+    }
+
+    #[test]
+    fn metrics_settings_are_checked_by_key() {
+        let settings = Settings::default();
+        assert_eq!(settings.metrics.listen, None, "metrics are off by default");
+        assert!(
+            error_of("[metrics]\nstock_refresh_secs = 0\n").contains("metrics.stock_refresh_secs")
+        );
+        assert!(
+            error_of("[server]\nlisten = [\"127.0.0.1:25519\"]\n[metrics]\nlisten = \"127.0.0.1:25519\"\n")
+                .contains("metrics.listen")
+        );
+        let on =
+            Settings::from_toml("[metrics]\nlisten = \"[::]:9119\"\nlow_stock_threshold = 0\n")
+                .unwrap();
+        on.validate().unwrap();
+        assert_eq!(on.metrics.listen, Some("[::]:9119".parse().unwrap()));
     }
 
     #[test]

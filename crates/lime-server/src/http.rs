@@ -16,6 +16,7 @@
 use crate::auth::{self, AuthFailure, Authenticator, ClientAddress, Refusal};
 use crate::body_budget::{BodyBudget, BodyReservation};
 use crate::error::RequestError;
+use crate::metrics::{self, TimeLimit};
 use crate::service::{KeyService, error_answer};
 use crate::telemetry::clip;
 use bytes::Bytes;
@@ -24,7 +25,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use std::convert::Infallible;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Longest time a refused request's body is read (and thrown away) before the
 /// answer: a client that sent its body keeps its connection; one that stalls is
@@ -61,12 +62,16 @@ pub async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = request.uri().path();
     let response = if state.paths.iter().any(|accepted| accepted == path) {
-        if request.method() == Method::POST {
+        let response = if request.method() == Method::POST {
             x3dh(state, request).await
         } else {
             tracing::warn!(method = %request.method(), path = %clip(path), "refused: X3DH requests are POSTed");
             method_not_allowed("POST")
+        };
+        if response.status() != StatusCode::OK {
+            metrics::http_refused(response.status());
         }
+        response
     } else {
         match path {
             "/health" if request.method() == Method::GET => plain(StatusCode::OK, "ok\n"),
@@ -85,6 +90,7 @@ pub async fn handle(
 /// declared size, then the content type and sender header, then authentication
 /// (from the headers alone), and only then the body, against the body budget.
 async fn x3dh(state: &HttpState, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let started = Instant::now();
     let (parts, mut body) = request.into_parts();
     let declared = parts
         .headers
@@ -103,7 +109,9 @@ async fn x3dh(state: &HttpState, request: Request<Incoming>) -> Response<Full<By
             // read that far, then the rest thrown away as it comes.
             let curve_byte = curve_byte_of(state, &mut body).await;
             discard_body(state, &parts, body).await;
-            return x3dh_answer(curve_byte, error_answer(curve_byte, None, &error));
+            let answer = error_answer(curve_byte, None, &error);
+            metrics::x3dh_answered(&[], &answer, started.elapsed());
+            return x3dh_answer(curve_byte, answer);
         }
     };
     let sender = match state.auth.authenticate(claimed, &parts).await {
@@ -122,6 +130,7 @@ async fn x3dh(state: &HttpState, request: Request<Incoming>) -> Response<Full<By
     };
     let curve_byte = body.get(2).copied().unwrap_or(0);
     let answer = state.service.handle(&sender, &body).await;
+    metrics::x3dh_answered(&body, &answer, started.elapsed());
     x3dh_answer(curve_byte, answer)
 }
 
@@ -260,6 +269,7 @@ async fn read_body(
             ))
         }
         Err(_) => {
+            metrics::closed_by_time_limit(TimeLimit::BodyRead);
             // Answered, then closed: hyper does not keep a connection whose request
             // body was not read to its end.
             tracing::warn!(
@@ -295,7 +305,10 @@ fn refused(state: &HttpState, failure: AuthFailure) -> Response<Full<Bytes>> {
         refusal,
         reason,
         routine,
+        method,
+        cause,
     } = failure;
+    metrics::auth_failed(method, cause);
     if routine {
         tracing::debug!(%reason, "authentication");
     } else if refusal == Refusal::Unavailable {

@@ -21,6 +21,8 @@
 //! - [`service`]: one handler per X3DH request type.
 //! - [`store`]: the [`store::KeyStore`] trait and the SQLite backend.
 //! - [`error`]: one error type for the request path, mapped to X3DH error codes.
+//! - [`metrics`]: Prometheus metrics (off unless `metrics.listen` is set): their
+//!   names, one typed function per thing counted, the scrape listener.
 //! - [`systemd`]: readiness and stopping notifications for a `Type=notify` unit.
 //! - [`telemetry`]: log set-up, and the bounds on what a flood can make us log.
 //! - [`client`]: a small X3DH client for tests and tools (not used by the server).
@@ -33,6 +35,7 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod service;
 pub mod startup;
 pub mod store;

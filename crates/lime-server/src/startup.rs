@@ -14,6 +14,7 @@ use crate::body_budget::BodyBudget;
 use crate::config::Settings;
 use crate::connection::{self, ConnectionLimits};
 use crate::http::HttpState;
+use crate::metrics::{self, exporter::MetricsListener};
 use crate::service::KeyService;
 use crate::store::sqlite::SqliteOptions;
 use crate::store::{self, ServerStoreOptions, StoreError, Stores};
@@ -66,6 +67,10 @@ pub struct Application {
     certificate: Option<CertificateFiles>,
     /// How often old bundle requests are purged, and how old they must be.
     purge: Option<(Duration, Duration)>,
+    /// The scrape listener (`metrics.listen`), when metrics are on.
+    metrics: Option<MetricsListener>,
+    /// `metrics.low_stock_threshold` and `metrics.stock_refresh_secs`.
+    stock_refresh: (u32, Duration),
 }
 
 impl Application {
@@ -108,6 +113,11 @@ impl Application {
             });
         }
 
+        let metrics = match settings.metrics.listen {
+            Some(addr) => Some(MetricsListener::bind(addr).await?),
+            None => None,
+        };
+
         let auth = Authenticator::from_settings(&settings.auth).await?;
         let state = Arc::new(HttpState {
             service: KeyService::new(stores, settings.limits.max_bundle_answer_bytes),
@@ -132,6 +142,11 @@ impl Application {
                     Duration::from_secs(limits.request_retention_secs),
                 )
             }),
+            metrics,
+            stock_refresh: (
+                settings.metrics.low_stock_threshold,
+                Duration::from_secs(settings.metrics.stock_refresh_secs),
+            ),
         })
     }
 
@@ -155,10 +170,27 @@ impl Application {
         self.certificate.as_ref()
     }
 
+    /// The address of the metrics listener, when metrics are on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(MetricsListener::local_addr)
+    }
+
     /// Serves until `shutdown` completes, then lets requests in flight finish.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let (stop, stopped) = watch::channel(false);
         let mut loops = Vec::new();
+        let mut stock_counting = None;
+        if let Some(listener) = self.metrics {
+            if let Some(addr) = listener.local_addr() {
+                tracing::info!(metrics_addr = %addr, "metrics served at http://{addr}/metrics (no authentication)");
+            }
+            loops.push(tokio::spawn(listener.serve(stopped.clone())));
+            let (threshold, interval) = self.stock_refresh;
+            let stores = self.state.service.stores().clone();
+            stock_counting = Some(tokio::spawn(metrics::exporter::refresh_stock_periodically(
+                stores, threshold, interval,
+            )));
+        }
         for listener in self.listeners {
             let addr = listener.tcp.local_addr()?;
             let scheme = if listener.tls.is_some() {
@@ -181,8 +213,8 @@ impl Application {
             tokio::spawn(purge_requests_periodically(stores, interval, retention))
         });
         shutdown.await;
-        if let Some(purging) = purging {
-            purging.abort();
+        for task in [purging, stock_counting].into_iter().flatten() {
+            task.abort();
         }
         tracing::info!("stopping: no new connections, letting requests in flight finish");
         let _ = stop.send(true);
@@ -327,6 +359,7 @@ async fn accept_loop(
             _ = stopped.changed() => return,
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
+            metrics::connection_refused();
             refuse(stream, listener.tls.is_none());
             refusals.refused(peer);
             continue;
@@ -336,7 +369,9 @@ async fn accept_loop(
         let tls = listener.tls.clone();
         let stopped = stopped.clone();
         tokio::spawn(async move {
+            let open = metrics::OpenConnection::new();
             connection::serve(stream, peer, tls, state, limits, stopped).await;
+            drop(open);
             drop(permit);
         });
     }

@@ -36,6 +36,8 @@ fn every_command_has_help() {
         &["serve", "--help"],
         &["db", "--help"],
         &["db", "init", "--help"],
+        &["admin", "--help"],
+        &["admin", "stats", "--help"],
         &["check-config", "--help"],
     ] {
         let output = lime_server(args);

@@ -15,6 +15,7 @@
 //! fall-back to digest. No certificate (while not required): digest.
 
 pub mod accounts;
+pub mod cause;
 pub mod certificate;
 pub mod digest;
 pub mod identity;
@@ -37,6 +38,9 @@ use proxy::{ProxyVerdict, TrustedProxies};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use throttle::Throttle;
+
+pub use cause::{AuthCause, AuthMethod};
+pub use throttle::LockoutKind;
 
 /// Header newer clients put their device id in.
 pub const IDENTITY_HEADER: &str = "x-lime-user-identity";
@@ -131,14 +135,20 @@ pub struct AuthFailure {
     /// Part of every client's normal flow (first challenge, stale nonce): logged at
     /// debug level, not as a warning.
     pub routine: bool,
+    /// The method that refused, for the metrics.
+    pub method: AuthMethod,
+    /// Why, in a closed set, for the metrics.
+    pub cause: AuthCause,
 }
 
 impl AuthFailure {
-    fn forbidden(reason: String) -> AuthFailure {
+    fn forbidden(method: AuthMethod, cause: AuthCause, reason: String) -> AuthFailure {
         AuthFailure {
             refusal: Refusal::Forbidden,
             reason,
             routine: false,
+            method,
+            cause,
         }
     }
 
@@ -146,6 +156,7 @@ impl AuthFailure {
         realm: &str,
         stale: bool,
         algorithms: Vec<DigestAlgorithm>,
+        cause: AuthCause,
         reason: String,
     ) -> AuthFailure {
         AuthFailure {
@@ -156,6 +167,8 @@ impl AuthFailure {
             },
             reason,
             routine: false,
+            method: AuthMethod::Digest,
+            cause,
         }
     }
 
@@ -205,6 +218,8 @@ impl DigestAuthenticator {
                     clip(device)
                 ),
                 routine: false,
+                method: AuthMethod::Digest,
+                cause: AuthCause::AccountDatabaseDown,
             })
     }
 }
@@ -311,7 +326,7 @@ impl Authenticator {
                 sender,
                 identity,
                 self.certificate_identity,
-                "client certificate",
+                AuthMethod::Certificate,
             );
         }
         let mut client = peer;
@@ -327,29 +342,38 @@ impl Authenticator {
                         sender,
                         &identity,
                         self.certificate_identity,
-                        "proxy-verified certificate",
+                        AuthMethod::Proxy,
                     );
                 }
                 ProxyVerdict::Refused(reason) => {
-                    return Err(AuthFailure::forbidden(format!(
-                        "{reason} (device id {})",
-                        clip(sender.device_id().as_str())
-                    )));
+                    return Err(AuthFailure::forbidden(
+                        AuthMethod::Proxy,
+                        AuthCause::ProxyRefused,
+                        format!("{reason} (device id {})", clip(sender.device_id().as_str())),
+                    ));
                 }
                 ProxyVerdict::NoCertificate => {}
             }
         }
         if self.certificates_required {
-            return Err(AuthFailure::forbidden(format!(
-                "no client certificate, and auth.client_certificates.required is set (device id {})",
-                sender.device_id()
-            )));
+            return Err(AuthFailure::forbidden(
+                AuthMethod::None,
+                AuthCause::CertificateRequired,
+                format!(
+                    "no client certificate, and auth.client_certificates.required is set (device id {})",
+                    sender.device_id()
+                ),
+            ));
         }
         let Some(digest) = &self.digest else {
-            return Err(AuthFailure::forbidden(format!(
-                "no client certificate, and digest authentication is not configured (device id {})",
-                sender.device_id()
-            )));
+            return Err(AuthFailure::forbidden(
+                AuthMethod::None,
+                AuthCause::NoMethod,
+                format!(
+                    "no client certificate, and digest authentication is not configured (device id {})",
+                    sender.device_id()
+                ),
+            ));
         };
         let client = client.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         self.digest(digest, sender, request, client).await
@@ -373,9 +397,13 @@ impl Authenticator {
             None => match identity::domain_of(&device).filter(|domain| is_valid_realm(domain)) {
                 Some(domain) => domain.to_owned(),
                 None => {
-                    return Err(AuthFailure::forbidden(format!(
-                        "device id {shown} has no domain to authenticate in (expected sip:user@domain;gr=...)"
-                    )));
+                    return Err(AuthFailure::forbidden(
+                        AuthMethod::Digest,
+                        AuthCause::NoDomain,
+                        format!(
+                            "device id {shown} has no domain to authenticate in (expected sip:user@domain;gr=...)"
+                        ),
+                    ));
                 }
             },
         };
@@ -385,6 +413,7 @@ impl Authenticator {
                 &realm,
                 false,
                 algorithms,
+                AuthCause::Challenged,
                 format!("no credentials yet for device id {shown}: challenged"),
             )
             .routine());
@@ -400,6 +429,7 @@ impl Authenticator {
                     &realm,
                     false,
                     algorithms,
+                    AuthCause::BadAuthorization,
                     format!(
                         "unusable Authorization header ({}) for device id {shown}",
                         clip(&reason)
@@ -420,6 +450,8 @@ impl Authenticator {
                     locked.what
                 ),
                 routine: false,
+                method: AuthMethod::Digest,
+                cause: AuthCause::LockedOut,
             });
         }
         let now = unix_now();
@@ -427,33 +459,39 @@ impl Authenticator {
         // What makes the attempt worthless before any password is tested: it
         // counts against the source only.
         let untested = if credentials.realm != realm {
-            Some(format!(
-                "realm {:?}, expected {realm:?}",
-                clip(&credentials.realm)
+            Some((
+                AuthCause::WrongRealm,
+                format!("realm {:?}, expected {realm:?}", clip(&credentials.realm)),
             ))
         } else if nonce == NonceState::Forged {
-            Some("a nonce this server did not issue (altered, or for another realm)".to_owned())
+            Some((
+                AuthCause::ForgedNonce,
+                "a nonce this server did not issue (altered, or for another realm)".to_owned(),
+            ))
         } else if credentials
             .opaque
             .as_ref()
             .is_some_and(|opaque| *opaque != digest.key.opaque(&realm))
         {
-            Some("an altered opaque".to_owned())
+            Some((AuthCause::AlteredOpaque, "an altered opaque".to_owned()))
         } else if !uri_matches(&credentials.uri, &request.uri) {
-            Some(format!(
-                "uri {:?} that is not the request's {}",
-                clip(&credentials.uri),
-                clip(&request.uri.to_string())
+            Some((
+                AuthCause::WrongUri,
+                format!(
+                    "uri {:?} that is not the request's {}",
+                    clip(&credentials.uri),
+                    clip(&request.uri.to_string())
+                ),
             ))
         } else if !digest.offers.configured().contains(&credentials.algorithm) {
-            Some(format!(
-                "algorithm {} that is not offered",
-                credentials.algorithm
+            Some((
+                AuthCause::AlgorithmNotOffered,
+                format!("algorithm {} that is not offered", credentials.algorithm),
             ))
         } else {
             None
         };
-        if let Some(problem) = untested {
+        if let Some((cause, problem)) = untested {
             let delay = self
                 .throttle
                 .failure_without_password(client, Instant::now());
@@ -463,6 +501,7 @@ impl Authenticator {
                 &realm,
                 false,
                 algorithms,
+                cause,
                 format!(
                     "digest authentication failed: user {user} from {client} sent {problem} (device id {shown})"
                 ),
@@ -482,13 +521,13 @@ impl Authenticator {
         digest.offers.learn(&username, &realm, &stored);
         let algorithms = offers::verifiable(&stored, digest.offers.configured());
         let problem = if stored.is_empty() {
-            Some("an unknown user")
+            Some((AuthCause::UnknownUser, "an unknown user"))
         } else if !matches(&stored) {
-            Some("a wrong password")
+            Some((AuthCause::WrongPassword, "a wrong password"))
         } else {
             None
         };
-        if let Some(problem) = problem {
+        if let Some((cause, problem)) = problem {
             let delay = self
                 .throttle
                 .failure(&username, &realm, client, Instant::now());
@@ -497,6 +536,7 @@ impl Authenticator {
                 &realm,
                 false,
                 algorithms,
+                cause,
                 format!(
                     "digest authentication failed: user {user} from {client} sent {problem} (device id {shown})"
                 ),
@@ -509,6 +549,7 @@ impl Authenticator {
                 &realm,
                 true,
                 algorithms,
+                AuthCause::StaleNonce,
                 format!("stale nonce from user {user}: challenged again with stale=true"),
             )
             .routine());
@@ -516,10 +557,11 @@ impl Authenticator {
         // The account's own spelling: rows spelt otherwise were ignored (accounts).
         let owner = identity::user_uri(&username, &realm);
         if !identity::owns_device(&owner, &device) {
-            return Err(AuthFailure::forbidden(format!(
-                "{} (digest) does not own device id {shown}",
-                clip(&owner)
-            )));
+            return Err(AuthFailure::forbidden(
+                AuthMethod::Digest,
+                AuthCause::NotOwner,
+                format!("{} (digest) does not own device id {shown}", clip(&owner)),
+            ));
         }
         Ok(sender.authenticated(format!("digest {owner}")))
     }
@@ -544,8 +586,12 @@ fn certificate_owner(
     sender: Sender,
     identity: &CertificateIdentity,
     rule: IdentityRule,
-    what: &str,
+    method: AuthMethod,
 ) -> Result<Sender, AuthFailure> {
+    let what = match method {
+        AuthMethod::Proxy => "proxy-verified certificate",
+        _ => "client certificate",
+    };
     let device = sender.device_id().as_str();
     match identity.owner_of(device, rule) {
         Some(name) => {
@@ -555,17 +601,21 @@ fn certificate_owner(
         None => {
             // Say so when only the looser rule would have let it in.
             let common_name_ignored = identity.owner_of(device, IdentityRule::SanOrCn).is_some();
-            Err(AuthFailure::forbidden(format!(
-                "{what} ({}) does not own device id {}{}",
-                clip(&identity.describe()),
-                clip(device),
-                if common_name_ignored {
-                    "; its common name would, but auth.client_certificates.identity = \
+            Err(AuthFailure::forbidden(
+                method,
+                AuthCause::NotOwner,
+                format!(
+                    "{what} ({}) does not own device id {}{}",
+                    clip(&identity.describe()),
+                    clip(device),
+                    if common_name_ignored {
+                        "; its common name would, but auth.client_certificates.identity = \
                      \"san_else_cn\" ignores a common name beside a subjectAltName"
-                } else {
-                    ""
-                }
-            )))
+                    } else {
+                        ""
+                    }
+                ),
+            ))
         }
     }
 }

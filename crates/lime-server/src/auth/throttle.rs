@@ -190,6 +190,31 @@ impl Record {
     }
 }
 
+/// What a lock-out holds back: the `kind` label of `lime_auth_lockouts_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockoutKind {
+    /// One source, every user (`max_failures_per_address`).
+    Address,
+    /// One account at one source (`max_failures_per_user`).
+    UserAtAddress,
+    /// One account paced from sources it has not authenticated from.
+    AccountPaced,
+    /// Every unproven source, past `max_failures_per_sec`.
+    GlobalCap,
+}
+
+impl LockoutKind {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            LockoutKind::Address => "address",
+            LockoutKind::UserAtAddress => "user_at_address",
+            LockoutKind::AccountPaced => "account_paced",
+            LockoutKind::GlobalCap => "global_cap",
+        }
+    }
+}
+
 /// Why an attempt is refused untried, and for how much longer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockedOut {
@@ -385,6 +410,9 @@ impl Throttle {
             return;
         };
         let wait = not_until.wait_time_from(MonotonicClock.now());
+        if tables.saturated_until.is_none_or(|until| until <= now) {
+            crate::metrics::auth_lockout(LockoutKind::GlobalCap);
+        }
         tables.saturated_until = Some(now + wait.max(Duration::from_millis(1)));
         if tables
             .saturation_logged
@@ -416,6 +444,10 @@ impl Throttle {
         record.failures = record.failures.saturating_add(1);
         let failures = record.failures;
         if limit > 0 && failures >= limit {
+            crate::metrics::auth_lockout(match key {
+                Key::Source(_) => LockoutKind::Address,
+                _ => LockoutKind::UserAtAddress,
+            });
             record.locked_until = Some(now + policy.lockout);
             record.failures = 0;
             record.first_failure = now;
@@ -461,6 +493,7 @@ impl Throttle {
             return;
         }
         if record.next_attempt.is_none() {
+            crate::metrics::auth_lockout(LockoutKind::AccountPaced);
             tracing::warn!(
                 user = %clip(user),
                 realm = %clip(realm),

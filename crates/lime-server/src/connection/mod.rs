@@ -35,6 +35,7 @@ pub mod clock;
 use crate::auth::ClientAddress;
 use crate::auth::certificate::{CertificateIdentity, CertificateIdentityError, PeerCertificate};
 use crate::http::{self, HttpState};
+use crate::metrics::{self, TimeLimit};
 use clock::{ConnectionClock, Expired, WatchedIo};
 use hyper::Request;
 use hyper::body::Incoming;
@@ -113,6 +114,7 @@ pub async fn serve(
                 return;
             }
             Err(_) => {
+                metrics::closed_by_time_limit(TimeLimit::TlsHandshake);
                 tracing::info!(
                     %peer,
                     limit_ms = limits.tls_handshake_timeout.as_millis(),
@@ -188,6 +190,7 @@ async fn serve_http<S>(
             result = connection.as_mut() => break result,
             expired = clock.expired(), if idle_close_by.is_none() => match expired {
                 Expired::HeaderRead => {
+                    metrics::closed_by_time_limit(TimeLimit::HeaderRead);
                     tracing::warn!(
                         %peer,
                         limit_ms = limits.header_read_timeout.as_millis(),
@@ -196,6 +199,7 @@ async fn serve_http<S>(
                     return;
                 }
                 Expired::Idle => {
+                    metrics::closed_by_time_limit(TimeLimit::Idle);
                     tracing::debug!(
                         %peer,
                         limit_ms = limits.idle_timeout.as_millis(),

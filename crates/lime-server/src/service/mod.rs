@@ -13,7 +13,7 @@ mod register_user;
 
 use crate::auth::Sender;
 use crate::error::RequestError;
-use crate::store::{KeyStore, Stores};
+use crate::store::{KeyStore, StoreError, Stores};
 use crate::telemetry::clip;
 use lime_protocol::response::largest_peer_bundle_len;
 use lime_protocol::{Request, RequestMessage, Response, ResponseMessage};
@@ -72,7 +72,17 @@ impl KeyService {
                 });
             }
         }
-        run(store, sender.device_id().clone(), request).await
+        let result = run(store, sender.device_id().clone(), request).await;
+        if let Err(RequestError::Store(error @ (StoreError::Backend(_) | StoreError::Timeout(_)))) =
+            &result
+        {
+            crate::metrics::store_failed(
+                store.backend(),
+                curve,
+                matches!(error, StoreError::Timeout(_)),
+            );
+        }
+        result
     }
 }
 

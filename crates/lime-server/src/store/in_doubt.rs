@@ -227,6 +227,7 @@ impl InDoubtClaims {
         let start = {
             let mut state = self.lock();
             state.claims.push((token, claim.keys));
+            crate::metrics::claims_in_doubt(self.curve, state.claims.len());
             !std::mem::replace(&mut state.settling, true)
         };
         if start {
@@ -286,10 +287,9 @@ async fn settle_until_done<S: Reconcile>(store: Weak<S>) {
                             "a claim whose COMMIT went unanswered had rolled back: nothing to restore"
                         ),
                     }
-                    in_doubt
-                        .lock()
-                        .claims
-                        .retain(|(pending, _)| *pending != token);
+                    let mut state = in_doubt.lock();
+                    state.claims.retain(|(pending, _)| *pending != token);
+                    crate::metrics::claims_in_doubt(in_doubt.curve, state.claims.len());
                 }
                 Err(error) => {
                     // The database does not answer yet: try again later.

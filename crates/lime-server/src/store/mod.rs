@@ -12,10 +12,12 @@ pub mod mysql;
 pub mod postgres;
 pub mod rules;
 pub mod sqlite;
+pub mod stats;
 
 use async_trait::async_trait;
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 pub use location::StoreLocation;
+pub use stats::{OneTimePreKeyStock, StoreStats};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -253,6 +255,14 @@ pub trait KeyStore: Send + Sync {
 
     /// Checks that the database answers (for readiness).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// What the store holds ([`StoreStats`]), devices under `low_stock_threshold`
+    /// one-time pre-keys counted apart: one read-only statement, for
+    /// `admin stats` and the metrics' stock gauges, never on a request.
+    async fn stats(&self, low_stock_threshold: u32) -> Result<StoreStats, StoreError>;
+
+    /// The backend's name, a metric label: `sqlite`, `mysql` or `postgres`.
+    fn backend(&self) -> &'static str;
 }
 
 /// Runs `chunk` (one transaction deleting at most [`PURGE_CHUNK`] rows) until a

@@ -272,6 +272,7 @@ pub fn grant(
         OverLimit::WithoutOneTimePreKey => Grant::WithoutOneTimePreKey,
         OverLimit::NoBundle => Grant::Refused,
     };
+    crate::metrics::bundle_over_limit(reached, limit.over_limit);
     tracing::debug!(
         source = %clip(source.as_str()),
         target = %clip(target.as_str()),

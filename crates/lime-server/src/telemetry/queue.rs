@@ -108,6 +108,7 @@ impl QueueWriter {
         let mut lines = self.shared.lock();
         if lines.bytes + line.len() > self.shared.max_bytes {
             lines.dropped += 1;
+            crate::metrics::log_line_dropped();
         } else {
             lines.bytes += line.len();
             lines.queued.push_back(line.to_vec());

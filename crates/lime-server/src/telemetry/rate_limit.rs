@@ -72,6 +72,7 @@ impl RateLimit {
             true
         } else {
             site.suppressed += 1;
+            crate::metrics::log_line_suppressed();
             false
         }
     }

@@ -33,7 +33,7 @@ use crate::store::in_doubt::{
 use crate::store::location::redact;
 use crate::store::{
     KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError, StoreError,
-    StoreLimits,
+    StoreLimits, StoreStats,
 };
 use async_trait::async_trait;
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
@@ -605,6 +605,17 @@ impl KeyStore for MysqlStore {
             Box::pin(queries::one_time_pre_key_ids(conn, device))
         })
         .await
+    }
+
+    async fn stats(&self, low_stock_threshold: u32) -> Result<StoreStats, StoreError> {
+        self.run(Mode::Statement, low_stock_threshold, |conn, threshold| {
+            Box::pin(queries::stats(conn, *threshold))
+        })
+        .await
+    }
+
+    fn backend(&self) -> &'static str {
+        "mysql"
     }
 
     /// Ready means "can serve writes": a real write in a transaction that commits

@@ -14,6 +14,7 @@
 use super::Fault;
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled};
 use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
+use crate::store::stats::{self, StoreStats};
 use crate::store::{BundleRequestLimit, PURGE_CHUNK, Registered, StoreError, StoreLimits};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use sqlx::mysql::MySqlConnection;
@@ -597,6 +598,20 @@ async fn find_devices(
         }
     }
     Ok(found)
+}
+
+/// [`StoreStats`] in one statement (see `store/stats.rs`).
+pub(super) async fn stats(conn: &mut MySqlConnection, threshold: u32) -> Result<StoreStats, Fault> {
+    let sql = stats::statement(|name| format!("`{name}`"), "?", "SIGNED");
+    let row = sqlx::query(&sql)
+        .bind(threshold)
+        .fetch_one(&mut *conn)
+        .await?;
+    let mut columns = [None; 9];
+    for (index, column) in columns.iter_mut().enumerate() {
+        *column = row.try_get::<Option<i64>, _>(index)?;
+    }
+    Ok(stats::from_columns(columns, threshold))
 }
 
 pub(super) async fn one_time_pre_key_ids(

@@ -18,7 +18,7 @@ use crate::store::in_doubt::{ClaimToken, ClaimedKey, InDoubtClaims, Reconcile, S
 use crate::store::location::redact;
 use crate::store::{
     KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError, StoreError,
-    StoreLimits,
+    StoreLimits, StoreStats,
 };
 use async_trait::async_trait;
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
@@ -275,6 +275,18 @@ impl KeyStore for PostgresStore {
                 Box::pin(queries::one_time_pre_key_ids(conn, device))
             })
             .await
+    }
+
+    async fn stats(&self, low_stock_threshold: u32) -> Result<StoreStats, StoreError> {
+        self.transactions
+            .run(&low_stock_threshold, |conn, threshold| {
+                Box::pin(queries::stats(conn, *threshold))
+            })
+            .await
+    }
+
+    fn backend(&self) -> &'static str {
+        "postgres"
     }
 
     /// Ready means "can serve writes": a real write in a transaction that commits

@@ -10,6 +10,7 @@
 use super::transaction::Failure;
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled, TOKEN_LIFETIME};
 use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
+use crate::store::stats::{self, StoreStats};
 use crate::store::{BundleRequestLimit, PURGE_CHUNK, Registered, StoreError, StoreLimits};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use sqlx::postgres::PgRow;
@@ -536,6 +537,20 @@ pub(super) async fn purge_claim_tokens(conn: &mut PgConnection) -> Result<u64, s
             return Ok(purged);
         }
     }
+}
+
+/// [`StoreStats`] in one statement (see `store/stats.rs`).
+pub(super) async fn stats(conn: &mut PgConnection, threshold: u32) -> Result<StoreStats, Failure> {
+    let sql = stats::statement(|name| format!("\"{name}\""), "$1", "BIGINT");
+    let row = sqlx::query(&sql)
+        .bind(i64::from(threshold))
+        .fetch_one(&mut *conn)
+        .await?;
+    let mut columns = [None; 9];
+    for (index, column) in columns.iter_mut().enumerate() {
+        *column = row.try_get::<Option<i64>, _>(index)?;
+    }
+    Ok(stats::from_columns(columns, threshold))
 }
 
 pub(super) async fn one_time_pre_key_ids(

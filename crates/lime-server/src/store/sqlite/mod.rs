@@ -12,7 +12,8 @@ mod queries;
 pub mod schema;
 
 use crate::store::{
-    KeyStore, Migration, Registered, SchemaState, StoreError, StoreLimits, purge_in_chunks,
+    KeyStore, Migration, Registered, SchemaState, StoreError, StoreLimits, StoreStats,
+    purge_in_chunks,
 };
 use async_trait::async_trait;
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
@@ -267,6 +268,15 @@ impl KeyStore for SqliteStore {
     async fn one_time_pre_key_ids(&self, device: DeviceId) -> Result<Vec<u32>, StoreError> {
         self.execute(move |conn| queries::one_time_pre_key_ids(conn, &device))
             .await
+    }
+
+    async fn stats(&self, low_stock_threshold: u32) -> Result<StoreStats, StoreError> {
+        self.execute(move |conn| queries::stats(conn, low_stock_threshold))
+            .await
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
     }
 
     /// Ready means "can serve writes": a real write committed by the writer like

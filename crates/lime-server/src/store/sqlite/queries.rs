@@ -3,6 +3,7 @@
 //! and leave their savepoint to be rolled back.
 
 use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
+use crate::store::stats::{self, StoreStats};
 use crate::store::{BundleRequestLimit, PURGE_CHUNK, Registered, StoreError, StoreLimits};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -285,6 +286,19 @@ pub(super) fn one_time_pre_key_ids(
         .query_map([uid], |row| row.get(0))?
         .collect::<Result<Vec<u32>, _>>()?;
     Ok(ids)
+}
+
+/// [`StoreStats`] in one statement (see `store/stats.rs`).
+pub(super) fn stats(conn: &Connection, threshold: u32) -> Result<StoreStats, StoreError> {
+    let sql = stats::statement(|name| format!("\"{name}\""), "?1", "INTEGER");
+    let columns = conn.prepare_cached(&sql)?.query_row([threshold], |row| {
+        let mut columns = [None; 9];
+        for (index, column) in columns.iter_mut().enumerate() {
+            *column = row.get::<_, Option<i64>>(index)?;
+        }
+        Ok(columns)
+    })?;
+    Ok(stats::from_columns(columns, threshold))
 }
 
 impl From<rusqlite::Error> for StoreError {
