@@ -38,6 +38,12 @@ struct Server {
 /// Serves c25519 with digest, a bundle request limit of one bundle per target
 /// and source, a 4 KiB body cap and the stock counted every second.
 async fn start_server() -> Server {
+    start_server_with("", "").await
+}
+
+/// Like [`start_server`], with `server_keys` added to `[server]` and `tables`
+/// (whole TOML tables) at the end.
+async fn start_server_with(server_keys: &str, tables: &str) -> Server {
     let accounts = AccountsFixture::create(Backend::Sqlite).await;
     let data_dir = tempfile::tempdir().unwrap();
     let dir = data_dir.path();
@@ -45,10 +51,12 @@ async fn start_server() -> Server {
     std::fs::write(&secret, random_hex(32)).unwrap();
     let config = format!(
         "[server]\nlisten = []\nplain_http_listen = [\"127.0.0.1:0\"]\nmax_body_bytes = 4096\n\
+         {server_keys}\n\
          [storage]\ndata_dir = \"{}\"\ncurves = [\"c25519\"]\n\
          [limits]\nmax_bundle_requests = 1\n\
          [auth.digest]\naccounts_url = \"{}\"\nnonce_secret_file = \"{}\"\n\
-         [metrics]\nlisten = \"127.0.0.1:0\"\nstock_refresh_secs = 1\nlow_stock_threshold = 10\n",
+         [metrics]\nlisten = \"127.0.0.1:0\"\nstock_refresh_secs = 1\nlow_stock_threshold = 10\n\
+         {tables}",
         dir.display(),
         accounts.url,
         secret.display()
@@ -563,4 +571,134 @@ async fn the_scrape_passes_promtool_and_is_not_served_on_the_x3dh_listener() {
     let (status, _) = get(server.metrics, "/");
     assert_eq!(status, 404);
     assert!(server.process.log.contains("no authentication"));
+}
+
+#[tokio::test]
+async fn failed_passwords_count_by_reason_and_the_lockout_they_start() {
+    let server = start_server_with(
+        "",
+        "[auth.throttle]\nmax_failures_per_user = 2\ndelay_step_ms = 1\n",
+    )
+    .await;
+    let (alice, _) = server.user("alice").await;
+    let user = alice
+        .strip_prefix("sip:")
+        .and_then(|rest| rest.split('@').next())
+        .unwrap();
+    let guesser = LimeClient::plain()
+        .unwrap()
+        .with_digest(user, "not-the-password", None);
+    let body = RequestMessage {
+        curve: CURVE,
+        request: Request::GetSelfOneTimePreKeys,
+    }
+    .encode()
+    .unwrap();
+    let headers = [
+        ("content-type", "x3dh/octet-stream"),
+        ("x-lime-user-identity", alice.as_str()),
+    ];
+    let before = Scrape::of(&server);
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let answer = guesser
+            .post(&server.url(), &headers, body.clone())
+            .await
+            .unwrap();
+        statuses.push(answer.status);
+    }
+    // The client's first call is challenged, then refused (first failure); its
+    // second, sent with the nonce, is the second failure, which locks the user
+    // out from this address (401), and the client's retry is refused untried.
+    assert_eq!(statuses, [401, 429]);
+    let after = Scrape::of(&server);
+    assert_deltas(
+        &before,
+        &after,
+        &[
+            (
+                "lime_auth_failures_total",
+                &[("method", "digest"), ("reason", "challenged")],
+                1.0,
+            ),
+            (
+                "lime_auth_failures_total",
+                &[("method", "digest"), ("reason", "wrong_password")],
+                2.0,
+            ),
+            (
+                "lime_auth_failures_total",
+                &[("method", "digest"), ("reason", "locked_out")],
+                1.0,
+            ),
+            (
+                "lime_auth_lockouts_total",
+                &[("kind", "user_at_address")],
+                1.0,
+            ),
+            ("lime_auth_lockouts_total", &[("kind", "address")], 0.0),
+            ("lime_http_refusals_total", &[("status", "401")], 3.0),
+            ("lime_http_refusals_total", &[("status", "429")], 1.0),
+        ],
+    );
+}
+
+#[tokio::test]
+async fn connections_open_refused_and_cut_off_by_a_time_limit_are_counted() {
+    let server = start_server_with("max_connections = 1\nheader_read_timeout_ms = 300\n", "").await;
+    let before = Scrape::of(&server);
+    // Holds the only place, sending nothing: the header time limit closes it.
+    let mut silent = TcpStream::connect(server.x3dh).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let during = Scrape::of(&server);
+    assert_eq!(
+        during.value("lime_connections_open", &[]),
+        1.0,
+        "{}",
+        during.text
+    );
+    let mut refused = TcpStream::connect(server.x3dh).unwrap();
+    refused
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    refused
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = refused.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    // The silent connection is closed by the server: read gives end of file.
+    let mut rest = Vec::new();
+    let _ = silent.read_to_end(&mut rest);
+    let after = Scrape::of(&server);
+    assert_deltas(
+        &before,
+        &after,
+        &[
+            ("lime_connections_refused_total", &[], 1.0),
+            (
+                "lime_connections_closed_by_time_limit_total",
+                &[("kind", "header_read")],
+                1.0,
+            ),
+            (
+                "lime_connections_closed_by_time_limit_total",
+                &[("kind", "idle")],
+                0.0,
+            ),
+        ],
+    );
+    // The connection's task counts it out just after closing it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let scrape = Scrape::of(&server);
+        if scrape.value("lime_connections_open", &[]) == 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still open:\n{}", scrape.text);
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
