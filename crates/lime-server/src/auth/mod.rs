@@ -491,13 +491,9 @@ impl Authenticator {
         } else {
             None
         };
-        if let Some((cause, problem)) = untested {
-            let delay = self
-                .throttle
-                .failure_without_password(client, Instant::now());
-            tokio::time::sleep(delay).await;
-            let algorithms = digest.offered(&device, &realm).await;
-            return Err(AuthFailure::challenge(
+        // A credential that failed: challenged again, naming what was wrong.
+        let failed = |algorithms, cause, problem: &str| {
+            AuthFailure::challenge(
                 &realm,
                 false,
                 algorithms,
@@ -505,7 +501,15 @@ impl Authenticator {
                 format!(
                     "digest authentication failed: user {user} from {client} sent {problem} (device id {shown})"
                 ),
-            ));
+            )
+        };
+        if let Some((cause, problem)) = untested {
+            let delay = self
+                .throttle
+                .failure_without_password(client, Instant::now());
+            tokio::time::sleep(delay).await;
+            let algorithms = digest.offered(&device, &realm).await;
+            return Err(failed(algorithms, cause, &problem));
         }
         let method = request.method.as_str();
         let matches = |stored: &[accounts::StoredPassword]| {
@@ -532,15 +536,7 @@ impl Authenticator {
                 .throttle
                 .failure(&username, &realm, client, Instant::now());
             tokio::time::sleep(delay).await;
-            return Err(AuthFailure::challenge(
-                &realm,
-                false,
-                algorithms,
-                cause,
-                format!(
-                    "digest authentication failed: user {user} from {client} sent {problem} (device id {shown})"
-                ),
-            ));
+            return Err(failed(algorithms, cause, problem));
         }
         self.throttle
             .success(&username, &realm, client, Instant::now());
