@@ -423,6 +423,13 @@ fn print_summary(settings: &Settings, source: Option<PathBuf>) {
         println!("listen: http://{addr} (plain HTTP)");
     }
     println!("paths: {}", settings.server.paths.join(", "));
+    match settings.metrics.listen {
+        Some(addr) => println!(
+            "metrics: http://{addr}/metrics (no authentication), stock counted every {}s",
+            settings.metrics.stock_refresh_secs
+        ),
+        None => println!("metrics: off"),
+    }
     match &settings.tls.certificate {
         Some(path) => println!("TLS certificate: {}", path.display()),
         None => println!(

@@ -53,6 +53,7 @@ fn the_shipped_example_config_is_valid_and_matches_the_defaults() {
     let with_example = stdout(&output);
     assert!(with_example.contains("config is valid"));
     assert!(with_example.contains("listen: https://127.0.0.1:25519"));
+    assert!(with_example.contains("metrics: off"), "{with_example}");
     // The example documents the defaults: same summary as no file at all.
     let text = std::fs::read_to_string(example_config()).unwrap();
     let example: lime_server::config::Settings = toml::from_str(&text).unwrap();
