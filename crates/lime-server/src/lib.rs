@@ -32,6 +32,7 @@ pub mod client;
 pub mod config;
 pub mod connection;
 pub mod error;
+pub mod federation;
 pub mod http;
 pub mod service;
 pub mod startup;

@@ -13,6 +13,7 @@ use crate::auth::certificate;
 use crate::body_budget::BodyBudget;
 use crate::config::Settings;
 use crate::connection::{self, ConnectionLimits};
+use crate::federation::Federation;
 use crate::http::HttpState;
 use crate::service::KeyService;
 use crate::store::sqlite::SqliteOptions;
@@ -108,9 +109,15 @@ impl Application {
             });
         }
 
-        let auth = Authenticator::from_settings(&settings.auth).await?;
+        let auth = Authenticator::from_settings(&settings.auth, &settings.federation).await?;
+        let federation = Federation::from_settings(&settings.federation, &settings.auth)
+            .context("federation.forward_to")?;
         let state = Arc::new(HttpState {
-            service: KeyService::new(stores, settings.limits.max_bundle_answer_bytes),
+            service: KeyService::new(
+                stores,
+                settings.limits.max_bundle_answer_bytes,
+                federation.map(Arc::new),
+            ),
             auth,
             paths: settings.server.paths.clone(),
             max_body_bytes: settings.server.max_body_bytes,

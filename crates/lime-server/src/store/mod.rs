@@ -194,6 +194,18 @@ pub enum OverLimit {
     NoBundle,
 }
 
+/// Whether the source of a bundle claim must be a device registered in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceCheck {
+    /// Our own client: registered here, else `user_not_found` (liblime registers
+    /// before it fetches; a made-up source id would otherwise be a fresh budget
+    /// under every limit counted per device).
+    Registered,
+    /// A device of a peer server's domain, forwarded by that authenticated peer:
+    /// not registered here; the peer vouches for it.
+    VouchedByPeer,
+}
+
 /// One base algorithm's key directory.
 ///
 /// Time-outs are the store's business, not its caller's: a store answers within
@@ -237,11 +249,25 @@ pub trait KeyStore: Send + Sync {
     /// signed pre-key. A device named twice takes at most one one-time pre-key.
     /// With a bundle request limit, each bundle served is recorded in `Requests`
     /// and a source past the limit for a target gets what `OverLimit` says.
+    /// `source` must be a device registered in this store unless `check` says a
+    /// peer server vouches for it (federation: a device of the peer's domain);
+    /// the limits count it either way.
+    async fn claim_key_bundles_for(
+        &self,
+        source: DeviceId,
+        check: SourceCheck,
+        devices: Vec<DeviceId>,
+    ) -> Result<Vec<PeerBundle>, StoreError>;
+
+    /// [`KeyStore::claim_key_bundles_for`] a source registered here.
     async fn claim_key_bundles(
         &self,
         source: DeviceId,
         devices: Vec<DeviceId>,
-    ) -> Result<Vec<PeerBundle>, StoreError>;
+    ) -> Result<Vec<PeerBundle>, StoreError> {
+        self.claim_key_bundles_for(source, SourceCheck::Registered, devices)
+            .await
+    }
 
     /// Deletes the `Requests` rows older than `retention`, at most
     /// [`PURGE_CHUNK`] per transaction so that writers are never held up for long;

@@ -32,8 +32,8 @@ use crate::store::in_doubt::{
 };
 use crate::store::location::redact;
 use crate::store::{
-    KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError, StoreError,
-    StoreLimits,
+    KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError, SourceCheck,
+    StoreError, StoreLimits,
 };
 use async_trait::async_trait;
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
@@ -564,9 +564,10 @@ impl KeyStore for MysqlStore {
         .await
     }
 
-    async fn claim_key_bundles(
+    async fn claim_key_bundles_for(
         &self,
         source: DeviceId,
+        check: SourceCheck,
         devices: Vec<DeviceId>,
     ) -> Result<Vec<PeerBundle>, StoreError> {
         let curve = self.curve;
@@ -576,7 +577,7 @@ impl KeyStore for MysqlStore {
         let claimed = self
             .run_to_commit(
                 Mode::Transaction,
-                (limit, source, devices),
+                (limit, (source, check), devices),
                 move |conn, request| {
                     Box::pin(queries::claim_key_bundles(
                         conn,

@@ -14,7 +14,9 @@
 use super::Fault;
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled};
 use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
-use crate::store::{BundleRequestLimit, PURGE_CHUNK, Registered, StoreError, StoreLimits};
+use crate::store::{
+    BundleRequestLimit, PURGE_CHUNK, Registered, SourceCheck, StoreError, StoreLimits,
+};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use sqlx::mysql::MySqlConnection;
 use sqlx::{Executor, Row};
@@ -239,7 +241,11 @@ pub(super) async fn claim_key_bundles(
     curve: Curve,
     claims_table: bool,
     identities_table: bool,
-    (limit, source, devices): &(Option<BundleRequestLimit>, DeviceId, Vec<DeviceId>),
+    (limit, (source, check), devices): &(
+        Option<BundleRequestLimit>,
+        (DeviceId, SourceCheck),
+        Vec<DeviceId>,
+    ),
 ) -> Result<(Vec<PeerBundle>, Claim), Fault> {
     let limit = limit.as_ref();
     let identity = SourceIdentity::of(source);
@@ -255,9 +261,9 @@ pub(super) async fn claim_key_bundles(
         _ => 0,
     };
     let recorded_before = recorded;
-    // liblime registers a device before it fetches: a made-up source id would
-    // otherwise be a fresh budget under every limit counted per device.
-    find_uid(conn, source).await?;
+    if *check == SourceCheck::Registered {
+        find_uid(conn, source).await?;
+    }
     let repeats = rules::repeats(devices);
     let stored = find_devices(conn, devices).await?;
     let mut claimed = Vec::new();

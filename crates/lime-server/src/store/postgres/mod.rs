@@ -17,8 +17,8 @@ mod transaction;
 use crate::store::in_doubt::{ClaimToken, ClaimedKey, InDoubtClaims, Reconcile, Settled};
 use crate::store::location::redact;
 use crate::store::{
-    KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError, StoreError,
-    StoreLimits,
+    KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError, SourceCheck,
+    StoreError, StoreLimits,
 };
 use async_trait::async_trait;
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
@@ -237,15 +237,16 @@ impl KeyStore for PostgresStore {
             .await
     }
 
-    async fn claim_key_bundles(
+    async fn claim_key_bundles_for(
         &self,
         source: DeviceId,
+        check: SourceCheck,
         devices: Vec<DeviceId>,
     ) -> Result<Vec<PeerBundle>, StoreError> {
         let curve = self.curve;
         let claims_table = self.claims_table;
         self.purge_claim_tokens_when_due();
-        let request = (self.limits.bundle_requests, source, devices);
+        let request = (self.limits.bundle_requests, (source, check), devices);
         let claimed = self
             .transactions
             .run_to_commit(&request, move |conn, request| {

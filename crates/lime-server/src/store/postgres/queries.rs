@@ -10,7 +10,9 @@
 use super::transaction::Failure;
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled, TOKEN_LIFETIME};
 use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
-use crate::store::{BundleRequestLimit, PURGE_CHUNK, Registered, StoreError, StoreLimits};
+use crate::store::{
+    BundleRequestLimit, PURGE_CHUNK, Registered, SourceCheck, StoreError, StoreLimits,
+};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
@@ -320,7 +322,11 @@ pub(super) async fn claim_key_bundles(
     conn: &mut PgConnection,
     curve: Curve,
     claims_table: bool,
-    (limit, source, devices): &(Option<BundleRequestLimit>, DeviceId, Vec<DeviceId>),
+    (limit, (source, check), devices): &(
+        Option<BundleRequestLimit>,
+        (DeviceId, SourceCheck),
+        Vec<DeviceId>,
+    ),
 ) -> Result<(Vec<PeerBundle>, Claim), Failure> {
     let limit = limit.as_ref();
     let identity = SourceIdentity::of(source);
@@ -336,13 +342,13 @@ pub(super) async fn claim_key_bundles(
         None => 0,
     };
     let recorded_before = recorded;
-    // liblime registers a device before it fetches: a made-up source id would
-    // otherwise be a fresh budget under every limit counted per device.
-    sqlx::query(FIND_UID)
-        .bind(source.as_str())
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or(StoreError::DeviceNotFound)?;
+    if *check == SourceCheck::Registered {
+        sqlx::query(FIND_UID)
+            .bind(source.as_str())
+            .fetch_optional(&mut *conn)
+            .await?
+            .ok_or(StoreError::DeviceNotFound)?;
+    }
     let repeats = rules::repeats(devices);
     let mut claimed = Vec::new();
     let mut grants = Vec::with_capacity(devices.len());

@@ -12,7 +12,8 @@ mod queries;
 pub mod schema;
 
 use crate::store::{
-    KeyStore, Migration, Registered, SchemaState, StoreError, StoreLimits, purge_in_chunks,
+    KeyStore, Migration, Registered, SchemaState, SourceCheck, StoreError, StoreLimits,
+    purge_in_chunks,
 };
 use async_trait::async_trait;
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
@@ -144,7 +145,7 @@ pub fn claim_key_bundles_in_transaction(
         conn,
         curve,
         limits.bundle_requests.as_ref(),
-        source,
+        (source, SourceCheck::Registered),
         devices,
     ) {
         Ok(bundles) => {
@@ -248,14 +249,15 @@ impl KeyStore for SqliteStore {
             .await
     }
 
-    async fn claim_key_bundles(
+    async fn claim_key_bundles_for(
         &self,
         source: DeviceId,
+        check: SourceCheck,
         devices: Vec<DeviceId>,
     ) -> Result<Vec<PeerBundle>, StoreError> {
         let (curve, limit) = (self.curve, self.limits.bundle_requests);
         self.execute(move |conn| {
-            queries::claim_key_bundles(conn, curve, limit.as_ref(), &source, devices)
+            queries::claim_key_bundles(conn, curve, limit.as_ref(), (&source, check), devices)
         })
         .await
     }

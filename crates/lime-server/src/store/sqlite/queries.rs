@@ -3,7 +3,9 @@
 //! and leave their savepoint to be rolled back.
 
 use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
-use crate::store::{BundleRequestLimit, PURGE_CHUNK, Registered, StoreError, StoreLimits};
+use crate::store::{
+    BundleRequestLimit, PURGE_CHUNK, Registered, SourceCheck, StoreError, StoreLimits,
+};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::time::Duration;
@@ -132,12 +134,12 @@ pub(super) fn claim_key_bundles(
     conn: &Connection,
     curve: Curve,
     limit: Option<&BundleRequestLimit>,
-    source: &DeviceId,
+    (source, check): (&DeviceId, SourceCheck),
     devices: Vec<DeviceId>,
 ) -> Result<Vec<PeerBundle>, StoreError> {
-    // liblime registers a device before it fetches: a made-up source id would
-    // otherwise be a fresh budget under every limit counted per device.
-    find_uid(conn, source)?;
+    if check == SourceCheck::Registered {
+        find_uid(conn, source)?;
+    }
     let identity = SourceIdentity::of(source);
     let mut recorded = match limit {
         Some(limit) => recorded_in_window(conn, &identity, limit)?,
