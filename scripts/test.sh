@@ -51,7 +51,8 @@ cargo test --workspace --locked "$@"
 for backend in mariadb postgres; do
     echo "test.sh: black-box suites on $backend" >&2
     LIME_TEST_BACKEND=$backend cargo test -p lime-server --locked \
-        --test protocol --test bad_input --test concurrency --test limits --test liblime_interop "$@"
+        --test protocol --test bad_input --test concurrency --test limits --test liblime_interop \
+        --test federation "$@"
 done
 
 # The real client again with authentication on: answering digest challenges

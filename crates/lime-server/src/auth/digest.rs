@@ -271,12 +271,7 @@ impl Credentials {
     /// Parses an `Authorization` header value. Only `qop=auth` is accepted: it is
     /// all the challenges offer.
     pub fn parse(header: &str) -> Result<Credentials, CredentialsError> {
-        let header = header.trim_start();
-        let (scheme, rest) = header.split_once([' ', '\t']).unwrap_or((header, ""));
-        if !scheme.eq_ignore_ascii_case("Digest") {
-            return Err(CredentialsError::NotDigest);
-        }
-        let mut params = parse_params(rest)?;
+        let mut params = digest_params(header)?;
         if params.contains_key("username*") {
             return Err(CredentialsError::Unsupported(
                 "username* (RFC 7616 encoded user names)".into(),
@@ -301,14 +296,7 @@ impl Credentials {
         }
         let cnonce = take("cnonce")?;
         let nonce_count = take("nc")?;
-        let algorithm = match params.remove("algorithm") {
-            None => DigestAlgorithm::Md5,
-            Some(name) => match name.to_ascii_uppercase().as_str() {
-                "MD5" => DigestAlgorithm::Md5,
-                "SHA-256" => DigestAlgorithm::Sha256,
-                _ => return Err(CredentialsError::Unsupported(format!("algorithm={name}"))),
-            },
-        };
+        let algorithm = algorithm_param(params.remove("algorithm"))?;
         Ok(Credentials {
             username,
             realm,
@@ -372,12 +360,7 @@ impl Challenge {
     /// Parses a `WWW-Authenticate` value; only challenges that offer `qop=auth`
     /// with MD5 or SHA-256 can be answered.
     pub fn parse(header: &str) -> Result<Challenge, CredentialsError> {
-        let header = header.trim_start();
-        let (scheme, rest) = header.split_once([' ', '\t']).unwrap_or((header, ""));
-        if !scheme.eq_ignore_ascii_case("Digest") {
-            return Err(CredentialsError::NotDigest);
-        }
-        let mut params = parse_params(rest)?;
+        let mut params = digest_params(header)?;
         let mut take =
             |name: &'static str| params.remove(name).ok_or(CredentialsError::Missing(name));
         let realm = take("realm")?;
@@ -386,13 +369,7 @@ impl Challenge {
         if !qop.split(',').any(|option| option.trim() == "auth") {
             return Err(CredentialsError::Unsupported(format!("qop={qop}")));
         }
-        let algorithm = match params.remove("algorithm") {
-            None => DigestAlgorithm::Md5,
-            Some(name) => name
-                .to_ascii_uppercase()
-                .parse()
-                .map_err(CredentialsError::Unsupported)?,
-        };
+        let algorithm = algorithm_param(params.remove("algorithm"))?;
         Ok(Challenge {
             realm,
             nonce,
@@ -441,6 +418,29 @@ pub fn authorization(
         header.push_str(&format!(", opaque={}", quote(opaque)));
     }
     header
+}
+
+/// The parameters of a `Digest ...` header value (`Authorization` or
+/// `WWW-Authenticate`).
+fn digest_params(header: &str) -> Result<HashMap<String, String>, CredentialsError> {
+    let header = header.trim_start();
+    let (scheme, rest) = header.split_once([' ', '\t']).unwrap_or((header, ""));
+    if !scheme.eq_ignore_ascii_case("Digest") {
+        return Err(CredentialsError::NotDigest);
+    }
+    parse_params(rest)
+}
+
+/// The `algorithm` parameter, case-insensitive; absent means MD5.
+fn algorithm_param(name: Option<String>) -> Result<DigestAlgorithm, CredentialsError> {
+    match name.as_deref().map(str::to_ascii_uppercase).as_deref() {
+        None | Some("MD5") => Ok(DigestAlgorithm::Md5),
+        Some("SHA-256") => Ok(DigestAlgorithm::Sha256),
+        Some(_) => Err(CredentialsError::Unsupported(format!(
+            "algorithm={}",
+            name.unwrap_or_default()
+        ))),
+    }
 }
 
 /// Splits `name=token, name="quoted string", ...` into lowercase names and values.
