@@ -897,3 +897,47 @@ async fn a_refusing_peer_is_logged_with_the_reason() {
     assert_eq!(opks_of(&domains.b, &bob).await, 3);
     assert_eq!(opks_of(&domains.c, &claire).await, 3);
 }
+
+/// Against a peer that limits nothing (or counts only the peer, as the
+/// original PHP server does), our own limits still hold for each of our users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_forwarding_server_applies_its_own_limits_to_its_users_first() {
+    let domains = three_domains(Options {
+        a: Some(Box::new(|s: &mut Settings| {
+            s.limits.max_bundle_requests = 1;
+            s.limits.max_bundle_requests_per_identity = 1;
+        })),
+        b: Some(Box::new(|s: &mut Settings| {
+            s.limits.max_bundle_requests = 0;
+        })),
+        ..Options::default()
+    })
+    .await;
+    let (a, b) = (&domains.a, &domains.b);
+    let bob = device("bob", B);
+    let bob2 = device("bob2", B);
+    register(b, &bob, 10).await;
+    register(b, &bob2, 10).await;
+    let alice = device("alice", A);
+    let dave = device("dave", A);
+    register(a, &alice, 0).await;
+    register(a, &dave, 0).await;
+    assert_eq!(bundles(a, &alice, &[&bob]).await, vec![(bob.clone(), 1)]);
+    // Past A's limit: not forwarded, so B keeps its keys.
+    assert_eq!(bundles(a, &alice, &[&bob]).await, vec![(bob.clone(), 2)]);
+    assert_eq!(opks_of(b, &bob).await, 9);
+    // Another user of A has a count of their own.
+    assert_eq!(bundles(a, &dave, &[&bob]).await, vec![(bob.clone(), 1)]);
+    // A device named twice is forwarded once: the repeat gets its bundle without
+    // a one-time key, as a device held here would.
+    assert_eq!(
+        bundles(a, &dave, &[&bob2, &bob2]).await,
+        vec![(bob2.clone(), 1), (bob2.clone(), 0)]
+    );
+    assert_eq!(opks_of(b, &bob2).await, 9);
+    assert_eq!(
+        requests_from(a, &alice).await,
+        1,
+        "A recorded alice's bundle"
+    );
+}

@@ -17,7 +17,7 @@ use crate::error::RequestError;
 use crate::federation::Federation;
 use crate::store::{KeyStore, SourceCheck};
 use crate::telemetry::clip;
-use lime_protocol::{Curve, DeviceId, PeerBundle, Response};
+use lime_protocol::{Curve, DeviceId, KeyBundle, PeerBundle, Response};
 
 pub(super) async fn handle(
     store: &dyn KeyStore,
@@ -44,7 +44,20 @@ pub(super) async fn handle_federated(
     let asked = devices.len();
     let plan = federation.plan(&devices);
     let local: Vec<DeviceId> = plan.local.iter().map(|&i| devices[i].clone()).collect();
-    let local_bundles = store.claim_key_bundles(source.clone(), local).await?;
+    // The peers' devices, in plan order: our limits apply to them first.
+    let foreign: Vec<usize> = plan
+        .forwarded
+        .iter()
+        .flat_map(|(_, positions)| positions.iter().copied())
+        .collect();
+    let claimed = store
+        .claim_key_bundles_for(
+            source.clone(),
+            SourceCheck::Registered,
+            local,
+            foreign.iter().map(|&i| devices[i].clone()).collect(),
+        )
+        .await?;
     let mut answer: Vec<PeerBundle> = devices
         .iter()
         .map(|device_id| PeerBundle {
@@ -52,33 +65,60 @@ pub(super) async fn handle_federated(
             bundle: None,
         })
         .collect();
-    for (position, bundle) in plan.local.iter().zip(local_bundles) {
+    for (position, bundle) in plan.local.iter().zip(claimed.bundles) {
         answer[*position] = bundle;
     }
+    let granted: Vec<usize> = foreign
+        .iter()
+        .zip(&claimed.forward)
+        .filter_map(|(&position, &forward)| forward.then_some(position))
+        .collect();
+    let devices = &devices;
     let fetches = plan.forwarded.iter().map(|(peer, positions)| {
-        let asked: Vec<DeviceId> = positions.iter().map(|&i| devices[i].clone()).collect();
+        let positions: Vec<usize> = positions
+            .iter()
+            .copied()
+            .filter(|position| granted.contains(position))
+            .collect();
         async move {
-            let count = asked.len();
+            if positions.is_empty() {
+                return (positions, Ok(Vec::new()));
+            }
+            let asked: Vec<DeviceId> = positions.iter().map(|&i| devices[i].clone()).collect();
             let fetched = peer.fetch(curve, source, asked, federation.timeout()).await;
             if let Err(failure) = &fetched {
                 tracing::warn!(
                     peer = %peer.name(),
                     source = %clip(source.as_str()),
-                    devices = count,
+                    devices = positions.len(),
                     reason = %failure,
                     "federation: peer failed, its devices get no bundle"
                 );
             }
-            fetched
+            (positions, fetched)
         }
     });
-    let fetched = futures_util::future::join_all(fetches).await;
-    for ((_, positions), bundles) in plan.forwarded.iter().zip(fetched) {
-        if let Ok(bundles) = bundles {
-            for (position, bundle) in positions.iter().zip(bundles) {
-                answer[*position] = bundle;
+    for (positions, fetched) in futures_util::future::join_all(fetches).await {
+        if let Ok(bundles) = fetched {
+            for (position, bundle) in positions.into_iter().zip(bundles) {
+                answer[position] = bundle;
             }
         }
+    }
+    // Not forwarded: a repeat gets its first occurrence's bundle without the
+    // one-time key (as a device held here would); past one of our limits, none.
+    for &position in foreign
+        .iter()
+        .filter(|position| !granted.contains(position))
+    {
+        let first = answer[..position]
+            .iter()
+            .find(|entry| entry.device_id == answer[position].device_id)
+            .and_then(|entry| entry.bundle.clone());
+        answer[position].bundle = first.map(|bundle| KeyBundle {
+            one_time_pre_key: None,
+            ..bundle
+        });
     }
     log_answer(source, asked, &answer);
     Ok(Response::PeerBundles(answer))
@@ -111,8 +151,9 @@ pub(super) async fn handle_forwarded(
         );
     }
     let mut served = store
-        .claim_key_bundles_for(source.clone(), SourceCheck::VouchedByPeer, ours)
+        .claim_key_bundles_for(source.clone(), SourceCheck::VouchedByPeer, ours, Vec::new())
         .await?
+        .bundles
         .into_iter();
     let answer: Vec<PeerBundle> = devices
         .into_iter()

@@ -206,6 +206,17 @@ pub enum SourceCheck {
     VouchedByPeer,
 }
 
+/// What a bundle claim gives.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claimed {
+    /// The bundles of the devices held here, in their order.
+    pub bundles: Vec<PeerBundle>,
+    /// For each device held by a peer server, in its order: whether the source
+    /// is within the bundle request limits for it (not a repeat, not past a
+    /// limit), so that it may be asked of the peer.
+    pub forward: Vec<bool>,
+}
+
 /// One base algorithm's key directory.
 ///
 /// Time-outs are the store's business, not its caller's: a store answers within
@@ -251,22 +262,29 @@ pub trait KeyStore: Send + Sync {
     /// and a source past the limit for a target gets what `OverLimit` says.
     /// `source` must be a device registered in this store unless `check` says a
     /// peer server vouches for it (federation: a device of the peer's domain);
-    /// the limits count it either way.
+    /// the limits count it either way. `forwarded` are devices held by peer
+    /// servers that `source` asks for through us (federation): the same limits
+    /// apply to them, in the same transaction, and [`Claimed::forward`] says which
+    /// may be asked of their peer (recorded in `Requests` like a bundle served).
     async fn claim_key_bundles_for(
         &self,
         source: DeviceId,
         check: SourceCheck,
         devices: Vec<DeviceId>,
-    ) -> Result<Vec<PeerBundle>, StoreError>;
+        forwarded: Vec<DeviceId>,
+    ) -> Result<Claimed, StoreError>;
 
-    /// [`KeyStore::claim_key_bundles_for`] a source registered here.
+    /// [`KeyStore::claim_key_bundles_for`] a source registered here, for devices
+    /// held here.
     async fn claim_key_bundles(
         &self,
         source: DeviceId,
         devices: Vec<DeviceId>,
     ) -> Result<Vec<PeerBundle>, StoreError> {
-        self.claim_key_bundles_for(source, SourceCheck::Registered, devices)
-            .await
+        let claimed = self
+            .claim_key_bundles_for(source, SourceCheck::Registered, devices, Vec::new())
+            .await?;
+        Ok(claimed.bundles)
     }
 
     /// Deletes the `Requests` rows older than `retention`, at most

@@ -32,11 +32,11 @@ use crate::store::in_doubt::{
 };
 use crate::store::location::redact;
 use crate::store::{
-    KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError, SourceCheck,
-    StoreError, StoreLimits,
+    Claimed, KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError,
+    SourceCheck, StoreError, StoreLimits,
 };
 use async_trait::async_trait;
-use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
+use lime_protocol::{Curve, DeviceId, OneTimePreKey, Registration, SignedPreKey};
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlDatabaseError};
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, Executor, MySql, MySqlPool};
@@ -569,7 +569,8 @@ impl KeyStore for MysqlStore {
         source: DeviceId,
         check: SourceCheck,
         devices: Vec<DeviceId>,
-    ) -> Result<Vec<PeerBundle>, StoreError> {
+        forwarded: Vec<DeviceId>,
+    ) -> Result<Claimed, StoreError> {
         let curve = self.curve;
         let (claims_table, identities_table) = (self.claims_table, self.identities_table);
         let limit = self.limits.bundle_requests;
@@ -577,7 +578,7 @@ impl KeyStore for MysqlStore {
         let claimed = self
             .run_to_commit(
                 Mode::Transaction,
-                (limit, (source, check), devices),
+                (limit, (source, check), (devices, forwarded)),
                 move |conn, request| {
                     Box::pin(queries::claim_key_bundles(
                         conn,

@@ -15,7 +15,7 @@ use super::Fault;
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled};
 use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
 use crate::store::{
-    BundleRequestLimit, PURGE_CHUNK, Registered, SourceCheck, StoreError, StoreLimits,
+    BundleRequestLimit, Claimed, PURGE_CHUNK, Registered, SourceCheck, StoreError, StoreLimits,
 };
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use sqlx::mysql::MySqlConnection;
@@ -241,12 +241,12 @@ pub(super) async fn claim_key_bundles(
     curve: Curve,
     claims_table: bool,
     identities_table: bool,
-    (limit, (source, check), devices): &(
+    (limit, (source, check), (devices, forwarded)): &(
         Option<BundleRequestLimit>,
         (DeviceId, SourceCheck),
-        Vec<DeviceId>,
+        (Vec<DeviceId>, Vec<DeviceId>),
     ),
-) -> Result<(Vec<PeerBundle>, Claim), Fault> {
+) -> Result<(Claimed, Claim), Fault> {
     let limit = limit.as_ref();
     let identity = SourceIdentity::of(source);
     // The identity's row first: it is locked until the end of the transaction,
@@ -264,20 +264,23 @@ pub(super) async fn claim_key_bundles(
     if *check == SourceCheck::Registered {
         find_uid(conn, source).await?;
     }
-    let repeats = rules::repeats(devices);
+    let all: Vec<DeviceId> = devices.iter().chain(forwarded).cloned().collect();
+    let repeats = rules::repeats(&all);
     let stored = find_devices(conn, devices).await?;
     let mut claimed = Vec::new();
-    let mut grants = Vec::with_capacity(devices.len());
-    let mut bundles = Vec::with_capacity(devices.len());
-    for (device_id, repeat) in devices.iter().zip(repeats) {
+    let mut grants = Vec::with_capacity(all.len());
+    let mut answer = Claimed::default();
+    for (index, (device_id, repeat)) in all.iter().zip(repeats).enumerate() {
+        // A device a peer holds is granted as one held here would be.
+        let held = index < devices.len();
         let device = stored
             .get(device_id.as_str())
-            .filter(|device| device.signed_pre_key.is_some());
-        let grant = match (device, repeat, limit) {
-            (None, _, _) => Grant::Refused,
-            (Some(_), Some(first), _) => rules::repeat_grant(grants[first]),
-            (Some(_), None, None) => Grant::Full,
-            (Some(_), None, Some(limit)) => {
+            .filter(|device| held && device.signed_pre_key.is_some());
+        let grant = match (held && device.is_none(), repeat, limit) {
+            (true, _, _) => Grant::Refused,
+            (false, Some(first), _) => rules::repeat_grant(grants[first]),
+            (false, None, None) => Grant::Full,
+            (false, None, Some(limit)) => {
                 let received = received(conn, limit, source, &identity, device_id).await?;
                 let grant = rules::grant(source, device_id, received, recorded, limit);
                 if grant == Grant::Full {
@@ -294,6 +297,10 @@ pub(super) async fn claim_key_bundles(
             }
         };
         grants.push(grant);
+        if !held {
+            answer.forward.push(grant == Grant::Full);
+            continue;
+        }
         let bundle = match device {
             Some(device) if grant.is_served() => {
                 let one_time_pre_key = if grant == Grant::Full {
@@ -305,7 +312,7 @@ pub(super) async fn claim_key_bundles(
             }
             _ => None,
         };
-        bundles.push(PeerBundle {
+        answer.bundles.push(PeerBundle {
             device_id: device_id.clone(),
             bundle,
         });
@@ -330,7 +337,7 @@ pub(super) async fn claim_key_bundles(
         None
     };
     Ok((
-        bundles,
+        answer,
         Claim {
             token,
             keys: claimed,

@@ -17,11 +17,11 @@ mod transaction;
 use crate::store::in_doubt::{ClaimToken, ClaimedKey, InDoubtClaims, Reconcile, Settled};
 use crate::store::location::redact;
 use crate::store::{
-    KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError, SourceCheck,
-    StoreError, StoreLimits,
+    Claimed, KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError,
+    SourceCheck, StoreError, StoreLimits,
 };
 use async_trait::async_trait;
-use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
+use lime_protocol::{Curve, DeviceId, OneTimePreKey, Registration, SignedPreKey};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
 use std::str::FromStr;
@@ -242,11 +242,16 @@ impl KeyStore for PostgresStore {
         source: DeviceId,
         check: SourceCheck,
         devices: Vec<DeviceId>,
-    ) -> Result<Vec<PeerBundle>, StoreError> {
+        forwarded: Vec<DeviceId>,
+    ) -> Result<Claimed, StoreError> {
         let curve = self.curve;
         let claims_table = self.claims_table;
         self.purge_claim_tokens_when_due();
-        let request = (self.limits.bundle_requests, (source, check), devices);
+        let request = (
+            self.limits.bundle_requests,
+            (source, check),
+            (devices, forwarded),
+        );
         let claimed = self
             .transactions
             .run_to_commit(&request, move |conn, request| {

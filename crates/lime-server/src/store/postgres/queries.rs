@@ -11,7 +11,7 @@ use super::transaction::Failure;
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled, TOKEN_LIFETIME};
 use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
 use crate::store::{
-    BundleRequestLimit, PURGE_CHUNK, Registered, SourceCheck, StoreError, StoreLimits,
+    BundleRequestLimit, Claimed, PURGE_CHUNK, Registered, SourceCheck, StoreError, StoreLimits,
 };
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use sqlx::postgres::PgRow;
@@ -322,12 +322,12 @@ pub(super) async fn claim_key_bundles(
     conn: &mut PgConnection,
     curve: Curve,
     claims_table: bool,
-    (limit, (source, check), devices): &(
+    (limit, (source, check), (devices, forwarded)): &(
         Option<BundleRequestLimit>,
         (DeviceId, SourceCheck),
-        Vec<DeviceId>,
+        (Vec<DeviceId>, Vec<DeviceId>),
     ),
-) -> Result<(Vec<PeerBundle>, Claim), Failure> {
+) -> Result<(Claimed, Claim), Failure> {
     let limit = limit.as_ref();
     let identity = SourceIdentity::of(source);
     let mut recorded = match limit {
@@ -349,19 +349,25 @@ pub(super) async fn claim_key_bundles(
             .await?
             .ok_or(StoreError::DeviceNotFound)?;
     }
-    let repeats = rules::repeats(devices);
+    let all: Vec<DeviceId> = devices.iter().chain(forwarded).cloned().collect();
+    let repeats = rules::repeats(&all);
     let mut claimed = Vec::new();
-    let mut grants = Vec::with_capacity(devices.len());
-    let mut bundles = Vec::with_capacity(devices.len());
-    for (device_id, repeat) in devices.iter().zip(repeats) {
-        let device = find_device(conn, device_id)
-            .await?
-            .filter(|device| device.signed_pre_key.is_some());
-        let grant = match (&device, repeat, limit) {
-            (None, _, _) => Grant::Refused,
-            (Some(_), Some(first), _) => rules::repeat_grant(grants[first]),
-            (Some(_), None, None) => Grant::Full,
-            (Some(_), None, Some(limit)) => {
+    let mut grants = Vec::with_capacity(all.len());
+    let mut answer = Claimed::default();
+    for (index, (device_id, repeat)) in all.iter().zip(repeats).enumerate() {
+        // A device a peer holds is granted as one held here would be.
+        let held = index < devices.len();
+        let device = match held {
+            true => find_device(conn, device_id)
+                .await?
+                .filter(|device| device.signed_pre_key.is_some()),
+            false => None,
+        };
+        let grant = match (held && device.is_none(), repeat, limit) {
+            (true, _, _) => Grant::Refused,
+            (false, Some(first), _) => rules::repeat_grant(grants[first]),
+            (false, None, None) => Grant::Full,
+            (false, None, Some(limit)) => {
                 let received = received(conn, limit, source, &identity, device_id).await?;
                 let grant = rules::grant(source, device_id, received, recorded, limit);
                 if grant == Grant::Full {
@@ -376,6 +382,10 @@ pub(super) async fn claim_key_bundles(
             }
         };
         grants.push(grant);
+        if !held {
+            answer.forward.push(grant == Grant::Full);
+            continue;
+        }
         let bundle = match device {
             Some(device) if grant.is_served() => {
                 let one_time_pre_key = if grant == Grant::Full {
@@ -387,7 +397,7 @@ pub(super) async fn claim_key_bundles(
             }
             _ => None,
         };
-        bundles.push(PeerBundle {
+        answer.bundles.push(PeerBundle {
             device_id: device_id.clone(),
             bundle,
         });
@@ -410,7 +420,7 @@ pub(super) async fn claim_key_bundles(
         None
     };
     Ok((
-        bundles,
+        answer,
         Claim {
             token,
             keys: claimed,

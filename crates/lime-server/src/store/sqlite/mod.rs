@@ -12,7 +12,7 @@ mod queries;
 pub mod schema;
 
 use crate::store::{
-    KeyStore, Migration, Registered, SchemaState, SourceCheck, StoreError, StoreLimits,
+    Claimed, KeyStore, Migration, Registered, SchemaState, SourceCheck, StoreError, StoreLimits,
     purge_in_chunks,
 };
 use async_trait::async_trait;
@@ -146,11 +146,11 @@ pub fn claim_key_bundles_in_transaction(
         curve,
         limits.bundle_requests.as_ref(),
         (source, SourceCheck::Registered),
-        devices,
+        (devices, Vec::new()),
     ) {
-        Ok(bundles) => {
+        Ok(claimed) => {
             conn.execute_batch("COMMIT")?;
-            Ok(bundles)
+            Ok(claimed.bundles)
         }
         Err(error) => {
             let _ = conn.execute_batch("ROLLBACK");
@@ -254,10 +254,17 @@ impl KeyStore for SqliteStore {
         source: DeviceId,
         check: SourceCheck,
         devices: Vec<DeviceId>,
-    ) -> Result<Vec<PeerBundle>, StoreError> {
+        forwarded: Vec<DeviceId>,
+    ) -> Result<Claimed, StoreError> {
         let (curve, limit) = (self.curve, self.limits.bundle_requests);
         self.execute(move |conn| {
-            queries::claim_key_bundles(conn, curve, limit.as_ref(), (&source, check), devices)
+            queries::claim_key_bundles(
+                conn,
+                curve,
+                limit.as_ref(),
+                (&source, check),
+                (devices, forwarded),
+            )
         })
         .await
     }

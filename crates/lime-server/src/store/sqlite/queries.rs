@@ -4,7 +4,7 @@
 
 use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
 use crate::store::{
-    BundleRequestLimit, PURGE_CHUNK, Registered, SourceCheck, StoreError, StoreLimits,
+    BundleRequestLimit, Claimed, PURGE_CHUNK, Registered, SourceCheck, StoreError, StoreLimits,
 };
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -135,8 +135,8 @@ pub(super) fn claim_key_bundles(
     curve: Curve,
     limit: Option<&BundleRequestLimit>,
     (source, check): (&DeviceId, SourceCheck),
-    devices: Vec<DeviceId>,
-) -> Result<Vec<PeerBundle>, StoreError> {
+    (devices, forwarded): (Vec<DeviceId>, Vec<DeviceId>),
+) -> Result<Claimed, StoreError> {
     if check == SourceCheck::Registered {
         find_uid(conn, source)?;
     }
@@ -146,19 +146,26 @@ pub(super) fn claim_key_bundles(
         None => 0,
     };
     let recorded_before = recorded;
-    let repeats = rules::repeats(&devices);
+    let held_here = devices.len();
+    let all: Vec<DeviceId> = devices.into_iter().chain(forwarded).collect();
+    let repeats = rules::repeats(&all);
     let mut claim = conn.prepare_cached(
         "DELETE FROM OPk WHERE id = (SELECT id FROM OPk WHERE Uid = ?1 LIMIT 1) RETURNING OPk, OPk_id",
     )?;
-    let mut grants = Vec::with_capacity(devices.len());
-    let mut bundles = Vec::with_capacity(devices.len());
-    for (device_id, repeat) in devices.into_iter().zip(repeats) {
-        let device = find_device(conn, &device_id)?.filter(|d| d.signed_pre_key.is_some());
-        let grant = match (&device, repeat, limit) {
-            (None, _, _) => Grant::Refused,
-            (Some(_), Some(first), _) => rules::repeat_grant(grants[first]),
-            (Some(_), None, None) => Grant::Full,
-            (Some(_), None, Some(limit)) => {
+    let mut grants = Vec::with_capacity(all.len());
+    let mut claimed = Claimed::default();
+    for (index, (device_id, repeat)) in all.into_iter().zip(repeats).enumerate() {
+        // A device a peer holds is granted as one held here would be.
+        let held = index < held_here;
+        let device = match held {
+            true => find_device(conn, &device_id)?.filter(|d| d.signed_pre_key.is_some()),
+            false => None,
+        };
+        let grant = match (held && device.is_none(), repeat, limit) {
+            (true, _, _) => Grant::Refused,
+            (false, Some(first), _) => rules::repeat_grant(grants[first]),
+            (false, None, None) => Grant::Full,
+            (false, None, Some(limit)) => {
                 let received = received(conn, limit, source, &identity, &device_id)?;
                 let grant = rules::grant(source, &device_id, received, recorded, limit);
                 if grant == Grant::Full {
@@ -170,6 +177,10 @@ pub(super) fn claim_key_bundles(
             }
         };
         grants.push(grant);
+        if !held {
+            claimed.forward.push(grant == Grant::Full);
+            continue;
+        }
         let bundle = match device {
             Some(device) if grant.is_served() => {
                 let one_time_pre_key = if grant == Grant::Full {
@@ -183,7 +194,7 @@ pub(super) fn claim_key_bundles(
             }
             _ => None,
         };
-        bundles.push(PeerBundle { device_id, bundle });
+        claimed.bundles.push(PeerBundle { device_id, bundle });
     }
     if recorded != recorded_before {
         conn.prepare_cached(
@@ -191,7 +202,7 @@ pub(super) fn claim_key_bundles(
         )?
         .execute(params![recorded, identity.key()])?;
     }
-    Ok(bundles)
+    Ok(claimed)
 }
 
 /// The bundle requests recorded for `identity` in the current window (fixed
