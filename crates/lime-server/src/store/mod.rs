@@ -206,6 +206,14 @@ pub enum SourceCheck {
     VouchedByPeer,
 }
 
+/// A bundle claim as the database-server stores run it: their limit, the source
+/// and its check, the devices held here and those to forward.
+pub(crate) type ClaimRequest = (
+    Option<BundleRequestLimit>,
+    (DeviceId, SourceCheck),
+    (Vec<DeviceId>, Vec<DeviceId>),
+);
+
 /// What a bundle claim gives.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Claimed {

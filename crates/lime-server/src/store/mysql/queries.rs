@@ -15,7 +15,8 @@ use super::Fault;
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled};
 use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
 use crate::store::{
-    BundleRequestLimit, Claimed, PURGE_CHUNK, Registered, SourceCheck, StoreError, StoreLimits,
+    BundleRequestLimit, ClaimRequest, Claimed, PURGE_CHUNK, Registered, SourceCheck, StoreError,
+    StoreLimits,
 };
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use sqlx::mysql::MySqlConnection;
@@ -241,11 +242,7 @@ pub(super) async fn claim_key_bundles(
     curve: Curve,
     claims_table: bool,
     identities_table: bool,
-    (limit, (source, check), (devices, forwarded)): &(
-        Option<BundleRequestLimit>,
-        (DeviceId, SourceCheck),
-        (Vec<DeviceId>, Vec<DeviceId>),
-    ),
+    (limit, (source, check), (devices, forwarded)): &ClaimRequest,
 ) -> Result<(Claimed, Claim), Fault> {
     let limit = limit.as_ref();
     let identity = SourceIdentity::of(source);

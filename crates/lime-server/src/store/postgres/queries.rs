@@ -11,7 +11,8 @@ use super::transaction::Failure;
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled, TOKEN_LIFETIME};
 use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
 use crate::store::{
-    BundleRequestLimit, Claimed, PURGE_CHUNK, Registered, SourceCheck, StoreError, StoreLimits,
+    BundleRequestLimit, ClaimRequest, Claimed, PURGE_CHUNK, Registered, SourceCheck, StoreError,
+    StoreLimits,
 };
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use sqlx::postgres::PgRow;
@@ -322,11 +323,7 @@ pub(super) async fn claim_key_bundles(
     conn: &mut PgConnection,
     curve: Curve,
     claims_table: bool,
-    (limit, (source, check), (devices, forwarded)): &(
-        Option<BundleRequestLimit>,
-        (DeviceId, SourceCheck),
-        (Vec<DeviceId>, Vec<DeviceId>),
-    ),
+    (limit, (source, check), (devices, forwarded)): &ClaimRequest,
 ) -> Result<(Claimed, Claim), Failure> {
     let limit = limit.as_ref();
     let identity = SourceIdentity::of(source);
