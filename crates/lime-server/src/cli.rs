@@ -1,8 +1,10 @@
 //! The command line: `serve`, `db init`, `check-config`.
 
 use crate::config::Settings;
+use crate::reload::Reload;
 use crate::startup::{self, Application};
 use crate::store::{self, SCHEMA_VERSION, SchemaState};
+use crate::telemetry::Reopener;
 use crate::{systemd, telemetry};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -124,8 +126,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => {
             apply_serve_overrides(&mut settings, args);
             settings.validate()?;
-            let _log_guard = telemetry::init(&settings.log);
-            serve(settings, source)
+            let log = telemetry::init(&settings.log)?;
+            let reopener = settings.log.file.is_some().then(|| log.reopener());
+            serve(settings, source, reopener)
         }
         Command::Db(command) => {
             let (DbCommand::Init(args)
@@ -183,7 +186,7 @@ fn apply_serve_overrides(settings: &mut Settings, args: ServeArgs) {
     args.store.apply(settings);
 }
 
-fn serve(settings: Settings, source: Option<PathBuf>) -> Result<()> {
+fn serve(settings: Settings, source: Option<PathBuf>, log: Option<Reopener>) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -203,13 +206,25 @@ fn serve(settings: Settings, source: Option<PathBuf>) -> Result<()> {
             );
         }
         let app = Application::build(&settings).await?;
+        // SIGHUP reloads from now on (before READY: systemctl reload may follow at once).
+        #[cfg(unix)]
+        let reloads = Reload {
+            tls: app.tls(),
+            log,
+        }
+        .on_hangup()
+        .context("cannot handle SIGHUP")?;
         // Listeners bound, stores open: a Type=notify unit counts as started now.
         systemd::notify_ready();
-        app.run_until(async {
-            shutdown_signal().await;
-            systemd::notify_stopping();
-        })
-        .await
+        let served = app
+            .run_until(async {
+                shutdown_signal().await;
+                systemd::notify_stopping();
+            })
+            .await;
+        #[cfg(unix)]
+        reloads.abort();
+        served
     })
 }
 

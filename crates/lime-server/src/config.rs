@@ -757,6 +757,9 @@ pub struct LogSettings {
     /// Most bytes of log lines waiting for a slow log reader; past it lines are
     /// dropped and counted. At least 64 KiB.
     pub max_queued_bytes: usize,
+    /// A file to append the log to instead of stderr, reopened on SIGHUP (after
+    /// logrotate renamed it). None: stderr (the journal under systemd).
+    pub file: Option<PathBuf>,
 }
 
 impl Default for LogSettings {
@@ -766,6 +769,7 @@ impl Default for LogSettings {
             level: "info".into(),
             max_lines_per_second: 20,
             max_queued_bytes: 4 << 20,
+            file: None,
         }
     }
 }
@@ -981,6 +985,17 @@ impl Settings {
                     "{} bytes cannot hold a burst of lines: give at least 65536",
                     self.log.max_queued_bytes
                 ),
+            ));
+        }
+        if self
+            .log
+            .file
+            .as_ref()
+            .is_some_and(|file| file.as_os_str().is_empty() || file.is_dir())
+        {
+            return Err(invalid(
+                "log.file",
+                "must name a file (leave it out to log to stderr)",
             ));
         }
         self.auth.validate()?;

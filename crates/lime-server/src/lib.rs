@@ -12,7 +12,9 @@
 //!   connection limit) until stopped.
 //! - [`connection`]: one accepted connection: TLS handshake, hyper, and the time
 //!   limits (handshake, headers, idle) that keep slow clients from holding it.
-//! - [`tls`]: certificate (configured or self-signed) and rustls config.
+//! - [`tls`]: certificate (configured or self-signed) and rustls config, rebuilt
+//!   from its files on reload.
+//! - [`reload`]: what SIGHUP does (TLS files read again, log file reopened).
 //! - [`http`]: routes, method, body cap, content type, authentication before the
 //!   body; X3DH answers as HTTP 200.
 //! - [`body_budget`]: the bytes of request bodies buffered at once, all requests
@@ -33,6 +35,7 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod http;
+pub mod reload;
 pub mod service;
 pub mod startup;
 pub mod store;

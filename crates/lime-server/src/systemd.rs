@@ -15,6 +15,11 @@ pub fn notify_ready() {
     notify("READY=1");
 }
 
+/// Tells systemd a reload (SIGHUP) has begun; [`notify_ready`] says it is over.
+pub fn notify_reloading() {
+    notify("RELOADING=1");
+}
+
 /// Tells systemd the server is stopping: call when the shutdown signal arrives.
 pub fn notify_stopping() {
     notify("STOPPING=1");

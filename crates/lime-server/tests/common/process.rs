@@ -74,6 +74,65 @@ impl ServerProcess {
 }
 
 impl ServerProcess {
+    /// Runs `lime-server serve ARGS...` whose config logs to `log_file`
+    /// (`log.file`), and waits (30 s at most) for the "listening" line there.
+    /// Its stderr is kept in [`ServerProcess::log`] (nothing, when all goes well).
+    pub fn start_logging_to(args: &[&str], log_file: &std::path::Path) -> ServerProcess {
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start lime-server serve");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let written = std::fs::read_to_string(log_file).unwrap_or_default();
+            if let Some(line) = written.lines().find(|line| line.contains("listening")) {
+                let addr = line
+                    .split_whitespace()
+                    .find_map(|field| field.strip_prefix("addr="))
+                    .and_then(|addr| addr.parse().ok())
+                    .unwrap_or_else(|| panic!("no addr= in {line:?}"));
+                return ServerProcess {
+                    child,
+                    addr,
+                    log: written,
+                    all_log: Arc::default(),
+                };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut stderr = String::new();
+                let _ = std::io::Read::read_to_string(
+                    &mut child.stderr.take().expect("piped stderr"),
+                    &mut stderr,
+                );
+                panic!("serve exited ({status}) before listening:\n{stderr}\n{written}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no 'listening' line in {}:\n{written}",
+                log_file.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends it SIGHUP (`kill -HUP`), as `systemctl reload` does.
+    pub fn hang_up(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP failed");
+    }
+
+    /// True while it runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Its process id (for /proc/PID/status).
     pub fn pid(&self) -> u32 {
         self.child.id()
