@@ -1,5 +1,6 @@
-//! The command line: `serve`, `db init`, `check-config`.
+//! The command line: `serve`, `db ...`, `admin ...`, `check-config`.
 
+use crate::admin;
 use crate::config::Settings;
 use crate::reload::Reload;
 use crate::startup::{self, Application};
@@ -37,6 +38,53 @@ pub enum Command {
     Db(DbCommand),
     /// Load and check the config, print what it means, and exit.
     CheckConfig,
+    /// Support tasks on the stores (beside running servers).
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+/// `admin` sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// One device, on every enabled curve.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+}
+
+/// `admin device` sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// What the stores know about a device: the curves it is registered on, its
+    /// signed pre-key id, its one-time pre-keys left, and the latest bundle
+    /// requests it made and received. Exit status 1 when it is registered nowhere.
+    Show(DeviceShowArgs),
+    /// Delete a device and its keys from every curve it is registered on (its
+    /// client registers again when it next starts). Asks first unless --yes.
+    Delete(DeviceDeleteArgs),
+}
+
+/// Options of `admin device show`.
+#[derive(Debug, Args)]
+pub struct DeviceShowArgs {
+    /// The device id, e.g. "sip:alice@example.org;gr=urn:uuid:..." (quote it).
+    pub device: String,
+    /// How many of the latest bundle requests to show each way.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub recent: u32,
+    #[command(flatten)]
+    pub databases: DbArgs,
+}
+
+/// Options of `admin device delete`.
+#[derive(Debug, Args)]
+pub struct DeviceDeleteArgs {
+    /// The device id, e.g. "sip:alice@example.org;gr=urn:uuid:..." (quote it).
+    pub device: String,
+    /// Delete without asking.
+    #[arg(long)]
+    pub yes: bool,
+    #[command(flatten)]
+    pub databases: DbArgs,
 }
 
 /// Options of `serve`; each overrides its config key.
@@ -119,6 +167,33 @@ pub struct DbArgs {
     pub store: StoreArg,
 }
 
+impl DbArgs {
+    /// Applies the options to `settings`, validates them, and narrows the enabled
+    /// curves to `--curve`'s, if given; returns the curves worked on.
+    fn apply(&self, settings: &mut Settings) -> Result<Vec<Curve>> {
+        if let Some(dir) = &self.data_dir {
+            settings.storage.data_dir = dir.clone();
+        }
+        if let Some(url) = &self.store.store {
+            settings.storage.url = Some(url.clone());
+            settings.storage.urls.clear();
+        }
+        settings.validate()?;
+        if !self.curve.is_empty() {
+            settings.storage.curves = self.curve.iter().map(|c| c.name().to_owned()).collect();
+        }
+        Ok(settings.storage.enabled_curves())
+    }
+}
+
+/// A single-threaded runtime, for the commands that are not `serve`.
+fn current_thread_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     let (mut settings, source) = Settings::load(cli.config.as_deref())?;
@@ -136,22 +211,9 @@ pub fn run(cli: Cli) -> Result<()> {
             | DbCommand::PurgeRequests(PurgeArgs {
                 databases: args, ..
             })) = &command;
-            if let Some(dir) = &args.data_dir {
-                settings.storage.data_dir = dir.clone();
-            }
-            if let Some(url) = &args.store.store {
-                settings.storage.url = Some(url.clone());
-                settings.storage.urls.clear();
-            }
-            settings.validate()?;
-            let curves = if args.curve.is_empty() {
-                settings.storage.enabled_curves()
-            } else {
-                args.curve.clone()
-            };
+            let curves = args.apply(&mut settings)?;
             match &command {
                 DbCommand::PurgeRequests(purge) => {
-                    settings.storage.curves = curves.iter().map(|c| c.name().to_owned()).collect();
                     let retention = purge
                         .retention_secs
                         .unwrap_or(settings.limits.request_retention_secs);
@@ -159,6 +221,23 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
                 _ => db(&settings, &curves, matches!(command, DbCommand::Migrate(_))),
             }
+        }
+        Command::Admin(AdminCommand::Device(command)) => {
+            let args = match &command {
+                DeviceCommand::Show(show) => &show.databases,
+                DeviceCommand::Delete(delete) => &delete.databases,
+            };
+            args.apply(&mut settings)?;
+            current_thread_runtime()?.block_on(async {
+                match &command {
+                    DeviceCommand::Show(show) => {
+                        admin::device_show(&settings, &show.device, show.recent).await
+                    }
+                    DeviceCommand::Delete(delete) => {
+                        admin::device_delete(&settings, &delete.device, delete.yes).await
+                    }
+                }
+            })
         }
         Command::CheckConfig => {
             settings.validate()?;
@@ -252,11 +331,7 @@ async fn shutdown_signal() {
 
 /// `db purge-requests`: deletes old bundle requests in every enabled store.
 fn purge_requests(settings: &Settings, retention: std::time::Duration) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    current_thread_runtime()?.block_on(async {
         let stores = startup::open_stores(settings).await?;
         let mut failed = false;
         for (curve, result) in startup::purge_requests(&stores, retention).await {
@@ -278,11 +353,7 @@ fn purge_requests(settings: &Settings, retention: std::time::Duration) -> Result
 
 /// `db init` (or `db migrate` when `migrate`) on the databases of `curves`.
 fn db(settings: &Settings, curves: &[Curve], migrate: bool) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    current_thread_runtime()?.block_on(async {
         for curve in curves {
             let location = settings.storage.location_with_password(*curve)?;
             let shown = settings.storage.location(*curve)?;

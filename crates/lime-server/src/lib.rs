@@ -7,7 +7,8 @@
 //! encode -> response.
 //!
 //! - [`config`]: typed settings from one TOML file, checked once at start.
-//! - [`cli`]: `serve`, `db init`, `check-config`.
+//! - [`cli`]: `serve`, `db ...`, `admin ...`, `check-config`.
+//! - [`admin`]: `admin device show|delete`, support on the stores.
 //! - [`startup`]: builds stores, TLS and listeners; accepts (or refuses, over the
 //!   connection limit) until stopped.
 //! - [`connection`]: one accepted connection: TLS handshake, hyper, and the time
@@ -27,6 +28,7 @@
 //! - [`telemetry`]: log set-up, and the bounds on what a flood can make us log.
 //! - [`client`]: a small X3DH client for tests and tools (not used by the server).
 
+pub mod admin;
 pub mod auth;
 pub mod body_budget;
 pub mod cli;

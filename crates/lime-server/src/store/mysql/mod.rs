@@ -32,8 +32,8 @@ use crate::store::in_doubt::{
 };
 use crate::store::location::redact;
 use crate::store::{
-    KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError, StoreError,
-    StoreLimits,
+    DeviceReport, KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError,
+    StoreError, StoreLimits,
 };
 use async_trait::async_trait;
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
@@ -604,6 +604,19 @@ impl KeyStore for MysqlStore {
         self.run(Mode::Statement, device, |conn, device| {
             Box::pin(queries::one_time_pre_key_ids(conn, device))
         })
+        .await
+    }
+
+    async fn device_report(
+        &self,
+        device: DeviceId,
+        recent: u32,
+    ) -> Result<Option<DeviceReport>, StoreError> {
+        self.run(
+            Mode::Transaction,
+            (device, recent),
+            |conn, (device, recent)| Box::pin(queries::device_report(conn, device, *recent)),
+        )
         .await
     }
 

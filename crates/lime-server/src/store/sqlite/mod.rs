@@ -12,7 +12,8 @@ mod queries;
 pub mod schema;
 
 use crate::store::{
-    KeyStore, Migration, Registered, SchemaState, StoreError, StoreLimits, purge_in_chunks,
+    DeviceReport, KeyStore, Migration, Registered, SchemaState, StoreError, StoreLimits,
+    purge_in_chunks,
 };
 use async_trait::async_trait;
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
@@ -266,6 +267,15 @@ impl KeyStore for SqliteStore {
 
     async fn one_time_pre_key_ids(&self, device: DeviceId) -> Result<Vec<u32>, StoreError> {
         self.execute(move |conn| queries::one_time_pre_key_ids(conn, &device))
+            .await
+    }
+
+    async fn device_report(
+        &self,
+        device: DeviceId,
+        recent: u32,
+    ) -> Result<Option<DeviceReport>, StoreError> {
+        self.execute(move |conn| queries::device_report(conn, &device, recent))
             .await
     }
 
