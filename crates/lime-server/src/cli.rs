@@ -1,12 +1,14 @@
-//! The command line: `serve`, `db ...`, `admin ...`, `check-config`.
+//! The command line: `serve`, `db ...`, `admin ...`, `probe`, `check-config`.
 
 use crate::admin;
+use crate::client::{self, LimeClient};
 use crate::config::Settings;
+use crate::probe::Probe;
 use crate::reload::Reload;
 use crate::startup::{self, Application};
 use crate::store::{self, SCHEMA_VERSION, SchemaState};
 use crate::telemetry::Reopener;
-use crate::{systemd, telemetry};
+use crate::{systemd, telemetry, tls};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use lime_protocol::Curve;
@@ -41,6 +43,39 @@ pub enum Command {
     /// Support tasks on the stores (beside running servers).
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Smoke-test a deployed server from outside: register a throw-away device,
+    /// upload one-time keys, fetch its bundle from a second throw-away device,
+    /// delete both; each step with its latency. Exit status 0 when every step
+    /// passed, 1 otherwise (the failing step named).
+    Probe(ProbeArgs),
+}
+
+/// Options of `probe`.
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// The server's X3DH URL, as in Linphone's lime_server_url
+    /// (e.g. https://lime.example.org:25519/).
+    pub url: String,
+    /// The SIP identity user@domain whose throw-away devices are made; with
+    /// --password-file, USER is the digest user name.
+    #[arg(long, value_name = "USER@DOMAIN")]
+    pub user: String,
+    /// A file holding the digest password of --user (its first line).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["cert", "key"])]
+    pub password_file: Option<PathBuf>,
+    /// A PEM client certificate naming --user (with --key).
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The PEM private key of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Trust the server certificate(s) of this PEM file (a CA, or a self-signed
+    /// certificate as it is) instead of the system's CAs.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// The base algorithm of the throw-away devices.
+    #[arg(long, value_name = "CURVE", default_value = "c25519")]
+    pub curve: Curve,
 }
 
 /// `admin` sub-commands.
@@ -239,6 +274,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             })
         }
+        Command::Probe(args) => current_thread_runtime()?.block_on(probe(args)),
         Command::CheckConfig => {
             settings.validate()?;
             print_summary(&settings, source);
@@ -327,6 +363,42 @@ async fn shutdown_signal() {
         () = interrupt => {},
         () = terminate => {},
     }
+}
+
+/// `probe`: builds the client the options describe, then runs the probe.
+async fn probe(args: ProbeArgs) -> Result<()> {
+    let identity = match args.user.strip_prefix("sip:") {
+        Some(rest) => format!("sip:{rest}"),
+        None => format!("sip:{}", args.user),
+    };
+    let Some((username, _domain)) = identity["sip:".len()..].split_once('@') else {
+        anyhow::bail!("--user {:?}: expected user@domain", args.user);
+    };
+    let roots = match &args.ca {
+        Some(ca) => tls::read_trust_anchors(ca)?,
+        None => client::system_roots()?,
+    };
+    let client = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => LimeClient::with_client_certificate_trusting(roots, cert, key)?,
+        _ => LimeClient::trusting_roots(roots)?,
+    };
+    let client = match &args.password_file {
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("--password-file: cannot read {}", file.display()))?;
+            let password = text.lines().next().unwrap_or_default();
+            client.with_digest(username, password, None)
+        }
+        None => client,
+    };
+    Probe {
+        url: args.url,
+        identity,
+        curve: args.curve,
+        client,
+    }
+    .run()
+    .await
 }
 
 /// `db purge-requests`: deletes old bundle requests in every enabled store.

@@ -7,7 +7,7 @@
 //! encode -> response.
 //!
 //! - [`config`]: typed settings from one TOML file, checked once at start.
-//! - [`cli`]: `serve`, `db ...`, `admin ...`, `check-config`.
+//! - [`cli`]: `serve`, `db ...`, `admin ...`, `probe`, `check-config`.
 //! - [`admin`]: `admin device show|delete`, support on the stores.
 //! - [`startup`]: builds stores, TLS and listeners; accepts (or refuses, over the
 //!   connection limit) until stopped.
@@ -27,6 +27,7 @@
 //! - [`systemd`]: readiness and stopping notifications for a `Type=notify` unit.
 //! - [`telemetry`]: log set-up, and the bounds on what a flood can make us log.
 //! - [`client`]: a small X3DH client for tests and tools (not used by the server).
+//! - [`probe`]: `lime-server probe URL`, a smoke test of a deployed server.
 
 pub mod admin;
 pub mod auth;
@@ -37,6 +38,7 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod http;
+pub mod probe;
 pub mod reload;
 pub mod service;
 pub mod startup;
