@@ -186,6 +186,12 @@ post "$bob" "$work/get-alice" "$work/answer-5"
 "$messages" expect-bundle "$alice" 16 0 "$work/answer-5"
 log "SIGHUP reloaded, the server still answers"
 
+/usr/bin/lime-server probe https://localhost:25519/ --user probe@example.org \
+    --ca /var/lib/lime-server/tls/self-signed.crt >"$work/probe.log" 2>&1 \
+    || { cat "$work/probe.log" >&2; fail "lime-server probe failed against the installed server"; }
+grep -q "^OK: " "$work/probe.log" || fail "no OK verdict from lime-server probe"
+log "lime-server probe passed"
+
 kill -TERM "$server_pid"
 wait "$server_pid" || fail "the server exited with status $? on SIGTERM"
 server_pid=

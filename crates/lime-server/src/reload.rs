@@ -10,6 +10,11 @@ use crate::systemd;
 use crate::telemetry::Reopener;
 use crate::tls::ServerTls;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest a reload waits for the log writer to reopen the file (it writes the
+/// lines queued before first).
+const LOG_REOPEN_WAIT: Duration = Duration::from_secs(5);
 
 /// What a reload touches.
 pub struct Reload {
@@ -20,13 +25,22 @@ pub struct Reload {
 }
 
 impl Reload {
-    /// Reloads what there is to reload, logging each outcome.
+    /// Reloads what there is to reload, logging each outcome. Blocks (files are
+    /// read, the log writer waited for): [`Reload::on_hangup`] runs it off the
+    /// async workers.
     pub fn run(&self) {
         systemd::notify_reloading();
         tracing::info!("SIGHUP: reloading the TLS files and reopening the log file");
         if let Some(log) = &self.log {
-            log.reopen();
-            tracing::info!("log file reopened");
+            match log.reopen(LOG_REOPEN_WAIT) {
+                Some(Ok(())) => tracing::info!("log file reopened"),
+                Some(Err(error)) => tracing::error!(
+                    "cannot reopen the log file, still writing to the one open: {error}"
+                ),
+                None => tracing::warn!(
+                    "the log writer is stalled: the log file will be reopened once it catches up"
+                ),
+            }
         }
         match &self.tls {
             None => tracing::info!("no HTTPS listener: no TLS file to reload"),
@@ -54,9 +68,12 @@ impl Reload {
     pub fn on_hangup(self) -> std::io::Result<tokio::task::JoinHandle<()>> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut hangups = signal(SignalKind::hangup())?;
+        let reload = Arc::new(self);
         Ok(tokio::spawn(async move {
             while hangups.recv().await.is_some() {
-                self.run();
+                let reload = Arc::clone(&reload);
+                // One reload at a time: the next SIGHUP waits for this one.
+                let _ = tokio::task::spawn_blocking(move || reload.run()).await;
             }
         }))
     }

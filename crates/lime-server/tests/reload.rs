@@ -295,9 +295,8 @@ async fn sighup_reads_the_crl_again_and_a_broken_crl_keeps_the_old_one() {
     assert_eq!(kept_alive.health().await.unwrap(), 200);
 }
 
-/// A server logging to `dir/lime-server.log`; `extra` is appended to its config.
-fn start_logging_server(dir: &Path) -> (ServerProcess, PathBuf) {
-    let log_file = dir.join("lime-server.log");
+/// A server logging to `log_file`, its config and data in `dir`.
+fn start_logging_server(dir: &Path, log_file: PathBuf) -> (ServerProcess, PathBuf) {
     let config = dir.join("lime-server.toml");
     std::fs::write(
         &config,
@@ -335,7 +334,8 @@ fn wait_for_text(path: &Path, text: &str) -> String {
 #[test]
 fn the_log_file_is_reopened_on_sighup_after_logrotate_renamed_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut server, log_file) = start_logging_server(dir.path());
+    let (mut server, log_file) =
+        start_logging_server(dir.path(), dir.path().join("lime-server.log"));
     assert!(server.log.contains("store opened"), "{}", server.log);
 
     // What logrotate does without copytruncate: rename, then postrotate's SIGHUP.
@@ -365,6 +365,25 @@ fn the_log_file_is_reopened_on_sighup_after_logrotate_renamed_it() {
     std::fs::rename(&log_file, dir.path().join("lime-server.log.2")).unwrap();
     server.hang_up();
     wait_for_text(&log_file, "log file reopened");
+}
+
+#[test]
+fn a_log_file_that_cannot_be_reopened_is_kept_and_the_error_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let (mut server, log_file) = start_logging_server(dir.path(), logs.join("lime-server.log"));
+    // The directory gone: the path cannot be opened again.
+    let moved = dir.path().join("moved");
+    std::fs::rename(&logs, &moved).unwrap();
+    server.hang_up();
+    let kept = wait_for_text(&moved.join("lime-server.log"), "TLS reloaded");
+    let error = kept
+        .lines()
+        .find(|line| line.contains("cannot reopen the log file"))
+        .unwrap_or_else(|| panic!("{kept}"));
+    assert!(error.contains(&log_file.display().to_string()), "{error}");
+    assert!(server.is_running());
 }
 
 #[test]

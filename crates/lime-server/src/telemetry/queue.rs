@@ -12,8 +12,9 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// Where the writer thread writes: stderr, or a file it can open again.
 pub trait Sink: Write + Send + 'static {
@@ -35,8 +36,8 @@ impl Sink for io::Stderr {}
 enum Entry {
     /// A formatted line to write.
     Line(Vec<u8>),
-    /// Reopen the sink.
-    Reopen,
+    /// Reopen the sink, and say how it went (an error names the sink).
+    Reopen(mpsc::Sender<io::Result<()>>),
 }
 
 /// Lines waiting, their size, and what was dropped.
@@ -75,10 +76,14 @@ pub struct Reopener {
 
 impl Reopener {
     /// Queues a reopen after the lines already queued (never dropped: it holds no
-    /// bytes).
-    pub fn reopen(&self) {
-        self.shared.lock().queued.push_back(Entry::Reopen);
+    /// bytes) and waits, at most `wait`, for the writer thread to do it: lines
+    /// logged after an `Ok` go to the reopened sink. `None`: not done within
+    /// `wait` (a stalled sink), it will be in its turn. Blocks: not for async code.
+    pub fn reopen(&self, wait: Duration) -> Option<io::Result<()>> {
+        let (done, outcome) = mpsc::channel();
+        self.shared.lock().queued.push_back(Entry::Reopen(done));
         self.shared.ready.notify_one();
+        outcome.recv_timeout(wait).ok()
     }
 }
 
@@ -134,17 +139,13 @@ fn write_lines<W: Sink>(shared: &Shared, mut sink: W) {
             Some(Entry::Line(line)) => {
                 let _ = sink.write_all(&line);
             }
-            Some(Entry::Reopen) => {
+            Some(Entry::Reopen(done)) => {
                 let _ = sink.flush();
-                if let Err(error) = sink.reopen() {
-                    // Said where an operator looks: the old file (still written to) and stderr.
-                    let line = format!(
-                        "lime-server: cannot reopen the log file {}: {error}; still writing to the one open\n",
-                        sink.describe()
-                    );
-                    let _ = sink.write_all(line.as_bytes());
-                    eprint!("{line}");
-                }
+                let outcome = sink.reopen().map_err(|error| {
+                    io::Error::new(error.kind(), format!("{}: {error}", sink.describe()))
+                });
+                // The asker may have stopped waiting: nothing to tell then.
+                let _ = done.send(outcome);
             }
             None => {}
         }
@@ -325,9 +326,41 @@ mod tests {
         let out = Arc::new(Mutex::new(Vec::new()));
         let (mut writer, guard) = bounded(Recording(Arc::clone(&out)), 1 << 20);
         writer.write_all(b"before\n").unwrap();
-        guard.reopener().reopen();
+        let reopened = guard.reopener().reopen(Duration::from_secs(30));
+        assert!(matches!(reopened, Some(Ok(()))), "{reopened:?}");
         writer.write_all(b"after\n").unwrap();
         drop(guard);
         assert_eq!(*out.lock().unwrap(), ["before", "REOPEN", "after"]);
+    }
+
+    #[test]
+    fn a_reopen_that_fails_is_reported_naming_the_sink() {
+        struct Unopenable;
+        impl Sink for Unopenable {
+            fn reopen(&mut self) -> io::Result<()> {
+                Err(io::Error::new(io::ErrorKind::NotFound, "gone"))
+            }
+            fn describe(&self) -> String {
+                "/var/log/lime-server/lime-server.log".to_owned()
+            }
+        }
+        impl Write for Unopenable {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (_writer, guard) = bounded(Unopenable, 1 << 20);
+        let error = guard
+            .reopener()
+            .reopen(Duration::from_secs(30))
+            .expect("the writer answers")
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "/var/log/lime-server/lime-server.log: gone"
+        );
     }
 }
