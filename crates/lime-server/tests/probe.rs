@@ -38,6 +38,17 @@ fn password_file(dir: &Path, password: &str) -> String {
     file.to_str().unwrap().to_owned()
 }
 
+/// A server with digest on, its account database holding prober@example.org
+/// (password "s3cret").
+async fn digest_server_with_prober() -> TestApp {
+    let app = spawn_app_authenticating(Backend::Sqlite, TestAuth::Digest, |_| {}).await;
+    let accounts = app.auth.accounts.as_ref().unwrap();
+    accounts
+        .add_account("prober", "example.org", "s3cret", &["MD5", "SHA-256"])
+        .await;
+    app
+}
+
 const STEPS: [&str; 6] = [
     "registerUser (first device)",
     "postOPks (first device)",
@@ -66,11 +77,7 @@ async fn assert_passed_and_left_nothing(app: &TestApp, output: &Output, curve: C
 
 #[tokio::test(flavor = "multi_thread")]
 async fn probe_with_digest_passes_every_step_and_leaves_nothing() {
-    let app = spawn_app_authenticating(Backend::Sqlite, TestAuth::Digest, |_| {}).await;
-    let accounts = app.auth.accounts.as_ref().unwrap();
-    accounts
-        .add_account("prober", "example.org", "s3cret", &["MD5", "SHA-256"])
-        .await;
+    let app = digest_server_with_prober().await;
     let password = password_file(app.data_dir.path(), "s3cret");
 
     let output = probe(
@@ -117,13 +124,7 @@ async fn probe_with_a_client_certificate_passes_every_step() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_password_fails_at_the_first_step_with_a_non_zero_exit() {
-    let app = spawn_app_authenticating(Backend::Sqlite, TestAuth::Digest, |_| {}).await;
-    app.auth
-        .accounts
-        .as_ref()
-        .unwrap()
-        .add_account("prober", "example.org", "s3cret", &["MD5", "SHA-256"])
-        .await;
+    let app = digest_server_with_prober().await;
     let password = password_file(app.data_dir.path(), "wrong");
     let output = probe(
         &app,

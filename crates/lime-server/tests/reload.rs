@@ -135,6 +135,17 @@ fn hang_up_and_wait_for(server: &ServerProcess, outcome: &str) {
     }
 }
 
+/// Sends SIGHUP, waits for the refusal line and checks it names `file`.
+fn hang_up_and_see_refused(server: &ServerProcess, file: &str) {
+    hang_up_and_wait_for(server, "TLS not reloaded");
+    let log = server.log_so_far();
+    let refusal = log
+        .lines()
+        .rfind(|line| line.contains("TLS not reloaded"))
+        .unwrap();
+    assert!(refusal.contains(file), "the error names {file}: {refusal}");
+}
+
 /// A TLS server on loopback serving `dir/server.pem` and `dir/server.key`, with
 /// `extra` TOML appended to its config.
 fn start_tls_server(dir: &Path, extra: &str) -> ServerProcess {
@@ -202,16 +213,7 @@ async fn a_broken_certificate_or_key_is_refused_and_the_old_ones_stay_served() {
         &certificate,
         "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
     );
-    hang_up_and_wait_for(&server, "TLS not reloaded");
-    let log = server.log_so_far();
-    let refusal = log
-        .lines()
-        .rfind(|line| line.contains("TLS not reloaded"))
-        .unwrap();
-    assert!(
-        refusal.contains(&certificate.display().to_string()),
-        "the error names the file: {refusal}"
-    );
+    hang_up_and_see_refused(&server, &certificate.display().to_string());
     let mut connection = Connection::open(server.addr, trust.clone()).await.unwrap();
     assert_eq!(
         connection.served,
@@ -224,13 +226,7 @@ async fn a_broken_certificate_or_key_is_refused_and_the_old_ones_stay_served() {
     let other = ServerCertificate::new();
     replace(&certificate, &current.certificate_pem);
     replace(&dir.path().join("server.key"), &other.key_pem);
-    hang_up_and_wait_for(&server, "TLS not reloaded");
-    let log = server.log_so_far();
-    let refusal = log
-        .lines()
-        .rfind(|line| line.contains("TLS not reloaded"))
-        .unwrap();
-    assert!(refusal.contains("server.key"), "{refusal}");
+    hang_up_and_see_refused(&server, "server.key");
     let connection = Connection::open(server.addr, trust).await.unwrap();
     assert_eq!(connection.served, current.der());
 }
@@ -269,16 +265,7 @@ async fn sighup_reads_the_crl_again_and_a_broken_crl_keeps_the_old_one() {
         &pki.crl_file(),
         "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
     );
-    hang_up_and_wait_for(&server, "TLS not reloaded");
-    let log = server.log_so_far();
-    let refusal = log
-        .lines()
-        .rfind(|line| line.contains("TLS not reloaded"))
-        .unwrap();
-    assert!(
-        refusal.contains(&pki.crl_file().display().to_string()),
-        "{refusal}"
-    );
+    hang_up_and_see_refused(&server, &pki.crl_file().display().to_string());
     assert!(
         let_in(as_alice.clone()).await,
         "the old CRL is still in use"
