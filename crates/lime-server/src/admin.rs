@@ -5,10 +5,26 @@
 
 use crate::config::Settings;
 use crate::startup;
-use crate::store::{BundleRequest, DeviceReport};
+use crate::store::{BundleRequest, DeviceReport, StoreLocation, Stores};
 use anyhow::{Context, Result};
 use lime_protocol::{Curve, DeviceId};
 use std::io::{BufRead, Write};
+
+/// The stores of the enabled curves, as `serve` opens them, except that a
+/// SQLite file that is not there is an error (a wrong `--data-dir`), not a new
+/// empty database.
+async fn open_existing_stores(settings: &Settings) -> Result<Stores> {
+    for curve in settings.storage.enabled_curves() {
+        if let StoreLocation::Sqlite(path) = settings.storage.location(curve)? {
+            anyhow::ensure!(
+                path.exists(),
+                "{curve}: SQLite database {} does not exist (wrong --data-dir or --config?)",
+                path.display()
+            );
+        }
+    }
+    startup::open_stores(settings).await
+}
 
 /// The device id given on the command line, checked as the protocol checks it.
 fn device_id(text: &str) -> Result<DeviceId> {
@@ -20,7 +36,7 @@ fn device_id(text: &str) -> Result<DeviceId> {
 /// has it registered, so that scripts can tell.
 pub async fn device_show(settings: &Settings, device: &str, recent: u32) -> Result<()> {
     let device = device_id(device)?;
-    let stores = startup::open_stores(settings).await?;
+    let stores = open_existing_stores(settings).await?;
     println!("{device}");
     let mut registered = 0;
     for (curve, store) in stores.iter() {
@@ -83,7 +99,7 @@ fn print_requests(title: &str, preposition: &str, requests: &[BundleRequest], re
 /// `confirmed`. Its client registers again the next time it starts.
 pub async fn device_delete(settings: &Settings, device: &str, confirmed: bool) -> Result<()> {
     let device = device_id(device)?;
-    let stores = startup::open_stores(settings).await?;
+    let stores = open_existing_stores(settings).await?;
     let mut registered = Vec::new();
     for (curve, store) in stores.iter() {
         let report = store

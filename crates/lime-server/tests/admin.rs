@@ -163,3 +163,28 @@ fn show_refuses_a_malformed_device_id() {
     assert!(!output.status.success());
     assert!(text(&output).contains("device id"), "{}", text(&output));
 }
+
+#[test]
+fn a_data_directory_without_databases_is_an_error_and_stays_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(BIN)
+        .args([
+            "admin",
+            "device",
+            "show",
+            "sip:a@example.org;gr=1",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let said = text(&output);
+    assert!(said.contains("does not exist"), "{said}");
+    assert!(said.contains(&dir.path().display().to_string()), "{said}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing created"
+    );
+}
