@@ -1044,6 +1044,16 @@ mod tests {
     }
 
     #[test]
+    fn a_log_file_that_is_no_file_name_is_refused() {
+        assert!(error_of("[log]\nfile = \"\"\n").contains("log.file"));
+        let dir = std::env::temp_dir();
+        let toml = format!("[log]\nfile = {:?}\n", dir.display().to_string());
+        assert!(error_of(&toml).contains("log.file"), "a directory");
+        let toml = "[log]\nfile = \"/var/log/lime-server/lime-server.log\"\n";
+        assert!(Settings::from_toml(toml).unwrap().validate().is_ok());
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         assert!(error_of("[server]\nlisen = []\n").contains("lisen"));
         assert!(error_of("[sever]\n").contains("sever"));
