@@ -1014,6 +1014,9 @@ pub struct LogSettings {
     /// Most bytes of log lines waiting for a slow log reader; past it lines are
     /// dropped and counted. At least 64 KiB.
     pub max_queued_bytes: usize,
+    /// A file to append the log to instead of stderr, reopened on SIGHUP (after
+    /// logrotate renamed it). None: stderr (the journal under systemd).
+    pub file: Option<PathBuf>,
 }
 
 impl Default for LogSettings {
@@ -1023,6 +1026,7 @@ impl Default for LogSettings {
             level: "info".into(),
             max_lines_per_second: 20,
             max_queued_bytes: 4 << 20,
+            file: None,
         }
     }
 }
@@ -1240,6 +1244,17 @@ impl Settings {
                 ),
             ));
         }
+        if self
+            .log
+            .file
+            .as_ref()
+            .is_some_and(|file| file.as_os_str().is_empty() || file.is_dir())
+        {
+            return Err(invalid(
+                "log.file",
+                "must name a file (leave it out to log to stderr)",
+            ));
+        }
         self.auth.validate()?;
         self.federation.validate(&self.auth)?;
         if !self.auth.is_enabled() && !server.insecure_no_auth {
@@ -1361,6 +1376,16 @@ mod tests {
             Some("ab".repeat(32)),
             "trimmed and lower-cased"
         );
+    }
+
+    #[test]
+    fn a_log_file_that_is_no_file_name_is_refused() {
+        assert!(error_of("[log]\nfile = \"\"\n").contains("log.file"));
+        let dir = std::env::temp_dir();
+        let toml = format!("[log]\nfile = {:?}\n", dir.display().to_string());
+        assert!(error_of(&toml).contains("log.file"), "a directory");
+        let toml = "[log]\nfile = \"/var/log/lime-server/lime-server.log\"\n";
+        assert!(Settings::from_toml(toml).unwrap().validate().is_ok());
     }
 
     #[test]

@@ -37,6 +37,9 @@ fn every_command_has_help() {
         &["db", "--help"],
         &["db", "init", "--help"],
         &["check-config", "--help"],
+        &["admin", "device", "show", "--help"],
+        &["admin", "device", "delete", "--help"],
+        &["probe", "--help"],
     ] {
         let output = lime_server(args);
         assert!(output.status.success(), "{args:?}: {}", stderr(&output));

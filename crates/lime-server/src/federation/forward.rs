@@ -21,7 +21,7 @@ use lime_protocol::{
     Curve, DeviceId, PeerBundle, Request, RequestMessage, Response, ResponseMessage,
 };
 use rand::RngCore;
-use rustls::{ClientConfig, RootCertStore};
+use rustls::ClientConfig;
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
 use std::sync::{Arc, Mutex};
@@ -85,7 +85,9 @@ impl ForwardPeer {
         let roots = match &settings.ca_file {
             Some(file) => crate::tls::read_trust_anchors(file)
                 .with_context(|| format!("federation.forward_to ({name}): ca_file"))?,
-            None => system_roots(),
+            None => crate::tls::system_roots().with_context(|| {
+                format!("federation.forward_to ({name}): no ca_file, and the system's")
+            })?,
         };
         let builder =
             ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -350,19 +352,6 @@ fn check_answer(
         )));
     }
     Ok(bundles)
-}
-
-/// The system's trusted roots (`/etc/ssl/certs` and the like); empty, with an
-/// error logged, when they cannot be read.
-fn system_roots() -> RootCertStore {
-    let mut roots = RootCertStore::empty();
-    let found = rustls_native_certs::load_native_certs();
-    for error in &found.errors {
-        tracing::error!(%error, "federation: cannot read a system root certificate");
-    }
-    let (added, ignored) = roots.add_parsable_certificates(found.certs);
-    tracing::debug!(added, ignored, "federation: system root certificates");
-    roots
 }
 
 /// An error and its causes, on one line.

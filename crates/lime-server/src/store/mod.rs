@@ -152,6 +152,32 @@ pub enum Registered {
     AlreadyWithSameKeys,
 }
 
+/// What a store knows about one device, for support (`admin device show`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceReport {
+    /// The id of its signed pre-key; `None` when it has none stored. (The
+    /// original schema keeps no date for it: its age is unknown.)
+    pub signed_pre_key_id: Option<u32>,
+    /// One-time pre-keys it has left.
+    pub one_time_pre_keys: u64,
+    /// The latest bundles it asked for (`Requests` rows with it as source),
+    /// newest first.
+    pub requests_as_source: Vec<BundleRequest>,
+    /// The latest bundles of it served to others (rows with it as target),
+    /// newest first.
+    pub requests_as_target: Vec<BundleRequest>,
+}
+
+/// One recorded bundle request (a `Requests` row) seen from one of its devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleRequest {
+    /// The other device: the target of a request it made, the source of one made
+    /// for it.
+    pub peer: String,
+    /// When, UTC, as `YYYY-MM-DD HH:MM:SS`; `None` when the row has no time.
+    pub at: Option<String>,
+}
+
 /// Limits a store enforces inside its transactions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreLimits {
@@ -305,6 +331,16 @@ pub trait KeyStore: Send + Sync {
 
     /// Checks that the database answers (for readiness).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// What support needs to know about `device` ([`DeviceReport`]), with at most
+    /// `recent` bundle requests each way; `None` when it is not registered.
+    /// Changes nothing. `Requests` has no index by source: the requests it made
+    /// cost a scan of the table (bounded by `limits.request_retention_secs`).
+    async fn device_report(
+        &self,
+        device: DeviceId,
+        recent: u32,
+    ) -> Result<Option<DeviceReport>, StoreError>;
 }
 
 /// Runs `chunk` (one transaction deleting at most [`PURGE_CHUNK`] rows) until a

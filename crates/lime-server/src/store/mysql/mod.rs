@@ -32,8 +32,8 @@ use crate::store::in_doubt::{
 };
 use crate::store::location::redact;
 use crate::store::{
-    Claimed, KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError,
-    SourceCheck, StoreError, StoreLimits,
+    Claimed, DeviceReport, KeyStore, Migration, Registered, SchemaState, ServerStoreOptions,
+    SetupError, SourceCheck, StoreError, StoreLimits,
 };
 use async_trait::async_trait;
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, Registration, SignedPreKey};
@@ -606,6 +606,19 @@ impl KeyStore for MysqlStore {
         self.run(Mode::Statement, device, |conn, device| {
             Box::pin(queries::one_time_pre_key_ids(conn, device))
         })
+        .await
+    }
+
+    async fn device_report(
+        &self,
+        device: DeviceId,
+        recent: u32,
+    ) -> Result<Option<DeviceReport>, StoreError> {
+        self.run(
+            Mode::Transaction,
+            (device, recent),
+            |conn, (device, recent)| Box::pin(queries::device_report(conn, device, *recent)),
+        )
         .await
     }
 

@@ -15,8 +15,8 @@ use super::Fault;
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled};
 use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
 use crate::store::{
-    BundleRequestLimit, ClaimRequest, Claimed, PURGE_CHUNK, Registered, SourceCheck, StoreError,
-    StoreLimits,
+    BundleRequest, BundleRequestLimit, ClaimRequest, Claimed, DeviceReport, PURGE_CHUNK,
+    Registered, SourceCheck, StoreError, StoreLimits,
 };
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use sqlx::mysql::MySqlConnection;
@@ -643,4 +643,61 @@ fn placeholders(count: usize) -> String {
 
 fn power_of_two_at_most(n: usize) -> usize {
     1 << (usize::BITS - 1 - n.leading_zeros())
+}
+
+pub(super) async fn device_report(
+    conn: &mut MySqlConnection,
+    device: &DeviceId,
+    recent: u32,
+) -> Result<Option<DeviceReport>, Fault> {
+    // The same device row as every other method: the first of its exact spelling.
+    let found = sqlx::query(
+        "SELECT Uid, SPk_id FROM Users WHERE UserId = ? AND OCTET_LENGTH(UserId) = ? \
+         ORDER BY Uid LIMIT 1",
+    )
+    .bind(device.as_str())
+    .bind(device.as_str().len() as u64)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(found) = found else {
+        return Ok(None);
+    };
+    let uid: i32 = found.try_get(0)?;
+    let signed_pre_key_id: Option<u32> = found.try_get(1)?;
+    let one_time_pre_keys: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM OPk WHERE Uid = ?")
+        .bind(uid)
+        .fetch_one(&mut *conn)
+        .await?;
+    // sqlx's MySQL sessions are in UTC (time_zone '+00:00').
+    let mut requests = Vec::new();
+    for sql in [
+        "SELECT target, CAST(DATE_FORMAT(at, '%Y-%m-%d %H:%i:%s') AS CHAR) FROM Requests \
+         WHERE source = ? ORDER BY at DESC LIMIT ?",
+        "SELECT source, CAST(DATE_FORMAT(at, '%Y-%m-%d %H:%i:%s') AS CHAR) FROM Requests \
+         WHERE target = ? ORDER BY at DESC LIMIT ?",
+    ] {
+        let rows = sqlx::query(sql)
+            .bind(device.as_str())
+            .bind(recent)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut found = Vec::with_capacity(rows.len());
+        for row in rows {
+            // Requests' columns are utf8_bin: sqlx sees them as BLOBs.
+            let peer: Vec<u8> = row.try_get(0)?;
+            found.push(BundleRequest {
+                peer: String::from_utf8_lossy(&peer).into_owned(),
+                at: row.try_get(1)?,
+            });
+        }
+        requests.push(found);
+    }
+    let requests_as_target = requests.pop().unwrap_or_default();
+    let requests_as_source = requests.pop().unwrap_or_default();
+    Ok(Some(DeviceReport {
+        signed_pre_key_id,
+        one_time_pre_keys: u64::try_from(one_time_pre_keys).unwrap_or(0),
+        requests_as_source,
+        requests_as_target,
+    }))
 }

@@ -17,8 +17,8 @@ mod transaction;
 use crate::store::in_doubt::{ClaimToken, ClaimedKey, InDoubtClaims, Reconcile, Settled};
 use crate::store::location::redact;
 use crate::store::{
-    Claimed, KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError,
-    SourceCheck, StoreError, StoreLimits,
+    Claimed, DeviceReport, KeyStore, Migration, Registered, SchemaState, ServerStoreOptions,
+    SetupError, SourceCheck, StoreError, StoreLimits,
 };
 use async_trait::async_trait;
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, Registration, SignedPreKey};
@@ -279,6 +279,18 @@ impl KeyStore for PostgresStore {
         self.transactions
             .run(&device, |conn, device| {
                 Box::pin(queries::one_time_pre_key_ids(conn, device))
+            })
+            .await
+    }
+
+    async fn device_report(
+        &self,
+        device: DeviceId,
+        recent: u32,
+    ) -> Result<Option<DeviceReport>, StoreError> {
+        self.transactions
+            .run(&(device, recent), |conn, (device, recent)| {
+                Box::pin(queries::device_report(conn, device, *recent))
             })
             .await
     }

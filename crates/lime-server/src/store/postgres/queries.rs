@@ -11,8 +11,8 @@ use super::transaction::Failure;
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled, TOKEN_LIFETIME};
 use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
 use crate::store::{
-    BundleRequestLimit, ClaimRequest, Claimed, PURGE_CHUNK, Registered, SourceCheck, StoreError,
-    StoreLimits,
+    BundleRequest, BundleRequestLimit, ClaimRequest, Claimed, DeviceReport, PURGE_CHUNK,
+    Registered, SourceCheck, StoreError, StoreLimits,
 };
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use sqlx::postgres::PgRow;
@@ -569,4 +569,61 @@ pub(super) async fn one_time_pre_key_ids(
         }
     }
     Ok(ids)
+}
+
+pub(super) async fn device_report(
+    conn: &mut PgConnection,
+    device: &DeviceId,
+    recent: u32,
+) -> Result<Option<DeviceReport>, Failure> {
+    let found = sqlx::query(
+        r#"SELECT "Uid", "SPk_id" FROM "Users"
+           WHERE md5("UserId") = md5($1) AND "UserId" = $1"#,
+    )
+    .bind(device.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(found) = found else {
+        return Ok(None);
+    };
+    let uid: i64 = found.try_get("Uid")?;
+    let signed_pre_key_id = found
+        .try_get::<Option<i64>, _>("SPk_id")?
+        .map(|id| key_id(id, "SPk_id"))
+        .transpose()?;
+    let one_time_pre_keys: i64 =
+        sqlx::query_scalar(r#"SELECT COUNT(*) FROM "OPk" WHERE "Uid" = $1"#)
+            .bind(uid)
+            .fetch_one(&mut *conn)
+            .await?;
+    let mut requests = Vec::new();
+    for sql in [
+        r#"SELECT "target", to_char("at" AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS')
+           FROM "Requests" WHERE "source" = $1 ORDER BY "at" DESC LIMIT $2"#,
+        r#"SELECT "source", to_char("at" AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS')
+           FROM "Requests" WHERE md5("target") = md5($1) AND "target" = $1
+           ORDER BY "at" DESC LIMIT $2"#,
+    ] {
+        let rows = sqlx::query(sql)
+            .bind(device.as_str())
+            .bind(i64::from(recent))
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut found = Vec::with_capacity(rows.len());
+        for row in &rows {
+            found.push(BundleRequest {
+                peer: row.try_get(0)?,
+                at: row.try_get(1)?,
+            });
+        }
+        requests.push(found);
+    }
+    let requests_as_target = requests.pop().unwrap_or_default();
+    let requests_as_source = requests.pop().unwrap_or_default();
+    Ok(Some(DeviceReport {
+        signed_pre_key_id,
+        one_time_pre_keys: u64::try_from(one_time_pre_keys).unwrap_or(0),
+        requests_as_source,
+        requests_as_target,
+    }))
 }

@@ -12,8 +12,8 @@ mod queries;
 pub mod schema;
 
 use crate::store::{
-    Claimed, KeyStore, Migration, Registered, SchemaState, SourceCheck, StoreError, StoreLimits,
-    purge_in_chunks,
+    Claimed, DeviceReport, KeyStore, Migration, Registered, SchemaState, SourceCheck, StoreError,
+    StoreLimits, purge_in_chunks,
 };
 use async_trait::async_trait;
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
@@ -275,6 +275,15 @@ impl KeyStore for SqliteStore {
 
     async fn one_time_pre_key_ids(&self, device: DeviceId) -> Result<Vec<u32>, StoreError> {
         self.execute(move |conn| queries::one_time_pre_key_ids(conn, &device))
+            .await
+    }
+
+    async fn device_report(
+        &self,
+        device: DeviceId,
+        recent: u32,
+    ) -> Result<Option<DeviceReport>, StoreError> {
+        self.execute(move |conn| queries::device_report(conn, &device, recent))
             .await
     }
 

@@ -4,7 +4,8 @@
 
 use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
 use crate::store::{
-    BundleRequestLimit, Claimed, PURGE_CHUNK, Registered, SourceCheck, StoreError, StoreLimits,
+    BundleRequest, BundleRequestLimit, Claimed, DeviceReport, PURGE_CHUNK, Registered, SourceCheck,
+    StoreError, StoreLimits,
 };
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -298,6 +299,47 @@ pub(super) fn one_time_pre_key_ids(
         .query_map([uid], |row| row.get(0))?
         .collect::<Result<Vec<u32>, _>>()?;
     Ok(ids)
+}
+
+pub(super) fn device_report(
+    conn: &Connection,
+    device: &DeviceId,
+    recent: u32,
+) -> Result<Option<DeviceReport>, StoreError> {
+    let found = conn
+        .prepare_cached("SELECT Uid, SPk_id FROM Users WHERE UserId = ?1")?
+        .query_row([device.as_str()], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, Option<u32>>(1)?))
+        })
+        .optional()?;
+    let Some((uid, signed_pre_key_id)) = found else {
+        return Ok(None);
+    };
+    let one_time_pre_keys = conn
+        .prepare_cached("SELECT COUNT(*) FROM OPk WHERE Uid = ?1")?
+        .query_row([uid], |row| row.get::<_, u64>(0))?;
+    let recent_requests = |sql: &str| -> Result<Vec<BundleRequest>, StoreError> {
+        let mut select = conn.prepare_cached(sql)?;
+        let rows = select.query_map(params![device.as_str(), recent], |row| {
+            Ok(BundleRequest {
+                peer: row.get(0)?,
+                at: row.get(1)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    };
+    Ok(Some(DeviceReport {
+        signed_pre_key_id,
+        one_time_pre_keys,
+        requests_as_source: recent_requests(
+            "SELECT target, CAST(at AS TEXT) FROM Requests WHERE source = ?1 \
+             ORDER BY at DESC LIMIT ?2",
+        )?,
+        requests_as_target: recent_requests(
+            "SELECT source, CAST(at AS TEXT) FROM Requests WHERE target = ?1 \
+             ORDER BY at DESC LIMIT ?2",
+        )?,
+    }))
 }
 
 impl From<rusqlite::Error> for StoreError {
