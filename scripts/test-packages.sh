@@ -170,6 +170,28 @@ post "$bob" "$work/get-alice" "$work/answer-4"
 "$messages" expect-bundle "$alice" 16 0 "$work/answer-4"
 log "registerUser and getPeerBundle answered as expected"
 
+# systemctl reload: the unit sends SIGHUP; the server reloads and goes on.
+grep -qx 'ExecReload=/bin/kill -HUP $MAINPID' /usr/lib/systemd/system/lime-server.service \
+    || fail "the unit has no ExecReload sending SIGHUP"
+kill -HUP "$server_pid"
+for _ in $(seq 100); do
+    [ "$(grep -cx "READY=1" "$work/notifications")" -ge 2 ] && break
+    sleep 0.1
+done
+grep -qx "RELOADING=1" "$work/notifications" || fail "no RELOADING=1 on SIGHUP"
+[ "$(grep -cx "READY=1" "$work/notifications")" -ge 2 ] || fail "no READY=1 after the reload"
+kill -0 "$server_pid" 2>/dev/null || { cat "$work/server.log" >&2; fail "SIGHUP ended the server"; }
+grep -q "TLS reloaded" "$work/server.log" || fail "no 'TLS reloaded' line after SIGHUP"
+post "$bob" "$work/get-alice" "$work/answer-5"
+"$messages" expect-bundle "$alice" 16 0 "$work/answer-5"
+log "SIGHUP reloaded, the server still answers"
+
+/usr/bin/lime-server probe https://localhost:25519/ --user probe@example.org \
+    --ca /var/lib/lime-server/tls/self-signed.crt >"$work/probe.log" 2>&1 \
+    || { cat "$work/probe.log" >&2; fail "lime-server probe failed against the installed server"; }
+grep -q "^OK: " "$work/probe.log" || fail "no OK verdict from lime-server probe"
+log "lime-server probe passed"
+
 kill -TERM "$server_pid"
 wait "$server_pid" || fail "the server exited with status $? on SIGTERM"
 server_pid=

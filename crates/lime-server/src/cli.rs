@@ -1,10 +1,14 @@
-//! The command line: `serve`, `db init`, `db migrate`, `db purge-requests`,
-//! `admin stats`, `check-config`.
+//! The command line: `serve`, `db ...`, `admin ...`, `probe`, `check-config`.
 
+use crate::admin;
+use crate::client::LimeClient;
 use crate::config::Settings;
+use crate::probe::Probe;
+use crate::reload::Reload;
 use crate::startup::{self, Application};
-use crate::store::{self, SCHEMA_VERSION, SchemaState, StoreStats};
-use crate::{systemd, telemetry};
+use crate::store::{self, SCHEMA_VERSION, SchemaState};
+use crate::telemetry::Reopener;
+use crate::{systemd, telemetry, tls};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use lime_protocol::Curve;
@@ -34,11 +38,94 @@ pub enum Command {
     /// Database management.
     #[command(subcommand)]
     Db(DbCommand),
-    /// Looking into what the databases hold.
-    #[command(subcommand)]
-    Admin(AdminCommand),
     /// Load and check the config, print what it means, and exit.
     CheckConfig,
+    /// Support tasks on the stores, and counting what they hold (beside running
+    /// servers).
+    #[command(subcommand)]
+    Admin(AdminCommand),
+    /// Smoke-test a deployed server from outside: register a throw-away device,
+    /// upload one-time keys, fetch its bundle from a second throw-away device,
+    /// delete both; each step with its latency. Exit status 0 when every step
+    /// passed, 1 otherwise (the failing step named).
+    Probe(ProbeArgs),
+}
+
+/// Options of `probe`.
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// The server's X3DH URL, as in Linphone's lime_server_url
+    /// (e.g. https://lime.example.org:25519/).
+    pub url: String,
+    /// The SIP identity user@domain whose throw-away devices are made; with
+    /// --password-file, USER is the digest user name.
+    #[arg(long, value_name = "USER@DOMAIN")]
+    pub user: String,
+    /// A file holding the digest password of --user (its first line).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["cert", "key"])]
+    pub password_file: Option<PathBuf>,
+    /// A PEM client certificate naming --user (with --key).
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The PEM private key of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Trust the server certificate(s) of this PEM file (a CA, or a self-signed
+    /// certificate as it is) instead of the system's CAs.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// The base algorithm of the throw-away devices.
+    #[arg(long, value_name = "CURVE", default_value = "c25519")]
+    pub curve: Curve,
+}
+
+/// `admin` sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// One device, on every enabled curve.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Per curve: devices, one-time pre-keys stored and how many devices hold 0,
+    /// 1-9, 10-99 or 100+ of them (and fewer than metrics.low_stock_threshold),
+    /// recorded bundle requests (table Requests), schema version. Read-only; safe
+    /// while servers run.
+    Stats(StatsArgs),
+}
+
+/// `admin device` sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// What the stores know about a device: the curves it is registered on, its
+    /// signed pre-key id, its one-time pre-keys left, and the latest bundle
+    /// requests it made and received. Exit status 1 when it is registered nowhere.
+    Show(DeviceShowArgs),
+    /// Delete a device and its keys from every curve it is registered on (its
+    /// client registers again when it next starts). Asks first unless --yes.
+    Delete(DeviceDeleteArgs),
+}
+
+/// Options of `admin device show`.
+#[derive(Debug, Args)]
+pub struct DeviceShowArgs {
+    /// The device id, e.g. "sip:alice@example.org;gr=urn:uuid:..." (quote it).
+    pub device: String,
+    /// How many of the latest bundle requests to show each way.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub recent: u32,
+    #[command(flatten)]
+    pub databases: DbArgs,
+}
+
+/// Options of `admin device delete`.
+#[derive(Debug, Args)]
+pub struct DeviceDeleteArgs {
+    /// The device id, e.g. "sip:alice@example.org;gr=urn:uuid:..." (quote it).
+    pub device: String,
+    /// Delete without asking.
+    #[arg(long)]
+    pub yes: bool,
+    #[command(flatten)]
+    pub databases: DbArgs,
 }
 
 /// Options of `serve`; each overrides its config key.
@@ -96,16 +183,6 @@ pub enum DbCommand {
     PurgeRequests(PurgeArgs),
 }
 
-/// `admin` sub-commands.
-#[derive(Debug, Subcommand)]
-pub enum AdminCommand {
-    /// Per curve: devices, one-time pre-keys stored and how many devices hold 0,
-    /// 1-9, 10-99 or 100+ of them (and fewer than metrics.low_stock_threshold),
-    /// recorded bundle requests (table Requests), schema version. Read-only; safe
-    /// while servers run.
-    Stats(StatsArgs),
-}
-
 /// Options of `admin stats`.
 #[derive(Debug, Args)]
 pub struct StatsArgs {
@@ -141,6 +218,33 @@ pub struct DbArgs {
     pub store: StoreArg,
 }
 
+impl DbArgs {
+    /// Applies the options to `settings`, validates them, and narrows the enabled
+    /// curves to `--curve`'s, if given; returns the curves worked on.
+    fn apply(&self, settings: &mut Settings) -> Result<Vec<Curve>> {
+        if let Some(dir) = &self.data_dir {
+            settings.storage.data_dir = dir.clone();
+        }
+        if let Some(url) = &self.store.store {
+            settings.storage.url = Some(url.clone());
+            settings.storage.urls.clear();
+        }
+        settings.validate()?;
+        if !self.curve.is_empty() {
+            settings.storage.curves = self.curve.iter().map(|c| c.name().to_owned()).collect();
+        }
+        Ok(settings.storage.enabled_curves())
+    }
+}
+
+/// A single-threaded runtime, for the commands that are not `serve`.
+fn current_thread_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     let (mut settings, source) = Settings::load(cli.config.as_deref())?;
@@ -148,8 +252,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => {
             apply_serve_overrides(&mut settings, args);
             settings.validate()?;
-            let _log_guard = telemetry::init(&settings.log);
-            serve(settings, source)
+            let log = telemetry::init(&settings.log)?;
+            let reopener = settings.log.file.is_some().then(|| log.reopener());
+            serve(settings, source, reopener)
         }
         Command::Db(command) => {
             let (DbCommand::Init(args)
@@ -157,10 +262,9 @@ pub fn run(cli: Cli) -> Result<()> {
             | DbCommand::PurgeRequests(PurgeArgs {
                 databases: args, ..
             })) = &command;
-            let curves = apply_db_args(&mut settings, args)?;
+            let curves = args.apply(&mut settings)?;
             match &command {
                 DbCommand::PurgeRequests(purge) => {
-                    settings.storage.curves = curves.iter().map(|c| c.name().to_owned()).collect();
                     let retention = purge
                         .retention_secs
                         .unwrap_or(settings.limits.request_retention_secs);
@@ -170,34 +274,33 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Admin(AdminCommand::Stats(args)) => {
-            let curves = apply_db_args(&mut settings, &args.databases)?;
-            settings.storage.curves = curves.iter().map(|c| c.name().to_owned()).collect();
-            stats(&settings, args.json)
+            args.databases.apply(&mut settings)?;
+            current_thread_runtime()?.block_on(admin::stats(&settings, args.json))
         }
+        Command::Admin(AdminCommand::Device(command)) => {
+            let args = match &command {
+                DeviceCommand::Show(show) => &show.databases,
+                DeviceCommand::Delete(delete) => &delete.databases,
+            };
+            args.apply(&mut settings)?;
+            current_thread_runtime()?.block_on(async {
+                match &command {
+                    DeviceCommand::Show(show) => {
+                        admin::device_show(&settings, &show.device, show.recent).await
+                    }
+                    DeviceCommand::Delete(delete) => {
+                        admin::device_delete(&settings, &delete.device, delete.yes).await
+                    }
+                }
+            })
+        }
+        Command::Probe(args) => current_thread_runtime()?.block_on(probe(args)),
         Command::CheckConfig => {
             settings.validate()?;
             print_summary(&settings, source);
             Ok(())
         }
     }
-}
-
-/// Applies `--data-dir` and `--store`, checks the settings; returns the curves
-/// asked for (`--curve`), every enabled one by default.
-fn apply_db_args(settings: &mut Settings, args: &DbArgs) -> Result<Vec<Curve>> {
-    if let Some(dir) = &args.data_dir {
-        settings.storage.data_dir = dir.clone();
-    }
-    if let Some(url) = &args.store.store {
-        settings.storage.url = Some(url.clone());
-        settings.storage.urls.clear();
-    }
-    settings.validate()?;
-    Ok(if args.curve.is_empty() {
-        settings.storage.enabled_curves()
-    } else {
-        args.curve.clone()
-    })
 }
 
 fn apply_serve_overrides(settings: &mut Settings, args: ServeArgs) {
@@ -218,7 +321,7 @@ fn apply_serve_overrides(settings: &mut Settings, args: ServeArgs) {
     args.store.apply(settings);
 }
 
-fn serve(settings: Settings, source: Option<PathBuf>) -> Result<()> {
+fn serve(settings: Settings, source: Option<PathBuf>, log: Option<Reopener>) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -238,13 +341,25 @@ fn serve(settings: Settings, source: Option<PathBuf>) -> Result<()> {
             );
         }
         let app = Application::build(&settings).await?;
+        // SIGHUP reloads from now on (before READY: systemctl reload may follow at once).
+        #[cfg(unix)]
+        let reloads = Reload {
+            tls: app.tls(),
+            log,
+        }
+        .on_hangup()
+        .context("cannot handle SIGHUP")?;
         // Listeners bound, stores open: a Type=notify unit counts as started now.
         systemd::notify_ready();
-        app.run_until(async {
-            shutdown_signal().await;
-            systemd::notify_stopping();
-        })
-        .await
+        let served = app
+            .run_until(async {
+                shutdown_signal().await;
+                systemd::notify_stopping();
+            })
+            .await;
+        #[cfg(unix)]
+        reloads.abort();
+        served
     })
 }
 
@@ -270,13 +385,45 @@ async fn shutdown_signal() {
     }
 }
 
+/// `probe`: builds the client the options describe, then runs the probe.
+async fn probe(args: ProbeArgs) -> Result<()> {
+    let identity = match args.user.strip_prefix("sip:") {
+        Some(rest) => format!("sip:{rest}"),
+        None => format!("sip:{}", args.user),
+    };
+    let Some((username, _domain)) = identity["sip:".len()..].split_once('@') else {
+        anyhow::bail!("--user {:?}: expected user@domain", args.user);
+    };
+    let roots = match &args.ca {
+        Some(ca) => tls::read_trust_anchors(ca)?,
+        None => tls::system_roots().context("give the server's CA with --ca")?,
+    };
+    let client = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => LimeClient::with_client_certificate_trusting(roots, cert, key)?,
+        _ => LimeClient::trusting_roots(roots)?,
+    };
+    let client = match &args.password_file {
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("--password-file: cannot read {}", file.display()))?;
+            let password = text.lines().next().unwrap_or_default();
+            client.with_digest(username, password, None)
+        }
+        None => client,
+    };
+    Probe {
+        url: args.url,
+        identity,
+        curve: args.curve,
+        client,
+    }
+    .run()
+    .await
+}
+
 /// `db purge-requests`: deletes old bundle requests in every enabled store.
 fn purge_requests(settings: &Settings, retention: std::time::Duration) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    current_thread_runtime()?.block_on(async {
         let stores = startup::open_stores(settings).await?;
         let mut failed = false;
         for (curve, result) in startup::purge_requests(&stores, retention).await {
@@ -296,98 +443,9 @@ fn purge_requests(settings: &Settings, retention: std::time::Duration) -> Result
     })
 }
 
-/// One curve's line of `admin stats`.
-#[derive(serde::Serialize)]
-struct CurveStats {
-    curve: &'static str,
-    backend: &'static str,
-    #[serde(flatten)]
-    stats: StoreStats,
-}
-
-/// `admin stats`: the counts of every enabled store, as a table or JSON.
-fn stats(settings: &Settings, json: bool) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async {
-        // Counting must not create an empty database where there was none.
-        for curve in settings.storage.enabled_curves() {
-            if let store::StoreLocation::Sqlite(path) = settings.storage.location(curve)? {
-                anyhow::ensure!(path.exists(), "{curve}: no database at {}", path.display());
-            }
-        }
-        let stores = startup::open_stores(settings).await?;
-        let threshold = settings.metrics.low_stock_threshold;
-        let mut curves = Vec::new();
-        let mut failed = false;
-        for (curve, store) in stores.iter() {
-            match store.stats(threshold).await {
-                Ok(stats) => curves.push(CurveStats {
-                    curve: curve.name(),
-                    backend: store.backend(),
-                    stats,
-                }),
-                Err(error) => {
-                    eprintln!("{curve}: {error}");
-                    failed = true;
-                }
-            }
-        }
-        if json {
-            println!("{}", serde_json::json!({ "curves": curves }));
-        } else {
-            print_stats_table(&curves, threshold);
-        }
-        anyhow::ensure!(!failed, "some stores could not be counted");
-        Ok(())
-    })
-}
-
-fn print_stats_table(curves: &[CurveStats], threshold: u32) {
-    let below = format!("below_{threshold}");
-    println!(
-        "{:<13} {:<9} {:>9} {:>11} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>6}",
-        "curve",
-        "backend",
-        "devices",
-        "opks",
-        "opks:0",
-        "1-9",
-        "10-99",
-        "100+",
-        below,
-        "requests",
-        "schema"
-    );
-    for CurveStats {
-        curve,
-        backend,
-        stats,
-    } in curves
-    {
-        let [none, few, some, many] = stats.stock.buckets().map(|(_, devices)| devices);
-        let schema = stats
-            .schema_version
-            .map_or_else(|| "-".to_owned(), |version| version.to_string());
-        println!(
-            "{curve:<13} {backend:<9} {:>9} {:>11} {none:>7} {few:>7} {some:>7} {many:>7} {:>9} {:>9} {schema:>6}",
-            stats.devices,
-            stats.one_time_pre_keys,
-            stats.below_threshold,
-            stats.bundle_request_rows
-        );
-    }
-}
-
 /// `db init` (or `db migrate` when `migrate`) on the databases of `curves`.
 fn db(settings: &Settings, curves: &[Curve], migrate: bool) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    current_thread_runtime()?.block_on(async {
         for curve in curves {
             let location = settings.storage.location_with_password(*curve)?;
             let shown = settings.storage.location(*curve)?;

@@ -1,5 +1,6 @@
 //! A small X3DH client over HTTP(S): what the black-box tests, the liblime interop
-//! test and the load generator use to talk to a server. Not used by the server.
+//! test, the load generator and `lime-server probe` use to talk to a server. Not
+//! used by the server.
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -52,11 +53,28 @@ impl LimeClient {
         Ok(LimeClient::with_tls(tls))
     }
 
+    /// A client that trusts `roots` (see [`crate::tls::system_roots`]).
+    pub fn trusting_roots(roots: RootCertStore) -> Result<LimeClient> {
+        Ok(LimeClient::with_tls(
+            tls_trusting(roots)?.with_no_client_auth(),
+        ))
+    }
+
     /// A client that trusts the PEM certificate(s) in `server_trust` and presents
     /// the client certificate chain in `certificate` (PEM, end-entity first) with
     /// its PEM `private_key`.
     pub fn with_client_certificate(
         server_trust: &Path,
+        certificate: &Path,
+        private_key: &Path,
+    ) -> Result<LimeClient> {
+        let roots = crate::tls::read_trust_anchors(server_trust)?;
+        LimeClient::with_client_certificate_trusting(roots, certificate, private_key)
+    }
+
+    /// Like [`LimeClient::with_client_certificate`], trusting `roots`.
+    pub fn with_client_certificate_trusting(
+        roots: RootCertStore,
         certificate: &Path,
         private_key: &Path,
     ) -> Result<LimeClient> {
@@ -66,7 +84,7 @@ impl LimeClient {
         }
         let key = PrivateKeyDer::from_pem_file(private_key)
             .with_context(|| format!("cannot read private key {}", private_key.display()))?;
-        let tls = tls_trusting(crate::tls::read_trust_anchors(server_trust)?)?
+        let tls = tls_trusting(roots)?
             .with_client_auth_cert(chain, key)
             .with_context(|| {
                 format!(

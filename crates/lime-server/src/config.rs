@@ -33,6 +33,9 @@ pub struct Settings {
     pub limits: LimitSettings,
     /// Who may act for which device.
     pub auth: AuthSettings,
+    /// Key bundles of other domains' devices, fetched from their lime servers, and
+    /// the peer servers that may ask for ours.
+    pub federation: FederationSettings,
     /// Log output.
     pub log: LogSettings,
     /// The Prometheus scrape listener and the stock gauges.
@@ -745,6 +748,260 @@ fn read_secret(
     Ok(None)
 }
 
+/// `[federation]`: other domains' lime servers, both ways.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationSettings {
+    /// The domains this server serves (device ids `sip:user@DOMAIN;gr=...`).
+    /// Empty: `auth.realm` alone.
+    pub domains: Vec<String>,
+    /// Longest wait for a peer's answer to one forwarded request, connection
+    /// included; past it the peer's devices get no bundle.
+    pub timeout_ms: u64,
+    /// The lime servers our clients' bundle requests for their domains go to.
+    pub forward_to: Vec<ForwardPeerSettings>,
+    /// The peer servers that may ask for our users' bundles.
+    pub accept_from: Vec<AcceptedPeerSettings>,
+}
+
+impl Default for FederationSettings {
+    fn default() -> Self {
+        FederationSettings {
+            domains: Vec::new(),
+            timeout_ms: 3_000,
+            forward_to: Vec::new(),
+            accept_from: Vec::new(),
+        }
+    }
+}
+
+/// One `[[federation.forward_to]]`: a peer lime server and how we log in to it.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwardPeerSettings {
+    /// The domains whose devices it holds.
+    pub domains: Vec<String>,
+    /// Its X3DH URL (`https://lime.example.org/lime-server/lime-server.php`).
+    pub url: String,
+    /// Digest user name; default: our first served domain.
+    pub username: Option<String>,
+    /// File holding the digest HA1 it gave us: hex of
+    /// SHA-256(username:realm:password), realm being its domain.
+    pub digest_ha1_file: Option<PathBuf>,
+    /// Environment variable holding it (read when the file is not set).
+    pub digest_ha1_env: Option<String>,
+    /// PEM certificate chain we present to it (its subjectAltName names us).
+    pub client_certificate: Option<PathBuf>,
+    /// PEM private key of `client_certificate`.
+    pub client_private_key: Option<PathBuf>,
+    /// PEM CA bundle its server certificate is verified with; default: the
+    /// system's roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// One `[[federation.accept_from]]`: a peer server allowed to ask for our
+/// users' bundles on behalf of the devices of its domains.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AcceptedPeerSettings {
+    /// Its domains: the device ids it may ask for bundles on behalf of.
+    pub domains: Vec<String>,
+    /// The digest user name it logs in with; default: its first domain.
+    pub username: Option<String>,
+    /// File holding the digest HA1 we gave it: hex of
+    /// SHA-256(username:realm:password), realm being our domain.
+    pub digest_ha1_file: Option<PathBuf>,
+    /// Environment variable holding it (read when the file is not set).
+    pub digest_ha1_env: Option<String>,
+    /// The name its client certificate carries (subjectAltName URI or DNS, or CN
+    /// by `auth.client_certificates.identity`), verified against
+    /// `auth.client_certificates.ca_file`.
+    pub certificate_identity: Option<String>,
+}
+
+impl FederationSettings {
+    /// The domains served: `federation.domains`, else `auth.realm`.
+    pub fn served_domains(&self, auth: &AuthSettings) -> Vec<String> {
+        if self.domains.is_empty() {
+            auth.realm.iter().cloned().collect()
+        } else {
+            self.domains.clone()
+        }
+    }
+
+    /// True when peers are configured either way.
+    pub fn is_enabled(&self) -> bool {
+        !self.forward_to.is_empty() || !self.accept_from.is_empty()
+    }
+
+    fn validate(&self, auth: &AuthSettings) -> Result<(), ConfigError> {
+        for domain in &self.domains {
+            check_domain("federation.domains", domain)?;
+        }
+        if !self.is_enabled() {
+            return Ok(());
+        }
+        let served = self.served_domains(auth);
+        if served.is_empty() {
+            return Err(invalid(
+                "federation.domains",
+                "peers are configured but the domains this server serves are not: set \
+                 federation.domains (or auth.realm)",
+            ));
+        }
+        if self.timeout_ms == 0 {
+            return Err(invalid("federation.timeout_ms", "must be at least 1"));
+        }
+        let mut forwarded = std::collections::BTreeSet::new();
+        for peer in &self.forward_to {
+            check_peer_domains("federation.forward_to", &peer.domains, &served)?;
+            for domain in &peer.domains {
+                if !forwarded.insert(domain) {
+                    return Err(invalid(
+                        "federation.forward_to",
+                        format!("domain {domain} is listed for two peers"),
+                    ));
+                }
+            }
+            let url: http::Uri = peer.url.parse().map_err(|error| {
+                invalid(
+                    "federation.forward_to",
+                    format!("url {:?}: {error}", peer.url),
+                )
+            })?;
+            if !matches!(url.scheme_str(), Some("https" | "http")) || url.host().is_none() {
+                return Err(invalid(
+                    "federation.forward_to",
+                    format!("url {:?} is not an http(s) URL with a host", peer.url),
+                ));
+            }
+            peer.digest_ha1()?;
+            if peer.client_certificate.is_some() != peer.client_private_key.is_some() {
+                return Err(invalid(
+                    "federation.forward_to",
+                    format!(
+                        "peer {}: client_certificate and client_private_key go together",
+                        peer.domains.join(", ")
+                    ),
+                ));
+            }
+        }
+        let mut accepted = std::collections::BTreeSet::new();
+        for peer in &self.accept_from {
+            check_peer_domains("federation.accept_from", &peer.domains, &served)?;
+            for domain in &peer.domains {
+                if !accepted.insert(domain) {
+                    return Err(invalid(
+                        "federation.accept_from",
+                        format!("domain {domain} is listed for two peers"),
+                    ));
+                }
+            }
+            let ha1 = peer.digest_ha1()?;
+            if ha1.is_none() && peer.certificate_identity.is_none() {
+                return Err(invalid(
+                    "federation.accept_from",
+                    format!(
+                        "peer {}: give how it proves itself (digest_ha1_file, digest_ha1_env or \
+                         certificate_identity): a peer without one would be anyone",
+                        peer.domains.join(", ")
+                    ),
+                ));
+            }
+            if ha1.is_some() {
+                auth.digest.nonce_secret().map_err(|_| {
+                    invalid(
+                        "auth.digest.nonce_secret_file",
+                        "a peer logs in with digest (federation.accept_from): digest needs a \
+                         nonce secret, auth.digest.nonce_secret_file or nonce_secret_env",
+                    )
+                })?;
+            }
+            if peer.certificate_identity.is_some() && !auth.client_certificates.is_enabled() {
+                return Err(invalid(
+                    "federation.accept_from",
+                    format!(
+                        "peer {}: certificate_identity needs auth.client_certificates.ca_file to \
+                         verify its certificate",
+                        peer.domains.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ForwardPeerSettings {
+    /// The HA1 from `digest_ha1_file` or `digest_ha1_env`, checked: 64 hex digits.
+    pub fn digest_ha1(&self) -> Result<Option<String>, ConfigError> {
+        read_ha1(
+            &self.digest_ha1_file,
+            &self.digest_ha1_env,
+            "federation.forward_to",
+        )
+    }
+}
+
+impl AcceptedPeerSettings {
+    /// The HA1 from `digest_ha1_file` or `digest_ha1_env`, checked: 64 hex digits.
+    pub fn digest_ha1(&self) -> Result<Option<String>, ConfigError> {
+        read_ha1(
+            &self.digest_ha1_file,
+            &self.digest_ha1_env,
+            "federation.accept_from",
+        )
+    }
+}
+
+/// A SHA-256 HA1 (64 hex digits, lower-cased) from a file or the environment.
+fn read_ha1(
+    file: &Option<PathBuf>,
+    env: &Option<String>,
+    key: &'static str,
+) -> Result<Option<String>, ConfigError> {
+    let Some(ha1) = read_secret((key, file), (key, env))? else {
+        return Ok(None);
+    };
+    let ha1 = ha1.trim().to_ascii_lowercase();
+    if ha1.len() != 64 || !ha1.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+        return Err(invalid(
+            key,
+            "a digest HA1 is the hex of SHA-256(username:realm:password): 64 hex digits",
+        ));
+    }
+    Ok(Some(ha1))
+}
+
+fn check_domain(key: &'static str, domain: &str) -> Result<(), ConfigError> {
+    if crate::auth::is_valid_realm(domain) {
+        Ok(())
+    } else {
+        Err(invalid(key, format!("{domain:?} is not a domain name")))
+    }
+}
+
+/// A peer's domains: at least one, each a domain name, none of ours.
+fn check_peer_domains(
+    key: &'static str,
+    domains: &[String],
+    served: &[String],
+) -> Result<(), ConfigError> {
+    if domains.is_empty() {
+        return Err(invalid(key, "a peer needs its domains"));
+    }
+    for domain in domains {
+        check_domain(key, domain)?;
+        if served.contains(domain) {
+            return Err(invalid(
+                key,
+                format!("{domain} is a domain this server serves, not a peer's"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `[log]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -759,6 +1016,9 @@ pub struct LogSettings {
     /// Most bytes of log lines waiting for a slow log reader; past it lines are
     /// dropped and counted. At least 64 KiB.
     pub max_queued_bytes: usize,
+    /// A file to append the log to instead of stderr, reopened on SIGHUP (after
+    /// logrotate renamed it). None: stderr (the journal under systemd).
+    pub file: Option<PathBuf>,
 }
 
 impl Default for LogSettings {
@@ -768,6 +1028,7 @@ impl Default for LogSettings {
             level: "info".into(),
             max_lines_per_second: 20,
             max_queued_bytes: 4 << 20,
+            file: None,
         }
     }
 }
@@ -1010,6 +1271,17 @@ impl Settings {
                 ),
             ));
         }
+        if self
+            .log
+            .file
+            .as_ref()
+            .is_some_and(|file| file.as_os_str().is_empty() || file.is_dir())
+        {
+            return Err(invalid(
+                "log.file",
+                "must name a file (leave it out to log to stderr)",
+            ));
+        }
         self.auth.validate()?;
         if self.metrics.stock_refresh_secs == 0 {
             return Err(invalid("metrics.stock_refresh_secs", "must be at least 1"));
@@ -1027,6 +1299,7 @@ impl Settings {
                 ));
             }
         }
+        self.federation.validate(&self.auth)?;
         if !self.auth.is_enabled() && !server.insecure_no_auth {
             if let Some(addr) = self.listeners().find(|addr| !addr.ip().is_loopback()) {
                 return Err(invalid(
@@ -1069,6 +1342,93 @@ mod tests {
         settings.validate().unwrap();
         assert!(settings.listeners().all(|addr| addr.ip().is_loopback()));
         assert_eq!(settings.storage.enabled_curves(), Curve::ALL.to_vec());
+    }
+
+    #[test]
+    fn federation_settings_are_checked_with_the_key_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let ha1 = dir.path().join("ha1");
+        std::fs::write(&ha1, format!("{}\n", "aB".repeat(32))).unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, "abc").unwrap();
+        let peer = |table: &str, body: &str| {
+            format!("[federation]\ndomains = [\"a.test\"]\n[[federation.{table}]]\n{body}\n")
+        };
+        let forward = |body: &str| peer("forward_to", body);
+        let accept = |body: &str| peer("accept_from", body);
+        let ha1_line = format!("digest_ha1_file = {:?}", ha1.display().to_string());
+        for (text, key, why) in [
+            (
+                "[[federation.forward_to]]\ndomains = [\"b.test\"]\nurl = \"https://b.test/\"\n"
+                    .to_owned(),
+                "federation.domains",
+                "",
+            ),
+            (
+                forward("domains = [\"a.test\"]\nurl = \"https://a.test/\""),
+                "federation.forward_to",
+                "a domain this server serves",
+            ),
+            (
+                forward("domains = [\"b.test\"]\nurl = \"ftp://b.test/\""),
+                "federation.forward_to",
+                "not an http(s) URL",
+            ),
+            (
+                forward(&format!(
+                    "domains = [\"b.test\"]\nurl = \"https://b.test/\"\ndigest_ha1_file = {:?}",
+                    short.display().to_string()
+                )),
+                "federation.forward_to",
+                "64 hex digits",
+            ),
+            (
+                forward("domains = []\nurl = \"https://b.test/\""),
+                "federation.forward_to",
+                "needs its domains",
+            ),
+            (
+                accept("domains = [\"b.test\"]"),
+                "federation.accept_from",
+                "would be anyone",
+            ),
+            (
+                accept(&format!("domains = [\"b.test\"]\n{ha1_line}")),
+                "auth.digest.nonce_secret_file",
+                "nonce secret",
+            ),
+            (
+                accept("domains = [\"b.test\"]\ncertificate_identity = \"lime.b.test\""),
+                "federation.accept_from",
+                "auth.client_certificates.ca_file",
+            ),
+        ] {
+            let error = error_of(&text);
+            assert!(
+                error.contains(key) && error.contains(why),
+                "{text}\n=> {error}"
+            );
+        }
+        let good = forward(&format!(
+            "domains = [\"b.test\", \"b2.test\"]\nurl = \"https://lime.b.test/lime\"\n{ha1_line}"
+        ));
+        let settings = Settings::from_toml(&good).unwrap();
+        settings.validate().unwrap();
+        assert_eq!(
+            settings.federation.forward_to[0].digest_ha1().unwrap(),
+            Some("ab".repeat(32)),
+            "trimmed and lower-cased"
+        );
+    }
+
+    #[test]
+    fn a_log_file_that_is_no_file_name_is_refused() {
+        assert!(error_of("[log]\nfile = \"\"\n").contains("log.file"));
+        let dir = std::env::temp_dir();
+        let toml = format!("[log]\nfile = {:?}\n", dir.display().to_string());
+        assert!(error_of(&toml).contains("log.file"), "a directory");
+        let toml = "[log]\nfile = \"/var/log/lime-server/lime-server.log\"\n";
+        assert!(Settings::from_toml(toml).unwrap().validate().is_ok());
     }
 
     #[test]

@@ -44,6 +44,15 @@ pub enum RequestError {
         /// `limits.max_bundle_answer_bytes`.
         limit: u64,
     },
+    /// A peer server sent something other than getPeerBundle (refused with a 403
+    /// by the HTTP layer first).
+    #[error("peer server {peer} may only send getPeerBundle, not {message:?}")]
+    NotForPeers {
+        /// The peer's domains.
+        peer: String,
+        /// What it sent.
+        message: lime_protocol::MessageType,
+    },
     /// The store refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -62,6 +71,7 @@ impl RequestError {
             RequestError::Parse(error) => error.code(),
             RequestError::CurveNotEnabled(_) => ErrorCode::BadCurve,
             RequestError::BundleAnswerTooLarge { .. } => ErrorCode::ResourceLimitReached,
+            RequestError::NotForPeers { .. } => ErrorCode::BadRequest,
             RequestError::Store(StoreError::DeviceNotFound) => ErrorCode::UserNotFound,
             RequestError::Store(StoreError::DeviceRegisteredWithOtherKeys) => {
                 ErrorCode::UserAlreadyIn

@@ -128,6 +128,21 @@ async fn x3dh(state: &HttpState, request: Request<Incoming>) -> Response<Full<By
         Ok(read) => read,
         Err(response) => return response,
     };
+    if let Some(peer) = sender.forwarded_by() {
+        // Federation: a peer server asks for bundles, nothing else.
+        if body.get(1) != Some(&lime_protocol::MessageType::GetPeerBundle.byte()) {
+            tracing::warn!(
+                peer,
+                sender = %clip(sender.device_id().as_str()),
+                message_type = body.get(1).copied().unwrap_or(0),
+                "refused: a peer server may only send getPeerBundle"
+            );
+            return plain(
+                StatusCode::FORBIDDEN,
+                "a peer server may only ask for key bundles\n",
+            );
+        }
+    }
     let curve_byte = body.get(2).copied().unwrap_or(0);
     let answer = state.service.handle(&sender, &body).await;
     metrics::x3dh_answered(&body, &answer, started.elapsed());

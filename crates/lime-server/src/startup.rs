@@ -9,16 +9,16 @@
 //! the stop is over when every permit is back.
 
 use crate::auth::Authenticator;
-use crate::auth::certificate;
 use crate::body_budget::BodyBudget;
 use crate::config::Settings;
 use crate::connection::{self, ConnectionLimits};
+use crate::federation::Federation;
 use crate::http::HttpState;
 use crate::metrics::{self, exporter::MetricsListener};
 use crate::service::KeyService;
 use crate::store::sqlite::SqliteOptions;
 use crate::store::{self, ServerStoreOptions, StoreError, Stores};
-use crate::tls::{self, CertificateFiles};
+use crate::tls::{self, CertificateFiles, ClientCaFiles, ServerTls};
 use anyhow::{Context, Result};
 use lime_protocol::Curve;
 use std::future::Future;
@@ -30,7 +30,6 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
 
 /// How long requests in flight may take to finish once a stop is asked.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -50,7 +49,7 @@ const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 struct Listener {
     tcp: TcpListener,
     /// `None` for a plain HTTP listener.
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ServerTls>>,
 }
 
 /// The server, built and bound, not yet serving.
@@ -63,8 +62,8 @@ pub struct Application {
     connections: Arc<Semaphore>,
     /// The number of permits (`server.max_connections`): all back, no connection left.
     max_connections: u32,
-    /// The certificate of the TLS listeners, when there are any.
-    certificate: Option<CertificateFiles>,
+    /// The TLS configuration of the HTTPS listeners, when there are any.
+    tls: Option<Arc<ServerTls>>,
     /// How often old bundle requests are purged, and how old they must be.
     purge: Option<(Duration, Duration)>,
     /// The scrape listener (`metrics.listen`), when metrics are on.
@@ -87,23 +86,19 @@ impl Application {
         let stores = open_stores(settings).await?;
         let limits = &settings.limits;
 
-        let certificate = if settings.server.listen.is_empty() {
+        let tls = if settings.server.listen.is_empty() {
             None
         } else {
-            Some(certificate_files(settings)?)
+            let (files, self_signed) = certificate_files(settings)?;
+            let tls = ServerTls::load(files, self_signed, client_ca_files(settings))?;
+            Some(Arc::new(tls))
         };
-        let acceptor = certificate
-            .as_ref()
-            .map(|files| {
-                tls::server_config(files, client_verifier(settings)?).map(TlsAcceptor::from)
-            })
-            .transpose()?;
 
         let mut listeners = Vec::new();
         for addr in &settings.server.listen {
             listeners.push(Listener {
                 tcp: bind(*addr).await?,
-                tls: acceptor.clone(),
+                tls: tls.clone(),
             });
         }
         for addr in &settings.server.plain_http_listen {
@@ -118,9 +113,15 @@ impl Application {
             None => None,
         };
 
-        let auth = Authenticator::from_settings(&settings.auth).await?;
+        let auth = Authenticator::from_settings(&settings.auth, &settings.federation).await?;
+        let federation = Federation::from_settings(&settings.federation, &settings.auth)
+            .context("federation.forward_to")?;
         let state = Arc::new(HttpState {
-            service: KeyService::new(stores, settings.limits.max_bundle_answer_bytes),
+            service: KeyService::new(
+                stores,
+                settings.limits.max_bundle_answer_bytes,
+                federation.map(Arc::new),
+            ),
             auth,
             paths: settings.server.paths.clone(),
             max_body_bytes: settings.server.max_body_bytes,
@@ -135,7 +136,7 @@ impl Application {
             limits: settings.server.connection_limits(),
             connections: Arc::new(Semaphore::new(max_connections as usize)),
             max_connections,
-            certificate,
+            tls,
             purge: (limits.request_purge_interval_secs > 0).then(|| {
                 (
                     Duration::from_secs(limits.request_purge_interval_secs),
@@ -167,7 +168,12 @@ impl Application {
 
     /// The certificate the HTTPS listeners present, when there are any.
     pub fn certificate(&self) -> Option<&CertificateFiles> {
-        self.certificate.as_ref()
+        self.tls.as_deref().map(ServerTls::files)
+    }
+
+    /// The TLS configuration of the HTTPS listeners, for reloads, when there are any.
+    pub fn tls(&self) -> Option<Arc<ServerTls>> {
+        self.tls.clone()
     }
 
     /// The address of the metrics listener, when metrics are on.
@@ -288,33 +294,35 @@ async fn purge_requests_periodically(stores: Stores, interval: Duration, retenti
     }
 }
 
-/// The client-certificate verifier of the HTTPS listeners, when client
-/// certificates are configured.
-fn client_verifier(
-    settings: &Settings,
-) -> Result<Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>> {
+/// The files of the client-certificate verifier of the HTTPS listeners, when
+/// client certificates are configured.
+fn client_ca_files(settings: &Settings) -> Option<ClientCaFiles> {
     let certificates = &settings.auth.client_certificates;
-    let Some(ca_file) = &certificates.ca_file else {
-        return Ok(None);
-    };
-    let verifier =
-        certificate::client_verifier(ca_file, &certificates.crl_files, certificates.required)
-            .context("auth.client_certificates")?;
+    let ca_file = certificates.ca_file.as_ref()?;
     tracing::info!(
         ca = %ca_file.display(),
         crls = certificates.crl_files.len(),
         required = certificates.required,
         "client certificates on"
     );
-    Ok(Some(verifier))
+    Some(ClientCaFiles {
+        ca_file: ca_file.clone(),
+        crl_files: certificates.crl_files.clone(),
+        required: certificates.required,
+    })
 }
 
-fn certificate_files(settings: &Settings) -> Result<CertificateFiles> {
+/// The certificate files of the HTTPS listeners, and whether they are the
+/// generated self-signed pair.
+fn certificate_files(settings: &Settings) -> Result<(CertificateFiles, bool)> {
     match (&settings.tls.certificate, &settings.tls.private_key) {
-        (Some(certificate), Some(private_key)) => Ok(CertificateFiles {
-            certificate: certificate.clone(),
-            private_key: private_key.clone(),
-        }),
+        (Some(certificate), Some(private_key)) => Ok((
+            CertificateFiles {
+                certificate: certificate.clone(),
+                private_key: private_key.clone(),
+            },
+            false,
+        )),
         _ => {
             let files = CertificateFiles::self_signed_in(&settings.storage.data_dir);
             if tls::ensure_self_signed(&files)? {
@@ -323,7 +331,7 @@ fn certificate_files(settings: &Settings) -> Result<CertificateFiles> {
                     "no tls.certificate configured: generated a self-signed certificate for localhost"
                 );
             }
-            Ok(files)
+            Ok((files, true))
         }
     }
 }
@@ -366,7 +374,8 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
-        let tls = listener.tls.clone();
+        // The configuration current at the accept: a reload changes new connections only.
+        let tls = listener.tls.as_ref().map(|tls| tls.acceptor());
         let stopped = stopped.clone();
         tokio::spawn(async move {
             let open = metrics::OpenConnection::new();

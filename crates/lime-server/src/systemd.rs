@@ -1,6 +1,8 @@
 //! The systemd readiness protocol (`sd_notify`) for the packaged `Type=notify` unit:
-//! `READY=1` once the listeners are bound and the stores open, `STOPPING=1` when a
-//! stop begins. Outside systemd (no `NOTIFY_SOCKET`) it does nothing. It must never
+//! `READY=1` once the listeners are bound and the stores open, `RELOADING=1` then
+//! `READY=1` again around a SIGHUP reload (the unit's `ExecReload` sends the
+//! signal; `Type=notify-reload`, which would need `MONOTONIC_USEC` too, is newer
+//! than Debian 12's systemd 252), `STOPPING=1` when a stop begins. Outside systemd (no `NOTIFY_SOCKET`) it does nothing. It must never
 //! stop the server: a message that cannot be sent is logged and forgotten.
 //!
 //! A few lines over a Unix datagram socket rather than a crate: the protocol is one
@@ -13,6 +15,11 @@ use std::io;
 /// Tells systemd the server is serving: call once every listener is bound.
 pub fn notify_ready() {
     notify("READY=1");
+}
+
+/// Tells systemd a reload (SIGHUP) has begun; [`notify_ready`] says it is over.
+pub fn notify_reloading() {
+    notify("RELOADING=1");
 }
 
 /// Tells systemd the server is stopping: call when the shutdown signal arrives.

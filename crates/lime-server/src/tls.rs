@@ -1,6 +1,7 @@
 //! The TLS side of the HTTPS listeners: the certificate (configured, or a
-//! self-signed one generated on first start and reused afterwards) and the rustls
-//! server configuration.
+//! self-signed one generated on first start and reused afterwards), the rustls
+//! server configuration, and [`ServerTls`], which rebuilds that configuration
+//! from its files on SIGHUP while the listeners serve.
 
 use anyhow::{Context, Result};
 use rustls::server::danger::ClientCertVerifier;
@@ -8,7 +9,8 @@ use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
+use tokio_rustls::TlsAcceptor;
 
 /// Where a certificate and its key are.
 #[derive(Debug, Clone)]
@@ -28,6 +30,92 @@ impl CertificateFiles {
             private_key: dir.join("self-signed.key"),
         }
     }
+}
+
+/// Where the client-certificate verifier of the HTTPS listeners comes from
+/// (`[auth.client_certificates]`).
+#[derive(Debug, Clone)]
+pub struct ClientCaFiles {
+    /// PEM bundle of the CAs (`auth.client_certificates.ca_file`).
+    pub ca_file: PathBuf,
+    /// PEM CRLs (`auth.client_certificates.crl_files`).
+    pub crl_files: Vec<PathBuf>,
+    /// Refuse clients without a certificate (`auth.client_certificates.required`).
+    pub required: bool,
+}
+
+/// The TLS configuration of the HTTPS listeners, replaceable while they serve.
+///
+/// Each new connection takes the configuration current at its accept; a reload
+/// builds a whole new one from the files and swaps it in, so a connection never
+/// sees half of each and connections already open keep the one they started with.
+/// A reload that fails leaves the current configuration in place. (A lock around
+/// an `Arc` rather than a lock-free swap: it is taken once per connection, for
+/// the time of an `Arc` clone, and written once per SIGHUP.)
+pub struct ServerTls {
+    /// The server's certificate and key.
+    files: CertificateFiles,
+    /// True when `files` is the generated self-signed pair (no `tls.certificate`).
+    self_signed: bool,
+    /// The client CA bundle and CRLs, when client certificates are on.
+    client_ca: Option<ClientCaFiles>,
+    /// What new connections get.
+    current: RwLock<Arc<ServerConfig>>,
+}
+
+impl ServerTls {
+    /// Reads every file once; an error names the file at fault.
+    pub fn load(
+        files: CertificateFiles,
+        self_signed: bool,
+        client_ca: Option<ClientCaFiles>,
+    ) -> Result<ServerTls> {
+        let config = build(&files, client_ca.as_ref())?;
+        Ok(ServerTls {
+            files,
+            self_signed,
+            client_ca,
+            current: RwLock::new(config),
+        })
+    }
+
+    /// The acceptor a new connection handshakes with: the configuration current now.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        TlsAcceptor::from(Arc::clone(&current))
+    }
+
+    /// The certificate and key files served.
+    pub fn files(&self) -> &CertificateFiles {
+        &self.files
+    }
+
+    /// Reads the certificate, key, CA bundle and CRLs again and, when all of them
+    /// are good, makes them what new connections get. On an error (which names the
+    /// file) the configuration in use stays.
+    pub fn reload(&self) -> Result<()> {
+        let config = build(&self.files, self.client_ca.as_ref())?;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = config;
+        Ok(())
+    }
+
+    /// True when the certificate is the generated self-signed one: nobody renews
+    /// it, so a reload has nothing new to find there.
+    pub fn is_self_signed(&self) -> bool {
+        self.self_signed
+    }
+}
+
+/// The server configuration from the certificate files and, when client
+/// certificates are on, the CA bundle and CRLs.
+fn build(files: &CertificateFiles, client_ca: Option<&ClientCaFiles>) -> Result<Arc<ServerConfig>> {
+    let verifier = client_ca
+        .map(|ca| {
+            crate::auth::certificate::client_verifier(&ca.ca_file, &ca.crl_files, ca.required)
+                .context("auth.client_certificates")
+        })
+        .transpose()?;
+    server_config(files, verifier)
 }
 
 /// Makes a self-signed certificate for localhost at `files`, unless one is there.
@@ -118,4 +206,20 @@ pub fn server_config(
     })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The system's CA certificates (`/etc/ssl/certs` and the like, through
+/// `rustls-native-certs`): what a client of a deployed server trusts. Fails when
+/// none can be read.
+pub fn system_roots() -> Result<RootCertStore> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        anyhow::bail!(
+            "no system CA certificate could be read ({:?})",
+            found.errors
+        );
+    }
+    Ok(roots)
 }

@@ -429,10 +429,13 @@ async fn start_up_error_names_the_key_of_a_query_without_username() {
     digest.nonce_secret_file = Some(secret.path().to_owned());
     settings.validate().unwrap();
 
-    let error = match lime_server::auth::Authenticator::from_settings(&settings.auth).await {
-        Ok(_) => panic!("a query without username must not start"),
-        Err(error) => format!("{error:#}"),
-    };
+    let error =
+        match lime_server::auth::Authenticator::from_settings(&settings.auth, &settings.federation)
+            .await
+        {
+            Ok(_) => panic!("a query without username must not start"),
+            Err(error) => format!("{error:#}"),
+        };
 
     assert!(error.contains("auth.digest.accounts_query"), "{error}");
     assert!(error.contains("no `username` column"), "{error}");

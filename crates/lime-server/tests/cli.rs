@@ -39,6 +39,9 @@ fn every_command_has_help() {
         &["admin", "--help"],
         &["admin", "stats", "--help"],
         &["check-config", "--help"],
+        &["admin", "device", "show", "--help"],
+        &["admin", "device", "delete", "--help"],
+        &["probe", "--help"],
     ] {
         let output = lime_server(args);
         assert!(output.status.success(), "{args:?}: {}", stderr(&output));

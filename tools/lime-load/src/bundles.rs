@@ -39,6 +39,9 @@ pub struct BundlesArgs {
     /// Number of seeded devices to pick from (devices 0..N).
     #[arg(long, value_name = "N")]
     devices: u64,
+    /// Devices asked for in each request (distinct, picked at random).
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    per_request: u64,
     /// Concurrent connections, one task each.
     #[arg(long, value_name = "C", default_value_t = 1)]
     connections: usize,
@@ -77,8 +80,11 @@ struct TaskReport {
 
 /// Runs the load and prints the figures.
 pub fn run(args: &BundlesArgs) -> Result<()> {
-    if args.connections == 0 || args.devices == 0 || args.requests == 0 {
-        bail!("--connections, --devices and --requests must be at least 1");
+    if args.connections == 0 || args.devices == 0 || args.requests == 0 || args.per_request == 0 {
+        bail!("--connections, --devices, --per-request and --requests must be at least 1");
+    }
+    if args.per_request > args.devices {
+        bail!("--per-request is more than --devices: the devices of a request are distinct");
     }
     let port = url_port(&args.url)?;
     let https = args.url.starts_with("https://");
@@ -118,6 +124,7 @@ async fn load(args: &BundlesArgs, clients: Vec<LimeClient>, port: u16) -> Result
         sender: args.sender.clone(),
         curve: args.curve,
         devices: args.devices,
+        per_request: args.per_request,
         requests: args.requests,
         sent: AtomicU64::new(0),
         start: Barrier::new(args.connections + 1),
@@ -170,7 +177,8 @@ async fn load(args: &BundlesArgs, clients: Vec<LimeClient>, port: u16) -> Result
     let latencies = Latencies::new(latencies)?;
 
     println!(
-        "bundles: {done} requests ({} {}) over {} connections ({open} open at the end) in {:.2} s; load average before: {load_before}",
+        "bundles: {done} requests of {} devices ({} {}) over {} connections ({open} open at the end) in {:.2} s; load average before: {load_before}",
+        args.per_request,
         args.curve,
         args.url,
         args.connections,
@@ -231,6 +239,7 @@ struct Shared {
     sender: String,
     curve: Curve,
     devices: u64,
+    per_request: u64,
     requests: u64,
     /// Timed requests started so far, all tasks together.
     sent: AtomicU64,
@@ -259,7 +268,7 @@ async fn connection_task(shared: Arc<Shared>, client: LimeClient) -> Result<Task
         let answer = get_bundle(&shared, &report.client, &mut rng).await;
         report.latencies.push(sent.elapsed());
         match answer {
-            Ok(flag) => report.flags.add(flag),
+            Ok(flags) => flags.into_iter().for_each(|flag| report.flags.add(flag)),
             Err(error) => {
                 report.errors += 1;
                 report
@@ -271,18 +280,30 @@ async fn connection_task(shared: Arc<Shared>, client: LimeClient) -> Result<Task
     Ok(report)
 }
 
-/// Sends one getPeerBundle for a random seeded device; the flag of the bundle,
-/// or why the answer is not a one-bundle peerBundle.
-async fn get_bundle(shared: &Shared, client: &LimeClient, rng: &mut StdRng) -> Result<u8> {
-    let device = DeviceId::new(device_name(rng.random_range(0..shared.devices)))?;
+/// Sends one getPeerBundle for `per_request` distinct random seeded devices; the
+/// flags of the bundles, or why the answer is not their peerBundle.
+async fn get_bundle(shared: &Shared, client: &LimeClient, rng: &mut StdRng) -> Result<Vec<u8>> {
+    let mut indexes = HashSet::new();
+    while (indexes.len() as u64) < shared.per_request {
+        indexes.insert(rng.random_range(0..shared.devices));
+    }
+    let devices = indexes
+        .into_iter()
+        .map(|index| DeviceId::new(device_name(index)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let asked = devices.len();
     let message = RequestMessage {
         curve: shared.curve,
-        request: Request::GetPeerBundle(vec![device]),
+        request: Request::GetPeerBundle(devices),
     };
     let answer = client.send(&shared.url, &shared.sender, &message).await?;
     match answer.response {
-        Response::PeerBundles(bundles) if bundles.len() == 1 => Ok(bundles[0].flag()),
-        Response::PeerBundles(bundles) => bail!("peerBundle with {} entries, not 1", bundles.len()),
+        Response::PeerBundles(bundles) if bundles.len() == asked => {
+            Ok(bundles.iter().map(|bundle| bundle.flag()).collect())
+        }
+        Response::PeerBundles(bundles) => {
+            bail!("peerBundle with {} entries, not {asked}", bundles.len())
+        }
         other => bail!("answer is not a peerBundle: {other:?}"),
     }
 }

@@ -11,6 +11,8 @@ pub enum AuthMethod {
     Proxy,
     /// HTTP Digest against the account database.
     Digest,
+    /// A peer lime server (federation), by its certificate or digest.
+    Peer,
     /// None could be used (no certificate while one is required, or no method
     /// configured for a client without one).
     None,
@@ -23,6 +25,7 @@ impl AuthMethod {
             AuthMethod::Certificate => "certificate",
             AuthMethod::Proxy => "proxy",
             AuthMethod::Digest => "digest",
+            AuthMethod::Peer => "peer",
             AuthMethod::None => "none",
         }
     }
@@ -57,6 +60,8 @@ pub enum AuthCause {
     NotOwner,
     /// The device id names no domain to authenticate in.
     NoDomain,
+    /// A certificate or digest user name of no accepted peer server.
+    NotPeer,
     /// The proxy said the client's certificate was refused.
     ProxyRefused,
     /// No client certificate while `auth.client_certificates.required` is set.
@@ -84,6 +89,7 @@ impl AuthCause {
             AuthCause::LockedOut => "locked_out",
             AuthCause::NotOwner => "not_owner",
             AuthCause::NoDomain => "no_domain",
+            AuthCause::NotPeer => "not_peer",
             AuthCause::ProxyRefused => "proxy_refused",
             AuthCause::CertificateRequired => "certificate_required",
             AuthCause::NoMethod => "no_method",

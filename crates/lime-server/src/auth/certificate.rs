@@ -198,6 +198,13 @@ impl CertificateIdentity {
     /// subjectAltName `sip:bob@example.org` and common name `sip:alice@example.org`
     /// owns the devices of both.
     pub fn owner_of(&self, device_id: &str, rule: IdentityRule) -> Option<&str> {
+        self.names(rule)
+            .find(|name| identity::owns_device(name, device_id))
+    }
+
+    /// The names that count under `rule`, as identities: the subjectAltNames,
+    /// then the common name when the rule lets it count.
+    pub fn names(&self, rule: IdentityRule) -> impl Iterator<Item = &str> {
         let common_name = match rule {
             IdentityRule::SanElseCn if !self.subject_alt_names.is_empty() => None,
             IdentityRule::SanElseCn | IdentityRule::SanOrCn => self.common_name.as_ref(),
@@ -205,7 +212,6 @@ impl CertificateIdentity {
         self.subject_alt_names
             .iter()
             .chain(common_name)
-            .find(|name| identity::owns_device(name, device_id))
             .map(String::as_str)
     }
 
@@ -227,7 +233,7 @@ impl CertificateIdentity {
 pub struct PeerCertificate(pub Arc<CertificateIdentity>);
 
 /// A certificate name as an identity: `sip:` is added to a name without a scheme.
-fn as_identity(name: &str) -> String {
+pub fn as_identity(name: &str) -> String {
     if has_scheme(name) {
         name.to_owned()
     } else {

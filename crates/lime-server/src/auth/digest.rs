@@ -271,12 +271,7 @@ impl Credentials {
     /// Parses an `Authorization` header value. Only `qop=auth` is accepted: it is
     /// all the challenges offer.
     pub fn parse(header: &str) -> Result<Credentials, CredentialsError> {
-        let header = header.trim_start();
-        let (scheme, rest) = header.split_once([' ', '\t']).unwrap_or((header, ""));
-        if !scheme.eq_ignore_ascii_case("Digest") {
-            return Err(CredentialsError::NotDigest);
-        }
-        let mut params = parse_params(rest)?;
+        let mut params = digest_params(header)?;
         if params.contains_key("username*") {
             return Err(CredentialsError::Unsupported(
                 "username* (RFC 7616 encoded user names)".into(),
@@ -301,14 +296,7 @@ impl Credentials {
         }
         let cnonce = take("cnonce")?;
         let nonce_count = take("nc")?;
-        let algorithm = match params.remove("algorithm") {
-            None => DigestAlgorithm::Md5,
-            Some(name) => match name.to_ascii_uppercase().as_str() {
-                "MD5" => DigestAlgorithm::Md5,
-                "SHA-256" => DigestAlgorithm::Sha256,
-                _ => return Err(CredentialsError::Unsupported(format!("algorithm={name}"))),
-            },
-        };
+        let algorithm = algorithm_param(params.remove("algorithm"))?;
         Ok(Credentials {
             username,
             realm,
@@ -325,13 +313,133 @@ impl Credentials {
     /// Whether the response is the one `ha1` (lowercase hex, for this algorithm)
     /// gives for `method`, compared in constant time.
     pub fn response_matches(&self, ha1: &str, method: &str) -> bool {
-        let algorithm = self.algorithm;
-        let ha2 = algorithm.hex(&format!("{method}:{}", self.uri));
-        let expected = algorithm.hex(&format!(
-            "{ha1}:{}:{}:{}:auth:{ha2}",
-            self.nonce, self.nonce_count, self.cnonce
-        ));
+        let expected = response(
+            self.algorithm,
+            ha1,
+            method,
+            &self.uri,
+            &self.nonce,
+            &self.nonce_count,
+            &self.cnonce,
+        );
         expected.as_bytes().ct_eq(self.response.as_bytes()).into()
+    }
+}
+
+/// The `qop=auth` response (RFC 7616 section 3.4.1) that `ha1` gives for a
+/// request: what a client sends and what a server expects.
+pub fn response(
+    algorithm: DigestAlgorithm,
+    ha1: &str,
+    method: &str,
+    uri: &str,
+    nonce: &str,
+    nonce_count: &str,
+    cnonce: &str,
+) -> String {
+    let ha2 = algorithm.hex(&format!("{method}:{uri}"));
+    algorithm.hex(&format!("{ha1}:{nonce}:{nonce_count}:{cnonce}:auth:{ha2}"))
+}
+
+/// One `WWW-Authenticate: Digest ...` challenge, as a client answers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    /// `realm`
+    pub realm: String,
+    /// `nonce`
+    pub nonce: String,
+    /// `opaque`, to send back.
+    pub opaque: Option<String>,
+    /// `algorithm`; absent means MD5.
+    pub algorithm: DigestAlgorithm,
+    /// `stale=true`: the credentials were right, the nonce too old.
+    pub stale: bool,
+}
+
+impl Challenge {
+    /// Parses a `WWW-Authenticate` value; only challenges that offer `qop=auth`
+    /// with MD5 or SHA-256 can be answered.
+    pub fn parse(header: &str) -> Result<Challenge, CredentialsError> {
+        let mut params = digest_params(header)?;
+        let mut take =
+            |name: &'static str| params.remove(name).ok_or(CredentialsError::Missing(name));
+        let realm = take("realm")?;
+        let nonce = take("nonce")?;
+        let qop = take("qop")?;
+        if !qop.split(',').any(|option| option.trim() == "auth") {
+            return Err(CredentialsError::Unsupported(format!("qop={qop}")));
+        }
+        let algorithm = algorithm_param(params.remove("algorithm"))?;
+        Ok(Challenge {
+            realm,
+            nonce,
+            opaque: params.remove("opaque"),
+            algorithm,
+            stale: params
+                .remove("stale")
+                .is_some_and(|stale| stale.eq_ignore_ascii_case("true")),
+        })
+    }
+}
+
+/// The `Authorization` value answering `challenge` for `method` on `uri` with
+/// `ha1` (of the challenge's algorithm), as request number `nonce_count` on
+/// its nonce.
+pub fn authorization(
+    challenge: &Challenge,
+    username: &str,
+    ha1: &str,
+    method: &str,
+    uri: &str,
+    nonce_count: u32,
+    cnonce: &str,
+) -> String {
+    let nc = format!("{nonce_count:08x}");
+    let response = response(
+        challenge.algorithm,
+        ha1,
+        method,
+        uri,
+        &challenge.nonce,
+        &nc,
+        cnonce,
+    );
+    let mut header = format!(
+        "Digest username={}, realm={}, nonce={}, uri={}, algorithm={}, qop=auth, nc={nc}, \
+         cnonce={}, response=\"{response}\"",
+        quote(username),
+        quote(&challenge.realm),
+        quote(&challenge.nonce),
+        quote(uri),
+        challenge.algorithm,
+        quote(cnonce),
+    );
+    if let Some(opaque) = &challenge.opaque {
+        header.push_str(&format!(", opaque={}", quote(opaque)));
+    }
+    header
+}
+
+/// The parameters of a `Digest ...` header value (`Authorization` or
+/// `WWW-Authenticate`).
+fn digest_params(header: &str) -> Result<HashMap<String, String>, CredentialsError> {
+    let header = header.trim_start();
+    let (scheme, rest) = header.split_once([' ', '\t']).unwrap_or((header, ""));
+    if !scheme.eq_ignore_ascii_case("Digest") {
+        return Err(CredentialsError::NotDigest);
+    }
+    parse_params(rest)
+}
+
+/// The `algorithm` parameter, case-insensitive; absent means MD5.
+fn algorithm_param(name: Option<String>) -> Result<DigestAlgorithm, CredentialsError> {
+    match name.as_deref().map(str::to_ascii_uppercase).as_deref() {
+        None | Some("MD5") => Ok(DigestAlgorithm::Md5),
+        Some("SHA-256") => Ok(DigestAlgorithm::Sha256),
+        Some(_) => Err(CredentialsError::Unsupported(format!(
+            "algorithm={}",
+            name.unwrap_or_default()
+        ))),
     }
 }
 

@@ -24,10 +24,13 @@ pub mod proxy;
 pub mod throttle;
 
 use crate::config::AuthSettings;
+use crate::config::FederationSettings;
 use crate::error::RequestError;
+use crate::federation::inbound::{AcceptedPeer, AcceptedPeers};
 use crate::telemetry::clip;
 use accounts::{AccountDatabase, AccountDatabaseOptions, PasswordAlgorithm};
 use anyhow::Context;
+use async_trait::async_trait;
 use certificate::{CertificateIdentity, IdentityRule, PeerCertificate};
 use digest::{Credentials, DigestAlgorithm, NonceKey, NonceState};
 use http::HeaderMap;
@@ -36,6 +39,7 @@ use http::request::Parts;
 use lime_protocol::DeviceId;
 use proxy::{ProxyVerdict, TrustedProxies};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use throttle::Throttle;
 
@@ -51,6 +55,9 @@ pub struct Sender {
     device_id: DeviceId,
     /// How it was authenticated (`digest sip:alice@example.org`), when it was.
     authenticated_as: Option<String>,
+    /// The peer server that forwarded the request for a device of its domain
+    /// (federation), when it is one.
+    forwarded_by: Option<Arc<str>>,
 }
 
 impl Sender {
@@ -64,9 +71,23 @@ impl Sender {
         self.authenticated_as.as_deref()
     }
 
+    /// The peer server (its domains) that forwarded the request on behalf of
+    /// the device, when it is one.
+    pub fn forwarded_by(&self) -> Option<&str> {
+        self.forwarded_by.as_deref()
+    }
+
     fn authenticated(self, how: String) -> Sender {
         Sender {
             authenticated_as: Some(how),
+            ..self
+        }
+    }
+
+    fn forwarded(self, peer: &AcceptedPeer, how: String) -> Sender {
+        Sender {
+            authenticated_as: Some(how),
+            forwarded_by: Some(peer.name.clone()),
             ..self
         }
     }
@@ -89,6 +110,7 @@ pub fn sender_from_headers(headers: &HeaderMap) -> Result<Sender, RequestError> 
     Ok(Sender {
         device_id,
         authenticated_as: None,
+        forwarded_by: None,
     })
 }
 
@@ -156,7 +178,7 @@ impl AuthFailure {
         realm: &str,
         stale: bool,
         algorithms: Vec<DigestAlgorithm>,
-        cause: AuthCause,
+        (method, cause): (AuthMethod, AuthCause),
         reason: String,
     ) -> AuthFailure {
         AuthFailure {
@@ -167,7 +189,7 @@ impl AuthFailure {
             },
             reason,
             routine: false,
-            method: AuthMethod::Digest,
+            method,
             cause,
         }
     }
@@ -188,9 +210,51 @@ struct DigestAuthenticator {
     offers: offers::AlgorithmOffers,
 }
 
-impl DigestAuthenticator {
-    /// The algorithms to challenge the owner of `device` with in `realm`: those
-    /// its account can verify (every configured one when that is not known).
+/// Where digest credentials are checked: the account database for users, the
+/// configured HA1s for peer servers. The rest of a digest check is the same
+/// for both ([`Authenticator::check_digest`]).
+#[async_trait]
+trait Passwords: Send + Sync {
+    /// Who logs in this way, for the metrics: users (`digest`) or peers (`peer`).
+    fn method(&self) -> AuthMethod;
+
+    /// The key of the nonces and opaque values.
+    fn key(&self) -> &NonceKey;
+
+    /// The algorithms credentials may use.
+    fn configured(&self) -> &[DigestAlgorithm];
+
+    /// The algorithms to challenge the owner of `device` with in `realm`.
+    async fn offered(&self, device: &str, realm: &str) -> Vec<DigestAlgorithm>;
+
+    /// What is wrong with the credentials' response (`None`: it is right), and
+    /// the algorithms to challenge again with; a lookup failure is a refusal.
+    /// The cause is `unknown_user` or `wrong_password`.
+    async fn verify(
+        &self,
+        credentials: &Credentials,
+        realm: &str,
+        method: &str,
+        device: &str,
+    ) -> Result<(Option<(AuthCause, &'static str)>, Vec<DigestAlgorithm>), AuthFailure>;
+}
+
+#[async_trait]
+impl Passwords for DigestAuthenticator {
+    fn method(&self) -> AuthMethod {
+        AuthMethod::Digest
+    }
+
+    fn key(&self) -> &NonceKey {
+        &self.key
+    }
+
+    fn configured(&self) -> &[DigestAlgorithm] {
+        self.offers.configured()
+    }
+
+    /// Those the account of `device` can verify (every configured one when that
+    /// is not known).
     async fn offered(&self, device: &str, realm: &str) -> Vec<DigestAlgorithm> {
         match offers::user_of(device) {
             Some(user) => self.offers.for_account(&self.accounts, user, realm).await,
@@ -198,6 +262,81 @@ impl DigestAuthenticator {
         }
     }
 
+    async fn verify(
+        &self,
+        credentials: &Credentials,
+        realm: &str,
+        method: &str,
+        device: &str,
+    ) -> Result<(Option<(AuthCause, &'static str)>, Vec<DigestAlgorithm>), AuthFailure> {
+        let username = &credentials.username;
+        let matches = |stored: &[accounts::StoredPassword]| {
+            stored
+                .iter()
+                .any(|password| password_matches(credentials, password, realm, method))
+        };
+        let (mut stored, cached) = self.lookup(username, realm, device, false).await?;
+        if cached && !matches(&stored) {
+            // The password may have changed since it was kept.
+            stored = self.lookup(username, realm, device, true).await?.0;
+        }
+        self.offers.learn(username, realm, &stored);
+        let algorithms = offers::verifiable(&stored, self.offers.configured());
+        let problem = if stored.is_empty() {
+            Some((AuthCause::UnknownUser, "an unknown user"))
+        } else if !matches(&stored) {
+            Some((AuthCause::WrongPassword, "a wrong password"))
+        } else {
+            None
+        };
+        Ok((problem, algorithms))
+    }
+}
+
+/// Peers log in with SHA-256 only, from the HA1 each was given.
+const PEER_ALGORITHMS: &[DigestAlgorithm] = &[DigestAlgorithm::Sha256];
+
+#[async_trait]
+impl Passwords for (&AcceptedPeers, &NonceKey) {
+    fn method(&self) -> AuthMethod {
+        AuthMethod::Peer
+    }
+
+    fn key(&self) -> &NonceKey {
+        self.1
+    }
+
+    fn configured(&self) -> &[DigestAlgorithm] {
+        PEER_ALGORITHMS
+    }
+
+    async fn offered(&self, _device: &str, _realm: &str) -> Vec<DigestAlgorithm> {
+        PEER_ALGORITHMS.to_vec()
+    }
+
+    async fn verify(
+        &self,
+        credentials: &Credentials,
+        _realm: &str,
+        method: &str,
+        _device: &str,
+    ) -> Result<(Option<(AuthCause, &'static str)>, Vec<DigestAlgorithm>), AuthFailure> {
+        let problem = match self
+            .0
+            .by_username(&credentials.username)
+            .and_then(|peer| peer.ha1())
+        {
+            None => Some((AuthCause::UnknownUser, "the user name of no accepted peer")),
+            Some(ha1) if !credentials.response_matches(ha1, method) => {
+                Some((AuthCause::WrongPassword, "a wrong HA1"))
+            }
+            Some(_) => None,
+        };
+        Ok((problem, PEER_ALGORITHMS.to_vec()))
+    }
+}
+
+impl DigestAuthenticator {
     /// The stored passwords of `username` in `realm` (kept ones unless `fresh`),
     /// and whether they were kept ones; a database failure is a 503.
     async fn lookup(
@@ -233,6 +372,9 @@ pub struct Authenticator {
     /// `auth.client_certificates.identity`: which names of a certificate count.
     certificate_identity: IdentityRule,
     proxies: Option<TrustedProxies>,
+    /// `[[federation.accept_from]]`: the peer servers device ids of other
+    /// domains must come from.
+    peers: Option<AcceptedPeers>,
     throttle: Throttle,
     enabled: bool,
 }
@@ -246,14 +388,18 @@ impl Authenticator {
             certificates_required: false,
             certificate_identity: IdentityRule::default(),
             proxies: None,
+            peers: None,
             throttle: Throttle::new(AuthSettings::default().throttle.policy()),
             enabled: false,
         }
     }
 
     /// From validated settings: connects to the account database when digest is on
-    /// and checks its query.
-    pub async fn from_settings(settings: &AuthSettings) -> anyhow::Result<Authenticator> {
+    /// and checks its query; reads the accepted peers' credentials.
+    pub async fn from_settings(
+        settings: &AuthSettings,
+        federation: &FederationSettings,
+    ) -> anyhow::Result<Authenticator> {
         let digest = match settings.digest.accounts_url_with_password()? {
             None => None,
             Some(url) => {
@@ -298,6 +444,8 @@ impl Authenticator {
             certificates_required: settings.client_certificates.required,
             certificate_identity: settings.client_certificates.identity,
             proxies: TrustedProxies::from_settings(&settings.proxy),
+            peers: AcceptedPeers::from_settings(federation, settings)
+                .context("federation.accept_from")?,
             throttle: Throttle::new(settings.throttle.policy()),
             enabled: settings.is_enabled(),
         })
@@ -308,19 +456,29 @@ impl Authenticator {
         self.enabled
     }
 
-    /// Lets `sender` in when its authenticated identity owns its device id.
+    /// Lets `sender` in when its authenticated identity owns its device id, or,
+    /// for a device id of a domain we do not serve, when an accepted peer of its
+    /// domain forwards it.
     pub async fn authenticate(
         &self,
         sender: Sender,
         request: &Parts,
     ) -> Result<Sender, AuthFailure> {
-        if !self.enabled {
-            return Ok(sender);
-        }
         let peer = request
             .extensions
             .get::<ClientAddress>()
             .map(|address| address.0.ip());
+        if let Some(peers) = self
+            .peers
+            .as_ref()
+            .filter(|peers| !peers.serves(sender.device_id()))
+        {
+            let client = peer.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+            return self.peer_server(peers, sender, request, client).await;
+        }
+        if !self.enabled {
+            return Ok(sender);
+        }
         if let Some(PeerCertificate(identity)) = request.extensions.get::<PeerCertificate>() {
             return certificate_owner(
                 sender,
@@ -376,20 +534,6 @@ impl Authenticator {
             ));
         };
         let client = client.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        self.digest(digest, sender, request, client).await
-    }
-
-    /// Digest: challenges a request without credentials with the algorithms its
-    /// account can verify; checks the credentials of the others, each failure
-    /// counted by the throttle (against the source only when it tested no
-    /// password).
-    async fn digest(
-        &self,
-        digest: &DigestAuthenticator,
-        sender: Sender,
-        request: &Parts,
-        client: IpAddr,
-    ) -> Result<Sender, AuthFailure> {
         let device = sender.device_id().as_str().to_owned();
         let shown = clip(&device);
         let realm = match &self.realm {
@@ -407,11 +551,110 @@ impl Authenticator {
                 }
             },
         };
+        let username = self
+            .check_digest(digest, &device, request, client, &realm)
+            .await?;
+        // The account's own spelling: rows spelt otherwise were ignored (accounts).
+        let owner = identity::user_uri(&username, &realm);
+        if !identity::owns_device(&owner, &device) {
+            return Err(AuthFailure::forbidden(
+                AuthMethod::Digest,
+                AuthCause::NotOwner,
+                format!("{} (digest) does not own device id {shown}", clip(&owner)),
+            ));
+        }
+        Ok(sender.authenticated(format!("digest {owner}")))
+    }
+
+    /// A request for a device id of a domain we do not serve: an accepted peer
+    /// server's, proven by its certificate or by digest, acting for a device of
+    /// its own domains. Anyone else: 403 (or a digest challenge).
+    async fn peer_server(
+        &self,
+        peers: &AcceptedPeers,
+        sender: Sender,
+        request: &Parts,
+        client: IpAddr,
+    ) -> Result<Sender, AuthFailure> {
+        let device = sender.device_id().as_str().to_owned();
+        let shown = clip(&device);
+        let acting_for = |peer: &Arc<AcceptedPeer>, sender: Sender, how: String| {
+            if peer.acts_for(sender.device_id()) {
+                Ok(sender.forwarded(peer, how))
+            } else {
+                Err(AuthFailure::forbidden(
+                    AuthMethod::Peer,
+                    AuthCause::NotOwner,
+                    format!(
+                        "{how} may act for devices of its domains ({}) only, not for device id {shown}",
+                        peer.name
+                    ),
+                ))
+            }
+        };
+        if let Some(PeerCertificate(identity)) = request.extensions.get::<PeerCertificate>() {
+            return match peers.by_certificate(identity, self.certificate_identity) {
+                Some(peer) => {
+                    let how = format!("peer {} (client certificate)", peer.name);
+                    acting_for(peer, sender, how)
+                }
+                None => Err(AuthFailure::forbidden(
+                    AuthMethod::Peer,
+                    AuthCause::NotPeer,
+                    format!(
+                        "device id {shown} is not of a domain this server serves, and the client \
+                     certificate ({}) is no accepted peer's",
+                        clip(&identity.describe())
+                    ),
+                )),
+            };
+        }
+        let Some(key) = peers.nonce_key() else {
+            return Err(AuthFailure::forbidden(
+                AuthMethod::Peer,
+                AuthCause::NoMethod,
+                format!(
+                    "device id {shown} is not of a domain this server serves, and no client \
+                 certificate of an accepted peer came with it"
+                ),
+            ));
+        };
+        let username = self
+            .check_digest(&(peers, key), &device, request, client, peers.realm())
+            .await?;
+        match peers.by_username(&username) {
+            Some(peer) => {
+                let how = format!("peer {} (digest)", peer.name);
+                acting_for(peer, sender, how)
+            }
+            None => Err(AuthFailure::forbidden(
+                AuthMethod::Peer,
+                AuthCause::NotPeer,
+                format!("digest user {} is no accepted peer's", clip(&username)),
+            )),
+        }
+    }
+
+    /// Digest, for users and peers alike: challenges a request without
+    /// credentials with what `passwords` offers; checks the credentials of the
+    /// others, each failure counted by the throttle (against the source only when
+    /// it tested no password). The user name whose password matched.
+    async fn check_digest(
+        &self,
+        passwords: &dyn Passwords,
+        device: &str,
+        request: &Parts,
+        client: IpAddr,
+        realm: &str,
+    ) -> Result<String, AuthFailure> {
+        let shown = clip(device);
+        let method = passwords.method();
+        let challenge = |algorithms, cause, reason| {
+            AuthFailure::challenge(realm, false, algorithms, (method, cause), reason)
+        };
         let Some(header) = request.headers.get(AUTHORIZATION) else {
-            let algorithms = digest.offered(&device, &realm).await;
-            return Err(AuthFailure::challenge(
-                &realm,
-                false,
+            let algorithms = passwords.offered(device, realm).await;
+            return Err(challenge(
                 algorithms,
                 AuthCause::Challenged,
                 format!("no credentials yet for device id {shown}: challenged"),
@@ -424,10 +667,8 @@ impl Authenticator {
         {
             Ok(credentials) => credentials,
             Err(reason) => {
-                let algorithms = digest.offered(&device, &realm).await;
-                return Err(AuthFailure::challenge(
-                    &realm,
-                    false,
+                let algorithms = passwords.offered(device, realm).await;
+                return Err(challenge(
                     algorithms,
                     AuthCause::BadAuthorization,
                     format!(
@@ -441,7 +682,7 @@ impl Authenticator {
         let user = clip(&username);
         if let Err(locked) = self
             .throttle
-            .check(&username, &realm, client, Instant::now())
+            .check(&username, realm, client, Instant::now())
         {
             return Err(AuthFailure {
                 refusal: Refusal::LockedOut(locked.retry_after),
@@ -450,12 +691,13 @@ impl Authenticator {
                     locked.what
                 ),
                 routine: false,
-                method: AuthMethod::Digest,
+                method,
                 cause: AuthCause::LockedOut,
             });
         }
         let now = unix_now();
-        let nonce = digest.key.check(&credentials.nonce, &realm, now);
+        let key = passwords.key();
+        let nonce = key.check(&credentials.nonce, realm, now);
         // What makes the attempt worthless before any password is tested: it
         // counts against the source only.
         let untested = if credentials.realm != realm {
@@ -471,7 +713,7 @@ impl Authenticator {
         } else if credentials
             .opaque
             .as_ref()
-            .is_some_and(|opaque| *opaque != digest.key.opaque(&realm))
+            .is_some_and(|opaque| *opaque != key.opaque(realm))
         {
             Some((AuthCause::AlteredOpaque, "an altered opaque".to_owned()))
         } else if !uri_matches(&credentials.uri, &request.uri) {
@@ -483,7 +725,7 @@ impl Authenticator {
                     clip(&request.uri.to_string())
                 ),
             ))
-        } else if !digest.offers.configured().contains(&credentials.algorithm) {
+        } else if !passwords.configured().contains(&credentials.algorithm) {
             Some((
                 AuthCause::AlgorithmNotOffered,
                 format!("algorithm {} that is not offered", credentials.algorithm),
@@ -491,16 +733,9 @@ impl Authenticator {
         } else {
             None
         };
-        // A credential that failed: challenged again, naming what was wrong.
-        let failed = |algorithms, cause, problem: &str| {
-            AuthFailure::challenge(
-                &realm,
-                false,
-                algorithms,
-                cause,
-                format!(
-                    "digest authentication failed: user {user} from {client} sent {problem} (device id {shown})"
-                ),
+        let failed = |problem: &str| {
+            format!(
+                "digest authentication failed: user {user} from {client} sent {problem} (device id {shown})"
             )
         };
         if let Some((cause, problem)) = untested {
@@ -508,58 +743,32 @@ impl Authenticator {
                 .throttle
                 .failure_without_password(client, Instant::now());
             tokio::time::sleep(delay).await;
-            let algorithms = digest.offered(&device, &realm).await;
-            return Err(failed(algorithms, cause, &problem));
+            let algorithms = passwords.offered(device, realm).await;
+            return Err(challenge(algorithms, cause, failed(&problem)));
         }
-        let method = request.method.as_str();
-        let matches = |stored: &[accounts::StoredPassword]| {
-            stored
-                .iter()
-                .any(|password| password_matches(&credentials, password, &realm, method))
-        };
-        let (mut stored, cached) = digest.lookup(&username, &realm, &device, false).await?;
-        if cached && !matches(&stored) {
-            // The password may have changed since it was kept.
-            stored = digest.lookup(&username, &realm, &device, true).await?.0;
-        }
-        digest.offers.learn(&username, &realm, &stored);
-        let algorithms = offers::verifiable(&stored, digest.offers.configured());
-        let problem = if stored.is_empty() {
-            Some((AuthCause::UnknownUser, "an unknown user"))
-        } else if !matches(&stored) {
-            Some((AuthCause::WrongPassword, "a wrong password"))
-        } else {
-            None
-        };
+        let (problem, algorithms) = passwords
+            .verify(&credentials, realm, request.method.as_str(), device)
+            .await?;
         if let Some((cause, problem)) = problem {
             let delay = self
                 .throttle
-                .failure(&username, &realm, client, Instant::now());
+                .failure(&username, realm, client, Instant::now());
             tokio::time::sleep(delay).await;
-            return Err(failed(algorithms, cause, problem));
+            return Err(challenge(algorithms, cause, failed(problem)));
         }
         self.throttle
-            .success(&username, &realm, client, Instant::now());
+            .success(&username, realm, client, Instant::now());
         if nonce == NonceState::Stale {
             return Err(AuthFailure::challenge(
-                &realm,
+                realm,
                 true,
                 algorithms,
-                AuthCause::StaleNonce,
+                (method, AuthCause::StaleNonce),
                 format!("stale nonce from user {user}: challenged again with stale=true"),
             )
             .routine());
         }
-        // The account's own spelling: rows spelt otherwise were ignored (accounts).
-        let owner = identity::user_uri(&username, &realm);
-        if !identity::owns_device(&owner, &device) {
-            return Err(AuthFailure::forbidden(
-                AuthMethod::Digest,
-                AuthCause::NotOwner,
-                format!("{} (digest) does not own device id {shown}", clip(&owner)),
-            ));
-        }
-        Ok(sender.authenticated(format!("digest {owner}")))
+        Ok(username)
     }
 
     /// The `WWW-Authenticate` values of a challenge offering `algorithms`.
@@ -569,8 +778,12 @@ impl Authenticator {
         stale: bool,
         algorithms: &[DigestAlgorithm],
     ) -> Vec<String> {
-        match &self.digest {
-            Some(digest) => digest::challenges(&digest.key, realm, algorithms, stale, unix_now()),
+        let key = match &self.digest {
+            Some(digest) => Some(&digest.key),
+            None => self.peers.as_ref().and_then(AcceptedPeers::nonce_key),
+        };
+        match key {
+            Some(key) => digest::challenges(key, realm, algorithms, stale, unix_now()),
             None => Vec::new(),
         }
     }

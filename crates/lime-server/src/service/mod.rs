@@ -13,10 +13,12 @@ mod register_user;
 
 use crate::auth::Sender;
 use crate::error::RequestError;
+use crate::federation::Federation;
 use crate::store::{KeyStore, StoreError, Stores};
 use crate::telemetry::clip;
 use lime_protocol::response::largest_peer_bundle_len;
 use lime_protocol::{Request, RequestMessage, Response, ResponseMessage};
+use std::sync::Arc;
 
 /// Answers X3DH requests from the stores of the enabled curves.
 pub struct KeyService {
@@ -24,15 +26,22 @@ pub struct KeyService {
     stores: Stores,
     /// `limits.max_bundle_answer_bytes`.
     max_bundle_answer_bytes: u64,
+    /// The peer servers foreign devices' bundles are fetched from, if any.
+    federation: Option<Arc<Federation>>,
 }
 
 impl KeyService {
     /// A service over `stores`. Each store keeps its own time-out (see
     /// [`KeyStore`]): the service never abandons a store call.
-    pub fn new(stores: Stores, max_bundle_answer_bytes: u64) -> KeyService {
+    pub fn new(
+        stores: Stores,
+        max_bundle_answer_bytes: u64,
+        federation: Option<Arc<Federation>>,
+    ) -> KeyService {
         KeyService {
             stores,
             max_bundle_answer_bytes,
+            federation,
         }
     }
 
@@ -72,7 +81,7 @@ impl KeyService {
                 });
             }
         }
-        let result = run(store, sender.device_id().clone(), request).await;
+        let result = self.route(store, curve, sender, request).await;
         if let Err(RequestError::Store(error @ (StoreError::Backend(_) | StoreError::Timeout(_)))) =
             &result
         {
@@ -83,6 +92,43 @@ impl KeyService {
             );
         }
         result
+    }
+
+    /// Runs a decoded request: a peer server's getPeerBundle, one with devices of
+    /// other domains, or any other by its handler.
+    async fn route(
+        &self,
+        store: &dyn KeyStore,
+        curve: lime_protocol::Curve,
+        sender: &Sender,
+        request: Request,
+    ) -> Result<Response, RequestError> {
+        if let Some(peer) = sender.forwarded_by() {
+            // A peer server may only ask for bundles (also refused at the HTTP
+            // level, before the body is decoded).
+            let (Request::GetPeerBundle(devices), Some(federation)) = (&request, &self.federation)
+            else {
+                return Err(RequestError::NotForPeers {
+                    peer: peer.to_owned(),
+                    message: request.message_type(),
+                });
+            };
+            return get_peer_bundle::handle_forwarded(store, sender, devices.clone(), federation)
+                .await;
+        }
+        if let Request::GetPeerBundle(devices) = &request {
+            if let Some(federation) = self.federation.as_ref().filter(|f| f.has_peers()) {
+                return get_peer_bundle::handle_federated(
+                    store,
+                    curve,
+                    sender,
+                    devices.clone(),
+                    federation,
+                )
+                .await;
+            }
+        }
+        run(store, sender.device_id().clone(), request).await
     }
 }
 

@@ -154,6 +154,32 @@ pub enum Registered {
     AlreadyWithSameKeys,
 }
 
+/// What a store knows about one device, for support (`admin device show`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceReport {
+    /// The id of its signed pre-key; `None` when it has none stored. (The
+    /// original schema keeps no date for it: its age is unknown.)
+    pub signed_pre_key_id: Option<u32>,
+    /// One-time pre-keys it has left.
+    pub one_time_pre_keys: u64,
+    /// The latest bundles it asked for (`Requests` rows with it as source),
+    /// newest first.
+    pub requests_as_source: Vec<BundleRequest>,
+    /// The latest bundles of it served to others (rows with it as target),
+    /// newest first.
+    pub requests_as_target: Vec<BundleRequest>,
+}
+
+/// One recorded bundle request (a `Requests` row) seen from one of its devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleRequest {
+    /// The other device: the target of a request it made, the source of one made
+    /// for it.
+    pub peer: String,
+    /// When, UTC, as `YYYY-MM-DD HH:MM:SS`; `None` when the row has no time.
+    pub at: Option<String>,
+}
+
 /// Limits a store enforces inside its transactions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreLimits {
@@ -194,6 +220,37 @@ pub enum OverLimit {
     WithoutOneTimePreKey,
     /// No bundle (flag 2).
     NoBundle,
+}
+
+/// Whether the source of a bundle claim must be a device registered in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceCheck {
+    /// Our own client: registered here, else `user_not_found` (liblime registers
+    /// before it fetches; a made-up source id would otherwise be a fresh budget
+    /// under every limit counted per device).
+    Registered,
+    /// A device of a peer server's domain, forwarded by that authenticated peer:
+    /// not registered here; the peer vouches for it.
+    VouchedByPeer,
+}
+
+/// A bundle claim as the database-server stores run it: their limit, the source
+/// and its check, the devices held here and those to forward.
+pub(crate) type ClaimRequest = (
+    Option<BundleRequestLimit>,
+    (DeviceId, SourceCheck),
+    (Vec<DeviceId>, Vec<DeviceId>),
+);
+
+/// What a bundle claim gives.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claimed {
+    /// The bundles of the devices held here, in their order.
+    pub bundles: Vec<PeerBundle>,
+    /// For each device held by a peer server, in its order: whether the source
+    /// is within the bundle request limits for it (not a repeat, not past a
+    /// limit), so that it may be asked of the peer.
+    pub forward: Vec<bool>,
 }
 
 /// One base algorithm's key directory.
@@ -239,11 +296,32 @@ pub trait KeyStore: Send + Sync {
     /// signed pre-key. A device named twice takes at most one one-time pre-key.
     /// With a bundle request limit, each bundle served is recorded in `Requests`
     /// and a source past the limit for a target gets what `OverLimit` says.
+    /// `source` must be a device registered in this store unless `check` says a
+    /// peer server vouches for it (federation: a device of the peer's domain);
+    /// the limits count it either way. `forwarded` are devices held by peer
+    /// servers that `source` asks for through us (federation): the same limits
+    /// apply to them, in the same transaction, and [`Claimed::forward`] says which
+    /// may be asked of their peer (recorded in `Requests` like a bundle served).
+    async fn claim_key_bundles_for(
+        &self,
+        source: DeviceId,
+        check: SourceCheck,
+        devices: Vec<DeviceId>,
+        forwarded: Vec<DeviceId>,
+    ) -> Result<Claimed, StoreError>;
+
+    /// [`KeyStore::claim_key_bundles_for`] a source registered here, for devices
+    /// held here.
     async fn claim_key_bundles(
         &self,
         source: DeviceId,
         devices: Vec<DeviceId>,
-    ) -> Result<Vec<PeerBundle>, StoreError>;
+    ) -> Result<Vec<PeerBundle>, StoreError> {
+        let claimed = self
+            .claim_key_bundles_for(source, SourceCheck::Registered, devices, Vec::new())
+            .await?;
+        Ok(claimed.bundles)
+    }
 
     /// Deletes the `Requests` rows older than `retention`, at most
     /// [`PURGE_CHUNK`] per transaction so that writers are never held up for long;
@@ -263,6 +341,16 @@ pub trait KeyStore: Send + Sync {
 
     /// The backend's name, a metric label: `sqlite`, `mysql` or `postgres`.
     fn backend(&self) -> &'static str;
+
+    /// What support needs to know about `device` ([`DeviceReport`]), with at most
+    /// `recent` bundle requests each way; `None` when it is not registered.
+    /// Changes nothing. `Requests` has no index by source: the requests it made
+    /// cost a scan of the table (bounded by `limits.request_retention_secs`).
+    async fn device_report(
+        &self,
+        device: DeviceId,
+        recent: u32,
+    ) -> Result<Option<DeviceReport>, StoreError>;
 }
 
 /// Runs `chunk` (one transaction deleting at most [`PURGE_CHUNK`] rows) until a

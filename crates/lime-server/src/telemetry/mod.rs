@@ -1,5 +1,6 @@
-//! Log set-up: `tracing` to stderr, human-readable or JSON lines, and the bounds
-//! that keep a flood of requests from becoming a flood of log bytes.
+//! Log set-up: `tracing` to stderr or a file (`log.file`, reopened on SIGHUP:
+//! [`file`]), human-readable or JSON lines, and the bounds that keep a flood of
+//! requests from becoming a flood of log bytes.
 //!
 //! - Lines are written by a background thread ([`queue`]): a slow or closed stderr
 //!   never blocks a request; the queue is bounded in bytes and drops (counted)
@@ -9,6 +10,7 @@
 //! - Values a client sent are cut short wherever they are logged or echoed
 //!   ([`clip`]).
 
+pub mod file;
 pub mod queue;
 pub mod rate_limit;
 
@@ -22,20 +24,30 @@ use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-pub use queue::QueueGuard;
+pub use queue::{QueueGuard, Reopener};
 
-/// Installs the global subscriber. `RUST_LOG`, when set, overrides `log.level`.
-/// Keep the returned guard for the life of the program: dropping it writes the
-/// lines still queued.
-pub fn init(settings: &LogSettings) -> QueueGuard {
+/// Installs the global subscriber, writing to `log.file` when set, else to
+/// stderr. `RUST_LOG`, when set, overrides `log.level`. Keep the returned guard
+/// for the life of the program: dropping it writes the lines still queued; its
+/// [`QueueGuard::reopener`] reopens the log file. Fails, naming `log.file` and the
+/// path, when the file cannot be opened.
+pub fn init(settings: &LogSettings) -> anyhow::Result<QueueGuard> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.level));
     let limit = rate_limit::RateLimit::new(settings.max_lines_per_second);
-    let (writer, guard) = queue::bounded(std::io::stderr(), settings.max_queued_bytes);
+    let (writer, guard) = match &settings.file {
+        Some(path) => {
+            let file = file::LogFile::open(path).map_err(|error| {
+                anyhow::anyhow!("log.file: cannot open {}: {error}", path.display())
+            })?;
+            queue::bounded(file, settings.max_queued_bytes)
+        }
+        None => queue::bounded(std::io::stderr(), settings.max_queued_bytes),
+    };
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         // Colours only on a terminal: journald and log files get plain text.
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(settings.file.is_none() && std::io::stderr().is_terminal());
     let layer = match settings.format {
         LogFormat::Human => layer.boxed(),
         LogFormat::Json => layer.json().boxed(),
@@ -48,7 +60,7 @@ pub fn init(settings: &LogSettings) -> QueueGuard {
     {
         limit.report_every(Duration::from_secs(1));
     }
-    guard
+    Ok(guard)
 }
 
 /// Most characters of a client-supplied value that a log line or an answer shows.

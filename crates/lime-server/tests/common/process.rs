@@ -25,14 +25,7 @@ impl ServerProcess {
     /// Runs `lime-server serve ARGS...` and waits (30 s at most) for its
     /// "listening" log line.
     pub fn start(args: &[&str]) -> ServerProcess {
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start lime-server serve");
+        let mut child = spawn_serve(args);
         let stderr = child.stderr.take().expect("piped stderr");
         let mut server = ServerProcess {
             child,
@@ -47,11 +40,7 @@ impl ServerProcess {
             server.log.push_str(&line);
             server.log.push('\n');
             if line.contains("listening") {
-                server.addr = line
-                    .split_whitespace()
-                    .find_map(|field| field.strip_prefix("addr="))
-                    .and_then(|addr| addr.parse().ok())
-                    .unwrap_or_else(|| panic!("no addr= in {line:?}"));
+                server.addr = listening_addr(&line);
                 server.all_log.lock().unwrap().push_str(&server.log);
                 let all_log = server.all_log.clone();
                 std::thread::spawn(move || {
@@ -74,6 +63,55 @@ impl ServerProcess {
 }
 
 impl ServerProcess {
+    /// Runs `lime-server serve ARGS...` whose config logs to `log_file`
+    /// (`log.file`), and waits (30 s at most) for the "listening" line there.
+    /// [`ServerProcess::log`] holds the file up to that line; stderr is not read
+    /// (it is shown if the server stops before listening).
+    pub fn start_logging_to(args: &[&str], log_file: &std::path::Path) -> ServerProcess {
+        let mut child = spawn_serve(args);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let written = std::fs::read_to_string(log_file).unwrap_or_default();
+            if let Some(line) = written.lines().find(|line| line.contains("listening")) {
+                let addr = listening_addr(line);
+                return ServerProcess {
+                    child,
+                    addr,
+                    log: written,
+                    all_log: Arc::default(),
+                };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut stderr = String::new();
+                let _ = std::io::Read::read_to_string(
+                    &mut child.stderr.take().expect("piped stderr"),
+                    &mut stderr,
+                );
+                panic!("serve exited ({status}) before listening:\n{stderr}\n{written}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no 'listening' line in {}:\n{written}",
+                log_file.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends it SIGHUP (`kill -HUP`), as `systemctl reload` does.
+    pub fn hang_up(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP failed");
+    }
+
+    /// True while it runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Its process id (for /proc/PID/status).
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -83,6 +121,26 @@ impl ServerProcess {
     pub fn log_so_far(&self) -> String {
         self.all_log.lock().unwrap().clone()
     }
+}
+
+/// `lime-server serve ARGS...` at info level, stderr piped, stdout thrown away.
+fn spawn_serve(args: &[&str]) -> Child {
+    Command::new(BIN)
+        .arg("serve")
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start lime-server serve")
+}
+
+/// The address of a "listening" log line (`addr=...`).
+fn listening_addr(line: &str) -> SocketAddr {
+    line.split_whitespace()
+        .find_map(|field| field.strip_prefix("addr="))
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no addr= in {line:?}"))
 }
 
 impl Drop for ServerProcess {

@@ -32,11 +32,11 @@ use crate::store::in_doubt::{
 };
 use crate::store::location::redact;
 use crate::store::{
-    KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError, StoreError,
-    StoreLimits, StoreStats,
+    Claimed, DeviceReport, KeyStore, Migration, Registered, SchemaState, ServerStoreOptions,
+    SetupError, SourceCheck, StoreError, StoreLimits, StoreStats,
 };
 use async_trait::async_trait;
-use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
+use lime_protocol::{Curve, DeviceId, OneTimePreKey, Registration, SignedPreKey};
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlDatabaseError};
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, Executor, MySql, MySqlPool};
@@ -564,11 +564,13 @@ impl KeyStore for MysqlStore {
         .await
     }
 
-    async fn claim_key_bundles(
+    async fn claim_key_bundles_for(
         &self,
         source: DeviceId,
+        check: SourceCheck,
         devices: Vec<DeviceId>,
-    ) -> Result<Vec<PeerBundle>, StoreError> {
+        forwarded: Vec<DeviceId>,
+    ) -> Result<Claimed, StoreError> {
         let curve = self.curve;
         let (claims_table, identities_table) = (self.claims_table, self.identities_table);
         let limit = self.limits.bundle_requests;
@@ -576,7 +578,7 @@ impl KeyStore for MysqlStore {
         let claimed = self
             .run_to_commit(
                 Mode::Transaction,
-                (limit, source, devices),
+                (limit, (source, check), (devices, forwarded)),
                 move |conn, request| {
                     Box::pin(queries::claim_key_bundles(
                         conn,
@@ -616,6 +618,19 @@ impl KeyStore for MysqlStore {
 
     fn backend(&self) -> &'static str {
         "mysql"
+    }
+
+    async fn device_report(
+        &self,
+        device: DeviceId,
+        recent: u32,
+    ) -> Result<Option<DeviceReport>, StoreError> {
+        self.run(
+            Mode::Transaction,
+            (device, recent),
+            |conn, (device, recent)| Box::pin(queries::device_report(conn, device, *recent)),
+        )
+        .await
     }
 
     /// Ready means "can serve writes": a real write in a transaction that commits

@@ -15,7 +15,10 @@ use super::Fault;
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled};
 use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
 use crate::store::stats::{self, StoreStats};
-use crate::store::{BundleRequestLimit, PURGE_CHUNK, Registered, StoreError, StoreLimits};
+use crate::store::{
+    BundleRequest, BundleRequestLimit, ClaimRequest, Claimed, DeviceReport, PURGE_CHUNK,
+    Registered, SourceCheck, StoreError, StoreLimits,
+};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use sqlx::mysql::MySqlConnection;
 use sqlx::{Executor, Row};
@@ -240,8 +243,8 @@ pub(super) async fn claim_key_bundles(
     curve: Curve,
     claims_table: bool,
     identities_table: bool,
-    (limit, source, devices): &(Option<BundleRequestLimit>, DeviceId, Vec<DeviceId>),
-) -> Result<(Vec<PeerBundle>, Claim), Fault> {
+    (limit, (source, check), (devices, forwarded)): &ClaimRequest,
+) -> Result<(Claimed, Claim), Fault> {
     let limit = limit.as_ref();
     let identity = SourceIdentity::of(source);
     // The identity's row first: it is locked until the end of the transaction,
@@ -256,23 +259,26 @@ pub(super) async fn claim_key_bundles(
         _ => 0,
     };
     let recorded_before = recorded;
-    // liblime registers a device before it fetches: a made-up source id would
-    // otherwise be a fresh budget under every limit counted per device.
-    find_uid(conn, source).await?;
-    let repeats = rules::repeats(devices);
+    if *check == SourceCheck::Registered {
+        find_uid(conn, source).await?;
+    }
+    let all: Vec<DeviceId> = devices.iter().chain(forwarded).cloned().collect();
+    let repeats = rules::repeats(&all);
     let stored = find_devices(conn, devices).await?;
     let mut claimed = Vec::new();
-    let mut grants = Vec::with_capacity(devices.len());
-    let mut bundles = Vec::with_capacity(devices.len());
-    for (device_id, repeat) in devices.iter().zip(repeats) {
+    let mut grants = Vec::with_capacity(all.len());
+    let mut answer = Claimed::default();
+    for (index, (device_id, repeat)) in all.iter().zip(repeats).enumerate() {
+        // A device a peer holds is granted as one held here would be.
+        let held = index < devices.len();
         let device = stored
             .get(device_id.as_str())
-            .filter(|device| device.signed_pre_key.is_some());
-        let grant = match (device, repeat, limit) {
-            (None, _, _) => Grant::Refused,
-            (Some(_), Some(first), _) => rules::repeat_grant(grants[first]),
-            (Some(_), None, None) => Grant::Full,
-            (Some(_), None, Some(limit)) => {
+            .filter(|device| held && device.signed_pre_key.is_some());
+        let grant = match (held && device.is_none(), repeat, limit) {
+            (true, _, _) => Grant::Refused,
+            (false, Some(first), _) => rules::repeat_grant(grants[first]),
+            (false, None, None) => Grant::Full,
+            (false, None, Some(limit)) => {
                 let received = received(conn, limit, source, &identity, device_id).await?;
                 let grant = rules::grant(source, device_id, received, recorded, limit);
                 if grant == Grant::Full {
@@ -289,6 +295,10 @@ pub(super) async fn claim_key_bundles(
             }
         };
         grants.push(grant);
+        if !held {
+            answer.forward.push(grant == Grant::Full);
+            continue;
+        }
         let bundle = match device {
             Some(device) if grant.is_served() => {
                 let one_time_pre_key = if grant == Grant::Full {
@@ -300,7 +310,7 @@ pub(super) async fn claim_key_bundles(
             }
             _ => None,
         };
-        bundles.push(PeerBundle {
+        answer.bundles.push(PeerBundle {
             device_id: device_id.clone(),
             bundle,
         });
@@ -325,7 +335,7 @@ pub(super) async fn claim_key_bundles(
         None
     };
     Ok((
-        bundles,
+        answer,
         Claim {
             token,
             keys: claimed,
@@ -648,4 +658,61 @@ fn placeholders(count: usize) -> String {
 
 fn power_of_two_at_most(n: usize) -> usize {
     1 << (usize::BITS - 1 - n.leading_zeros())
+}
+
+pub(super) async fn device_report(
+    conn: &mut MySqlConnection,
+    device: &DeviceId,
+    recent: u32,
+) -> Result<Option<DeviceReport>, Fault> {
+    // The same device row as every other method: the first of its exact spelling.
+    let found = sqlx::query(
+        "SELECT Uid, SPk_id FROM Users WHERE UserId = ? AND OCTET_LENGTH(UserId) = ? \
+         ORDER BY Uid LIMIT 1",
+    )
+    .bind(device.as_str())
+    .bind(device.as_str().len() as u64)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(found) = found else {
+        return Ok(None);
+    };
+    let uid: i32 = found.try_get(0)?;
+    let signed_pre_key_id: Option<u32> = found.try_get(1)?;
+    let one_time_pre_keys: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM OPk WHERE Uid = ?")
+        .bind(uid)
+        .fetch_one(&mut *conn)
+        .await?;
+    // sqlx's MySQL sessions are in UTC (time_zone '+00:00').
+    let mut requests = Vec::new();
+    for sql in [
+        "SELECT target, CAST(DATE_FORMAT(at, '%Y-%m-%d %H:%i:%s') AS CHAR) FROM Requests \
+         WHERE source = ? ORDER BY at DESC LIMIT ?",
+        "SELECT source, CAST(DATE_FORMAT(at, '%Y-%m-%d %H:%i:%s') AS CHAR) FROM Requests \
+         WHERE target = ? ORDER BY at DESC LIMIT ?",
+    ] {
+        let rows = sqlx::query(sql)
+            .bind(device.as_str())
+            .bind(recent)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut found = Vec::with_capacity(rows.len());
+        for row in rows {
+            // Requests' columns are utf8_bin: sqlx sees them as BLOBs.
+            let peer: Vec<u8> = row.try_get(0)?;
+            found.push(BundleRequest {
+                peer: String::from_utf8_lossy(&peer).into_owned(),
+                at: row.try_get(1)?,
+            });
+        }
+        requests.push(found);
+    }
+    let requests_as_target = requests.pop().unwrap_or_default();
+    let requests_as_source = requests.pop().unwrap_or_default();
+    Ok(Some(DeviceReport {
+        signed_pre_key_id,
+        one_time_pre_keys: u64::try_from(one_time_pre_keys).unwrap_or(0),
+        requests_as_source,
+        requests_as_target,
+    }))
 }

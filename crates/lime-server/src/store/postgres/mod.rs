@@ -17,11 +17,11 @@ mod transaction;
 use crate::store::in_doubt::{ClaimToken, ClaimedKey, InDoubtClaims, Reconcile, Settled};
 use crate::store::location::redact;
 use crate::store::{
-    KeyStore, Migration, Registered, SchemaState, ServerStoreOptions, SetupError, StoreError,
-    StoreLimits, StoreStats,
+    Claimed, DeviceReport, KeyStore, Migration, Registered, SchemaState, ServerStoreOptions,
+    SetupError, SourceCheck, StoreError, StoreLimits, StoreStats,
 };
 use async_trait::async_trait;
-use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
+use lime_protocol::{Curve, DeviceId, OneTimePreKey, Registration, SignedPreKey};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
 use std::str::FromStr;
@@ -237,15 +237,21 @@ impl KeyStore for PostgresStore {
             .await
     }
 
-    async fn claim_key_bundles(
+    async fn claim_key_bundles_for(
         &self,
         source: DeviceId,
+        check: SourceCheck,
         devices: Vec<DeviceId>,
-    ) -> Result<Vec<PeerBundle>, StoreError> {
+        forwarded: Vec<DeviceId>,
+    ) -> Result<Claimed, StoreError> {
         let curve = self.curve;
         let claims_table = self.claims_table;
         self.purge_claim_tokens_when_due();
-        let request = (self.limits.bundle_requests, source, devices);
+        let request = (
+            self.limits.bundle_requests,
+            (source, check),
+            (devices, forwarded),
+        );
         let claimed = self
             .transactions
             .run_to_commit(&request, move |conn, request| {
@@ -273,6 +279,18 @@ impl KeyStore for PostgresStore {
         self.transactions
             .run(&device, |conn, device| {
                 Box::pin(queries::one_time_pre_key_ids(conn, device))
+            })
+            .await
+    }
+
+    async fn device_report(
+        &self,
+        device: DeviceId,
+        recent: u32,
+    ) -> Result<Option<DeviceReport>, StoreError> {
+        self.transactions
+            .run(&(device, recent), |conn, (device, recent)| {
+                Box::pin(queries::device_report(conn, device, *recent))
             })
             .await
     }

@@ -11,7 +11,10 @@ use super::transaction::Failure;
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled, TOKEN_LIFETIME};
 use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
 use crate::store::stats::{self, StoreStats};
-use crate::store::{BundleRequestLimit, PURGE_CHUNK, Registered, StoreError, StoreLimits};
+use crate::store::{
+    BundleRequest, BundleRequestLimit, ClaimRequest, Claimed, DeviceReport, PURGE_CHUNK,
+    Registered, SourceCheck, StoreError, StoreLimits,
+};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
@@ -321,8 +324,8 @@ pub(super) async fn claim_key_bundles(
     conn: &mut PgConnection,
     curve: Curve,
     claims_table: bool,
-    (limit, source, devices): &(Option<BundleRequestLimit>, DeviceId, Vec<DeviceId>),
-) -> Result<(Vec<PeerBundle>, Claim), Failure> {
+    (limit, (source, check), (devices, forwarded)): &ClaimRequest,
+) -> Result<(Claimed, Claim), Failure> {
     let limit = limit.as_ref();
     let identity = SourceIdentity::of(source);
     let mut recorded = match limit {
@@ -337,26 +340,32 @@ pub(super) async fn claim_key_bundles(
         None => 0,
     };
     let recorded_before = recorded;
-    // liblime registers a device before it fetches: a made-up source id would
-    // otherwise be a fresh budget under every limit counted per device.
-    sqlx::query(FIND_UID)
-        .bind(source.as_str())
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or(StoreError::DeviceNotFound)?;
-    let repeats = rules::repeats(devices);
-    let mut claimed = Vec::new();
-    let mut grants = Vec::with_capacity(devices.len());
-    let mut bundles = Vec::with_capacity(devices.len());
-    for (device_id, repeat) in devices.iter().zip(repeats) {
-        let device = find_device(conn, device_id)
+    if *check == SourceCheck::Registered {
+        sqlx::query(FIND_UID)
+            .bind(source.as_str())
+            .fetch_optional(&mut *conn)
             .await?
-            .filter(|device| device.signed_pre_key.is_some());
-        let grant = match (&device, repeat, limit) {
-            (None, _, _) => Grant::Refused,
-            (Some(_), Some(first), _) => rules::repeat_grant(grants[first]),
-            (Some(_), None, None) => Grant::Full,
-            (Some(_), None, Some(limit)) => {
+            .ok_or(StoreError::DeviceNotFound)?;
+    }
+    let all: Vec<DeviceId> = devices.iter().chain(forwarded).cloned().collect();
+    let repeats = rules::repeats(&all);
+    let mut claimed = Vec::new();
+    let mut grants = Vec::with_capacity(all.len());
+    let mut answer = Claimed::default();
+    for (index, (device_id, repeat)) in all.iter().zip(repeats).enumerate() {
+        // A device a peer holds is granted as one held here would be.
+        let held = index < devices.len();
+        let device = match held {
+            true => find_device(conn, device_id)
+                .await?
+                .filter(|device| device.signed_pre_key.is_some()),
+            false => None,
+        };
+        let grant = match (held && device.is_none(), repeat, limit) {
+            (true, _, _) => Grant::Refused,
+            (false, Some(first), _) => rules::repeat_grant(grants[first]),
+            (false, None, None) => Grant::Full,
+            (false, None, Some(limit)) => {
                 let received = received(conn, limit, source, &identity, device_id).await?;
                 let grant = rules::grant(source, device_id, received, recorded, limit);
                 if grant == Grant::Full {
@@ -371,6 +380,10 @@ pub(super) async fn claim_key_bundles(
             }
         };
         grants.push(grant);
+        if !held {
+            answer.forward.push(grant == Grant::Full);
+            continue;
+        }
         let bundle = match device {
             Some(device) if grant.is_served() => {
                 let one_time_pre_key = if grant == Grant::Full {
@@ -382,7 +395,7 @@ pub(super) async fn claim_key_bundles(
             }
             _ => None,
         };
-        bundles.push(PeerBundle {
+        answer.bundles.push(PeerBundle {
             device_id: device_id.clone(),
             bundle,
         });
@@ -405,7 +418,7 @@ pub(super) async fn claim_key_bundles(
         None
     };
     Ok((
-        bundles,
+        answer,
         Claim {
             token,
             keys: claimed,
@@ -571,4 +584,61 @@ pub(super) async fn one_time_pre_key_ids(
         }
     }
     Ok(ids)
+}
+
+pub(super) async fn device_report(
+    conn: &mut PgConnection,
+    device: &DeviceId,
+    recent: u32,
+) -> Result<Option<DeviceReport>, Failure> {
+    let found = sqlx::query(
+        r#"SELECT "Uid", "SPk_id" FROM "Users"
+           WHERE md5("UserId") = md5($1) AND "UserId" = $1"#,
+    )
+    .bind(device.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(found) = found else {
+        return Ok(None);
+    };
+    let uid: i64 = found.try_get("Uid")?;
+    let signed_pre_key_id = found
+        .try_get::<Option<i64>, _>("SPk_id")?
+        .map(|id| key_id(id, "SPk_id"))
+        .transpose()?;
+    let one_time_pre_keys: i64 =
+        sqlx::query_scalar(r#"SELECT COUNT(*) FROM "OPk" WHERE "Uid" = $1"#)
+            .bind(uid)
+            .fetch_one(&mut *conn)
+            .await?;
+    let mut requests = Vec::new();
+    for sql in [
+        r#"SELECT "target", to_char("at" AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS')
+           FROM "Requests" WHERE "source" = $1 ORDER BY "at" DESC LIMIT $2"#,
+        r#"SELECT "source", to_char("at" AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS')
+           FROM "Requests" WHERE md5("target") = md5($1) AND "target" = $1
+           ORDER BY "at" DESC LIMIT $2"#,
+    ] {
+        let rows = sqlx::query(sql)
+            .bind(device.as_str())
+            .bind(i64::from(recent))
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut found = Vec::with_capacity(rows.len());
+        for row in &rows {
+            found.push(BundleRequest {
+                peer: row.try_get(0)?,
+                at: row.try_get(1)?,
+            });
+        }
+        requests.push(found);
+    }
+    let requests_as_target = requests.pop().unwrap_or_default();
+    let requests_as_source = requests.pop().unwrap_or_default();
+    Ok(Some(DeviceReport {
+        signed_pre_key_id,
+        one_time_pre_keys: u64::try_from(one_time_pre_keys).unwrap_or(0),
+        requests_as_source,
+        requests_as_target,
+    }))
 }

@@ -12,8 +12,8 @@ mod queries;
 pub mod schema;
 
 use crate::store::{
-    KeyStore, Migration, Registered, SchemaState, StoreError, StoreLimits, StoreStats,
-    purge_in_chunks,
+    Claimed, DeviceReport, KeyStore, Migration, Registered, SchemaState, SourceCheck, StoreError,
+    StoreLimits, StoreStats, purge_in_chunks,
 };
 use async_trait::async_trait;
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
@@ -145,12 +145,12 @@ pub fn claim_key_bundles_in_transaction(
         conn,
         curve,
         limits.bundle_requests.as_ref(),
-        source,
-        devices,
+        (source, SourceCheck::Registered),
+        (devices, Vec::new()),
     ) {
-        Ok(bundles) => {
+        Ok(claimed) => {
             conn.execute_batch("COMMIT")?;
-            Ok(bundles)
+            Ok(claimed.bundles)
         }
         Err(error) => {
             let _ = conn.execute_batch("ROLLBACK");
@@ -249,14 +249,22 @@ impl KeyStore for SqliteStore {
             .await
     }
 
-    async fn claim_key_bundles(
+    async fn claim_key_bundles_for(
         &self,
         source: DeviceId,
+        check: SourceCheck,
         devices: Vec<DeviceId>,
-    ) -> Result<Vec<PeerBundle>, StoreError> {
+        forwarded: Vec<DeviceId>,
+    ) -> Result<Claimed, StoreError> {
         let (curve, limit) = (self.curve, self.limits.bundle_requests);
         self.execute(move |conn| {
-            queries::claim_key_bundles(conn, curve, limit.as_ref(), &source, devices)
+            queries::claim_key_bundles(
+                conn,
+                curve,
+                limit.as_ref(),
+                (&source, check),
+                (devices, forwarded),
+            )
         })
         .await
     }
@@ -277,6 +285,15 @@ impl KeyStore for SqliteStore {
 
     fn backend(&self) -> &'static str {
         "sqlite"
+    }
+
+    async fn device_report(
+        &self,
+        device: DeviceId,
+        recent: u32,
+    ) -> Result<Option<DeviceReport>, StoreError> {
+        self.execute(move |conn| queries::device_report(conn, &device, recent))
+            .await
     }
 
     /// Ready means "can serve writes": a real write committed by the writer like

@@ -4,7 +4,10 @@
 
 use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
 use crate::store::stats::{self, StoreStats};
-use crate::store::{BundleRequestLimit, PURGE_CHUNK, Registered, StoreError, StoreLimits};
+use crate::store::{
+    BundleRequest, BundleRequestLimit, Claimed, DeviceReport, PURGE_CHUNK, Registered, SourceCheck,
+    StoreError, StoreLimits,
+};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::time::Duration;
@@ -133,31 +136,38 @@ pub(super) fn claim_key_bundles(
     conn: &Connection,
     curve: Curve,
     limit: Option<&BundleRequestLimit>,
-    source: &DeviceId,
-    devices: Vec<DeviceId>,
-) -> Result<Vec<PeerBundle>, StoreError> {
-    // liblime registers a device before it fetches: a made-up source id would
-    // otherwise be a fresh budget under every limit counted per device.
-    find_uid(conn, source)?;
+    (source, check): (&DeviceId, SourceCheck),
+    (devices, forwarded): (Vec<DeviceId>, Vec<DeviceId>),
+) -> Result<Claimed, StoreError> {
+    if check == SourceCheck::Registered {
+        find_uid(conn, source)?;
+    }
     let identity = SourceIdentity::of(source);
     let mut recorded = match limit {
         Some(limit) => recorded_in_window(conn, &identity, limit)?,
         None => 0,
     };
     let recorded_before = recorded;
-    let repeats = rules::repeats(&devices);
+    let held_here = devices.len();
+    let all: Vec<DeviceId> = devices.into_iter().chain(forwarded).collect();
+    let repeats = rules::repeats(&all);
     let mut claim = conn.prepare_cached(
         "DELETE FROM OPk WHERE id = (SELECT id FROM OPk WHERE Uid = ?1 LIMIT 1) RETURNING OPk, OPk_id",
     )?;
-    let mut grants = Vec::with_capacity(devices.len());
-    let mut bundles = Vec::with_capacity(devices.len());
-    for (device_id, repeat) in devices.into_iter().zip(repeats) {
-        let device = find_device(conn, &device_id)?.filter(|d| d.signed_pre_key.is_some());
-        let grant = match (&device, repeat, limit) {
-            (None, _, _) => Grant::Refused,
-            (Some(_), Some(first), _) => rules::repeat_grant(grants[first]),
-            (Some(_), None, None) => Grant::Full,
-            (Some(_), None, Some(limit)) => {
+    let mut grants = Vec::with_capacity(all.len());
+    let mut claimed = Claimed::default();
+    for (index, (device_id, repeat)) in all.into_iter().zip(repeats).enumerate() {
+        // A device a peer holds is granted as one held here would be.
+        let held = index < held_here;
+        let device = match held {
+            true => find_device(conn, &device_id)?.filter(|d| d.signed_pre_key.is_some()),
+            false => None,
+        };
+        let grant = match (held && device.is_none(), repeat, limit) {
+            (true, _, _) => Grant::Refused,
+            (false, Some(first), _) => rules::repeat_grant(grants[first]),
+            (false, None, None) => Grant::Full,
+            (false, None, Some(limit)) => {
                 let received = received(conn, limit, source, &identity, &device_id)?;
                 let grant = rules::grant(source, &device_id, received, recorded, limit);
                 if grant == Grant::Full {
@@ -169,6 +179,10 @@ pub(super) fn claim_key_bundles(
             }
         };
         grants.push(grant);
+        if !held {
+            claimed.forward.push(grant == Grant::Full);
+            continue;
+        }
         let bundle = match device {
             Some(device) if grant.is_served() => {
                 let one_time_pre_key = if grant == Grant::Full {
@@ -182,7 +196,7 @@ pub(super) fn claim_key_bundles(
             }
             _ => None,
         };
-        bundles.push(PeerBundle { device_id, bundle });
+        claimed.bundles.push(PeerBundle { device_id, bundle });
     }
     if recorded != recorded_before {
         conn.prepare_cached(
@@ -190,7 +204,7 @@ pub(super) fn claim_key_bundles(
         )?
         .execute(params![recorded, identity.key()])?;
     }
-    Ok(bundles)
+    Ok(claimed)
 }
 
 /// The bundle requests recorded for `identity` in the current window (fixed
@@ -299,6 +313,47 @@ pub(super) fn stats(conn: &Connection, threshold: u32) -> Result<StoreStats, Sto
         Ok(columns)
     })?;
     Ok(stats::from_columns(columns, threshold))
+}
+
+pub(super) fn device_report(
+    conn: &Connection,
+    device: &DeviceId,
+    recent: u32,
+) -> Result<Option<DeviceReport>, StoreError> {
+    let found = conn
+        .prepare_cached("SELECT Uid, SPk_id FROM Users WHERE UserId = ?1")?
+        .query_row([device.as_str()], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, Option<u32>>(1)?))
+        })
+        .optional()?;
+    let Some((uid, signed_pre_key_id)) = found else {
+        return Ok(None);
+    };
+    let one_time_pre_keys = conn
+        .prepare_cached("SELECT COUNT(*) FROM OPk WHERE Uid = ?1")?
+        .query_row([uid], |row| row.get::<_, u64>(0))?;
+    let recent_requests = |sql: &str| -> Result<Vec<BundleRequest>, StoreError> {
+        let mut select = conn.prepare_cached(sql)?;
+        let rows = select.query_map(params![device.as_str(), recent], |row| {
+            Ok(BundleRequest {
+                peer: row.get(0)?,
+                at: row.get(1)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    };
+    Ok(Some(DeviceReport {
+        signed_pre_key_id,
+        one_time_pre_keys,
+        requests_as_source: recent_requests(
+            "SELECT target, CAST(at AS TEXT) FROM Requests WHERE source = ?1 \
+             ORDER BY at DESC LIMIT ?2",
+        )?,
+        requests_as_target: recent_requests(
+            "SELECT source, CAST(at AS TEXT) FROM Requests WHERE target = ?1 \
+             ORDER BY at DESC LIMIT ?2",
+        )?,
+    }))
 }
 
 impl From<rusqlite::Error> for StoreError {
