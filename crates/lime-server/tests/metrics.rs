@@ -9,6 +9,7 @@ mod common;
 
 use common::accounts::AccountsFixture;
 use common::backend::Backend;
+use common::immutable::{Immutable, sqlite_files};
 use common::process::ServerProcess;
 use common::{random_hex, registration};
 use lime_protocol::{
@@ -32,7 +33,7 @@ struct Server {
     /// `metrics.listen`.
     metrics: SocketAddr,
     accounts: AccountsFixture,
-    _data_dir: tempfile::TempDir,
+    data_dir: tempfile::TempDir,
 }
 
 /// Serves c25519 with digest, a bundle request limit of one bundle per target
@@ -78,7 +79,7 @@ async fn start_server_with(server_keys: &str, tables: &str) -> Server {
         process,
         metrics,
         accounts,
-        _data_dir: data_dir,
+        data_dir,
     }
 }
 
@@ -701,4 +702,55 @@ async fn connections_open_refused_and_cut_off_by_a_time_limit_are_counted() {
         assert!(Instant::now() < deadline, "still open:\n{}", scrape.text);
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[tokio::test]
+async fn a_database_that_refuses_writes_counts_store_errors_by_backend() {
+    let server = start_server().await;
+    let (alice, alice_client) = server.user("alice").await;
+    // Authenticated once while the database is writable: the next request goes
+    // straight to the store.
+    server
+        .ask(
+            &alice_client,
+            &alice,
+            CURVE,
+            Request::RegisterUser(registration(CURVE, 1, 1)),
+        )
+        .await;
+    let before = Scrape::of(&server);
+    let database = server.data_dir.path().join("lime-c25519.sqlite3");
+    let immutable = Immutable::make(sqlite_files(&database));
+    let keys = vec![common::one_time_pre_key(CURVE, 2)];
+    let answer = server
+        .ask(
+            &alice_client,
+            &alice,
+            CURVE,
+            Request::PostOneTimePreKeys(keys),
+        )
+        .await;
+    drop(immutable);
+    assert!(is_error(&answer), "{answer:?}");
+    let after = Scrape::of(&server);
+    assert_deltas(
+        &before,
+        &after,
+        &[
+            (
+                "lime_store_errors_total",
+                &[
+                    ("backend", "sqlite"),
+                    ("curve", "c25519"),
+                    ("kind", "error"),
+                ],
+                1.0,
+            ),
+            (
+                "lime_requests_total",
+                &requests("postOPks", "c25519", "db_error"),
+                1.0,
+            ),
+        ],
+    );
 }

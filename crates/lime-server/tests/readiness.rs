@@ -11,13 +11,12 @@
 mod common;
 
 use common::backend::{Backend, POSTGRES_ADMIN_URL};
+use common::immutable::{Immutable, sqlite_files};
 use common::{TestApp, spawn_app_on};
 use lime_protocol::Curve;
 use lime_server::config::Settings;
 use lime_server::startup::Application;
 use sqlx::Connection;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 /// `GET /ready`: its status and text.
@@ -31,47 +30,6 @@ async fn ready(app: &TestApp) -> (u16, String) {
         answer.status,
         String::from_utf8_lossy(&answer.body).into_owned(),
     )
-}
-
-/// Files made immutable with `chattr +i`, made mutable again when dropped.
-struct Immutable(Vec<PathBuf>);
-
-impl Immutable {
-    fn make(paths: Vec<PathBuf>) -> Immutable {
-        for path in &paths {
-            let status = Command::new("chattr")
-                .arg("+i")
-                .arg(path)
-                .status()
-                .expect("chattr runs (apt-get install e2fsprogs)");
-            assert!(
-                status.success(),
-                "chattr +i {} failed: this story needs root and a file system with \
-                 immutable files (ext4, xfs, btrfs; not tmpfs): set TMPDIR to one",
-                path.display()
-            );
-        }
-        Immutable(paths)
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        for path in &self.0 {
-            let _ = Command::new("chattr").arg("-i").arg(path).status();
-        }
-    }
-}
-
-/// The SQLite files of one curve's store that hold its data: the database and its
-/// WAL. (Not the `-shm` index: SQLite writes it through a memory map, and a
-/// memory-mapped write to an immutable file is a SIGBUS, not an error.)
-fn sqlite_files(database: &Path) -> Vec<PathBuf> {
-    ["", "-wal"]
-        .into_iter()
-        .map(|suffix| PathBuf::from(format!("{}{suffix}", database.display())))
-        .filter(|path| path.exists())
-        .collect()
 }
 
 #[tokio::test]

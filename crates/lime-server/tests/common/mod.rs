@@ -7,6 +7,7 @@
 pub mod accounts;
 pub mod auth;
 pub mod backend;
+pub mod immutable;
 pub mod liblime;
 pub mod php;
 pub mod pki;
