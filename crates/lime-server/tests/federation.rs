@@ -821,6 +821,7 @@ async fn a_refusing_peer_is_logged_with_the_reason() {
     let config = format!(
         "[server]\nlisten = []\nplain_http_listen = [\"127.0.0.1:0\"]\n\
          [storage]\ndata_dir = {data}\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n\
          [federation]\ndomains = [\"{A}\"]\ntimeout_ms = 2000\n\
          [[federation.forward_to]]\ndomains = [\"{B}\"]\nurl = \"{b_url}\"\n\
          digest_ha1_file = {ha1}\nca_file = {b_ca}\n\
@@ -896,6 +897,34 @@ async fn a_refusing_peer_is_logged_with_the_reason() {
     );
     assert_eq!(opks_of(&domains.b, &bob).await, 3);
     assert_eq!(opks_of(&domains.c, &claire).await, 3);
+    // And the failures are counted, by peer and outcome.
+    let metrics_addr = server
+        .log
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("metrics_addr="))
+        .expect("metrics_addr= logged");
+    let scrape = get_metrics(metrics_addr).await;
+    for (peer, outcome) in [(B, "refused"), (C, "unreachable")] {
+        let series =
+            format!("lime_federation_forwards_total{{peer=\"{peer}\",outcome=\"{outcome}\"}} 1");
+        assert!(scrape.contains(&series), "no {series} in:\n{scrape}");
+    }
+}
+
+/// The body of `GET /metrics` on `addr`, over plain HTTP/1.1.
+async fn get_metrics(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer
 }
 
 /// Against a peer that limits nothing (or counts only the peer, as the

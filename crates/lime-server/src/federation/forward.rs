@@ -57,6 +57,19 @@ pub enum PeerFailure {
     },
 }
 
+impl PeerFailure {
+    /// The `outcome` label of the failure in `lime_federation_forwards_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            PeerFailure::TimedOut(_) => "timed_out",
+            PeerFailure::Unreachable(_) => "unreachable",
+            PeerFailure::Refused { .. } => "refused",
+            PeerFailure::BadAnswer(_) => "bad_answer",
+            PeerFailure::X3dhError { .. } => "x3dh_error",
+        }
+    }
+}
+
 /// A peer lime server.
 pub struct ForwardPeer {
     /// Its domains joined, for log lines.
@@ -174,10 +187,17 @@ impl ForwardPeer {
         }
         .encode()
         .map_err(|error| PeerFailure::BadAnswer(format!("cannot encode the request: {error}")))?;
-        let answer = tokio::time::timeout(timeout, self.exchange(source, body, largest))
-            .await
-            .map_err(|_| PeerFailure::TimedOut(timeout))??;
-        check_answer(curve, &devices, &answer)
+        let fetched =
+            match tokio::time::timeout(timeout, self.exchange(source, body, largest)).await {
+                Err(_) => Err(PeerFailure::TimedOut(timeout)),
+                Ok(answer) => answer.and_then(|answer| check_answer(curve, &devices, &answer)),
+            };
+        let outcome = match &fetched {
+            Ok(_) => "ok",
+            Err(failure) => failure.label(),
+        };
+        crate::metrics::forwarded(&self.name, outcome);
+        fetched
     }
 
     /// POSTs `body` as `source`, logging in as needed; the answer's body, read

@@ -59,6 +59,8 @@ pub const DEVICES_BY_STOCK: &str = "lime_devices_by_one_time_pre_key_stock";
 pub const DEVICES_LOW_STOCK: &str = "lime_devices_low_one_time_pre_key_stock";
 /// `lime_bundle_request_rows{curve}`
 pub const BUNDLE_REQUEST_ROWS: &str = "lime_bundle_request_rows";
+/// `lime_federation_forwards_total{peer, outcome}`
+pub const FEDERATION_FORWARDS: &str = "lime_federation_forwards_total";
 /// `lime_stock_refresh_failures_total{curve}`
 pub const STOCK_REFRESH_FAILURES: &str = "lime_stock_refresh_failures_total";
 
@@ -70,6 +72,11 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 
 /// Describes every metric (the `# HELP` lines). Called once the recorder is in.
 pub fn describe_all() {
+    describe_counter!(
+        FEDERATION_FORWARDS,
+        "Bundle requests forwarded to peer lime servers (federation), by peer (its configured \
+         domains) and outcome: ok, timed_out, unreachable, refused, bad_answer, x3dh_error"
+    );
     describe_counter!(
         REQUESTS,
         "X3DH requests answered, by message type, curve and outcome (ok, or the X3DH error code)"
@@ -215,6 +222,12 @@ pub fn bundle_over_limit(limit: LimitReached, over_limit: OverLimit) {
         OverLimit::NoBundle => "no_bundle",
     };
     counter!(BUNDLES_OVER_LIMIT, "limit" => limit, "over_limit" => instead).increment(1);
+}
+
+/// A bundle request forwarded to `peer` (its configured domains: a set the
+/// operator bounds), and how it ended.
+pub fn forwarded(peer: &str, outcome: &'static str) {
+    counter!(FEDERATION_FORWARDS, "peer" => peer.to_owned(), "outcome" => outcome).increment(1);
 }
 
 /// A request refused by authentication.
