@@ -63,6 +63,14 @@ pub struct KeyBundle {
 }
 
 impl PeerBundle {
+    /// The entry of a device that gets no bundle (flag 2).
+    pub fn none(device_id: DeviceId) -> PeerBundle {
+        PeerBundle {
+            device_id,
+            bundle: None,
+        }
+    }
+
     /// The wire flag: 0 bundle without OPk, 1 with OPk, 2 no bundle.
     pub fn flag(&self) -> u8 {
         match &self.bundle {

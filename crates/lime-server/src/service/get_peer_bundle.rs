@@ -60,10 +60,7 @@ pub(super) async fn handle_federated(
         .await?;
     let mut answer: Vec<PeerBundle> = devices
         .iter()
-        .map(|device_id| PeerBundle {
-            device_id: device_id.clone(),
-            bundle: None,
-        })
+        .map(|device_id| PeerBundle::none(device_id.clone()))
         .collect();
     for (position, bundle) in plan.local.iter().zip(claimed.bundles) {
         answer[*position] = bundle;
@@ -159,14 +156,8 @@ pub(super) async fn handle_forwarded(
         .into_iter()
         .map(|device_id| match federation.serves(&device_id) {
             // The store answers each device asked, in order.
-            true => served.next().unwrap_or(PeerBundle {
-                device_id,
-                bundle: None,
-            }),
-            false => PeerBundle {
-                device_id,
-                bundle: None,
-            },
+            true => served.next().unwrap_or(PeerBundle::none(device_id)),
+            false => PeerBundle::none(device_id),
         })
         .collect();
     log_answer(source, asked, &answer);
