@@ -155,16 +155,9 @@ async fn the_refusal_of_a_too_large_bundle_request_names_the_limit_in_the_log() 
         "{:?}",
         answer.response
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let log = server.log_so_far();
-        if log.contains("limits.max_bundle_answer_bytes") && log.contains("request refused") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no refusal naming the limit in the log:\n{log}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    server.wait_for_log(
+        "no refusal naming the limit in the log",
+        std::time::Duration::from_secs(10),
+        |log| log.contains("limits.max_bundle_answer_bytes") && log.contains("request refused"),
+    );
 }

@@ -878,7 +878,11 @@ async fn a_refusing_peer_is_logged_with_the_reason() {
         }
         other => panic!("{other:?}"),
     }
-    let log = server.log_so_far();
+    let log = server.wait_for_log(
+        "not two peer failures logged",
+        Duration::from_secs(10),
+        |log| log.matches("federation: peer failed").count() >= 2,
+    );
     let failed: Vec<&str> = log
         .lines()
         .filter(|line| line.contains("federation: peer failed"))

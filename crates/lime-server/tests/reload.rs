@@ -124,15 +124,11 @@ impl Connection {
 fn hang_up_and_wait_for(server: &ServerProcess, outcome: &str) {
     let before = server.log_so_far().matches(outcome).count();
     server.hang_up();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while server.log_so_far().matches(outcome).count() == before {
-        assert!(
-            Instant::now() < deadline,
-            "no {outcome:?} after SIGHUP:\n{}",
-            server.log_so_far()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    server.wait_for_log(
+        &format!("no {outcome:?} after SIGHUP"),
+        Duration::from_secs(30),
+        |log| log.matches(outcome).count() > before,
+    );
 }
 
 /// Sends SIGHUP, waits for the refusal line and checks it names `file`.

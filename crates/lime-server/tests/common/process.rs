@@ -121,6 +121,30 @@ impl ServerProcess {
     pub fn log_so_far(&self) -> String {
         self.all_log.lock().unwrap().clone()
     }
+
+    /// Its log once `done` holds for it (lines reach us through the server's log
+    /// thread and a pipe, a little after the event); panics with `what` and the
+    /// log after `timeout`. Blocks the calling thread: from async tests, lines
+    /// keep arriving through the reader thread meanwhile.
+    pub fn wait_for_log(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log_so_far();
+            if done(&log) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} after {timeout:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// `lime-server serve ARGS...` at info level, stderr piped, stdout thrown away.
