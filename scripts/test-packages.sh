@@ -60,6 +60,8 @@ cleanup() {
     exit "$status"
 }
 trap cleanup EXIT
+# Stopped by test.sh (a suite failed): clean up all the same.
+trap 'exit 143' TERM INT
 
 # check_path PATH OWNER:GROUP MODE
 check_path() {

@@ -57,11 +57,15 @@ fi
 package_log=target/test-packages.log
 mkdir -p target
 echo "test.sh: packages, in the background (log: $package_log)" >&2
+# In a process group of its own (job control on for this one job), so that all
+# of it, its build included, can be stopped.
+set -m
 "${sudo_cmd[@]}" nice -n 19 env CARGO_TARGET_DIR="$PWD/target/package" \
     scripts/test-packages.sh >"$package_log" 2>&1 &
 package_pid=$!
-# Never leave it running if a suite fails first.
-trap 'kill "$package_pid" 2>/dev/null || true' EXIT
+set +m
+# Never leave it running, its build included, if a suite fails first.
+trap 'kill -TERM -- "-$package_pid" 2>/dev/null || true' EXIT
 
 cargo test --workspace --locked "$@"
 
