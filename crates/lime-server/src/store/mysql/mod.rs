@@ -27,6 +27,7 @@
 mod queries;
 pub mod schema;
 
+use crate::store::claim::ClaimTables;
 use crate::store::in_doubt::{
     CallError, ClaimToken, ClaimedKey, InDoubtClaims, Reconcile, Settled,
 };
@@ -246,7 +247,7 @@ fn mysql_error_number(error: &sqlx::Error) -> Option<u16> {
 /// What a query can fail with: an answer for the client, or the database's error,
 /// which [`MysqlStore::run`] sorts into retry, time-out and failure.
 #[derive(Debug)]
-enum Fault {
+pub(crate) enum Fault {
     Store(StoreError),
     Sql(sqlx::Error),
 }
@@ -583,8 +584,10 @@ impl KeyStore for MysqlStore {
                     Box::pin(queries::claim_key_bundles(
                         conn,
                         curve,
-                        claims_table,
-                        identities_table,
+                        ClaimTables {
+                            claims: claims_table,
+                            identities: identities_table,
+                        },
                         request,
                     ))
                 },
