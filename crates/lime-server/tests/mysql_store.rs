@@ -915,3 +915,51 @@ async fn a_claim_cut_before_its_commit_restores_nothing_and_duplicates_nothing()
     assert_eq!(db.count("SELECT COUNT(*) FROM lime_rs_claims").await, 0);
     assert_eq!(claim_all(&store, &alice).await, [0, 1, 2]);
 }
+
+/// 32 registrations of new devices at once, half for users of their own and
+/// half for one user with room for 5 devices: none may fail on a deadlock, and
+/// the user ends with exactly 5 devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_registrations_of_new_devices_never_fail_and_keep_the_device_limit() {
+    let db = TestDb::new().await;
+    store::mysql::init(&db.url).await.unwrap();
+    let mut options = options(Duration::from_secs(20));
+    options.pool_size = 32;
+    options.limits.max_devices_per_user = 5;
+    let servers: Vec<Arc<dyn KeyStore>> = vec![
+        store::mysql::open(CURVE, &db.url, &options).await.unwrap(),
+        store::mysql::open(CURVE, &db.url, &options).await.unwrap(),
+    ];
+    for round in 0..3u64 {
+        let shared_user = format!("kim{round}");
+        let mut tasks = Vec::new();
+        for task in 0..32u64 {
+            let server = servers[(task % 2) as usize].clone();
+            let name = match task % 2 {
+                0 => format!("user{round}x{task}"),
+                _ => shared_user.clone(),
+            };
+            tasks.push(tokio::spawn(async move {
+                let result = server
+                    .register_device(device(&name), registration(task, 0..10))
+                    .await;
+                (name, result)
+            }));
+        }
+        let mut shared_new = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                (name, Ok(Registered::New)) if name == shared_user => shared_new += 1,
+                (_, Ok(Registered::New)) => {}
+                (name, Err(StoreError::TooManyDevices { .. })) if name == shared_user => {}
+                (name, other) => panic!("registering a device of {name}: {other:?}"),
+            }
+        }
+        assert_eq!(shared_new, 5, "round {round}");
+        let shared = format!(
+            "SELECT COUNT(*) FROM Users WHERE UserId LIKE 'sip:{shared_user}@example.org;gr=%'"
+        );
+        assert_eq!(db.count(&shared).await, 5, "round {round}");
+    }
+    assert_eq!(db.count("SELECT COUNT(*) FROM Users").await, 3 * (16 + 5));
+}

@@ -59,13 +59,61 @@ fn stored_device(row: &sqlx::mysql::MySqlRow) -> Result<StoredDevice, Fault> {
     ))
 }
 
+/// Locks the row of `device`'s identity (its user, or the device itself when
+/// its id is not a GRUU) in `lime_rs_identity_requests`, inserting it when
+/// missing, until the transaction ends: the registrations of one user take turns
+/// on every server. Only that row is locked, never an index gap, so that two new
+/// devices of different users do not deadlock. A new row starts in window 0,
+/// which every claim takes for an old window.
+async fn lock_identity(conn: &mut MySqlConnection, device: &DeviceId) -> Result<(), Fault> {
+    sqlx::query(
+        "INSERT INTO lime_rs_identity_requests (identity, window_start, recorded) \
+         VALUES (?, 0, 0) ON DUPLICATE KEY UPDATE identity = identity",
+    )
+    .bind(SourceIdentity::of(device).key().as_slice())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The device's `Users` row, read without locking.
+async fn find_device(
+    conn: &mut MySqlConnection,
+    device: &DeviceId,
+) -> Result<Option<StoredDevice>, Fault> {
+    let row = sqlx::query(
+        "SELECT Uid, Ik, SPk, SPk_sig, SPk_id FROM Users \
+         WHERE UserId = ? AND OCTET_LENGTH(UserId) = ? ORDER BY Uid LIMIT 1",
+    )
+    .bind(device.as_str())
+    .bind(device.as_str().len() as u64)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|row| stored_device(&row)).transpose()
+}
+
+/// With `identities_table` (schema version 3), the user's identity row is
+/// locked first: the reads that follow are the transaction's first consistent
+/// reads, so its snapshot is taken after the lock was granted and sees every
+/// device of the user that the registrations before it committed; the device
+/// count is exact across instances. Before version 3 the device's rows (or the
+/// index gap where it would go) are locked instead, as the original schema
+/// allows, and two new devices may deadlock on that gap (run again, up to
+/// `DEADLOCK_ATTEMPTS` times).
 pub(super) async fn register_device(
     conn: &mut MySqlConnection,
     limits: StoreLimits,
+    identities_table: bool,
     device: &DeviceId,
     registration: &Registration,
 ) -> Result<Registered, Fault> {
-    if let Some(existing) = lock_device(conn, device).await? {
+    let existing = if identities_table {
+        lock_identity(conn, device).await?;
+        find_device(conn, device).await?
+    } else {
+        lock_device(conn, device).await?
+    };
+    if let Some(existing) = existing {
         return Ok(rules::reregistration(&existing, registration)?);
     }
     if let Some(range) = rules::user_devices(device).filter(|_| limits.max_devices_per_user > 0) {

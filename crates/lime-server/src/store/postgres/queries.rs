@@ -96,6 +96,15 @@ const RECORDED_IN_WINDOW: &str = r#"INSERT INTO "lime_rs_identity_requests" AS r
         "window_start" = EXCLUDED."window_start"
     RETURNING "recorded""#;
 
+/// The row of a registering device's identity, inserted when missing (window 0,
+/// which every claim takes for an old one) and locked until the transaction
+/// ends: the registrations of one user take turns on every server, and each
+/// counts the devices the others committed.
+const LOCK_IDENTITY: &str = r#"INSERT INTO "lime_rs_identity_requests" AS row
+        ("identity", "window_start", "recorded")
+    VALUES ($1, 0, 0)
+    ON CONFLICT ("identity") DO UPDATE SET "window_start" = row."window_start""#;
+
 const UPDATE_RECORDED: &str =
     r#"UPDATE "lime_rs_identity_requests" SET "recorded" = $2 WHERE "identity" = $1"#;
 
@@ -180,6 +189,12 @@ pub(super) async fn register_device(
     registration: &Registration,
 ) -> Result<Registered, Failure> {
     let spk = &registration.signed_pre_key;
+    // Read committed: the statements after the lock see what the registrations
+    // before it committed.
+    sqlx::query(LOCK_IDENTITY)
+        .bind(SourceIdentity::of(device).key().as_slice())
+        .execute(&mut *conn)
+        .await?;
     for _ in 0..REGISTRATION_ROUNDS {
         if let Some(existing) = find_device(conn, device).await? {
             return Ok(rules::reregistration(&existing, registration)?);
