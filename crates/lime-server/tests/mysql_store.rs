@@ -14,6 +14,7 @@ mod common;
 
 use common::backend::{self, Backend};
 use common::php;
+use common::registrations;
 use common::relay::{Relay, Trap};
 use sqlx::{Connection, Executor, MySqlConnection, Row};
 use std::collections::HashSet;
@@ -931,30 +932,9 @@ async fn concurrent_registrations_of_new_devices_never_fail_and_keep_the_device_
         store::mysql::open(CURVE, &db.url, &options).await.unwrap(),
     ];
     for round in 0..3u64 {
-        let shared_user = format!("kim{round}");
-        let mut tasks = Vec::new();
-        for task in 0..32u64 {
-            let server = servers[(task % 2) as usize].clone();
-            let name = match task % 2 {
-                0 => format!("user{round}x{task}"),
-                _ => shared_user.clone(),
-            };
-            tasks.push(tokio::spawn(async move {
-                let result = server
-                    .register_device(device(&name), registration(task, 0..10))
-                    .await;
-                (name, result)
-            }));
-        }
-        let mut shared_new = 0;
-        for task in tasks {
-            match task.await.unwrap() {
-                (name, Ok(Registered::New)) if name == shared_user => shared_new += 1,
-                (_, Ok(Registered::New)) => {}
-                (name, Err(StoreError::TooManyDevices { .. })) if name == shared_user => {}
-                (name, other) => panic!("registering a device of {name}: {other:?}"),
-            }
-        }
+        let (shared_user, shared_new) =
+            registrations::race_new_devices(&servers, round, |task| registration(task, 0..10))
+                .await;
         assert_eq!(shared_new, 5, "round {round}");
         let shared = format!(
             "SELECT COUNT(*) FROM Users WHERE UserId LIKE 'sip:{shared_user}@example.org;gr=%'"

@@ -388,12 +388,7 @@ impl ClaimQueries for MySqlConnection {
         .bind(window.as_secs())
         .fetch_one(&mut *self)
         .await?;
-        let by_device: i64 = row.try_get(0)?;
-        let by_identity: i64 = row.try_get(1)?;
-        Ok(Received {
-            by_device: by_device as u64,
-            by_identity: by_identity as u64,
-        })
+        Ok(Received::from_counts(row.try_get(0)?, row.try_get(1)?))
     }
 
     async fn record_bundle_request(
