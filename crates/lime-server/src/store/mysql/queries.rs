@@ -30,21 +30,42 @@ use std::time::Duration;
 /// protocol's 65,535 placeholders and `max_allowed_packet` with the largest keys.
 const MAX_CHUNK: usize = 64;
 
-/// Locks the device's `Users` rows, or when it is unknown the index gap where it
-/// would go, so that no other transaction can register it or write its keys until
-/// this one ends.
+/// The device's `Users` row (its first, see the module documentation).
+const FIND_DEVICE: &str = "SELECT Uid, Ik, SPk, SPk_sig, SPk_id FROM Users \
+     WHERE UserId = ? AND OCTET_LENGTH(UserId) = ? ORDER BY Uid LIMIT 1";
+
+/// [`FIND_DEVICE`] locking the device's rows, or when it is unknown the index gap
+/// where it would go, so that no other transaction can register it or write its
+/// keys until this one ends.
+const LOCK_DEVICE: &str = "SELECT Uid, Ik, SPk, SPk_sig, SPk_id FROM Users \
+     WHERE UserId = ? AND OCTET_LENGTH(UserId) = ? ORDER BY Uid LIMIT 1 FOR UPDATE";
+
 async fn lock_device(
     conn: &mut MySqlConnection,
     device: &DeviceId,
 ) -> Result<Option<StoredDevice>, Fault> {
-    let row = sqlx::query(
-        "SELECT Uid, Ik, SPk, SPk_sig, SPk_id FROM Users \
-         WHERE UserId = ? AND OCTET_LENGTH(UserId) = ? ORDER BY Uid LIMIT 1 FOR UPDATE",
-    )
-    .bind(device.as_str())
-    .bind(device.as_str().len() as u64)
-    .fetch_optional(&mut *conn)
-    .await?;
+    device_row(conn, LOCK_DEVICE, device).await
+}
+
+/// The device's `Users` row, read without locking.
+async fn find_device(
+    conn: &mut MySqlConnection,
+    device: &DeviceId,
+) -> Result<Option<StoredDevice>, Fault> {
+    device_row(conn, FIND_DEVICE, device).await
+}
+
+/// The device as `sql` ([`FIND_DEVICE`] or [`LOCK_DEVICE`]) reads it.
+async fn device_row(
+    conn: &mut MySqlConnection,
+    sql: &'static str,
+    device: &DeviceId,
+) -> Result<Option<StoredDevice>, Fault> {
+    let row = sqlx::query(sql)
+        .bind(device.as_str())
+        .bind(device.as_str().len() as u64)
+        .fetch_optional(&mut *conn)
+        .await?;
     row.map(|row| stored_device(&row)).transpose()
 }
 
@@ -74,22 +95,6 @@ async fn lock_identity(conn: &mut MySqlConnection, device: &DeviceId) -> Result<
     .execute(&mut *conn)
     .await?;
     Ok(())
-}
-
-/// The device's `Users` row, read without locking.
-async fn find_device(
-    conn: &mut MySqlConnection,
-    device: &DeviceId,
-) -> Result<Option<StoredDevice>, Fault> {
-    let row = sqlx::query(
-        "SELECT Uid, Ik, SPk, SPk_sig, SPk_id FROM Users \
-         WHERE UserId = ? AND OCTET_LENGTH(UserId) = ? ORDER BY Uid LIMIT 1",
-    )
-    .bind(device.as_str())
-    .bind(device.as_str().len() as u64)
-    .fetch_optional(&mut *conn)
-    .await?;
-    row.map(|row| stored_device(&row)).transpose()
 }
 
 /// With `identities_table` (schema version 3), the user's identity row is
