@@ -14,6 +14,7 @@ mod common;
 
 use common::backend::{self, Backend};
 use common::php;
+use common::registrations;
 use common::relay::{Relay, Trap};
 use sqlx::{Connection, Executor, MySqlConnection, Row};
 use std::collections::HashSet;
@@ -914,4 +915,31 @@ async fn a_claim_cut_before_its_commit_restores_nothing_and_duplicates_nothing()
     assert_eq!(stored_key_ids(&db, &alice).await, [0, 1, 2]);
     assert_eq!(db.count("SELECT COUNT(*) FROM lime_rs_claims").await, 0);
     assert_eq!(claim_all(&store, &alice).await, [0, 1, 2]);
+}
+
+/// 32 registrations of new devices at once, half for users of their own and
+/// half for one user with room for 5 devices: none may fail on a deadlock, and
+/// the user ends with exactly 5 devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_registrations_of_new_devices_never_fail_and_keep_the_device_limit() {
+    let db = TestDb::new().await;
+    store::mysql::init(&db.url).await.unwrap();
+    let mut options = options(Duration::from_secs(20));
+    options.pool_size = 32;
+    options.limits.max_devices_per_user = 5;
+    let servers: Vec<Arc<dyn KeyStore>> = vec![
+        store::mysql::open(CURVE, &db.url, &options).await.unwrap(),
+        store::mysql::open(CURVE, &db.url, &options).await.unwrap(),
+    ];
+    for round in 0..3u64 {
+        let (shared_user, shared_new) =
+            registrations::race_new_devices(&servers, round, |task| registration(task, 0..10))
+                .await;
+        assert_eq!(shared_new, 5, "round {round}");
+        let shared = format!(
+            "SELECT COUNT(*) FROM Users WHERE UserId LIKE 'sip:{shared_user}@example.org;gr=%'"
+        );
+        assert_eq!(db.count(&shared).await, 5, "round {round}");
+    }
+    assert_eq!(db.count("SELECT COUNT(*) FROM Users").await, 3 * (16 + 5));
 }

@@ -11,6 +11,7 @@ use lime_server::store::{
 mod common;
 
 use common::backend::{self, Backend};
+use common::registrations;
 use common::relay::{Relay, Trap};
 use sqlx::{Connection, PgConnection, Row};
 use std::collections::HashSet;
@@ -1001,4 +1002,38 @@ async fn a_claim_cut_before_its_commit_restores_nothing_and_duplicates_nothing()
         0
     );
     assert_eq!(claim_all(&store, &alice).await, [0, 1, 2]);
+}
+
+/// 32 registrations of new devices at once, half for users of their own and
+/// half for one user with room for 5 devices: none fails, and the user ends with
+/// exactly 5 devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_registrations_of_new_devices_never_fail_and_keep_the_device_limit() {
+    let database = TestDatabase::initialised().await;
+    let mut options = options(Duration::from_secs(20));
+    options.pool_size = 16;
+    options.limits.max_devices_per_user = 5;
+    let servers: Vec<Arc<dyn KeyStore>> = vec![
+        postgres::open(CURVE, &database.url, &options)
+            .await
+            .unwrap(),
+        postgres::open(CURVE, &database.url, &options)
+            .await
+            .unwrap(),
+    ];
+    for round in 0..3u64 {
+        let (shared_user, shared_new) = registrations::race_new_devices(&servers, round, |task| {
+            registration(task as u8, one_time_pre_keys(0..10))
+        })
+        .await;
+        assert_eq!(shared_new, 5, "round {round}");
+        let shared = format!(
+            r#"SELECT COUNT(*) FROM "Users" WHERE "UserId" LIKE 'sip:{shared_user}@example.org;gr=%'"#
+        );
+        assert_eq!(database.scalar(&shared).await, 5, "round {round}");
+    }
+    assert_eq!(
+        database.scalar(r#"SELECT COUNT(*) FROM "Users""#).await,
+        3 * (16 + 5)
+    );
 }

@@ -6,6 +6,7 @@
 //! whole or not at all. Invariant: a one-time pre-key leaves a store only inside
 //! [`KeyStore::claim_key_bundles`], in the same transaction that deletes it.
 
+pub(crate) mod claim;
 pub mod in_doubt;
 pub mod location;
 pub mod mysql;

@@ -214,6 +214,16 @@ pub struct Received {
     pub by_identity: u64,
 }
 
+impl Received {
+    /// From the two `COUNT(*)` a database answers, by device and by identity.
+    pub fn from_counts(by_device: i64, by_identity: i64) -> Received {
+        Received {
+            by_device: by_device as u64,
+            by_identity: by_identity as u64,
+        }
+    }
+}
+
 /// The limit a source reached, named by its configuration key for log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitReached {

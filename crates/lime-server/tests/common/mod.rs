@@ -12,6 +12,7 @@ pub mod liblime;
 pub mod php;
 pub mod pki;
 pub mod process;
+pub mod registrations;
 pub mod relay;
 pub mod store_probe;
 

@@ -8,11 +8,16 @@
 //!   deleted in the same transaction (MariaDB 10.6+, MySQL 8.0+; checked at open).
 //! - The original schema has no unique index on `Users.UserId` (a TEXT with a
 //!   100-character prefix index) and none on `OPk(Uid, OPk_id)` before
-//!   `db migrate`, so every write first locks the device's `Users` rows (or the
-//!   index gap where the device would go) with `SELECT ... FOR UPDATE`: two
-//!   instances registering the same device, or uploading the same key ids, are
-//!   serialised by InnoDB. Two registrations may deadlock on that gap instead;
-//!   InnoDB then rolls one back whole and it is run again.
+//!   `db migrate`, so every upload first locks the device's `Users` rows with
+//!   `SELECT ... FOR UPDATE`: two instances uploading the same key ids are
+//!   serialised by InnoDB. A registration locks its user's row of
+//!   `lime_rs_identity_requests` (schema version 3) instead: registrations of one
+//!   user take turns on every server, so a device is stored once and the devices
+//!   per user are counted exactly, and no index gap is locked, so that new
+//!   devices of different users never deadlock. Before version 3 it locks the
+//!   device's rows or the index gap where the device would go; two registrations
+//!   may deadlock on that gap, and InnoDB then rolls one back whole and it is run
+//!   again.
 //! - Time-outs: the connection wait, `BEGIN` and every statement run within the
 //!   store's time-out; past it the transaction is abandoned uncommitted and its
 //!   connection closed rather than reused ([`StoreError::Timeout`], nothing
@@ -27,6 +32,7 @@
 mod queries;
 pub mod schema;
 
+use crate::store::claim::ClaimTables;
 use crate::store::in_doubt::{
     CallError, ClaimToken, ClaimedKey, InDoubtClaims, Reconcile, Settled,
 };
@@ -246,7 +252,7 @@ fn mysql_error_number(error: &sqlx::Error) -> Option<u16> {
 /// What a query can fail with: an answer for the client, or the database's error,
 /// which [`MysqlStore::run`] sorts into retry, time-out and failure.
 #[derive(Debug)]
-enum Fault {
+pub(crate) enum Fault {
     Store(StoreError),
     Sql(sqlx::Error),
 }
@@ -519,12 +525,18 @@ impl KeyStore for MysqlStore {
         device: DeviceId,
         registration: Registration,
     ) -> Result<Registered, StoreError> {
-        let limits = self.limits;
+        let (limits, identities_table) = (self.limits, self.identities_table);
         self.run(
             Mode::Transaction,
             (device, registration),
             move |conn, (device, registration)| {
-                Box::pin(queries::register_device(conn, limits, device, registration))
+                Box::pin(queries::register_device(
+                    conn,
+                    limits,
+                    identities_table,
+                    device,
+                    registration,
+                ))
             },
         )
         .await
@@ -583,8 +595,10 @@ impl KeyStore for MysqlStore {
                     Box::pin(queries::claim_key_bundles(
                         conn,
                         curve,
-                        claims_table,
-                        identities_table,
+                        ClaimTables {
+                            claims: claims_table,
+                            identities: identities_table,
+                        },
                         request,
                     ))
                 },

@@ -12,14 +12,15 @@
 //! serve every request size.
 
 use super::Fault;
+use crate::store::claim::{self, ClaimQueries, ClaimTables};
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled};
-use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
+use crate::store::rules::{self, Received, SourceIdentity, StoredDevice, UserDevices};
 use crate::store::stats::{self, StoreStats};
 use crate::store::{
-    BundleRequest, BundleRequestLimit, ClaimRequest, Claimed, DeviceReport, PURGE_CHUNK,
-    Registered, SourceCheck, StoreError, StoreLimits,
+    BundleRequest, ClaimRequest, Claimed, DeviceReport, PURGE_CHUNK, Registered, StoreError,
+    StoreLimits,
 };
-use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
+use lime_protocol::{Curve, DeviceId, OneTimePreKey, Registration, SignedPreKey};
 use sqlx::mysql::MySqlConnection;
 use sqlx::{Executor, Row};
 use std::collections::{HashMap, HashSet};
@@ -29,21 +30,42 @@ use std::time::Duration;
 /// protocol's 65,535 placeholders and `max_allowed_packet` with the largest keys.
 const MAX_CHUNK: usize = 64;
 
-/// Locks the device's `Users` rows, or when it is unknown the index gap where it
-/// would go, so that no other transaction can register it or write its keys until
-/// this one ends.
+/// The device's `Users` row (its first, see the module documentation).
+const FIND_DEVICE: &str = "SELECT Uid, Ik, SPk, SPk_sig, SPk_id FROM Users \
+     WHERE UserId = ? AND OCTET_LENGTH(UserId) = ? ORDER BY Uid LIMIT 1";
+
+/// [`FIND_DEVICE`] locking the device's rows, or when it is unknown the index gap
+/// where it would go, so that no other transaction can register it or write its
+/// keys until this one ends.
+const LOCK_DEVICE: &str = "SELECT Uid, Ik, SPk, SPk_sig, SPk_id FROM Users \
+     WHERE UserId = ? AND OCTET_LENGTH(UserId) = ? ORDER BY Uid LIMIT 1 FOR UPDATE";
+
 async fn lock_device(
     conn: &mut MySqlConnection,
     device: &DeviceId,
 ) -> Result<Option<StoredDevice>, Fault> {
-    let row = sqlx::query(
-        "SELECT Uid, Ik, SPk, SPk_sig, SPk_id FROM Users \
-         WHERE UserId = ? AND OCTET_LENGTH(UserId) = ? ORDER BY Uid LIMIT 1 FOR UPDATE",
-    )
-    .bind(device.as_str())
-    .bind(device.as_str().len() as u64)
-    .fetch_optional(&mut *conn)
-    .await?;
+    device_row(conn, LOCK_DEVICE, device).await
+}
+
+/// The device's `Users` row, read without locking.
+async fn find_device(
+    conn: &mut MySqlConnection,
+    device: &DeviceId,
+) -> Result<Option<StoredDevice>, Fault> {
+    device_row(conn, FIND_DEVICE, device).await
+}
+
+/// The device as `sql` ([`FIND_DEVICE`] or [`LOCK_DEVICE`]) reads it.
+async fn device_row(
+    conn: &mut MySqlConnection,
+    sql: &'static str,
+    device: &DeviceId,
+) -> Result<Option<StoredDevice>, Fault> {
+    let row = sqlx::query(sql)
+        .bind(device.as_str())
+        .bind(device.as_str().len() as u64)
+        .fetch_optional(&mut *conn)
+        .await?;
     row.map(|row| stored_device(&row)).transpose()
 }
 
@@ -58,13 +80,45 @@ fn stored_device(row: &sqlx::mysql::MySqlRow) -> Result<StoredDevice, Fault> {
     ))
 }
 
+/// Locks the row of `device`'s identity (its user, or the device itself when
+/// its id is not a GRUU) in `lime_rs_identity_requests`, inserting it when
+/// missing, until the transaction ends: the registrations of one user take turns
+/// on every server. Only that row is locked, never an index gap, so that two new
+/// devices of different users do not deadlock. A new row starts in window 0,
+/// which every claim takes for an old window.
+async fn lock_identity(conn: &mut MySqlConnection, device: &DeviceId) -> Result<(), Fault> {
+    sqlx::query(
+        "INSERT INTO lime_rs_identity_requests (identity, window_start, recorded) \
+         VALUES (?, 0, 0) ON DUPLICATE KEY UPDATE identity = identity",
+    )
+    .bind(SourceIdentity::of(device).key().as_slice())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// With `identities_table` (schema version 3), the user's identity row is
+/// locked first: the reads that follow are the transaction's first consistent
+/// reads, so its snapshot is taken after the lock was granted and sees every
+/// device of the user that the registrations before it committed; the device
+/// count is exact across instances. Before version 3 the device's rows (or the
+/// index gap where it would go) are locked instead, as the original schema
+/// allows, and two new devices may deadlock on that gap (run again, up to
+/// `DEADLOCK_ATTEMPTS` times).
 pub(super) async fn register_device(
     conn: &mut MySqlConnection,
     limits: StoreLimits,
+    identities_table: bool,
     device: &DeviceId,
     registration: &Registration,
 ) -> Result<Registered, Fault> {
-    if let Some(existing) = lock_device(conn, device).await? {
+    let existing = if identities_table {
+        lock_identity(conn, device).await?;
+        find_device(conn, device).await?
+    } else {
+        lock_device(conn, device).await?
+    };
+    if let Some(existing) = existing {
         return Ok(rules::reregistration(&existing, registration)?);
     }
     if let Some(range) = rules::user_devices(device).filter(|_| limits.max_devices_per_user > 0) {
@@ -236,201 +290,176 @@ async fn insert_one_time_pre_keys(
     Ok(())
 }
 
-/// The bundles, and what the transaction took: with `claims_table`, a fresh token
-/// is inserted beside the claim (see `store::in_doubt`).
+/// The bundles, and what the transaction took (see `store::claim`). Before `db
+/// migrate` to version 3 there is no `lime_rs_identity_requests`: the requests
+/// of an identity are then not capped (the server warned at start).
 pub(super) async fn claim_key_bundles(
     conn: &mut MySqlConnection,
     curve: Curve,
-    claims_table: bool,
-    identities_table: bool,
-    (limit, (source, check), (devices, forwarded)): &ClaimRequest,
+    tables: ClaimTables,
+    request: &ClaimRequest,
 ) -> Result<(Claimed, Claim), Fault> {
-    let limit = limit.as_ref();
-    let identity = SourceIdentity::of(source);
-    // The identity's row first: it is locked until the end of the transaction,
-    // so that the claims of one identity take turns on every server and each
-    // counts what the others recorded (this is a locking statement: the
-    // transaction's snapshot is taken later, after the lock was granted).
-    // Before `db migrate` to version 3 there is no such table: the rows of an
-    // identity are then not capped (the server warned at start).
-    let counts_recorded = limit.is_some() && identities_table;
-    let mut recorded = match limit {
-        Some(limit) if counts_recorded => recorded_in_window(conn, &identity, limit).await?,
-        _ => 0,
-    };
-    let recorded_before = recorded;
-    if *check == SourceCheck::Registered {
-        find_uid(conn, source).await?;
-    }
-    let all: Vec<DeviceId> = devices.iter().chain(forwarded).cloned().collect();
-    let repeats = rules::repeats(&all);
-    let stored = find_devices(conn, devices).await?;
-    let mut claimed = Vec::new();
-    let mut grants = Vec::with_capacity(all.len());
-    let mut answer = Claimed::default();
-    for (index, (device_id, repeat)) in all.iter().zip(repeats).enumerate() {
-        // A device a peer holds is granted as one held here would be.
-        let held = index < devices.len();
-        let device = stored
-            .get(device_id.as_str())
-            .filter(|device| held && device.signed_pre_key.is_some());
-        let grant = match (held && device.is_none(), repeat, limit) {
-            (true, _, _) => Grant::Refused,
-            (false, Some(first), _) => rules::repeat_grant(grants[first]),
-            (false, None, None) => Grant::Full,
-            (false, None, Some(limit)) => {
-                let received = received(conn, limit, source, &identity, device_id).await?;
-                let grant = rules::grant(source, device_id, received, recorded, limit);
-                if grant == Grant::Full {
-                    sqlx::query("INSERT INTO Requests (source, target) VALUES (?, ?)")
-                        .bind(source.as_str())
-                        .bind(device_id.as_str())
-                        .execute(&mut *conn)
-                        .await?;
-                    if counts_recorded {
-                        recorded += 1;
-                    }
-                }
-                grant
-            }
-        };
-        grants.push(grant);
-        if !held {
-            answer.forward.push(grant == Grant::Full);
-            continue;
-        }
-        let bundle = match device {
-            Some(device) if grant.is_served() => {
-                let one_time_pre_key = if grant == Grant::Full {
-                    claim_one_time_pre_key(conn, device.uid, &mut claimed).await?
-                } else {
-                    None
-                };
-                rules::key_bundle(curve, device.clone(), one_time_pre_key)?
-            }
-            _ => None,
-        };
-        answer.bundles.push(PeerBundle {
-            device_id: device_id.clone(),
-            bundle,
-        });
-    }
-    let ids: Vec<i64> = claimed.iter().map(|key| key.id).collect();
-    delete_one_time_pre_keys(conn, &ids).await?;
-    if recorded != recorded_before {
-        sqlx::query("UPDATE lime_rs_identity_requests SET recorded = ? WHERE identity = ?")
-            .bind(recorded)
-            .bind(identity.key().as_slice())
-            .execute(&mut *conn)
-            .await?;
-    }
-    let token = if claims_table && !claimed.is_empty() {
-        let token = ClaimToken::new();
-        sqlx::query("INSERT INTO lime_rs_claims (token) VALUES (?)")
-            .bind(token.as_bytes())
-            .execute(&mut *conn)
-            .await?;
-        Some(token)
-    } else {
-        None
-    };
-    Ok((
-        answer,
-        Claim {
-            token,
-            keys: claimed,
-        },
-    ))
+    claim::claim_key_bundles(conn, curve, tables, request).await
 }
 
-/// The device's `Uid`, or `user_not_found`.
-async fn find_uid(conn: &mut MySqlConnection, device: &DeviceId) -> Result<i64, Fault> {
-    let uid: Option<i32> = sqlx::query_scalar(
-        "SELECT Uid FROM Users WHERE UserId = ? AND OCTET_LENGTH(UserId) = ? ORDER BY Uid LIMIT 1",
-    )
-    .bind(device.as_str())
-    .bind(device.as_str().len() as u64)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(i64::from(uid.ok_or(StoreError::DeviceNotFound)?))
-}
+impl ClaimQueries for MySqlConnection {
+    type Error = Fault;
 
-/// The bundle requests recorded for `identity` in the current window (fixed
-/// windows, aligned on multiples of the window since the epoch, by the
-/// database's clock), its row locked until the transaction ends; the row is
-/// started afresh in a new window. Assignments run left to right in MySQL:
-/// `recorded` is decided before `window_start` changes.
-async fn recorded_in_window(
-    conn: &mut MySqlConnection,
-    identity: &SourceIdentity<'_>,
-    limit: &BundleRequestLimit,
-) -> Result<u64, Fault> {
-    let key = identity.key();
-    sqlx::query(
-        "INSERT INTO lime_rs_identity_requests (identity, window_start, recorded) \
-         VALUES (?, UNIX_TIMESTAMP() DIV ? * ?, 0) \
-         ON DUPLICATE KEY UPDATE \
-         recorded = IF(window_start = VALUES(window_start), recorded, 0), \
-         window_start = VALUES(window_start)",
-    )
-    .bind(key.as_slice())
-    .bind(limit.window.as_secs())
-    .bind(limit.window.as_secs())
-    .execute(&mut *conn)
-    .await?;
-    let recorded: u32 = sqlx::query_scalar(
-        "SELECT recorded FROM lime_rs_identity_requests WHERE identity = ? FOR UPDATE",
-    )
-    .bind(key.as_slice())
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(u64::from(recorded))
-}
+    /// Fixed windows, aligned on multiples of the window since the epoch, by the
+    /// database's clock. Assignments run left to right in MySQL: `recorded` is
+    /// decided before `window_start` changes.
+    async fn recorded_in_window(
+        &mut self,
+        identity: &SourceIdentity<'_>,
+        window: Duration,
+    ) -> Result<u64, Fault> {
+        let key = identity.key();
+        sqlx::query(
+            "INSERT INTO lime_rs_identity_requests (identity, window_start, recorded) \
+             VALUES (?, UNIX_TIMESTAMP() DIV ? * ?, 0) \
+             ON DUPLICATE KEY UPDATE \
+             recorded = IF(window_start = VALUES(window_start), recorded, 0), \
+             window_start = VALUES(window_start)",
+        )
+        .bind(key.as_slice())
+        .bind(window.as_secs())
+        .bind(window.as_secs())
+        .execute(&mut *self)
+        .await?;
+        let recorded: u32 = sqlx::query_scalar(
+            "SELECT recorded FROM lime_rs_identity_requests WHERE identity = ? FOR UPDATE",
+        )
+        .bind(key.as_slice())
+        .fetch_one(&mut *self)
+        .await?;
+        Ok(u64::from(recorded))
+    }
 
-/// The bundles of `target` that `source` and its identity received within the
-/// window, recorded by any instance on this database: one statement, served by
-/// the index on `Requests(target(100), source(100), at)` (the identity's
-/// devices are a range of `source`).
-async fn received(
-    conn: &mut MySqlConnection,
-    limit: &BundleRequestLimit,
-    source: &DeviceId,
-    identity: &SourceIdentity<'_>,
-    target: &DeviceId,
-) -> Result<Received, Fault> {
-    let window = limit.window.as_secs();
-    let Some(range) = &identity.devices else {
+    async fn device_exists(&mut self, device: &DeviceId) -> Result<bool, Fault> {
+        let uid: Option<i32> = sqlx::query_scalar(
+            "SELECT Uid FROM Users WHERE UserId = ? AND OCTET_LENGTH(UserId) = ? \
+             ORDER BY Uid LIMIT 1",
+        )
+        .bind(device.as_str())
+        .bind(device.as_str().len() as u64)
+        .fetch_optional(&mut *self)
+        .await?;
+        Ok(uid.is_some())
+    }
+
+    async fn find_devices(
+        &mut self,
+        devices: &[DeviceId],
+    ) -> Result<HashMap<String, StoredDevice>, Fault> {
+        find_devices(self, devices).await
+    }
+
+    /// Served by the index on `Requests(target(100), source(100), at)`.
+    async fn received_by_device(
+        &mut self,
+        target: &DeviceId,
+        source: &DeviceId,
+        window: Duration,
+    ) -> Result<u64, Fault> {
         let by_device: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM Requests \
              WHERE target = ? AND source = ? AND at > NOW() - INTERVAL ? SECOND",
         )
         .bind(target.as_str())
         .bind(source.as_str())
-        .bind(window)
-        .fetch_one(&mut *conn)
+        .bind(window.as_secs())
+        .fetch_one(&mut *self)
         .await?;
-        return Ok(Received {
-            by_device: by_device as u64,
-            by_identity: by_device as u64,
-        });
-    };
-    let row = sqlx::query(
-        "SELECT CAST(COALESCE(SUM(source = ?), 0) AS SIGNED), COUNT(*) FROM Requests \
-         WHERE target = ? AND source >= ? AND source < ? AND at > NOW() - INTERVAL ? SECOND",
-    )
-    .bind(source.as_str())
-    .bind(target.as_str())
-    .bind(range.start)
-    .bind(&range.end)
-    .bind(window)
-    .fetch_one(&mut *conn)
-    .await?;
-    let by_device: i64 = row.try_get(0)?;
-    let by_identity: i64 = row.try_get(1)?;
-    Ok(Received {
-        by_device: by_device as u64,
-        by_identity: by_identity as u64,
-    })
+        Ok(by_device as u64)
+    }
+
+    /// One statement, through the same index (the user's devices are a range
+    /// of `source`).
+    async fn received_by_identity(
+        &mut self,
+        target: &DeviceId,
+        source: &DeviceId,
+        devices: &UserDevices<'_>,
+        window: Duration,
+    ) -> Result<Received, Fault> {
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(source = ?), 0) AS SIGNED), COUNT(*) FROM Requests \
+             WHERE target = ? AND source >= ? AND source < ? AND at > NOW() - INTERVAL ? SECOND",
+        )
+        .bind(source.as_str())
+        .bind(target.as_str())
+        .bind(devices.start)
+        .bind(&devices.end)
+        .bind(window.as_secs())
+        .fetch_one(&mut *self)
+        .await?;
+        Ok(Received::from_counts(row.try_get(0)?, row.try_get(1)?))
+    }
+
+    async fn record_bundle_request(
+        &mut self,
+        source: &DeviceId,
+        target: &DeviceId,
+    ) -> Result<(), Fault> {
+        sqlx::query("INSERT INTO Requests (source, target) VALUES (?, ?)")
+            .bind(source.as_str())
+            .bind(target.as_str())
+            .execute(&mut *self)
+            .await?;
+        Ok(())
+    }
+
+    /// `SKIP LOCKED` passes over keys that another transaction (another
+    /// request, another server) is claiming, so no key is handed out twice and
+    /// claims never wait for each other. The row stays locked until this
+    /// transaction deletes it and commits. No `ORDER BY`: any of the device's keys
+    /// will do, and an order the index in use does not give made InnoDB read and
+    /// lock every key of the device, so that concurrent claims skipped them all
+    /// and answered "no OPk left" while keys remained (seen in the benchmarks).
+    async fn claim_one_time_pre_key(&mut self, uid: i64) -> Result<Option<ClaimedKey>, Fault> {
+        let row = sqlx::query(
+            "SELECT id, OPk, OPk_id FROM OPk WHERE Uid = ? LIMIT 1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(uid)
+        .fetch_optional(&mut *self)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let id: i32 = row.try_get(0)?;
+        Ok(Some(ClaimedKey {
+            id: i64::from(id),
+            uid,
+            public: row.try_get(1)?,
+            key_id: row.try_get(2)?,
+        }))
+    }
+
+    async fn delete_claimed_keys(&mut self, keys: &[ClaimedKey]) -> Result<(), Fault> {
+        let ids: Vec<i64> = keys.iter().map(|key| key.id).collect();
+        delete_one_time_pre_keys(self, &ids).await
+    }
+
+    async fn update_recorded(
+        &mut self,
+        identity: &SourceIdentity<'_>,
+        recorded: u64,
+    ) -> Result<(), Fault> {
+        sqlx::query("UPDATE lime_rs_identity_requests SET recorded = ? WHERE identity = ?")
+            .bind(recorded)
+            .bind(identity.key().as_slice())
+            .execute(&mut *self)
+            .await?;
+        Ok(())
+    }
+
+    async fn insert_claim_token(&mut self, token: &ClaimToken) -> Result<(), Fault> {
+        sqlx::query("INSERT INTO lime_rs_claims (token) VALUES (?)")
+            .bind(token.as_bytes())
+            .execute(&mut *self)
+            .await?;
+        Ok(())
+    }
 }
 
 /// Deletes at most [`PURGE_CHUNK`] `Requests` rows older than `retention`.
@@ -445,38 +474,6 @@ pub(super) async fn purge_requests(
         .await?
         .rows_affected();
     Ok(deleted)
-}
-
-/// Takes one of the device's keys: `SKIP LOCKED` passes over keys that another
-/// transaction (another request, another server) is claiming, so no key is
-/// handed out twice and claims never wait for each other. The row stays locked
-/// until this transaction deletes it and commits. No `ORDER BY`: any of the
-/// device's keys will do, and an order the index in use does not give made InnoDB
-/// read and lock every key of the device, so that concurrent claims skipped them
-/// all and answered "no OPk left" while keys remained (seen in the benchmarks).
-async fn claim_one_time_pre_key(
-    conn: &mut MySqlConnection,
-    uid: i64,
-    claimed: &mut Vec<ClaimedKey>,
-) -> Result<Option<(Vec<u8>, u32)>, Fault> {
-    let row =
-        sqlx::query("SELECT id, OPk, OPk_id FROM OPk WHERE Uid = ? LIMIT 1 FOR UPDATE SKIP LOCKED")
-            .bind(uid)
-            .fetch_optional(&mut *conn)
-            .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    let id: i32 = row.try_get(0)?;
-    let public: Vec<u8> = row.try_get(1)?;
-    let key_id: u32 = row.try_get(2)?;
-    claimed.push(ClaimedKey {
-        id: i64::from(id),
-        uid,
-        public: public.clone(),
-        key_id,
-    });
-    Ok(Some((public, key_id)))
 }
 
 /// Settles a claim whose COMMIT went unanswered (see `store::in_doubt`). Inserting

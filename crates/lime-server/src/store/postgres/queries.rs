@@ -8,14 +8,15 @@
 //! never answer for another device.
 
 use super::transaction::Failure;
+use crate::store::claim::{self, ClaimQueries, ClaimTables};
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled, TOKEN_LIFETIME};
-use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
+use crate::store::rules::{self, Received, SourceIdentity, StoredDevice, UserDevices};
 use crate::store::stats::{self, StoreStats};
 use crate::store::{
-    BundleRequest, BundleRequestLimit, ClaimRequest, Claimed, DeviceReport, PURGE_CHUNK,
-    Registered, SourceCheck, StoreError, StoreLimits,
+    BundleRequest, ClaimRequest, Claimed, DeviceReport, PURGE_CHUNK, Registered, StoreError,
+    StoreLimits,
 };
-use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
+use lime_protocol::{Curve, DeviceId, OneTimePreKey, Registration, SignedPreKey};
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use std::collections::HashMap;
@@ -94,6 +95,15 @@ const RECORDED_IN_WINDOW: &str = r#"INSERT INTO "lime_rs_identity_requests" AS r
             THEN row."recorded" ELSE 0 END,
         "window_start" = EXCLUDED."window_start"
     RETURNING "recorded""#;
+
+/// The row of a registering device's identity, inserted when missing (window 0,
+/// which every claim takes for an old one) and locked until the transaction
+/// ends: the registrations of one user take turns on every server, and each
+/// counts the devices the others committed.
+const LOCK_IDENTITY: &str = r#"INSERT INTO "lime_rs_identity_requests" AS row
+        ("identity", "window_start", "recorded")
+    VALUES ($1, 0, 0)
+    ON CONFLICT ("identity") DO UPDATE SET "window_start" = row."window_start""#;
 
 const UPDATE_RECORDED: &str =
     r#"UPDATE "lime_rs_identity_requests" SET "recorded" = $2 WHERE "identity" = $1"#;
@@ -179,6 +189,12 @@ pub(super) async fn register_device(
     registration: &Registration,
 ) -> Result<Registered, Failure> {
     let spk = &registration.signed_pre_key;
+    // Read committed: the statements after the lock see what the registrations
+    // before it committed.
+    sqlx::query(LOCK_IDENTITY)
+        .bind(SourceIdentity::of(device).key().as_slice())
+        .execute(&mut *conn)
+        .await?;
     for _ in 0..REGISTRATION_ROUNDS {
         if let Some(existing) = find_device(conn, device).await? {
             return Ok(rules::reregistration(&existing, registration)?);
@@ -318,150 +334,147 @@ async fn insert_one_time_pre_keys(
     Ok(rules::one_time_pre_key_limit(held, &limits)?)
 }
 
-/// The bundles, and what the transaction took: with `claims_table`, a fresh token
-/// is inserted beside the claim (see `store::in_doubt`).
+/// The bundles, and what the transaction took (see `store::claim`).
 pub(super) async fn claim_key_bundles(
     conn: &mut PgConnection,
     curve: Curve,
     claims_table: bool,
-    (limit, (source, check), (devices, forwarded)): &ClaimRequest,
+    request: &ClaimRequest,
 ) -> Result<(Claimed, Claim), Failure> {
-    let limit = limit.as_ref();
-    let identity = SourceIdentity::of(source);
-    let mut recorded = match limit {
-        Some(limit) => {
-            let recorded: i64 = sqlx::query_scalar(RECORDED_IN_WINDOW)
-                .bind(identity.key().as_slice())
-                .bind(limit.window.as_secs() as i64)
-                .fetch_one(&mut *conn)
-                .await?;
-            recorded as u64
-        }
-        None => 0,
+    let tables = ClaimTables {
+        claims: claims_table,
+        identities: true,
     };
-    let recorded_before = recorded;
-    if *check == SourceCheck::Registered {
-        sqlx::query(FIND_UID)
-            .bind(source.as_str())
-            .fetch_optional(&mut *conn)
-            .await?
-            .ok_or(StoreError::DeviceNotFound)?;
-    }
-    let all: Vec<DeviceId> = devices.iter().chain(forwarded).cloned().collect();
-    let repeats = rules::repeats(&all);
-    let mut claimed = Vec::new();
-    let mut grants = Vec::with_capacity(all.len());
-    let mut answer = Claimed::default();
-    for (index, (device_id, repeat)) in all.iter().zip(repeats).enumerate() {
-        // A device a peer holds is granted as one held here would be.
-        let held = index < devices.len();
-        let device = match held {
-            true => find_device(conn, device_id)
-                .await?
-                .filter(|device| device.signed_pre_key.is_some()),
-            false => None,
-        };
-        let grant = match (held && device.is_none(), repeat, limit) {
-            (true, _, _) => Grant::Refused,
-            (false, Some(first), _) => rules::repeat_grant(grants[first]),
-            (false, None, None) => Grant::Full,
-            (false, None, Some(limit)) => {
-                let received = received(conn, limit, source, &identity, device_id).await?;
-                let grant = rules::grant(source, device_id, received, recorded, limit);
-                if grant == Grant::Full {
-                    sqlx::query(INSERT_BUNDLE_REQUEST)
-                        .bind(source.as_str())
-                        .bind(device_id.as_str())
-                        .execute(&mut *conn)
-                        .await?;
-                    recorded += 1;
-                }
-                grant
-            }
-        };
-        grants.push(grant);
-        if !held {
-            answer.forward.push(grant == Grant::Full);
-            continue;
-        }
-        let bundle = match device {
-            Some(device) if grant.is_served() => {
-                let one_time_pre_key = if grant == Grant::Full {
-                    claim_one_time_pre_key(conn, device.uid, &mut claimed).await?
-                } else {
-                    None
-                };
-                rules::key_bundle(curve, device, one_time_pre_key)?
-            }
-            _ => None,
-        };
-        answer.bundles.push(PeerBundle {
-            device_id: device_id.clone(),
-            bundle,
-        });
-    }
-    if recorded != recorded_before {
-        sqlx::query(UPDATE_RECORDED)
-            .bind(identity.key().as_slice())
-            .bind(recorded as i64)
-            .execute(&mut *conn)
-            .await?;
-    }
-    let token = if claims_table && !claimed.is_empty() {
-        let token = ClaimToken::new();
-        sqlx::query(INSERT_CLAIM_TOKEN)
-            .bind(token.as_bytes())
-            .execute(&mut *conn)
-            .await?;
-        Some(token)
-    } else {
-        None
-    };
-    Ok((
-        answer,
-        Claim {
-            token,
-            keys: claimed,
-        },
-    ))
+    claim::claim_key_bundles(conn, curve, tables, request).await
 }
 
-/// The bundles of `target` that `source` and its identity received within the
-/// window, recorded by any instance on this database.
-async fn received(
-    conn: &mut PgConnection,
-    limit: &BundleRequestLimit,
-    source: &DeviceId,
-    identity: &SourceIdentity<'_>,
-    target: &DeviceId,
-) -> Result<Received, Failure> {
-    let window = limit.window.as_secs_f64();
-    let Some(range) = &identity.devices else {
+impl ClaimQueries for PgConnection {
+    type Error = Failure;
+
+    async fn recorded_in_window(
+        &mut self,
+        identity: &SourceIdentity<'_>,
+        window: Duration,
+    ) -> Result<u64, Failure> {
+        let recorded: i64 = sqlx::query_scalar(RECORDED_IN_WINDOW)
+            .bind(identity.key().as_slice())
+            .bind(window.as_secs() as i64)
+            .fetch_one(&mut *self)
+            .await?;
+        Ok(recorded as u64)
+    }
+
+    async fn device_exists(&mut self, device: &DeviceId) -> Result<bool, Failure> {
+        let found = sqlx::query(FIND_UID)
+            .bind(device.as_str())
+            .fetch_optional(&mut *self)
+            .await?;
+        Ok(found.is_some())
+    }
+
+    async fn find_devices(
+        &mut self,
+        devices: &[DeviceId],
+    ) -> Result<HashMap<String, StoredDevice>, Failure> {
+        let mut found = HashMap::with_capacity(devices.len());
+        for device in devices {
+            if found.contains_key(device.as_str()) {
+                continue;
+            }
+            if let Some(stored) = find_device(self, device).await? {
+                found.insert(device.as_str().to_owned(), stored);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn received_by_device(
+        &mut self,
+        target: &DeviceId,
+        source: &DeviceId,
+        window: Duration,
+    ) -> Result<u64, Failure> {
         let by_device: i64 = sqlx::query_scalar(COUNT_BUNDLE_REQUESTS)
             .bind(target.as_str())
             .bind(source.as_str())
-            .bind(window)
-            .fetch_one(&mut *conn)
+            .bind(window.as_secs_f64())
+            .fetch_one(&mut *self)
             .await?;
-        return Ok(Received {
-            by_device: by_device as u64,
-            by_identity: by_device as u64,
-        });
-    };
-    let row = sqlx::query(COUNT_IDENTITY_BUNDLE_REQUESTS)
-        .bind(target.as_str())
-        .bind(source.as_str())
-        .bind(range.user)
-        .bind(range.start)
-        .bind(window)
-        .fetch_one(&mut *conn)
-        .await?;
-    let by_device: i64 = row.try_get(0)?;
-    let by_identity: i64 = row.try_get(1)?;
-    Ok(Received {
-        by_device: by_device as u64,
-        by_identity: by_identity as u64,
-    })
+        Ok(by_device as u64)
+    }
+
+    async fn received_by_identity(
+        &mut self,
+        target: &DeviceId,
+        source: &DeviceId,
+        devices: &UserDevices<'_>,
+        window: Duration,
+    ) -> Result<Received, Failure> {
+        let row = sqlx::query(COUNT_IDENTITY_BUNDLE_REQUESTS)
+            .bind(target.as_str())
+            .bind(source.as_str())
+            .bind(devices.user)
+            .bind(devices.start)
+            .bind(window.as_secs_f64())
+            .fetch_one(&mut *self)
+            .await?;
+        Ok(Received::from_counts(row.try_get(0)?, row.try_get(1)?))
+    }
+
+    async fn record_bundle_request(
+        &mut self,
+        source: &DeviceId,
+        target: &DeviceId,
+    ) -> Result<(), Failure> {
+        sqlx::query(INSERT_BUNDLE_REQUEST)
+            .bind(source.as_str())
+            .bind(target.as_str())
+            .execute(&mut *self)
+            .await?;
+        Ok(())
+    }
+
+    async fn claim_one_time_pre_key(&mut self, uid: i64) -> Result<Option<ClaimedKey>, Failure> {
+        let Some(row) = sqlx::query(CLAIM_ONE_TIME_PRE_KEY)
+            .bind(uid)
+            .fetch_optional(&mut *self)
+            .await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(ClaimedKey {
+            id: row.try_get("id")?,
+            uid: row.try_get("Uid")?,
+            public: row.try_get("OPk")?,
+            key_id: key_id(row.try_get("OPk_id")?, "OPk_id")?,
+        }))
+    }
+
+    /// Claiming deleted them already, in the same statement.
+    async fn delete_claimed_keys(&mut self, _keys: &[ClaimedKey]) -> Result<(), Failure> {
+        Ok(())
+    }
+
+    async fn update_recorded(
+        &mut self,
+        identity: &SourceIdentity<'_>,
+        recorded: u64,
+    ) -> Result<(), Failure> {
+        sqlx::query(UPDATE_RECORDED)
+            .bind(identity.key().as_slice())
+            .bind(recorded as i64)
+            .execute(&mut *self)
+            .await?;
+        Ok(())
+    }
+
+    async fn insert_claim_token(&mut self, token: &ClaimToken) -> Result<(), Failure> {
+        sqlx::query(INSERT_CLAIM_TOKEN)
+            .bind(token.as_bytes())
+            .execute(&mut *self)
+            .await?;
+        Ok(())
+    }
 }
 
 /// Deletes at most [`PURGE_CHUNK`] `Requests` rows older than `retention`.
@@ -475,29 +488,6 @@ pub(super) async fn purge_requests(
         .execute(&mut *conn)
         .await?
         .rows_affected())
-}
-
-async fn claim_one_time_pre_key(
-    conn: &mut PgConnection,
-    uid: i64,
-    claimed: &mut Vec<ClaimedKey>,
-) -> Result<Option<(Vec<u8>, u32)>, Failure> {
-    let Some(row) = sqlx::query(CLAIM_ONE_TIME_PRE_KEY)
-        .bind(uid)
-        .fetch_optional(&mut *conn)
-        .await?
-    else {
-        return Ok(None);
-    };
-    let id = key_id(row.try_get("OPk_id")?, "OPk_id")?;
-    let public: Vec<u8> = row.try_get("OPk")?;
-    claimed.push(ClaimedKey {
-        id: row.try_get("id")?,
-        uid: row.try_get("Uid")?,
-        public: public.clone(),
-        key_id: id,
-    });
-    Ok(Some((public, id)))
 }
 
 /// Settles a claim whose COMMIT went unanswered (see `store::in_doubt`).

@@ -37,7 +37,7 @@ pub(super) type Work<'c, T> = Pin<Box<dyn Future<Output = Result<T, Failure>> + 
 /// error, decided by `rules`) or the database's own error, which
 /// [`Transactions::run`] sorts into time-out, retry or [`StoreError::Backend`].
 #[derive(Debug)]
-pub(super) enum Failure {
+pub(crate) enum Failure {
     /// An answer decided from the rows read; the transaction is rolled back.
     Store(StoreError),
     /// The driver or the database failed.
