@@ -16,7 +16,8 @@ sudo_cmd=()
 # curl: a real HTTP Digest client for the authentication tests.
 # prometheus: its promtool checks the metrics scrape (tests/metrics.rs). Debian
 # ships promtool only in this package, beside the Prometheus server (whose unit
-# the package enables; the tests use none of its ports).
+# the package enables; the tests use none of its ports). Recommended packages are
+# left out: they would add prometheus-node-exporter, another daemon.
 needed=(liblime-dev libsoci-sqlite3-4.0 curl prometheus)
 missing=()
 for package in "${needed[@]}"; do
@@ -26,7 +27,8 @@ done
 if ((${#missing[@]})); then
     echo "test.sh: installing ${missing[*]}" >&2
     "${sudo_cmd[@]}" apt-get update -q
-    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q "${missing[@]}"
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q \
+        --no-install-recommends "${missing[@]}"
 fi
 
 # The database servers the store tests use: 127.0.0.1:3306 (root, no password) and
