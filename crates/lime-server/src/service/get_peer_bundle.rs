@@ -18,6 +18,7 @@ use crate::federation::Federation;
 use crate::store::{KeyStore, SourceCheck};
 use crate::telemetry::clip;
 use lime_protocol::{Curve, DeviceId, KeyBundle, PeerBundle, Response};
+use std::collections::HashMap;
 
 pub(super) async fn handle(
     store: &dyn KeyStore,
@@ -65,17 +66,18 @@ pub(super) async fn handle_federated(
     for (position, bundle) in plan.local.iter().zip(claimed.bundles) {
         answer[*position] = bundle;
     }
-    let granted: Vec<usize> = foreign
-        .iter()
-        .zip(&claimed.forward)
-        .filter_map(|(&position, &forward)| forward.then_some(position))
-        .collect();
-    let devices = &devices;
+    // Whether each position may be asked of its peer (within our limits, not a
+    // repeat): one flag per position, looked up in O(1).
+    let mut granted = vec![false; asked];
+    for (&position, &forward) in foreign.iter().zip(&claimed.forward) {
+        granted[position] = forward;
+    }
+    let (devices, granted) = (&devices, &granted);
     let fetches = plan.forwarded.iter().map(|(peer, positions)| {
         let positions: Vec<usize> = positions
             .iter()
             .copied()
-            .filter(|position| granted.contains(position))
+            .filter(|&position| granted[position])
             .collect();
         async move {
             if positions.is_empty() {
@@ -104,15 +106,16 @@ pub(super) async fn handle_federated(
     }
     // Not forwarded: a repeat gets its first occurrence's bundle without the
     // one-time key (as a device held here would); past one of our limits, none.
-    for &position in foreign
-        .iter()
-        .filter(|position| !granted.contains(position))
-    {
-        let first = answer[..position]
-            .iter()
-            .find(|entry| entry.device_id == answer[position].device_id)
-            .and_then(|entry| entry.bundle.clone());
-        answer[position].bundle = first.map(|bundle| KeyBundle {
+    let mut first_at: HashMap<&DeviceId, usize> = HashMap::new();
+    for (position, device_id) in devices.iter().enumerate() {
+        first_at.entry(device_id).or_insert(position);
+    }
+    for &position in foreign.iter().filter(|&&position| !granted[position]) {
+        let bundle = first_at
+            .get(&devices[position])
+            .filter(|&&first| first < position)
+            .and_then(|&first| answer[first].bundle.clone());
+        answer[position].bundle = bundle.map(|bundle| KeyBundle {
             one_time_pre_key: None,
             ..bundle
         });
