@@ -18,7 +18,13 @@ sudo_cmd=()
 # ships promtool only in this package, beside the Prometheus server (whose unit
 # the package enables; the tests use none of its ports). Recommended packages are
 # left out: they would add prometheus-node-exporter, another daemon.
-needed=(liblime-dev libsoci-sqlite3-4.0 curl prometheus)
+# liblinphone-dev, linphone-common, pkg-config, python3: Linphone's own stack
+# end to end (tests/linphone_*.rs): the harness compiles a small C driver against
+# liblinphone (pkg-config finds its flags); liblinphone aborts on parsing an
+# address without the belr grammars (identity_grammar, cpim_grammar) that only
+# linphone-common ships; the loopback SIP registrar is a Python script.
+needed=(liblime-dev libsoci-sqlite3-4.0 curl prometheus
+    liblinphone-dev linphone-common pkg-config python3)
 missing=()
 for package in "${needed[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \

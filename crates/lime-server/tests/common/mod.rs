@@ -9,6 +9,7 @@ pub mod auth;
 pub mod backend;
 pub mod immutable;
 pub mod liblime;
+pub mod linphone;
 pub mod php;
 pub mod pki;
 pub mod process;

@@ -78,6 +78,23 @@ impl TestPki {
         self.issue_by(&self.other_ca, san_uris, &[], common_name)
     }
 
+    /// A server certificate (serverAuth) from the trusted CA for these IP
+    /// addresses and DNS names: what a client trusting [`TestPki::ca_file`]
+    /// accepts from a server at one of them.
+    pub fn issue_server(&self, ips: &[std::net::IpAddr], dns: &[&str]) -> IssuedCertificate {
+        let sans = ips
+            .iter()
+            .map(|ip| SanType::IpAddress(*ip))
+            .chain(dns.iter().map(|name| SanType::DnsName(ia5(name))))
+            .collect();
+        self.issue_with(
+            &self.ca,
+            sans,
+            "lime-server test",
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )
+    }
+
     /// Lists `certificate` in the trusted CA's CRL and rewrites the CRL file. A
     /// verifier reads the CRL when built: revoke before building it.
     pub fn revoke(&self, certificate: &IssuedCertificate) {
@@ -93,28 +110,43 @@ impl TestPki {
         san_dns: &[&str],
         common_name: &str,
     ) -> IssuedCertificate {
-        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
-        let ia5 = |name: &str| Ia5String::try_from(name).expect("ASCII name");
-        let mut params = CertificateParams::default();
-        params.serial_number = Some(SerialNumber::from(serial));
-        params.subject_alt_names = san_uris
+        let sans = san_uris
             .iter()
             .map(|uri| SanType::URI(ia5(uri)))
             .chain(san_dns.iter().map(|dns| SanType::DnsName(ia5(dns))))
             .collect();
+        self.issue_with(
+            issuer,
+            sans,
+            common_name,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )
+    }
+
+    fn issue_with(
+        &self,
+        issuer: &CertifiedIssuer<'static, KeyPair>,
+        sans: Vec<SanType>,
+        common_name: &str,
+        purpose: ExtendedKeyUsagePurpose,
+    ) -> IssuedCertificate {
+        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
+        let mut params = CertificateParams::default();
+        params.serial_number = Some(SerialNumber::from(serial));
+        params.subject_alt_names = sans;
         params.distinguished_name = DistinguishedName::new();
         params
             .distinguished_name
             .push(DnType::CommonName, common_name);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![purpose];
         params.use_authority_key_identifier_extension = true;
         let key = KeyPair::generate().expect("client key");
         let certificate = params.signed_by(&key, issuer).expect("client certificate");
 
         let issued = IssuedCertificate {
-            certificate: self.dir.path().join(format!("client-{serial}.pem")),
-            private_key: self.dir.path().join(format!("client-{serial}.key")),
+            certificate: self.dir.path().join(format!("issued-{serial}.pem")),
+            private_key: self.dir.path().join(format!("issued-{serial}.key")),
             serial,
         };
         std::fs::write(&issued.certificate, certificate.pem()).expect("write certificate");
@@ -144,6 +176,11 @@ impl TestPki {
         .expect("CRL");
         std::fs::write(self.crl_file(), crl.pem().expect("CRL PEM")).expect("write CRL");
     }
+}
+
+/// A name as a certificate's subjectAltName holds it.
+fn ia5(name: &str) -> Ia5String {
+    Ia5String::try_from(name).expect("ASCII name")
 }
 
 /// A self-signed CA that may sign certificates and CRLs.

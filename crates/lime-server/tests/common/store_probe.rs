@@ -272,6 +272,19 @@ impl StoreProbe {
         assert_eq!(deleted, 1, "{device_id} was not in the {curve} store");
     }
 
+    /// Removes one one-time pre-key (of any device) behind the server's back:
+    /// what a server that lost keys looks like to their owner.
+    pub async fn delete_one_time_pre_key(&self, curve: Curve, id: u32) {
+        let deleted = self
+            .execute(
+                curve,
+                "DELETE FROM OPk WHERE OPk_id = ?",
+                &[Param::Int(i64::from(id))],
+            )
+            .await;
+        assert_eq!(deleted, 1, "OPk {id} was not in the {curve} store");
+    }
+
     /// Stores a device as an old server could have left it: its Ik and one OPk, no
     /// signed pre-key yet.
     pub async fn insert_device_without_signed_pre_key(
