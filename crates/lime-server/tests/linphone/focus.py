@@ -116,6 +116,9 @@ class Focus:
                 yield aor, binding
 
     def send_request(self, connection, method, target, from_tag, to, headers, body=b""):
+        """Sends a request from the room down `connection`. `headers` names the
+        room ("room", the From address) and, for a request in an existing dialog,
+        its "call_id" and "cseq"; its other entries are headers, in order."""
         request = sip.Message(
             f"{method} {target} SIP/2.0",
             [
