@@ -52,10 +52,24 @@ struct Server {
     _data_dir: tempfile::TempDir,
 }
 
+/// How the server authenticates the devices.
+#[derive(Clone, Copy, PartialEq)]
+enum Method {
+    /// HTTP Digest on the account database.
+    Digest,
+    /// Required client certificates from the test CA.
+    Certificate,
+}
+
 /// Serves c25519 over HTTPS (a certificate for 127.0.0.1 from a test CA) with
 /// digest authentication on an SQLite account database, metrics on; `tables`
 /// (whole TOML tables) are added at the end.
 async fn start_server(tables: &str) -> Server {
+    start_server_authenticating(Method::Digest, tables).await
+}
+
+/// Like [`start_server`], authenticating with `method`.
+async fn start_server_authenticating(method: Method, tables: &str) -> Server {
     let accounts = AccountsFixture::create(Backend::Sqlite).await;
     let pki = TestPki::new();
     // The address as a DNS name too: belle-sip checks the name through mbedTLS
@@ -66,18 +80,28 @@ async fn start_server(tables: &str) -> Server {
     let dir = data_dir.path();
     let secret = dir.join("nonce-secret");
     std::fs::write(&secret, random_hex(32)).unwrap();
+    let auth = match method {
+        Method::Digest => format!(
+            "[auth.digest]\naccounts_url = \"{}\"\nnonce_secret_file = \"{}\"\n",
+            accounts.url,
+            secret.display()
+        ),
+        Method::Certificate => format!(
+            "[auth.client_certificates]\nca_file = \"{}\"\ncrl_files = [\"{}\"]\nrequired = true\n",
+            pki.ca_file().display(),
+            pki.crl_file().display()
+        ),
+    };
     let config = format!(
         "[server]\nlisten = [\"127.0.0.1:0\"]\n\
          [tls]\ncertificate = \"{}\"\nprivate_key = \"{}\"\n\
          [storage]\ndata_dir = \"{}\"\ncurves = [\"c25519\"]\n\
-         [auth.digest]\naccounts_url = \"{}\"\nnonce_secret_file = \"{}\"\n\
+         {auth}\
          [metrics]\nlisten = \"127.0.0.1:0\"\n\
          {tables}",
         certificate.certificate.display(),
         certificate.private_key.display(),
         dir.display(),
-        accounts.url,
-        secret.display()
     );
     let file = dir.join("lime-server.toml");
     std::fs::write(&file, config).unwrap();
@@ -200,11 +224,56 @@ fn created_user(run: &Finished) -> String {
     users[0]["user"].as_str().unwrap().to_owned()
 }
 
+/// What belle-sip sent the key server, from its log: each request first
+/// without credentials (it keeps no nonce from one request to the next), then
+/// answering the challenge with `algorithm` quoted and the request's path as
+/// the digest `uri`; the device id in `From` and no `X-Lime-user-identity`.
+fn assert_belle_sip_digest(run: &Finished, device_id: &str, algorithm: &str) {
+    let requests = run.http_requests();
+    assert!(
+        !requests.is_empty(),
+        "no HTTP request logged: {}",
+        run.describe()
+    );
+    for (index, head) in requests.iter().enumerate() {
+        let header = |name: &str| {
+            head.iter().find_map(|line| {
+                let (key, value) = line.split_once(':')?;
+                key.eq_ignore_ascii_case(name)
+                    .then(|| value.trim().to_owned())
+            })
+        };
+        assert_eq!(head[0], "POST / HTTP/1.1");
+        assert_eq!(header("From").as_deref(), Some(device_id), "{head:?}");
+        assert_eq!(header("X-Lime-user-identity"), None, "{head:?}");
+        let authorization = header("Authorization");
+        if index % 2 == 0 {
+            assert_eq!(
+                authorization, None,
+                "request {index} sent credentials first: {head:?}"
+            );
+        } else {
+            let authorization = authorization.unwrap_or_else(|| panic!("no answer: {head:?}"));
+            assert!(authorization.starts_with("Digest "), "{authorization}");
+            assert!(
+                authorization.contains(&format!("algorithm=\"{algorithm}\"")),
+                "{authorization}"
+            );
+            assert!(authorization.contains("uri=\"/\""), "{authorization}");
+        }
+    }
+    assert_eq!(
+        requests.len() % 2,
+        0,
+        "a challenge left unanswered: {requests:?}"
+    );
+}
+
 /// Story 1 for one kind of account row: alice's device registers (challenged
 /// first by the registrar as `challenge` says), creates her LIME user on our
-/// server over HTTPS with digest, and the server holds her device with its Ik,
-/// SPk and 100 OPks.
-async fn alice_creates_her_lime_user(row: &str, challenge: Challenge) {
+/// server over HTTPS with digest answered with `algorithm`, and the server
+/// holds her device with its Ik, SPk and 100 OPks.
+async fn alice_creates_her_lime_user(row: &str, challenge: Challenge, algorithm: &str) {
     let server = start_server("").await;
     server
         .accounts
@@ -221,6 +290,7 @@ async fn alice_creates_her_lime_user(row: &str, challenge: Challenge) {
         gruu_of(&registrar, "alice"),
         "the GRUU is the device id"
     );
+    assert_belle_sip_digest(&run, &device_id, algorithm);
     let (ik, spk, spk_sig, spk_id) = server
         .probe
         .device_row(CURVE, &device_id)
@@ -260,17 +330,17 @@ async fn alice_creates_her_lime_user(row: &str, challenge: Challenge) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clear_text_row_sha256_answer() {
-    alice_creates_her_lime_user("CLRTXT", Challenge::None).await;
+    alice_creates_her_lime_user("CLRTXT", Challenge::None, "SHA-256").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sha256_row_after_a_sha256_registrar_challenge() {
-    alice_creates_her_lime_user("SHA-256", Challenge::Sha256).await;
+    alice_creates_her_lime_user("SHA-256", Challenge::Sha256, "SHA-256").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn md5_row_after_an_md5_registrar_challenge() {
-    alice_creates_her_lime_user("MD5", Challenge::Md5).await;
+    alice_creates_her_lime_user("MD5", Challenge::Md5, "MD5").await;
 }
 
 /// Without the registrar's MD5 challenge the device holds only its clear
@@ -278,7 +348,7 @@ async fn md5_row_after_an_md5_registrar_challenge() {
 /// an account only the algorithms its stored passwords verify.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn md5_row_without_a_registrar_challenge() {
-    alice_creates_her_lime_user("MD5", Challenge::None).await;
+    alice_creates_her_lime_user("MD5", Challenge::None, "MD5").await;
 }
 
 /// One-time pre-keys the server loses in story 2.
@@ -353,6 +423,7 @@ async fn restart_with_the_stored_ha1_refills_and_renews() {
         second.lime_users().is_empty(),
         "her user is loaded, not made again"
     );
+    assert_belle_sip_digest(&second, &device_id, "SHA-256");
     let (ik_now, _, _, spk_id_now) = server.probe.device_row(CURVE, &device_id).await.unwrap();
     assert_eq!(ik_now, ik, "the same device");
     assert_ne!(spk_id_now, spk_id, "a new signed pre-key");
@@ -462,4 +533,66 @@ async fn a_wrong_password_gives_up_and_is_throttled() {
     let bob_id = created_user(&run);
     assert!(server.probe.device_row(CURVE, &bob_id).await.is_some());
     assert_eq!(server.requests_ok("registerUser"), 1.0);
+}
+
+/// Story 5: devices hold a client certificate from the CA our server requires,
+/// instead of a password. liblinphone 5.1 presents it when the key server asks
+/// for one (its LIME engine answers belle-sip's TLS authentication request):
+/// from the account's auth info, else from the core's `[sip]` keys. A
+/// certificate from another CA gets no user made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_instead_of_digest() {
+    let server = start_server_authenticating(Method::Certificate, "").await;
+    let registrar = Registrar::start(DOMAIN, Challenge::None, &[], &[]);
+    let certificate = |user: &str| {
+        let issued = server.pki.issue(
+            &[&format!("sip:{user}@{DOMAIN}")],
+            &[],
+            &format!("{user} (lime test)"),
+        );
+        Secret::Certificate {
+            chain: issued.certificate,
+            key: issued.private_key,
+        }
+    };
+
+    // alice: in her account's auth info.
+    let mut alice = server.device(&registrar, "alice", certificate("alice"));
+    let run = alice.run("register", RUN_SECS, &[]).await;
+    let alice_id = created_user(&run);
+    assert!(server.probe.device_row(CURVE, &alice_id).await.is_some());
+    assert_eq!(
+        server.probe.count_one_time_pre_keys(CURVE).await,
+        FIRST_OPKS
+    );
+
+    // bob: the core's certificate, his auth info without one.
+    let mut bob = server.device(&registrar, "bob", Secret::Password(String::new()));
+    let Secret::Certificate { chain, key } = certificate("bob") else {
+        unreachable!()
+    };
+    bob.set_config("sip", "client_cert_chain", &chain.display().to_string());
+    bob.set_config("sip", "client_cert_key", &key.display().to_string());
+    let run = bob.run("register", RUN_SECS, &[]).await;
+    let bob_id = created_user(&run);
+    assert!(server.probe.device_row(CURVE, &bob_id).await.is_some());
+
+    // carol: a certificate the server does not trust.
+    let issued = server
+        .pki
+        .issue_by_other_ca(&[&format!("sip:carol@{DOMAIN}")], "carol (other CA)");
+    let secret = Secret::Certificate {
+        chain: issued.certificate,
+        key: issued.private_key,
+    };
+    let mut carol = server.device(&registrar, "carol", secret);
+    let run = carol.run("register", RUN_SECS, &[]).await;
+    let users = run.lime_users();
+    assert_eq!(users.len(), 1, "{}", run.describe());
+    assert_eq!(users[0]["ok"], Value::Bool(false), "{}", run.describe());
+    assert_eq!(
+        server.probe.device_ids(CURVE).await.len(),
+        2,
+        "alice and bob only"
+    );
 }

@@ -238,6 +238,10 @@ pub enum Secret {
     Password(String),
     /// `ha1` and `algorithm` ("MD5" or "SHA-256"), no password.
     Ha1 { ha1: String, algorithm: String },
+    /// `client_cert_chain` and `client_cert_key`: PEM files of a TLS client
+    /// certificate and its key, which liblinphone presents to a key server
+    /// asking for one; no password.
+    Certificate { chain: PathBuf, key: PathBuf },
 }
 
 /// A device's account: `sip:username@domain`, registering at `registrar_port`.
@@ -293,6 +297,11 @@ impl Device {
         let secret = match &account.secret {
             Secret::Password(password) => format!("passwd={password}\n"),
             Secret::Ha1 { ha1, algorithm } => format!("ha1={ha1}\nalgorithm={algorithm}\n"),
+            Secret::Certificate { chain, key } => format!(
+                "client_cert_chain={}\nclient_cert_key={}\n",
+                chain.display(),
+                key.display()
+            ),
         };
         let config = format!(
             "{}\n{extra}",
@@ -534,6 +543,33 @@ impl Finished {
     /// The LIME user registrations it reported ("lime_user" events).
     pub fn lime_users(&self) -> Vec<&Value> {
         self.named("lime_user")
+    }
+
+    /// The head (request line and headers) of each HTTP request belle-sip sent,
+    /// in order, as its log shows them (`message sent to [TLS://...]`).
+    pub fn http_requests(&self) -> Vec<Vec<String>> {
+        let log = std::fs::read_to_string(&self.log).expect("read the driver's log");
+        let mut requests = Vec::new();
+        let mut lines = log.lines();
+        while let Some(line) = lines.next() {
+            if !line.contains("message sent to [TLS://")
+                && !line.contains("message sent to [TCP://")
+            {
+                continue;
+            }
+            let head: Vec<String> = lines
+                .by_ref()
+                .take_while(|line| !line.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if head
+                .first()
+                .is_some_and(|first| first.ends_with(" HTTP/1.1"))
+            {
+                requests.push(head);
+            }
+        }
+        requests
     }
 
     /// Everything, for assertion messages: events and the tail of the log.
