@@ -11,12 +11,12 @@ use common::accounts::AccountsFixture;
 use common::backend::Backend;
 use common::immutable::{Immutable, sqlite_files};
 use common::process::ServerProcess;
+use common::scrape::{Scrape, get};
 use common::{random_hex, registration};
 use lime_protocol::{
     Curve, DeviceId, Request, RequestMessage, Response, ResponseMessage, SignedPreKey,
 };
 use lime_server::client::LimeClient;
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
@@ -116,79 +116,6 @@ impl Server {
     }
 }
 
-/// `GET path` on `addr` over HTTP/1.1: the status code and the body.
-fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("read the answer");
-    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    (status, body.to_owned())
-}
-
-/// One scrape: each series (name and sorted labels) with its value.
-struct Scrape {
-    text: String,
-    series: BTreeMap<(String, Vec<(String, String)>), f64>,
-}
-
-impl Scrape {
-    fn of(server: &Server) -> Scrape {
-        let (status, text) = get(server.metrics, "/metrics");
-        assert_eq!(status, 200, "{text}");
-        let mut series = BTreeMap::new();
-        for line in text.lines().filter(|line| !line.starts_with('#')) {
-            let Some((key, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let (name, labels) = match key.split_once('{') {
-                Some((name, labels)) => (name, labels.trim_end_matches('}')),
-                None => (key, ""),
-            };
-            let mut labels: Vec<(String, String)> = labels
-                .split(',')
-                .filter(|pair| !pair.is_empty())
-                .map(|pair| {
-                    let (key, value) = pair.split_once('=').expect("label=value");
-                    (key.to_owned(), value.trim_matches('"').to_owned())
-                })
-                .collect();
-            labels.sort();
-            let value = value
-                .parse()
-                .unwrap_or_else(|_| panic!("value of {line:?}"));
-            series.insert((name.to_owned(), labels), value);
-        }
-        Scrape { text, series }
-    }
-
-    /// The value of the series `name{labels}` (exactly these labels); 0 when
-    /// absent (a series appears at its first event).
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let mut labels: Vec<(String, String)> = labels
-            .iter()
-            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
-            .collect();
-        labels.sort();
-        self.series
-            .get(&(name.to_owned(), labels))
-            .copied()
-            .unwrap_or(0.0)
-    }
-}
-
 /// A series (name, labels) and how much it must move.
 type Delta<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
 
@@ -233,7 +160,7 @@ async fn post_raw(server: &Server, headers: &[(&str, &str)], body: Vec<u8>) -> u
 #[tokio::test]
 async fn a_known_sequence_of_requests_moves_each_counter_by_exactly_what_was_done() {
     let server = start_server().await;
-    let before = Scrape::of(&server);
+    let before = Scrape::at(server.metrics);
     let (alice, alice_client) = server.user("alice").await;
     let (bob, bob_client) = server.user("bob").await;
     let (carol, carol_client) = server.user("carol").await;
@@ -354,7 +281,7 @@ async fn a_known_sequence_of_requests_moves_each_counter_by_exactly_what_was_don
     .await;
     assert_eq!(status, 413);
 
-    let after = Scrape::of(&server);
+    let after = Scrape::at(server.metrics);
     assert_deltas(
         &before,
         &after,
@@ -455,7 +382,7 @@ async fn a_known_sequence_of_requests_moves_each_counter_by_exactly_what_was_don
 fn scrape_once_devices_are(server: &Server, devices: f64) -> Scrape {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let scrape = Scrape::of(server);
+        let scrape = Scrape::at(server.metrics);
         if scrape.value("lime_devices", &[("curve", "c25519")]) == devices {
             return scrape;
         }
@@ -599,7 +526,7 @@ async fn failed_passwords_count_by_reason_and_the_lockout_they_start() {
         ("content-type", "x3dh/octet-stream"),
         ("x-lime-user-identity", alice.as_str()),
     ];
-    let before = Scrape::of(&server);
+    let before = Scrape::at(server.metrics);
     let mut statuses = Vec::new();
     for _ in 0..2 {
         let answer = guesser
@@ -612,7 +539,7 @@ async fn failed_passwords_count_by_reason_and_the_lockout_they_start() {
     // second, sent with the nonce, is the second failure, which locks the user
     // out from this address (401), and the client's retry is refused untried.
     assert_eq!(statuses, [401, 429]);
-    let after = Scrape::of(&server);
+    let after = Scrape::at(server.metrics);
     assert_deltas(
         &before,
         &after,
@@ -647,14 +574,14 @@ async fn failed_passwords_count_by_reason_and_the_lockout_they_start() {
 #[tokio::test]
 async fn connections_open_refused_and_cut_off_by_a_time_limit_are_counted() {
     let server = start_server_with("max_connections = 1\nheader_read_timeout_ms = 300\n", "").await;
-    let before = Scrape::of(&server);
+    let before = Scrape::at(server.metrics);
     // Holds the only place, sending nothing: the header time limit closes it.
     let mut silent = TcpStream::connect(server.x3dh).unwrap();
     silent
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    let during = Scrape::of(&server);
+    let during = Scrape::at(server.metrics);
     assert_eq!(
         during.value("lime_connections_open", &[]),
         1.0,
@@ -674,7 +601,7 @@ async fn connections_open_refused_and_cut_off_by_a_time_limit_are_counted() {
     // The silent connection is closed by the server: read gives end of file.
     let mut rest = Vec::new();
     let _ = silent.read_to_end(&mut rest);
-    let after = Scrape::of(&server);
+    let after = Scrape::at(server.metrics);
     assert_deltas(
         &before,
         &after,
@@ -695,7 +622,7 @@ async fn connections_open_refused_and_cut_off_by_a_time_limit_are_counted() {
     // The connection's task counts it out just after closing it.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let scrape = Scrape::of(&server);
+        let scrape = Scrape::at(server.metrics);
         if scrape.value("lime_connections_open", &[]) == 0.0 {
             break;
         }
@@ -718,7 +645,7 @@ async fn a_database_that_refuses_writes_counts_store_errors_by_backend() {
             Request::RegisterUser(registration(CURVE, 1, 1)),
         )
         .await;
-    let before = Scrape::of(&server);
+    let before = Scrape::at(server.metrics);
     let database = server.data_dir.path().join("lime-c25519.sqlite3");
     let immutable = Immutable::make(sqlite_files(&database));
     let keys = vec![common::one_time_pre_key(CURVE, 2)];
@@ -732,7 +659,7 @@ async fn a_database_that_refuses_writes_counts_store_errors_by_backend() {
         .await;
     drop(immutable);
     assert!(is_error(&answer), "{answer:?}");
-    let after = Scrape::of(&server);
+    let after = Scrape::at(server.metrics);
     assert_deltas(
         &before,
         &after,

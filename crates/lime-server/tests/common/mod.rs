@@ -15,6 +15,7 @@ pub mod pki;
 pub mod process;
 pub mod registrations;
 pub mod relay;
+pub mod scrape;
 pub mod store_probe;
 
 use auth::{AuthFixture, TestAuth};
