@@ -277,11 +277,8 @@ async fn alice_creates_her_lime_user(row: &str, challenge: Challenge, algorithm:
             run.describe()
         );
     }
-    server
-        .process
-        .wait_for_log("no error logged", Duration::from_secs(1), |log| {
-            !log.contains("ERROR")
-        });
+    let log = server.process.log_so_far();
+    assert!(!log.contains("ERROR"), "the server logged an error:\n{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
