@@ -28,7 +28,6 @@ use lime_protocol::Curve;
 use lime_server::config::Settings;
 use serde_json::Value;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 /// liblinphone 5.1 makes its LIME users on Curve25519.
 const CURVE: Curve = Curve::C25519;
@@ -54,8 +53,9 @@ struct Server {
 /// How the server authenticates the devices.
 #[derive(Clone, Copy, PartialEq)]
 enum Method {
-    /// HTTP Digest on the account database.
-    Digest,
+    /// HTTP Digest on the account database, with these lines added to
+    /// `[auth.digest]`.
+    Digest(&'static str),
     /// Required client certificates from the test CA.
     Certificate,
 }
@@ -64,7 +64,7 @@ enum Method {
 /// digest authentication on an SQLite account database, metrics on; `tables`
 /// (whole TOML tables) are added at the end.
 async fn start_server(tables: &str) -> Server {
-    start_server_authenticating(Method::Digest, tables).await
+    start_server_authenticating(Method::Digest(""), tables).await
 }
 
 /// Like [`start_server`], authenticating with `method`.
@@ -80,8 +80,8 @@ async fn start_server_authenticating(method: Method, tables: &str) -> Server {
     let secret = dir.join("nonce-secret");
     std::fs::write(&secret, random_hex(32)).unwrap();
     let auth = match method {
-        Method::Digest => format!(
-            "[auth.digest]\naccounts_url = \"{}\"\nnonce_secret_file = \"{}\"\n",
+        Method::Digest(keys) => format!(
+            "[auth.digest]\naccounts_url = \"{}\"\nnonce_secret_file = \"{}\"\n{keys}\n",
             accounts.url,
             secret.display()
         ),
@@ -302,6 +302,46 @@ async fn md5_row_after_an_md5_registrar_challenge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn md5_row_without_a_registrar_challenge() {
     alice_creates_her_lime_user("MD5", Challenge::None, "MD5").await;
+}
+
+/// Why the server offers each account only what its passwords verify. Offered
+/// every algorithm (no look-up before challenging), a device holding its clear
+/// password answers SHA-256, which an account with only an MD5 row cannot
+/// check: refused, as a wrong password, it gets its second try from belle-sip
+/// with MD5 (the refusal's challenge offers the account's algorithms), but every
+/// request costs the account one failure on the throttle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn md5_row_costs_a_failure_when_every_algorithm_is_offered() {
+    let server =
+        start_server_authenticating(Method::Digest("challenge_lookups_per_sec = 0"), "").await;
+    server
+        .accounts
+        .add_account("alice", DOMAIN, "pw-alice", &["MD5"])
+        .await;
+    let registrar = Registrar::start(DOMAIN, Challenge::None, &[], &[]);
+    let mut alice = server.device(&registrar, "alice", Secret::Password("pw-alice".into()));
+
+    let run = alice.run("register", RUN_SECS, &[]).await;
+
+    created_user(&run);
+    let answers: Vec<String> = run
+        .http_requests()
+        .iter()
+        .filter_map(|head| {
+            let authorization = head
+                .iter()
+                .find(|line| line.starts_with("Authorization:"))?;
+            let algorithm = authorization
+                .split("algorithm=\"")
+                .nth(1)?
+                .split('"')
+                .next()?;
+            Some(algorithm.to_owned())
+        })
+        .collect();
+    assert_eq!(answers, ["SHA-256", "MD5"], "{}", run.describe());
+    assert_eq!(server.auth_failures("challenged"), 1.0);
+    assert_eq!(server.auth_failures("wrong_password"), 1.0);
 }
 
 /// One-time pre-keys the server loses in story 2.
