@@ -82,7 +82,7 @@ for backend in mariadb postgres; do
     echo "test.sh: black-box suites on $backend" >&2
     LIME_TEST_BACKEND=$backend cargo test -p lime-server --locked \
         --test protocol --test bad_input --test concurrency --test limits --test liblime_interop \
-        --test federation "$@"
+        --test federation --test linphone_chat "$@"
 done
 
 # The real client again with authentication on: answering digest challenges

@@ -167,8 +167,9 @@ impl Registrar {
         modules: &[&str],
     ) -> Registrar {
         let mut command = Command::new("python3");
+        // -B: no __pycache__ left in the source tree by the imported modules.
         command
-            .arg("-u")
+            .args(["-u", "-B"])
             .arg(Path::new(SOURCES).join("registrar.py"))
             .args(["--realm", realm]);
         match challenge {
