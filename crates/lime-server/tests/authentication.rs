@@ -829,6 +829,74 @@ async fn a_clear_password_client_taking_the_first_challenge_registers_on_an_md5_
     }
 }
 
+/// A client holding the clear password answers SHA-256 when offered it (belle-sip
+/// does); an MD5-only account cannot check that answer. Offered every algorithm
+/// (no lookup before challenging, nothing kept), the answer tests no password:
+/// it is challenged again with MD5 only and never counted, however often, while
+/// a wrong MD5 password and an unknown user still count as before.
+#[tokio::test]
+async fn an_answer_in_an_algorithm_the_account_does_not_store_is_never_a_failure() {
+    let app = digest_app(Backend::Sqlite, |settings| {
+        settings.auth.digest.challenge_lookups_per_sec = 0;
+        settings.auth.digest.accounts_cache_secs = 0;
+        let throttle = &mut settings.auth.throttle;
+        throttle.max_failures_per_user = 3;
+        throttle.lockout_secs = 300;
+        throttle.delay_step_ms = 0;
+    })
+    .await;
+    let (device, body) = register("md5holder");
+    let (user, password) = add_owner(&app, &device, &["MD5"]).await;
+    let mut last = None;
+    for attempt in 1..=8 {
+        let challenges = first_challenges(&app, &device, &body).await;
+        assert_eq!(algorithms_of(&challenges), ["SHA-256", "MD5"], "#{attempt}");
+        let sha256 = answer_challenge(&challenges[0], &user, &password, |_| {});
+        let answer = post_with(&app, &device, &body, &sha256).await;
+        assert_eq!(answer.status, 401, "SHA-256 answer #{attempt}: {answer:?}");
+        assert_eq!(
+            algorithms_of(&answer.www_authenticate),
+            ["MD5"],
+            "challenged again with what the account stores, #{attempt}"
+        );
+        last = Some(answer.www_authenticate);
+    }
+    let md5 = answer_challenge(&last.unwrap()[0], &user, &password, |_| {});
+    let answer = post_with(&app, &device, &body, &md5).await;
+    assert_registered(&answer, "the MD5 answer after 8 SHA-256 ones");
+
+    // A wrong password in the algorithm the account stores counts as before.
+    let (device, body) = register("md5guessed");
+    let (user, password) = add_owner(&app, &device, &["MD5"]).await;
+    for attempt in 1..=3 {
+        let challenges = first_challenges(&app, &device, &body).await;
+        let guess = answer_challenge(&challenges[1], &user, &format!("guess {attempt}"), |_| {});
+        let answer = post_with(&app, &device, &body, &guess).await;
+        assert_eq!(answer.status, 401, "wrong MD5 password #{attempt}");
+    }
+    let challenges = first_challenges(&app, &device, &body).await;
+    let right = answer_challenge(&challenges[1], &user, &password, |_| {});
+    let answer = post_with(&app, &device, &body, &right).await;
+    assert_eq!(answer.status, 429, "locked out after 3 wrong MD5 passwords");
+
+    // An unknown user's SHA-256 answer counts as before, challenged with every
+    // algorithm.
+    let (device, body) = register("md5nobody");
+    let (user, _) = user_and_domain(&device);
+    for attempt in 1..=3 {
+        let challenges = first_challenges(&app, &device, &body).await;
+        let guess = answer_challenge(&challenges[0], &user, "anything", |_| {});
+        let answer = post_with(&app, &device, &body, &guess).await;
+        assert_eq!(answer.status, 401, "unknown user #{attempt}");
+        assert_eq!(algorithms_of(&answer.www_authenticate), ["SHA-256", "MD5"]);
+    }
+    let challenges = first_challenges(&app, &device, &body).await;
+    let again = answer_challenge(&challenges[0], &user, "anything", |_| {});
+    let answer = post_with(&app, &device, &body, &again).await;
+    assert_eq!(answer.status, 429, "an unknown user locked out after 3");
+    app.stop().await;
+}
+
 /// An account database on PostgreSQL whose query records each lookup in a table
 /// `lookups`, and the query to configure.
 async fn counting_accounts() -> (AccountsFixture, String) {

@@ -52,6 +52,10 @@ pub enum AuthCause {
     AlgorithmNotOffered,
     /// No such account.
     UnknownUser,
+    /// An answer in a configured algorithm the account stores no password for
+    /// (an MD5-only account answered in SHA-256): it tests no password, so it is
+    /// challenged again with the account's algorithms and not counted.
+    AlgorithmNotStored,
     /// A wrong password.
     WrongPassword,
     /// Refused untried by the throttle (429).
@@ -85,6 +89,7 @@ impl AuthCause {
             AuthCause::WrongUri => "wrong_uri",
             AuthCause::AlgorithmNotOffered => "algorithm_not_offered",
             AuthCause::UnknownUser => "unknown_user",
+            AuthCause::AlgorithmNotStored => "algorithm_not_stored",
             AuthCause::WrongPassword => "wrong_password",
             AuthCause::LockedOut => "locked_out",
             AuthCause::NotOwner => "not_owner",

@@ -229,7 +229,8 @@ trait Passwords: Send + Sync {
 
     /// What is wrong with the credentials' response (`None`: it is right), and
     /// the algorithms to challenge again with; a lookup failure is a refusal.
-    /// The cause is `unknown_user` or `wrong_password`.
+    /// The cause is `unknown_user`, `wrong_password`, or `algorithm_not_stored`
+    /// (no password tested: not counted by the throttle).
     async fn verify(
         &self,
         credentials: &Credentials,
@@ -275,19 +276,34 @@ impl Passwords for DigestAuthenticator {
                 .iter()
                 .any(|password| password_matches(credentials, password, realm, method))
         };
+        // The account stores passwords, none of which serves the answer's
+        // algorithm (when none serves any configured one, every one is offered:
+        // a wrong password, as for an unknown user).
+        let not_stored = |stored: &[accounts::StoredPassword]| {
+            !offers::verifiable(stored, self.offers.configured()).contains(&credentials.algorithm)
+        };
         let (mut stored, cached) = self.lookup(username, realm, device, false).await?;
-        if cached && !matches(&stored) {
-            // The password may have changed since it was kept.
+        // The password may have changed since it was kept. Not when the kept ones
+        // cannot check this algorithm: that answer, never counted, would otherwise
+        // cost a query each time.
+        if cached && !not_stored(&stored) && !matches(&stored) {
             stored = self.lookup(username, realm, device, true).await?.0;
         }
         self.offers.learn(username, realm, &stored);
         let algorithms = offers::verifiable(&stored, self.offers.configured());
         let problem = if stored.is_empty() {
             Some((AuthCause::UnknownUser, "an unknown user"))
-        } else if !matches(&stored) {
-            Some((AuthCause::WrongPassword, "a wrong password"))
-        } else {
+        } else if matches(&stored) {
             None
+        } else if not_stored(&stored) {
+            // Tells nothing about the password, and nothing the challenge that
+            // follows does not (it offers the account's algorithms).
+            Some((
+                AuthCause::AlgorithmNotStored,
+                "an answer in an algorithm the account stores no password for",
+            ))
+        } else {
+            Some((AuthCause::WrongPassword, "a wrong password"))
         };
         Ok((problem, algorithms))
     }
@@ -638,7 +654,8 @@ impl Authenticator {
     /// Digest, for users and peers alike: challenges a request without
     /// credentials with what `passwords` offers; checks the credentials of the
     /// others, each failure counted by the throttle (against the source only when
-    /// it tested no password). The user name whose password matched.
+    /// it is worthless before any password is tested; not at all when the account
+    /// stores no password for its algorithm). The user name whose password matched.
     async fn check_digest(
         &self,
         passwords: &dyn Passwords,
@@ -749,6 +766,21 @@ impl Authenticator {
         let (problem, algorithms) = passwords
             .verify(&credentials, realm, request.method.as_str(), device)
             .await?;
+        if let Some((AuthCause::AlgorithmNotStored, problem)) = problem {
+            // No password tested: counting it would let whoever spends the
+            // challenge lookups (every algorithm offered past them) lock out
+            // the accounts that store one hash kind. Their clients answer the
+            // next challenge, offering what the account stores.
+            return Err(challenge(
+                algorithms,
+                AuthCause::AlgorithmNotStored,
+                format!(
+                    "user {user} sent {problem} ({}, device id {shown}): challenged again with its algorithms",
+                    credentials.algorithm
+                ),
+            )
+            .routine());
+        }
         if let Some((cause, problem)) = problem {
             let delay = self
                 .throttle

@@ -61,26 +61,27 @@ pub fn user_of(device_id: &str) -> Option<&str> {
     (!user.is_empty()).then_some(user)
 }
 
+/// Whether `password` can verify an answer in `algorithm`: a clear password any,
+/// a hash its own algorithm's.
+pub fn serves(password: &StoredPassword, algorithm: DigestAlgorithm) -> bool {
+    matches!(
+        (password.algorithm, algorithm),
+        (PasswordAlgorithm::ClearText, _)
+            | (PasswordAlgorithm::Md5, DigestAlgorithm::Md5)
+            | (PasswordAlgorithm::Sha256, DigestAlgorithm::Sha256)
+    )
+}
+
 /// The algorithms `stored` can verify, among `configured` and in its order; all of
 /// `configured` when none (unknown account, or only unconfigured algorithms).
 pub fn verifiable(
     stored: &[StoredPassword],
     configured: &[DigestAlgorithm],
 ) -> Vec<DigestAlgorithm> {
-    let serves = |algorithm: DigestAlgorithm| {
-        stored.iter().any(|password| {
-            matches!(
-                (password.algorithm, algorithm),
-                (PasswordAlgorithm::ClearText, _)
-                    | (PasswordAlgorithm::Md5, DigestAlgorithm::Md5)
-                    | (PasswordAlgorithm::Sha256, DigestAlgorithm::Sha256)
-            )
-        })
-    };
     let offered: Vec<_> = configured
         .iter()
         .copied()
-        .filter(|algorithm| serves(*algorithm))
+        .filter(|algorithm| stored.iter().any(|password| serves(password, *algorithm)))
         .collect();
     if offered.is_empty() {
         configured.to_vec()
