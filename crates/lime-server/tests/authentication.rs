@@ -971,6 +971,44 @@ async fn challenges_for_one_user_cost_one_account_lookup() {
     app.stop().await;
 }
 
+/// Answers in an algorithm the account does not store are not counted, so they
+/// must not cost a query each: the kept passwords, which cannot check them, are
+/// not looked up again.
+#[tokio::test]
+async fn answers_in_an_algorithm_not_stored_use_the_kept_passwords() {
+    let (accounts, query) = counting_accounts().await;
+    let url = accounts.url.clone();
+    let app = digest_app(Backend::Postgres, move |settings| {
+        settings.auth.digest.accounts_url = Some(url);
+        settings.auth.digest.accounts_query = query;
+    })
+    .await;
+    let (device, body) = register("keptmd5");
+    let (user, domain) = user_and_domain(&device);
+    let password = password_of(&user);
+    accounts
+        .add_account(&user, &domain, &password, &["MD5"])
+        .await;
+    for attempt in 1..=10 {
+        let challenges = first_challenges(&app, &device, &body).await;
+        assert_eq!(algorithms_of(&challenges), ["MD5"], "#{attempt}");
+        // A client answering SHA-256 whatever it is offered.
+        let sha256 = answer_challenge(&challenges[0], &user, &password, |prompt| {
+            prompt.algorithm =
+                digest_auth::Algorithm::new(digest_auth::AlgorithmType::SHA2_256, false);
+        });
+        let answer = post_with(&app, &device, &body, &sha256).await;
+        assert_eq!(answer.status, 401, "SHA-256 answer #{attempt}: {answer:?}");
+        assert_eq!(algorithms_of(&answer.www_authenticate), ["MD5"]);
+    }
+    assert_eq!(
+        lookups(&accounts, Some(&user)).await,
+        1,
+        "a challenge and 10 SHA-256 answers, one lookup"
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_stranger_cycling_usernames_causes_at_most_the_lookup_bound() {
     let (accounts, query) = counting_accounts().await;
