@@ -27,8 +27,8 @@
 #   BASELINE=/path/to/old/release tools/lime-load/run-performance-benchmarks.sh [WORK_DIR]
 # BASELINE is the old lime-server binary or the directory holding it (and, best,
 # its lime-load: each side's stores are seeded with its own schema). Without
-# BASELINE, git revision BASE_REV (main) is checked out in WORK_DIR/baseline-src
-# (git worktree) and built into WORK_DIR/baseline-target. BIN (target/release):
+# BASELINE, git revision BASE_REV (main) is exported to WORK_DIR/baseline-src (git
+# archive) and built into WORK_DIR/baseline-target (build-baseline.sh). BIN (target/release):
 # the new binaries; its lime-load generates the load for both sides.
 #
 # Settings (environment, default in parentheses):
@@ -44,7 +44,7 @@
 #   many:      MANY_CURVES ("c25519 c448mlk1024"), MANY_SIZES ("10 100 1000"),
 #              MANY_DEVICES (2000 seeded), MANY_OPKS (40), MANY_CLAIMS (20000 devices
 #              asked per run), MANY_CONNECTIONS (1), MANY_LIMIT (on), HOL_PER_REQUEST
-#              (1000), HOL_CONNECTIONS (16), HOL_REQUESTS (20000), HOL_OPKS (200).
+#              (1000), HOL_CONNECTIONS (16), HOL_REQUESTS (5000), HOL_OPKS (200).
 #   idle:      IDLE_COUNTS ("0 1000 10000"), IDLE_HOLD (10 s), IDLE_REPEAT (1); the
 #              server runs with max_connections = the largest count + 100 and
 #              idle_timeout_ms = 600000, and the open-file limit is raised to its
@@ -87,7 +87,7 @@ MANY_CONNECTIONS=${MANY_CONNECTIONS:-1}
 MANY_LIMIT=${MANY_LIMIT:-on}
 HOL_PER_REQUEST=${HOL_PER_REQUEST:-1000}
 HOL_CONNECTIONS=${HOL_CONNECTIONS:-16}
-HOL_REQUESTS=${HOL_REQUESTS:-20000}
+HOL_REQUESTS=${HOL_REQUESTS:-5000}
 HOL_OPKS=${HOL_OPKS:-200}
 IDLE_COUNTS=${IDLE_COUNTS:-0 1000 10000}
 IDLE_HOLD=${IDLE_HOLD:-10}
@@ -99,7 +99,7 @@ WORK=$(cd "$WORK" && pwd)
 require_tools "$BIN" lime-server lime-load
 BIN=$(cd "$BIN" && pwd)
 
-# The baseline: given, or built from BASE_REV in a worktree of its own.
+# The baseline: given, or built from BASE_REV in a directory of its own.
 if [[ -z $BASELINE ]]; then
     BASELINE=$("$here/build-baseline.sh" "$BASE_REV" "$WORK")
 fi
