@@ -200,3 +200,27 @@ impl std::fmt::Display for Flags {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{cpu_count, process_rss_kib, process_tree_cpu};
+
+    #[test]
+    fn cpu_count_is_the_machines_not_the_affinitys() {
+        let usable = std::thread::available_parallelism().map_or(1, |count| count.get());
+        assert!(cpu_count() >= usable);
+    }
+
+    #[test]
+    fn this_process_has_memory_and_a_tree_with_its_child() {
+        assert!(process_rss_kib(std::process::id()).unwrap() > 0);
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let (_, processes) = process_tree_cpu(std::process::id()).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(processes >= 2, "the tree holds this process and its child");
+    }
+}
