@@ -48,10 +48,11 @@ stop_servers() {
 }
 trap stop_servers EXIT
 
-# start_server NAME PORT [store template]: a server with the config on stdin
+# start_peer NAME PORT [store template]: a server (bench-lib.sh's start_server runs one;
+# federation runs two) with the config on stdin
 # (appended to the data directory, curve and limit lines), its pid in
 # `${NAME}_pid`, its log in $WORK/NAME.log.
-start_server() {
+start_peer() {
     local name=$1 port=$2 template_dir=${3:-} dir=$WORK/$1
     rm -rf "$dir" && mkdir -p "$dir"
     [[ -n $template_dir ]] && cp "$template_dir/lime-c25519.sqlite3" "$dir/"
@@ -70,7 +71,7 @@ start_server() {
 # B: example.org, the seeded devices, accepts A by digest. Its 401s are logged at
 # debug ("no credentials yet"), counted after the run.
 start_b() {
-    start_server b "$B_PORT" "$template" <<EOF
+    start_peer b "$B_PORT" "$template" <<EOF
 [log]
 level = "warn,lime_server::http=debug"
 max_lines_per_second = 0
@@ -86,7 +87,7 @@ EOF
 
 # A: a.example, forwards example.org to B.
 start_a() {
-    start_server a "$A_PORT" <<EOF
+    start_peer a "$A_PORT" <<EOF
 [log]
 level = "warn"
 [federation]
@@ -114,7 +115,7 @@ run() {
         sender="sip:load-client@a.example;gr=urn:uuid:00000000-0000-0000-0000-ffffffffffff"
     fi
     local b_before
-    # shellcheck disable=SC2154 # b_pid: set by start_server's printf -v
+    # shellcheck disable=SC2154 # b_pid: set by start_peer's printf -v
     b_before=$(cpu_ms "$b_pid")
     local out
     out=$("$BIN/lime-load" bundles --url "$url" --ca "$ca" --curve c25519 \
