@@ -19,6 +19,9 @@
 #   never: the cost of counting).
 set -euo pipefail
 
+# shellcheck source-path=SCRIPTDIR source=bench-lib.sh
+source "$(dirname "$0")/bench-lib.sh"
+
 BIN=${BIN:-target/release}
 WORK=${1:-/tmp/lime-bench}
 DEVICES=${DEVICES:-1000}
@@ -31,57 +34,22 @@ SYNC=${SYNC:-full normal}
 PARTS=${PARTS:-raw server}
 SCHEME=${SCHEME:-https}
 PORT=${PORT:-25600}
-MAX_OTHERS=${MAX_OTHERS:-0.5}
+export MAX_OTHERS=${MAX_OTHERS:-0.5}
 METRICS=${METRICS:-off}
 
-for tool in lime-server lime-load; do
-    [[ -x $BIN/$tool ]] || {
-        echo "$BIN/$tool missing: cargo build --release -p lime-server -p lime-load" >&2
-        exit 1
-    }
-done
+require_tools "$BIN" lime-server lime-load
 
 template=$WORK/template-$DEVICES-$OPKS
 run=$WORK/run
 mkdir -p "$WORK"
-if [[ ! -f $template/lime-c25519.sqlite3 ]]; then
-    rm -rf "$template"
-    "$BIN/lime-load" seed --data-dir "$template" --curve c25519 --devices "$DEVICES" \
-        --opks-per-device "$OPKS"
-fi
-
-# A fresh copy of the seeded store, so every run starts from the same data; flushed
-# to disk first, or the run's first fsync would pay for writing the whole copy.
-fresh_copy() {
-    rm -rf "$run"
-    mkdir -p "$run"
-    cp "$template/lime-c25519.sqlite3" "$run/"
-    sync "$run/lime-c25519.sqlite3"
-}
-
-# CPU seconds other processes used during a run (the noise), from lime-load's report.
-other_cpu() { sed -nE 's/.*other processes ([0-9.]+) s CPU.*/\1/p'; }
-
-# Whether a report says other processes stayed under MAX_OTHERS CPU seconds.
-quiet() { awk -v max="$MAX_OTHERS" '{ exit !($1 <= max) }' <<<"$(other_cpu <<<"$1")"; }
-
-median() { tr -d '*' | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-
-server_pid=
-stop_server() {
-    if [[ -n $server_pid ]]; then
-        kill "$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
-        server_pid=
-    fi
-}
+seed_template "$BIN/lime-load" "$template" c25519 "$DEVICES" "$OPKS"
 trap stop_server EXIT
 
 # One raw-claims run on a fresh copy; prints lime-load's report.
 raw_run() {
     local sync=$1
     echo "== raw synchronous=$sync devices=$DEVICES"
-    fresh_copy
+    fresh_copy "$template" "$run"
     "$BIN/lime-load" raw-claims --data-dir "$run" --curve c25519 --devices "$DEVICES" \
         --requests "$RAW_REQUESTS" --synchronous "$sync"
 }
@@ -89,49 +57,24 @@ raw_run() {
 # One server run on a fresh copy: start the server, load it, stop it; prints
 # lime-load's report.
 server_run() {
-    local sync=$1 conns=$2 plain=() ca=()
+    local sync=$1 conns=$2 ca=()
     echo "== server $SCHEME synchronous=$sync devices=$DEVICES connections=$conns metrics=$METRICS"
-    fresh_copy
+    fresh_copy "$template" "$run"
     printf '[storage]\ndata_dir = "%s"\ncurves = ["c25519"]\nsqlite_synchronous = "%s"\n[limits]\nmax_bundle_requests = 0\n[log]\nlevel = "warn"\n' \
         "$run" "$sync" >"$run/lime-server.toml"
     if [[ $METRICS == on ]]; then
         printf '[metrics]\nlisten = "127.0.0.1:%s"\n' "$((PORT + 1))" >>"$run/lime-server.toml"
     fi
-    if [[ $SCHEME == http ]]; then
-        plain=(--plain-http)
-    else
-        ca=(--ca "$run/tls/self-signed.crt")
-    fi
-    "$BIN/lime-server" --config "$run/lime-server.toml" serve --listen "127.0.0.1:$PORT" \
-        "${plain[@]}" 2>>"$WORK/server.log" &
-    server_pid=$!
-    for _ in $(seq 100); do
-        curl -skf "$SCHEME://127.0.0.1:$PORT/health" >/dev/null && break
-        sleep 0.1
-    done
+    [[ $SCHEME == http ]] || ca=(--ca "$run/tls/self-signed.crt")
+    start_server "$BIN/lime-server" "$run/lime-server.toml" "$SCHEME" "$PORT" "$WORK/server.log"
     "$BIN/lime-load" bundles --url "$SCHEME://127.0.0.1:$PORT/" "${ca[@]}" --curve c25519 \
         --devices "$DEVICES" --connections "$conns" --requests "$REQUESTS" \
         --server-pid "$server_pid"
     stop_server
 }
 
-# Runs "$@" (raw_run or server_run) until other processes stay quiet during it, at
-# most 5 times; leaves the report in $out, and "*" in $mark when it never was quiet.
-measure() {
-    local attempt
-    for attempt in 1 2 3 4 5; do
-        out=$("$@")
-        echo "$out"
-        mark=
-        quiet "$out" && return
-        mark='*'
-        echo "(other processes were busy during attempt $attempt: run again)"
-        sleep 10
-    done
-}
-
 summary=()
-echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(date -u +%FT%TZ)"
+machine_line
 
 if [[ " $PARTS " == *" raw "* ]]; then
     for sync in $SYNC; do

@@ -13,17 +13,12 @@
 # Raw and server runs are interleaved (raw, server, raw, server...) so that each
 # pair sees the same machine load.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=bench-lib.sh
+source "$(dirname "$0")/bench-lib.sh"
 backend=$1
 B=/tmp/limebench; mkdir -p $B; BIN=target/release; PORT=${PORT:-26700}; DEVICES=1000; OPKS=200
-case $backend in
-  mariadb) STORE='mysql://root@127.0.0.1:3306/lime_bench_{curve}'
-           recreate() { mysql -h127.0.0.1 -uroot -e "DROP DATABASE IF EXISTS lime_bench_c25519; CREATE DATABASE lime_bench_c25519"; } ;;
-  postgres) STORE='postgres://postgres@127.0.0.1:5432/lime_bench_{curve}'
-           recreate() { psql -q -h127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS lime_bench_c25519 WITH (FORCE)" -c "CREATE DATABASE lime_bench_c25519"; } ;;
-esac
-reseed() { recreate; $BIN/lime-load seed-db --store "$STORE" --curve c25519 --devices $DEVICES --opks-per-device $OPKS 2>&1 | grep -v retrying; analyze; }
-# MariaDB: fresh statistics after the bulk load (see docs/benchmarks-databases.md).
-analyze() { if [[ $backend == mariadb ]]; then mysql -h127.0.0.1 -uroot lime_bench_c25519 -e "ANALYZE TABLE Users, OPk" >/dev/null; fi; }
+STORE=$(db_url "$backend" lime_bench)
+reseed() { seed_db $BIN/lime-load "$backend" lime_bench c25519 $DEVICES $OPKS; }
 server_pid=
 stop() { if [[ -n $server_pid ]]; then kill $server_pid; wait $server_pid 2>/dev/null || true; server_pid=; fi; }
 trap stop EXIT
@@ -33,7 +28,7 @@ start() { # pool scheme
   printf '[storage]\ndata_dir = "%s/data"\ncurves = ["c25519"]\npool_size = %s\n[limits]\nmax_bundle_requests = 0\n[log]\nlevel = "warn"\n' $B $pool > $B/lime-server-$pool.toml
   $BIN/lime-server --config $B/lime-server-$pool.toml serve --listen 127.0.0.1:$PORT "${plain[@]}" --store "$STORE" 2>>$B/server-$backend.log &
   server_pid=$!
-  for _ in $(seq 100); do curl -skf $scheme://127.0.0.1:$PORT/health >/dev/null && break; sleep 0.1; done
+  wait_for_health "$scheme" "$PORT"
 }
 raw() { echo "== raw $backend C=$1 run $2"; $BIN/lime-load raw-db-claims --store "$STORE" --curve c25519 --devices $DEVICES --requests $3 --connections $1; }
 srv() { echo "== server-http $backend pool=$4 C=$1 run $2"; $BIN/lime-load bundles --url http://127.0.0.1:$PORT/ --curve c25519 --devices $DEVICES --requests $3 --connections $1 --server-pid $server_pid; }

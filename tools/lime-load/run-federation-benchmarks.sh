@@ -15,6 +15,9 @@
 # A is PORT+1).
 set -euo pipefail
 
+# shellcheck source-path=SCRIPTDIR source=bench-lib.sh
+source "$(dirname "$0")/bench-lib.sh"
+
 BIN=${BIN:-target/release}
 WORK=${1:-/tmp/lime-federation-bench}
 DEVICES=${DEVICES:-1000}
@@ -30,14 +33,10 @@ A_PORT=$((PORT + 1))
 
 mkdir -p "$WORK"
 template=$WORK/template-$DEVICES-$OPKS
-if [[ ! -f $template/lime-c25519.sqlite3 ]]; then
-    rm -rf "$template"
-    "$BIN/lime-load" seed --data-dir "$template" --curve c25519 --devices "$DEVICES" \
-        --opks-per-device "$OPKS"
-fi
+seed_template "$BIN/lime-load" "$template" c25519 "$DEVICES" "$OPKS"
 # The original's digest scheme: user = A's domain, realm = B's domain.
 printf '%s' "a.example:example.org:federation-bench" | sha256sum | cut -d' ' -f1 >"$WORK/a-at-b.ha1"
-head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$WORK/nonce.secret"
+make_nonce_secret "$WORK/nonce.secret"
 
 pids=()
 stop_servers() {
@@ -49,21 +48,11 @@ stop_servers() {
 }
 trap stop_servers EXIT
 
-median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-
-wait_for() { # PORT
-    for _ in $(seq 100); do
-        curl -skf "https://127.0.0.1:$1/health" >/dev/null && return 0
-        sleep 0.1
-    done
-    echo "no server on port $1" >&2
-    return 1
-}
-
-# start_server NAME PORT [store template]: a server with the config on stdin
+# start_peer NAME PORT [store template]: a server (bench-lib.sh's start_server runs one;
+# federation runs two) with the config on stdin
 # (appended to the data directory, curve and limit lines), its pid in
 # `${NAME}_pid`, its log in $WORK/NAME.log.
-start_server() {
+start_peer() {
     local name=$1 port=$2 template_dir=${3:-} dir=$WORK/$1
     rm -rf "$dir" && mkdir -p "$dir"
     [[ -n $template_dir ]] && cp "$template_dir/lime-c25519.sqlite3" "$dir/"
@@ -76,13 +65,13 @@ start_server() {
         2>"$WORK/$name.log" &
     printf -v "${name}_pid" '%s' "$!"
     pids+=("$!")
-    wait_for "$port"
+    wait_for_health https "$port"
 }
 
 # B: example.org, the seeded devices, accepts A by digest. Its 401s are logged at
 # debug ("no credentials yet"), counted after the run.
 start_b() {
-    start_server b "$B_PORT" "$template" <<EOF
+    start_peer b "$B_PORT" "$template" <<EOF
 [log]
 level = "warn,lime_server::http=debug"
 max_lines_per_second = 0
@@ -98,7 +87,7 @@ EOF
 
 # A: a.example, forwards example.org to B.
 start_a() {
-    start_server a "$A_PORT" <<EOF
+    start_peer a "$A_PORT" <<EOF
 [log]
 level = "warn"
 [federation]
@@ -126,6 +115,7 @@ run() {
         sender="sip:load-client@a.example;gr=urn:uuid:00000000-0000-0000-0000-ffffffffffff"
     fi
     local b_before
+    # shellcheck disable=SC2154 # b_pid: set by start_peer's printf -v
     b_before=$(cpu_ms "$b_pid")
     local out
     out=$("$BIN/lime-load" bundles --url "$url" --ca "$ca" --curve c25519 \
@@ -133,9 +123,9 @@ run() {
         --requests "$REQUESTS" --server-pid "${a_pid:-$b_pid}" --sender "$sender")
     echo "$out"
     if [[ $mode == forwarded ]]; then
-        local done b_cpu
-        done=$(sed -nE 's/^bundles: ([0-9]+) requests.*/\1/p' <<<"$out")
-        b_cpu=$(awk -v a="$(cpu_ms "$b_pid")" -v b="$b_before" -v n="$done" \
+        local requests_done b_cpu
+        requests_done=$(sed -nE 's/^bundles: ([0-9]+) requests.*/\1/p' <<<"$out")
+        b_cpu=$(awk -v a="$(cpu_ms "$b_pid")" -v b="$b_before" -v n="$requests_done" \
             'BEGIN { printf "%.3f", (a - b) / n }')
         echo "  peer B CPU: $b_cpu ms/request (the first figure above is A's)"
         echo "  A's connections to B: $(ss -Htn state established "( dport = :$B_PORT )" | wc -l)"
@@ -145,7 +135,7 @@ run() {
     a_pid=
 }
 
-echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(date -u +%FT%TZ)"
+machine_line
 summary=()
 a_pid=
 for conns in $CONNECTIONS; do
@@ -155,9 +145,9 @@ for conns in $CONNECTIONS; do
             echo "== $mode connections=$conns devices/request=$PER_REQUEST"
             out=$(run "$mode" "$conns")
             echo "$out"
-            rates+=("$(sed -nE 's/.*rate: ([0-9.]+) requests.*/\1/p' <<<"$out" | head -1)")
-            p50s+=("$(sed -nE 's/.*latency: p50 ([0-9.]+) ms.*/\1/p' <<<"$out" | head -1)")
-            p99s+=("$(sed -nE 's/.*p99 ([0-9.]+) ms, p99.9.*/\1/p' <<<"$out" | head -1)")
+            rates+=("$(report_rate <<<"$out")")
+            p50s+=("$(report_latency p50 <<<"$out")")
+            p99s+=("$(report_latency p99 <<<"$out")")
         done
         summary+=("$mode conns=$conns: $(printf '%s\n' "${rates[@]}" | median) req/s, p50 $(printf '%s\n' "${p50s[@]}" | median) ms, p99 $(printf '%s\n' "${p99s[@]}" | median) ms")
     done

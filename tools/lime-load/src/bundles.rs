@@ -6,19 +6,25 @@
 //! set-up); the clock starts when every connection is up. After the run the tool
 //! counts the TCP connections it holds to the server, to show that C connections
 //! (and no more) carried the load.
+//!
+//! With `--background-connections B`, B more connections send requests of
+//! `--background-per-request` devices back to back for as long as the timed
+//! requests last, reported apart: what large requests do to small ones behind them.
 
 use crate::device_name;
-use crate::stats::{Flags, Latencies, cpu_count, load_average, machine_busy, ms, process_cpu};
+use crate::stats::{
+    Flags, Latencies, cpu_count, load_average, machine_busy, ms, process_cpu, process_tree_cpu,
+};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use lime_protocol::{Curve, DeviceId, Request, RequestMessage, Response};
 use lime_server::client::LimeClient;
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Barrier;
 
@@ -66,6 +72,23 @@ pub struct BundlesArgs {
     /// each timed request is then a pair of HTTP requests.
     #[arg(long, requires = "digest")]
     challenged_each_time: bool,
+    /// Process id of the database server (MariaDB's, or PostgreSQL's first
+    /// process): its CPU time and its descendants' is reported per request, apart
+    /// from other processes'.
+    #[arg(long, value_name = "PID")]
+    db_pid: Option<u32>,
+    /// Connections that send requests of --background-per-request devices back to
+    /// back while the timed requests run; reported apart, not counted in R.
+    #[arg(long, value_name = "B", default_value_t = 0)]
+    background_connections: usize,
+    /// Devices asked for in each background request.
+    #[arg(long, value_name = "K", default_value_t = 1000)]
+    background_per_request: u64,
+    /// A file whose size is sampled every 100 ms during the timed requests, e.g.
+    /// the store's `-wal` file: its largest size and its size at the end are
+    /// reported (absent counts as 0).
+    #[arg(long, value_name = "FILE")]
+    watch_size: Option<PathBuf>,
 }
 
 /// What one task measured.
@@ -83,12 +106,19 @@ pub fn run(args: &BundlesArgs) -> Result<()> {
     if args.connections == 0 || args.devices == 0 || args.requests == 0 || args.per_request == 0 {
         bail!("--connections, --devices, --per-request and --requests must be at least 1");
     }
-    if args.per_request > args.devices {
-        bail!("--per-request is more than --devices: the devices of a request are distinct");
+    if args.per_request > args.devices
+        || (args.background_connections > 0 && args.background_per_request > args.devices)
+    {
+        bail!(
+            "--per-request or --background-per-request is more than --devices: the devices of a request are distinct"
+        );
+    }
+    if args.background_connections > 0 && args.background_per_request == 0 {
+        bail!("--background-per-request must be at least 1");
     }
     let port = url_port(&args.url)?;
     let https = args.url.starts_with("https://");
-    let clients = (0..args.connections)
+    let clients = (0..args.connections + args.background_connections)
         .map(|_| match (&args.ca, https) {
             (Some(ca), _) => LimeClient::trusting(ca),
             (None, false) => LimeClient::plain(),
@@ -117,32 +147,54 @@ pub fn run(args: &BundlesArgs) -> Result<()> {
     runtime.block_on(load(args, clients, port))
 }
 
-async fn load(args: &BundlesArgs, clients: Vec<LimeClient>, port: u16) -> Result<()> {
+async fn load(args: &BundlesArgs, mut clients: Vec<LimeClient>, port: u16) -> Result<()> {
     let load_before = load_average();
     let shared = Arc::new(Shared {
         url: args.url.clone(),
         sender: args.sender.clone(),
         curve: args.curve,
         devices: args.devices,
-        per_request: args.per_request,
         requests: args.requests,
         sent: AtomicU64::new(0),
-        start: Barrier::new(args.connections + 1),
+        timed_done: AtomicBool::new(false),
+        start: Barrier::new(clients.len() + 1),
     });
     register_sender(&shared, &clients).await?;
+    let background_clients = clients.split_off(args.connections);
     let tasks: Vec<_> = clients
         .into_iter()
-        .map(|client| tokio::spawn(connection_task(shared.clone(), client)))
+        .map(|client| {
+            tokio::spawn(connection_task(
+                shared.clone(),
+                client,
+                Role::Timed(args.per_request),
+            ))
+        })
+        .collect();
+    let background_tasks: Vec<_> = background_clients
+        .into_iter()
+        .map(|client| {
+            tokio::spawn(connection_task(
+                shared.clone(),
+                client,
+                Role::Background(args.background_per_request),
+            ))
+        })
         .collect();
 
     // Every task has its connection up (or has failed) once this returns.
     shared.start.wait().await;
     let started = Instant::now();
+    let watcher = args
+        .watch_size
+        .clone()
+        .map(|file| tokio::spawn(watch_size(file, shared.clone())));
     let server_cpu_before = args
         .server_pid
         .map(|pid| process_cpu(Some(pid)))
         .transpose()?;
     let client_cpu_before = process_cpu(None)?;
+    let db_cpu_before = args.db_pid.map(process_tree_cpu).transpose()?;
     let machine_before = machine_busy()?;
 
     let mut reports = Vec::with_capacity(tasks.len());
@@ -150,12 +202,28 @@ async fn load(args: &BundlesArgs, clients: Vec<LimeClient>, port: u16) -> Result
         reports.push(task.await.context("a load task panicked")??);
     }
     let elapsed = started.elapsed();
+    shared.timed_done.store(true, Ordering::Relaxed);
     let server_cpu = match (args.server_pid, server_cpu_before) {
         (Some(pid), Some(before)) => Some(process_cpu(Some(pid))? - before),
         _ => None,
     };
     let client_cpu = process_cpu(None)? - client_cpu_before;
+    let db_cpu = match (args.db_pid, db_cpu_before) {
+        (Some(pid), Some((before, _))) => {
+            let (now, processes) = process_tree_cpu(pid)?;
+            Some((now.saturating_sub(before), processes))
+        }
+        _ => None,
+    };
     let machine = machine_busy()?.saturating_sub(machine_before);
+    let watched = match watcher {
+        Some(task) => Some(task.await.context("the file watcher panicked")?),
+        None => None,
+    };
+    let mut background = Vec::with_capacity(background_tasks.len());
+    for task in background_tasks {
+        background.push(task.await.context("a background task panicked")??);
+    }
     let open = count_connections(port)
         .map(|count| count.to_string())
         .unwrap_or_else(|error| format!("unknown ({error:#})"));
@@ -175,6 +243,9 @@ async fn load(args: &BundlesArgs, clients: Vec<LimeClient>, port: u16) -> Result
     drop(clients);
     let done = latencies.len() as u64;
     let latencies = Latencies::new(latencies)?;
+    let background = Background::merge(background);
+    let devices_asked =
+        done * args.per_request + background.requests() * args.background_per_request;
 
     println!(
         "bundles: {done} requests of {} devices ({} {}) over {} connections ({open} open at the end) in {:.2} s; load average before: {load_before}",
@@ -203,6 +274,19 @@ async fn load(args: &BundlesArgs, clients: Vec<LimeClient>, port: u16) -> Result
             ms(cpu) / done as f64,
             cpu.as_secs_f64()
         );
+        if devices_asked != done {
+            println!(
+                "  server CPU per device asked: {:.4} ms ({devices_asked} devices, background included)",
+                ms(cpu) / devices_asked as f64
+            );
+        }
+    }
+    if let (Some(pid), Some((cpu, processes))) = (args.db_pid, db_cpu) {
+        println!(
+            "  database CPU: {:.3} ms/request (pid {pid} and its children, {processes} processes, {:.2} s in all)",
+            ms(cpu) / done as f64,
+            cpu.as_secs_f64()
+        );
     }
     println!(
         "  client CPU: {:.3} ms/request (this process, {:.2} s in all)",
@@ -212,7 +296,8 @@ async fn load(args: &BundlesArgs, clients: Vec<LimeClient>, port: u16) -> Result
     // What else ran meanwhile: the figures are only as good as this is small.
     let others = machine
         .saturating_sub(client_cpu)
-        .saturating_sub(server_cpu.unwrap_or_default());
+        .saturating_sub(server_cpu.unwrap_or_default())
+        .saturating_sub(db_cpu.map(|(cpu, _)| cpu).unwrap_or_default());
     println!(
         "  machine: {:.0}% of {} CPUs busy; other processes {:.2} s CPU{}",
         100.0 * machine.as_secs_f64() / (elapsed.as_secs_f64() * cpu_count() as f64),
@@ -224,13 +309,100 @@ async fn load(args: &BundlesArgs, clients: Vec<LimeClient>, port: u16) -> Result
             ""
         }
     );
+    if let (Some(file), Some(largest)) = (&args.watch_size, watched) {
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        println!(
+            "  file size: largest {:.1} MiB during the run, {:.1} MiB at the end ({}, sampled every 100 ms)",
+            mib(largest),
+            mib(file_size(file)),
+            file.display()
+        );
+    }
     if let Some(error) = first_error {
         println!("  first error: {error}");
+    }
+    let errors = errors + background.errors;
+    if args.background_connections > 0 {
+        background.print(args)?;
     }
     if errors > 0 {
         bail!("{errors} requests did not get a peerBundle answer");
     }
     Ok(())
+}
+
+/// The largest size `file` had, sampled every 100 ms until the timed requests
+/// are done.
+async fn watch_size(file: PathBuf, shared: Arc<Shared>) -> u64 {
+    let mut largest = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while !shared.timed_done.load(Ordering::Relaxed) {
+        tick.tick().await;
+        largest = largest.max(file_size(&file));
+    }
+    largest.max(file_size(&file))
+}
+
+/// The size of `file` in bytes; 0 when it does not exist (a WAL not created yet).
+fn file_size(file: &std::path::Path) -> u64 {
+    std::fs::metadata(file).map_or(0, |meta| meta.len())
+}
+
+/// What the background connections measured, all together.
+struct Background {
+    latencies: Vec<Duration>,
+    flags: Flags,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl Background {
+    fn merge(reports: Vec<TaskReport>) -> Background {
+        let mut merged = Background {
+            latencies: Vec::new(),
+            flags: Flags::default(),
+            errors: 0,
+            first_error: None,
+        };
+        for report in reports {
+            merged.latencies.extend(report.latencies);
+            merged.flags.merge(report.flags);
+            merged.errors += report.errors;
+            merged.first_error = merged.first_error.or(report.first_error);
+        }
+        merged
+    }
+
+    fn requests(&self) -> u64 {
+        self.latencies.len() as u64
+    }
+
+    fn print(self, args: &BundlesArgs) -> Result<()> {
+        let done = self.requests();
+        println!(
+            "  background: {done} requests of {} devices over {} connections, sent back to back during the timed requests",
+            args.background_per_request, args.background_connections
+        );
+        if done == 0 {
+            println!("  background latency: none completed");
+        } else {
+            let latencies = Latencies::new(self.latencies)?;
+            println!(
+                "  background latency: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+                ms(latencies.percentile(50.0)),
+                ms(latencies.percentile(99.0)),
+                ms(latencies.percentile(100.0))
+            );
+        }
+        println!(
+            "  background bundles: {}; errors {}",
+            self.flags, self.errors
+        );
+        if let Some(error) = self.first_error {
+            println!("  background first error: {error}");
+        }
+        Ok(())
+    }
 }
 
 /// What the tasks share.
@@ -239,19 +411,35 @@ struct Shared {
     sender: String,
     curve: Curve,
     devices: u64,
-    per_request: u64,
     requests: u64,
     /// Timed requests started so far, all tasks together.
     sent: AtomicU64,
+    /// Set once every timed request is answered: the background tasks stop.
+    timed_done: AtomicBool,
     /// Passed when every task has its connection up.
     start: Barrier,
 }
 
+/// What a connection sends: timed requests of K devices until R are sent in all,
+/// or background requests of K devices until the timed ones are done.
+#[derive(Clone, Copy)]
+enum Role {
+    Timed(u64),
+    Background(u64),
+}
+
 /// One connection's loop: a warm-up request, the start barrier, then requests
-/// until the shared count reaches R.
-async fn connection_task(shared: Arc<Shared>, client: LimeClient) -> Result<TaskReport> {
+/// until its [`Role`] says stop.
+async fn connection_task(
+    shared: Arc<Shared>,
+    client: LimeClient,
+    role: Role,
+) -> Result<TaskReport> {
+    let per_request = match role {
+        Role::Timed(count) | Role::Background(count) => count,
+    };
     let mut rng = StdRng::from_rng(&mut rand::rng());
-    let warm_up = get_bundle(&shared, &client, &mut rng).await;
+    let warm_up = get_bundle(&shared, &client, per_request, &mut rng).await;
     // Wait even when the warm-up failed: the main task waits for everyone.
     shared.start.wait().await;
     warm_up.context("warm-up request (connection set-up) failed")?;
@@ -263,9 +451,13 @@ async fn connection_task(shared: Arc<Shared>, client: LimeClient) -> Result<Task
         first_error: None,
         client,
     };
-    while shared.sent.fetch_add(1, Ordering::Relaxed) < shared.requests {
+    let more = || match role {
+        Role::Timed(_) => shared.sent.fetch_add(1, Ordering::Relaxed) < shared.requests,
+        Role::Background(_) => !shared.timed_done.load(Ordering::Relaxed),
+    };
+    while more() {
         let sent = Instant::now();
-        let answer = get_bundle(&shared, &report.client, &mut rng).await;
+        let answer = get_bundle(&shared, &report.client, per_request, &mut rng).await;
         report.latencies.push(sent.elapsed());
         match answer {
             Ok(flags) => flags.into_iter().for_each(|flag| report.flags.add(flag)),
@@ -282,14 +474,16 @@ async fn connection_task(shared: Arc<Shared>, client: LimeClient) -> Result<Task
 
 /// Sends one getPeerBundle for `per_request` distinct random seeded devices; the
 /// flags of the bundles, or why the answer is not their peerBundle.
-async fn get_bundle(shared: &Shared, client: &LimeClient, rng: &mut StdRng) -> Result<Vec<u8>> {
-    let mut indexes = HashSet::new();
-    while (indexes.len() as u64) < shared.per_request {
-        indexes.insert(rng.random_range(0..shared.devices));
-    }
-    let devices = indexes
+async fn get_bundle(
+    shared: &Shared,
+    client: &LimeClient,
+    per_request: u64,
+    rng: &mut StdRng,
+) -> Result<Vec<u8>> {
+    // Distinct indexes without rejection: a request may ask for most of the devices.
+    let devices = rand::seq::index::sample(rng, shared.devices as usize, per_request as usize)
         .into_iter()
-        .map(|index| DeviceId::new(device_name(index)))
+        .map(|index| DeviceId::new(device_name(index as u64)))
         .collect::<Result<Vec<_>, _>>()?;
     let asked = devices.len();
     let message = RequestMessage {
@@ -309,7 +503,7 @@ async fn get_bundle(shared: &Shared, client: &LimeClient, rng: &mut StdRng) -> R
 }
 
 /// The port of `url` (explicit, or 443 / 80 by scheme).
-fn url_port(url: &str) -> Result<u16> {
+pub fn url_port(url: &str) -> Result<u16> {
     let (scheme, rest) = url
         .split_once("://")
         .with_context(|| format!("{url}: not an http:// or https:// URL"))?;
@@ -328,7 +522,7 @@ fn url_port(url: &str) -> Result<u16> {
 
 /// Established TCP connections this process holds to remote port `port`: its
 /// socket inodes (`/proc/self/fd`) matched against `/proc/self/net/tcp{,6}`.
-fn count_connections(port: u16) -> Result<usize> {
+pub fn count_connections(port: u16) -> Result<usize> {
     let mut inodes = HashSet::new();
     for entry in std::fs::read_dir("/proc/self/fd").context("cannot list /proc/self/fd")? {
         let Ok(target) = std::fs::read_link(entry?.path()) else {
@@ -369,23 +563,26 @@ fn count_connections(port: u16) -> Result<usize> {
 /// registered by an earlier run is left as it is.
 async fn register_sender(shared: &Shared, clients: &[LimeClient]) -> Result<()> {
     let client = clients.first().context("no connection")?;
-    let registration = crate::server_db::random_registration(
-        shared.curve,
-        0,
-        &mut StdRng::from_rng(&mut rand::rng()),
-    )?;
+    register_device(client, &shared.url, &shared.sender, shared.curve).await
+}
+
+/// Registers `device` with no OPks at `url`; one already registered is left as it is.
+pub async fn register_device(
+    client: &LimeClient,
+    url: &str,
+    device: &str,
+    curve: Curve,
+) -> Result<()> {
+    let registration =
+        crate::server_db::random_registration(curve, 0, &mut StdRng::from_rng(&mut rand::rng()))?;
     let message = RequestMessage {
-        curve: shared.curve,
+        curve,
         request: Request::RegisterUser(registration),
     };
-    match client
-        .send(&shared.url, &shared.sender, &message)
-        .await?
-        .response
-    {
+    match client.send(url, device, &message).await?.response {
         Response::Done(_) => Ok(()),
         Response::Error(error) if error.code == lime_protocol::ErrorCode::UserAlreadyIn => Ok(()),
-        other => bail!("registering the sender {}: {other:?}", shared.sender),
+        other => bail!("registering {device}: {other:?}"),
     }
 }
 

@@ -8,11 +8,13 @@
 //!   database file (server stopped): the reference ("raw") rate.
 //! - `seed-db`, `raw-db-claims`, `register`: the same for MariaDB/PostgreSQL stores,
 //!   and registerUser load (`server_db.rs`).
+//! - `idle`: the server's resident memory with N idle keep-alive connections.
 //!
 //! The subcommands agree on device names ([`device_name`]), so `bundles` and `raw-claims`
 //! ask for devices that `seed` created. `docs/benchmarks.md` has the procedure.
 
 mod bundles;
+mod idle;
 mod raw;
 mod seed;
 mod server_db;
@@ -44,6 +46,8 @@ enum Command {
     RawDbClaims(server_db::RawDbArgs),
     /// registerUser (K OPks each) load against a running server.
     Register(server_db::RegisterArgs),
+    /// The server's memory with N idle keep-alive connections open.
+    Idle(idle::IdleArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Command::SeedDb(args) => server_db::seed(&args),
         Command::RawDbClaims(args) => server_db::raw_claims(&args),
         Command::Register(args) => server_db::register(&args),
+        Command::Idle(args) => idle::run(&args),
     }
 }
 

@@ -1,5 +1,5 @@
 //! Measurement helpers shared by the subcommands: latency percentiles, process
-//! CPU time from `/proc`, the machine's load average.
+//! CPU time and memory from `/proc`, the machine's load average.
 
 use anyhow::{Context, Result, bail};
 use std::time::Duration;
@@ -34,6 +34,67 @@ pub fn process_cpu(pid: Option<u32>) -> Result<Duration> {
     Ok(Duration::from_secs_f64(total as f64 / USER_HZ))
 }
 
+/// CPU time process `root` and all its descendants have used so far, and how
+/// many they are: a database server's, whose connections may be processes of
+/// their own (PostgreSQL's backends are children of its first process).
+/// Processes that exit meanwhile take their time with them: compare two readings
+/// taken while the same connections are open.
+pub fn process_tree_cpu(root: u32) -> Result<(Duration, usize)> {
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc").context("cannot list /proc")? {
+        let Some(pid) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue; // exited meanwhile
+        };
+        // Field 4 (ppid) is the second after the command name's parenthesis.
+        let parent = stat
+            .rfind(')')
+            .and_then(|end| stat[end + 1..].split_whitespace().nth(1))
+            .and_then(|field| field.parse::<u32>().ok());
+        if let Some(parent) = parent {
+            parents.push((pid, parent));
+        }
+    }
+    let mut tree = vec![root];
+    let mut index = 0;
+    while let Some(&pid) = tree.get(index) {
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, parent)| *parent == pid)
+                .map(|(child, _)| *child),
+        );
+        index += 1;
+    }
+    let mut total = Duration::ZERO;
+    let mut count = 0;
+    for pid in tree {
+        if let Ok(cpu) = process_cpu(Some(pid)) {
+            total += cpu;
+            count += 1;
+        }
+    }
+    Ok((total, count))
+}
+
+/// The resident memory of process `pid` (`VmRSS` of `/proc/PID/status`), in KiB.
+pub fn process_rss_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().strip_suffix("kB"))
+        .and_then(|value| value.trim().parse().ok())
+        .with_context(|| format!("{path}: no VmRSS line in kB"))
+}
+
 /// CPU time all processes of the machine have used so far (user, nice, system,
 /// irq, softirq, steal: everything but idle and iowait), from `/proc/stat`.
 pub fn machine_busy() -> Result<Duration> {
@@ -55,9 +116,20 @@ pub fn machine_busy() -> Result<Duration> {
     Ok(Duration::from_secs_f64(busy as f64 / USER_HZ))
 }
 
-/// The number of CPUs the machine has online.
+/// The number of CPUs the machine has online (the `cpuN` lines of `/proc/stat`,
+/// which [`machine_busy`] adds up), whatever this process's CPU affinity.
 pub fn cpu_count() -> usize {
-    std::thread::available_parallelism().map_or(1, |count| count.get())
+    std::fs::read_to_string("/proc/stat")
+        .map(|stat| {
+            stat.lines()
+                .filter(|line| {
+                    line.strip_prefix("cpu")
+                        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+        .max(1)
 }
 
 /// The 1, 5 and 15 minute load averages, as `/proc/loadavg` gives them.
@@ -126,5 +198,29 @@ impl std::fmt::Display for Flags {
             f,
             "flag 1 (with OPk) {one}, flag 0 (no OPk left) {zero}, flag 2 (no bundle) {two}"
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{cpu_count, process_rss_kib, process_tree_cpu};
+
+    #[test]
+    fn cpu_count_is_the_machines_not_the_affinitys() {
+        let usable = std::thread::available_parallelism().map_or(1, |count| count.get());
+        assert!(cpu_count() >= usable);
+    }
+
+    #[test]
+    fn this_process_has_memory_and_a_tree_with_its_child() {
+        assert!(process_rss_kib(std::process::id()).unwrap() > 0);
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let (_, processes) = process_tree_cpu(std::process::id()).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(processes >= 2, "the tree holds this process and its child");
     }
 }
