@@ -936,8 +936,18 @@ async fn lookups(accounts: &AccountsFixture, user: Option<&str>) -> i64 {
     count
 }
 
-#[tokio::test]
-async fn challenges_for_one_user_cost_one_account_lookup() {
+/// A server whose account database counts its lookups, and an account with
+/// only an MD5 row, with the registration a device of it sends.
+struct CountedAccount {
+    accounts: AccountsFixture,
+    app: TestApp,
+    device: String,
+    body: Vec<u8>,
+    user: String,
+    password: String,
+}
+
+async fn md5_account_with_counted_lookups(name: &str) -> CountedAccount {
     let (accounts, query) = counting_accounts().await;
     let url = accounts.url.clone();
     let app = digest_app(Backend::Postgres, move |settings| {
@@ -945,12 +955,32 @@ async fn challenges_for_one_user_cost_one_account_lookup() {
         settings.auth.digest.accounts_query = query;
     })
     .await;
-    let (device, body) = register("counted");
+    let (device, body) = register(name);
     let (user, domain) = user_and_domain(&device);
     let password = password_of(&user);
     accounts
         .add_account(&user, &domain, &password, &["MD5"])
         .await;
+    CountedAccount {
+        accounts,
+        app,
+        device,
+        body,
+        user,
+        password,
+    }
+}
+
+#[tokio::test]
+async fn challenges_for_one_user_cost_one_account_lookup() {
+    let CountedAccount {
+        accounts,
+        app,
+        device,
+        body,
+        user,
+        password,
+    } = md5_account_with_counted_lookups("counted").await;
     for request in 1..=10 {
         let challenges = first_challenges(&app, &device, &body).await;
         assert_eq!(algorithms_of(&challenges), ["MD5"], "request #{request}");
@@ -976,19 +1006,14 @@ async fn challenges_for_one_user_cost_one_account_lookup() {
 /// not looked up again.
 #[tokio::test]
 async fn answers_in_an_algorithm_not_stored_use_the_kept_passwords() {
-    let (accounts, query) = counting_accounts().await;
-    let url = accounts.url.clone();
-    let app = digest_app(Backend::Postgres, move |settings| {
-        settings.auth.digest.accounts_url = Some(url);
-        settings.auth.digest.accounts_query = query;
-    })
-    .await;
-    let (device, body) = register("keptmd5");
-    let (user, domain) = user_and_domain(&device);
-    let password = password_of(&user);
-    accounts
-        .add_account(&user, &domain, &password, &["MD5"])
-        .await;
+    let CountedAccount {
+        accounts,
+        app,
+        device,
+        body,
+        user,
+        password,
+    } = md5_account_with_counted_lookups("keptmd5").await;
     for attempt in 1..=10 {
         let challenges = first_challenges(&app, &device, &body).await;
         assert_eq!(algorithms_of(&challenges), ["MD5"], "#{attempt}");

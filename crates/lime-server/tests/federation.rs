@@ -902,12 +902,7 @@ async fn a_refusing_peer_is_logged_with_the_reason() {
     assert_eq!(opks_of(&domains.b, &bob).await, 3);
     assert_eq!(opks_of(&domains.c, &claire).await, 3);
     // And the failures are counted, by peer and outcome.
-    let metrics_addr = server
-        .log
-        .split_whitespace()
-        .find_map(|field| field.strip_prefix("metrics_addr="))
-        .expect("metrics_addr= logged");
-    let scrape = get_metrics(metrics_addr).await;
+    let scrape = get_metrics(&server.metrics_addr().to_string()).await;
     for (peer, outcome) in [(B, "refused"), (C, "unreachable")] {
         let series =
             format!("lime_federation_forwards_total{{peer=\"{peer}\",outcome=\"{outcome}\"}} 1");

@@ -105,15 +105,7 @@ async fn start_server_authenticating(method: Method, tables: &str) -> Server {
     let file = dir.join("lime-server.toml");
     std::fs::write(&file, config).unwrap();
     let process = ServerProcess::start(&["--config", file.to_str().unwrap()]);
-    let metrics = process
-        .log
-        .lines()
-        .find_map(|line| {
-            line.split_whitespace()
-                .find_map(|field| field.strip_prefix("metrics_addr="))
-                .and_then(|addr| addr.parse().ok())
-        })
-        .unwrap_or_else(|| panic!("no metrics_addr= logged before listening:\n{}", process.log));
+    let metrics = process.metrics_addr();
     let mut settings = Settings::default();
     settings.storage.data_dir = dir.to_owned();
     settings.storage.curves = vec!["c25519".to_owned()];

@@ -112,6 +112,19 @@ impl ServerProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// The address of its metrics listener, as its start-up log names it
+    /// (`metrics_addr=`): the server must run with `metrics.listen` set.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.log
+            .lines()
+            .find_map(|line| {
+                line.split_whitespace()
+                    .find_map(|field| field.strip_prefix("metrics_addr="))
+                    .and_then(|addr| addr.parse().ok())
+            })
+            .unwrap_or_else(|| panic!("no metrics_addr= logged before listening:\n{}", self.log))
+    }
+
     /// Its process id (for /proc/PID/status).
     pub fn pid(&self) -> u32 {
         self.child.id()
