@@ -117,13 +117,8 @@ pub fn run(args: &BundlesArgs) -> Result<()> {
         bail!("--background-per-request must be at least 1");
     }
     let port = url_port(&args.url)?;
-    let https = args.url.starts_with("https://");
     let clients = (0..args.connections + args.background_connections)
-        .map(|_| match (&args.ca, https) {
-            (Some(ca), _) => LimeClient::trusting(ca),
-            (None, false) => LimeClient::plain(),
-            (None, true) => bail!("an https:// URL needs --ca <certificate to trust>"),
-        })
+        .map(|_| client_for(&args.url, args.ca.as_deref()))
         .collect::<Result<Vec<_>>>()?;
     let clients = match &args.digest {
         None => clients,
@@ -499,6 +494,16 @@ async fn get_bundle(
             bail!("peerBundle with {} entries, not {asked}", bundles.len())
         }
         other => bail!("answer is not a peerBundle: {other:?}"),
+    }
+}
+
+/// A client of its own connection pool for `url`: trusting `ca`, which an
+/// https:// URL needs, or plain HTTP.
+pub fn client_for(url: &str, ca: Option<&std::path::Path>) -> Result<LimeClient> {
+    match (ca, url.starts_with("https://")) {
+        (Some(ca), _) => LimeClient::trusting(ca),
+        (None, false) => LimeClient::plain(),
+        (None, true) => bail!("an https:// URL needs --ca <certificate to trust>"),
     }
 }
 

@@ -7,7 +7,7 @@
 //! `server.idle_timeout_ms` must be longer than the set-up and the hold, and its
 //! `server.max_connections` at least N; this process needs N open files.
 
-use crate::bundles::{count_connections, register_device, url_port};
+use crate::bundles::{client_for, count_connections, register_device, url_port};
 use crate::stats::process_rss_kib;
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -57,18 +57,13 @@ pub fn run(args: &IdleArgs) -> Result<()> {
         bail!("--parallel must be at least 1");
     }
     let port = url_port(&args.url)?;
-    let https = args.url.starts_with("https://");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     let rss_before = process_rss_kib(args.server_pid)?;
     let clients = (0..args.connections.max(1))
-        .map(|_| match (&args.ca, https) {
-            (Some(ca), _) => LimeClient::trusting(ca),
-            (None, false) => LimeClient::plain(),
-            (None, true) => bail!("an https:// URL needs --ca <certificate to trust>"),
-        })
+        .map(|_| client_for(&args.url, args.ca.as_deref()))
         .collect::<Result<Vec<_>>>()?;
     runtime.block_on(async {
         // The registration's own connection is the first client's, counted below.
