@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests need,
 # starts the local MariaDB and PostgreSQL when they are installed but stopped, runs
-# every test of the workspace (stores on SQLite), then the black-box suites and the
-# liblime interop test again on MariaDB and on PostgreSQL.
+# every test of the workspace (stores on SQLite) and, beside it, the black-box
+# suites and the liblime interop test again on MariaDB and on PostgreSQL.
 # Usage: scripts/test.sh [extra cargo test arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,23 +75,72 @@ set +m
 # Never leave it running, its build included, if a suite fails first.
 trap 'kill -TERM -- "-$package_pid" 2>/dev/null || true' EXIT
 
-cargo test --workspace --locked "$@"
+# Every test is built once; then three suites run side by side, as most of
+# their time is spent waiting on servers, databases and clocks: every test of the
+# workspace (stores on SQLite, through cargo, with the extra arguments), and the
+# same black-box code again on MariaDB and on PostgreSQL (the test binaries run
+# directly: cargo would make them wait on its lock of the target directory).
+binaries=target/test-binaries.tsv
+cargo test --workspace --locked --no-run --message-format=json-render-diagnostics \
+    | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") \
+            and m["profile"]["test"] and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"], m["executable"], sep="\t")' >"$binaries"
 
-# The same black-box code, on each database server.
-for backend in mariadb postgres; do
-    echo "test.sh: black-box suites on $backend" >&2
-    LIME_TEST_BACKEND=$backend cargo test -p lime-server --locked \
-        --test protocol --test bad_input --test concurrency --test limits --test liblime_interop \
-        --test federation --test linphone_chat "$@"
+# The integration tests of lime-server, in turn, as cargo would run them (from
+# the package's directory), with the variables given before the names.
+run_tests() { # [VAR=VALUE...] NAME...
+    local vars=()
+    while [[ $# -gt 0 && $1 == *=* ]]; do vars+=("$1"); shift; done
+    local name exe
+    for name in "$@"; do
+        exe=$(awk -F'\t' -v name="$name" '$1 == name { print $2 }' "$binaries")
+        [ -n "$exe" ] || { echo "test.sh: no test binary named $name" >&2; return 1; }
+        echo "test.sh: $name ${vars[*]}"
+        (cd crates/lime-server && env "${vars[@]}" "$exe") || return 1
+    done
+}
+black_box=(protocol bad_input concurrency limits liblime_interop federation linphone_chat)
+# The black-box suites on each database server; the real client again with
+# authentication on: answering digest challenges (accounts on MariaDB), then
+# presenting client certificates.
+on_mariadb() {
+    run_tests LIME_TEST_BACKEND=mariadb "${black_box[@]}" &&
+        run_tests LIME_TEST_AUTH=digest LIME_TEST_BACKEND=mariadb liblime_interop
+}
+on_postgres() {
+    run_tests LIME_TEST_BACKEND=postgres "${black_box[@]}" &&
+        run_tests LIME_TEST_AUTH=certificate liblime_interop
+}
+mkdir -p target/test-logs
+suites=(on_mariadb on_postgres)
+suite_pids=()
+for suite in "${suites[@]}"; do
+    echo "test.sh: $suite, in the background (log: target/test-logs/$suite.log)" >&2
+    (started=$SECONDS; status=0; "$suite" || status=$?
+        echo "test.sh: $suite ended with status $status in $((SECONDS - started)) s"
+        exit "$status") >"target/test-logs/$suite.log" 2>&1 &
+    suite_pids+=($!)
 done
+trap 'kill -TERM -- "-$package_pid" 2>/dev/null || true; kill "${suite_pids[@]}" 2>/dev/null || true' EXIT
 
-# The real client again with authentication on: answering digest challenges
-# (accounts on MariaDB), then presenting client certificates.
-echo "test.sh: liblime interop with digest authentication" >&2
-LIME_TEST_AUTH=digest LIME_TEST_BACKEND=mariadb cargo test -p lime-server --locked \
-    --test liblime_interop "$@"
-echo "test.sh: liblime interop with client certificates" >&2
-LIME_TEST_AUTH=certificate cargo test -p lime-server --locked --test liblime_interop "$@"
+started=$SECONDS
+cargo test --workspace --locked "$@"
+echo "test.sh: the workspace's tests passed in $((SECONDS - started)) s" >&2
+
+failed=()
+for i in "${!suite_pids[@]}"; do
+    suite=${suites[$i]}
+    wait "${suite_pids[$i]}" || failed+=("$suite")
+    cat "target/test-logs/$suite.log"
+done
+if ((${#failed[@]})); then
+    echo "test.sh: failed: ${failed[*]} (logs above, and in target/test-logs/)" >&2
+    exit 1
+fi
 
 echo "test.sh: waiting for the package test" >&2
 package_status=0
