@@ -104,7 +104,7 @@ async fn lock_identity(conn: &mut MySqlConnection, device: &DeviceId) -> Result<
 /// count is exact across instances. Before version 3 the device's rows (or the
 /// index gap where it would go) are locked instead, as the original schema
 /// allows, and two new devices may deadlock on that gap (run again, up to
-/// `DEADLOCK_ATTEMPTS` times).
+/// `ROLLBACK_ATTEMPTS` times).
 pub(super) async fn register_device(
     conn: &mut MySqlConnection,
     limits: StoreLimits,
