@@ -13,7 +13,8 @@
 #   galera-cluster.sh start-node DIR I   start node I again: it rejoins (IST/SST)
 #
 # Needs the packages mariadb-server, galera-4 and rsync. mariadbd refuses to run
-# as root: the nodes run as GALERA_USER (default nobody), their dirs chowned.
+# as root: started by root, the nodes run as GALERA_USER (default nobody), their
+# dirs chowned.
 # Failure detection is shortened for tests (evs.suspect_timeout PT2S,
 # evs.inactive_timeout PT3S; Galera's defaults are PT5S and PT15S): a killed node
 # leaves the cluster within about 3 s.
@@ -21,7 +22,9 @@ set -euo pipefail
 
 sql_base=${GALERA_SQL_PORT:-3310}
 group_base=${GALERA_PORT:-4570}
-run_as=${GALERA_USER:-nobody}
+# mariadbd refuses to run as root: as root, the nodes run as GALERA_USER; as
+# anyone else, as themselves.
+if ((EUID == 0)); then run_as=${GALERA_USER:-nobody}; else run_as=$(id -un); fi
 provider=/usr/lib/galera/libgalera_smm.so
 # Every wait is bounded (seconds).
 wait_limit=${GALERA_WAIT:-90}
@@ -138,9 +141,8 @@ start() {
         mariadb-install-db --defaults-file="$node/my.cnf" --auth-root-authentication-method=normal \
             --skip-test-db >"$node/install.log" 2>&1 \
             || { cat "$node/install.log" >&2; return 1; }
-        chown -R "$run_as" "$node"
     done
-    chown "$run_as" "$dir"
+    chown -R "$run_as" "$dir"
     launch "$dir" 1 new
     wait_synced "$dir" 1 1
     for ((i = 2; i <= n; i++)); do

@@ -247,8 +247,14 @@ async fn assert_invisible_primary_keys(conn: &mut MySqlConnection) {
     assert_eq!(
         keys,
         [
-            ("Config.lime_rs_id".into(), "auto_increment, INVISIBLE".into()),
-            ("Requests.lime_rs_id".into(), "auto_increment, INVISIBLE".into())
+            (
+                "Config.lime_rs_id".into(),
+                "auto_increment, INVISIBLE".into()
+            ),
+            (
+                "Requests.lime_rs_id".into(),
+                "auto_increment, INVISIBLE".into()
+            )
         ]
     );
 }

@@ -272,8 +272,7 @@ pub fn store_retried(backend: &'static str, curve: Curve, at: RetryAt) {
         RetryAt::Statement => "statement",
         RetryAt::Commit => "commit",
     };
-    counter!(STORE_RETRIES, "backend" => backend, "curve" => curve.name(), "at" => at)
-        .increment(1);
+    counter!(STORE_RETRIES, "backend" => backend, "curve" => curve.name(), "at" => at).increment(1);
 }
 
 /// The claims in doubt of a store, after one was recorded or settled.
