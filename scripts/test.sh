@@ -25,7 +25,8 @@ sudo_cmd=()
 # linphone-common ships; the loopback SIP registrar is a Python script.
 # mariadb-server, galera-4, rsync: tests/galera.rs runs a 3-node Galera cluster
 # on loopback (scripts/galera-cluster.sh: SQL ports 3311-3313, group
-# communication 4571-4573, IST 4581-4583, rsync SST 4591-4593; about a minute).
+# communication 4571-4573, IST 4581-4583, rsync SST 4591-4593, or the next free
+# block 30 ports up; about a minute).
 needed=(liblime-dev libsoci-sqlite3-4.0 curl prometheus
     liblinphone-dev linphone-common pkg-config python3
     mariadb-server galera-4 rsync)
