@@ -23,8 +23,13 @@ sudo_cmd=()
 # liblinphone (pkg-config finds its flags); liblinphone aborts on parsing an
 # address without the belr grammars (identity_grammar, cpim_grammar) that only
 # linphone-common ships; the loopback SIP registrar is a Python script.
+# mariadb-server, galera-4, rsync: tests/galera.rs runs a 3-node Galera cluster
+# on loopback (scripts/galera-cluster.sh: SQL ports 3311-3313, group
+# communication 4571-4573, IST 4581-4583, rsync SST 4591-4593, or the next free
+# block 30 ports up; about a minute).
 needed=(liblime-dev libsoci-sqlite3-4.0 curl prometheus
-    liblinphone-dev linphone-common pkg-config python3)
+    liblinphone-dev linphone-common pkg-config python3
+    mariadb-server galera-4 rsync)
 missing=()
 for package in "${needed[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \

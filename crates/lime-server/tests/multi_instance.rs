@@ -8,12 +8,12 @@
 mod common;
 
 use common::backend::{Backend, TestDatabases};
-use common::process::ServerProcess;
+use common::process::{self, ServerProcess, plain_urls as server_urls};
+use common::served::ServedKeys;
 use common::{device_id, id, registration};
 use futures::stream::{self, StreamExt};
 use lime_protocol::{Curve, MessageType, Request, RequestMessage, Response};
 use lime_server::client::LimeClient;
-use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -126,23 +126,9 @@ async fn two_servers_serve_each_one_time_key_once(backend: Backend) {
         }
     }
 
-    let mut served = HashSet::new();
+    let mut served = ServedKeys::default();
     for answer in answers {
-        let Response::PeerBundles(bundles) = answer else {
-            panic!("{backend:?}: expected peerBundle, got {answer:?}");
-        };
-        for entry in bundles {
-            let bundle = entry.bundle.expect("every target has a bundle");
-            if let Some(key) = bundle.one_time_pre_key {
-                let first_time = served.insert((entry.device_id.as_str().to_owned(), key.id()));
-                assert!(
-                    first_time,
-                    "{backend:?}: OPk {} of {} served twice",
-                    key.id(),
-                    entry.device_id
-                );
-            }
-        }
+        served.record(answer, format!("{backend:?}"));
     }
     assert_eq!(
         served.len(),
@@ -399,33 +385,8 @@ async fn concurrent_claims_of_one_account_stay_within_its_limit(backend: Backend
     drop(databases);
 }
 
-/// Starts two `lime-server serve` processes/// Starts two `lime-server serve` processes on the databases at `url` (plain HTTP,
-/// data directory `dir`), their config file holding `limits` as its `[limits]`.
+/// Starts two `lime-server serve` processes on the databases at `url`, their
+/// config file holding `limits` as its `[limits]`.
 fn start_two_servers(dir: &Path, url: &str, limits: &str) -> Vec<ServerProcess> {
-    let config = dir.join("lime-server.toml");
-    std::fs::write(&config, format!("[limits]\n{limits}")).unwrap();
-    let (config, dir) = (config.to_str().unwrap(), dir.to_str().unwrap());
-    (0..2)
-        .map(|_| {
-            ServerProcess::start(&[
-                "--config",
-                config,
-                "--plain-http",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                dir,
-                "--store",
-                url,
-            ])
-        })
-        .collect()
-}
-
-/// The URL each server answers X3DH requests on.
-fn server_urls(servers: &[ServerProcess]) -> Vec<String> {
-    servers
-        .iter()
-        .map(|server| format!("http://{}/", server.addr))
-        .collect()
+    process::start_plain_servers(dir, &format!("[limits]\n{limits}"), &[url, url])
 }

@@ -186,6 +186,7 @@ async fn init_creates_the_original_schema_with_our_additions_once() {
     assert!(column("Users.UserId").2.ends_with("_bin"));
     assert_eq!(column("Requests.at").1, "timestamp");
     assert_eq!(column("Config.Name").1, "varchar(20)");
+    assert_invisible_primary_keys(&mut conn).await;
     let engines: Vec<String> = sqlx::query_scalar(
         "SELECT DISTINCT CONVERT(ENGINE USING utf8mb4) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()",
     )
@@ -227,6 +228,35 @@ async fn init_creates_the_original_schema_with_our_additions_once() {
     );
     assert_eq!(db.count("SELECT COUNT(*) FROM Config").await, 2);
     db.open(Duration::from_secs(5)).await.ping().await.unwrap();
+}
+
+/// `Requests` and `Config` have our invisible auto-increment primary key (which
+/// a Galera cluster needs).
+async fn assert_invisible_primary_keys(conn: &mut MySqlConnection) {
+    let keys: Vec<(String, String)> = sqlx::query_as(
+        "SELECT CONVERT(CONCAT(c.TABLE_NAME, '.', c.COLUMN_NAME) USING utf8mb4), \
+         CONVERT(c.EXTRA USING utf8mb4) FROM information_schema.COLUMNS AS c \
+         JOIN information_schema.STATISTICS AS s ON s.TABLE_SCHEMA = c.TABLE_SCHEMA \
+         AND s.TABLE_NAME = c.TABLE_NAME AND s.COLUMN_NAME = c.COLUMN_NAME \
+         WHERE c.TABLE_SCHEMA = DATABASE() AND s.INDEX_NAME = 'PRIMARY' \
+         AND c.TABLE_NAME IN ('Requests', 'Config') ORDER BY c.TABLE_NAME",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        keys,
+        [
+            (
+                "Config.lime_rs_id".into(),
+                "auto_increment, INVISIBLE".into()
+            ),
+            (
+                "Requests.lime_rs_id".into(),
+                "auto_increment, INVISIBLE".into()
+            )
+        ]
+    );
 }
 
 #[tokio::test]
@@ -449,9 +479,12 @@ async fn migrate_only_adds_is_idempotent_and_keeps_the_original_queries_working(
             "table lime_rs_claims",
             "index Requests(target, source, at)",
             "table lime_rs_identity_requests",
+            "invisible primary key Requests.lime_rs_id",
+            "invisible primary key Config.lime_rs_id",
             "Config ('lime_rs_schema', 3)"
         ]
     );
+    assert_invisible_primary_keys(&mut conn).await;
     assert!(
         store::mysql::migrate(&db.url)
             .await
@@ -480,6 +513,28 @@ async fn migrate_only_adds_is_idempotent_and_keeps_the_original_queries_working(
     .execute(&mut conn)
     .await;
     assert!(duplicate.is_err(), "the unique index guards OPk ids");
+    // Statements without a column list do not see the invisible keys.
+    sqlx::query("INSERT INTO Requests VALUES (?, ?, NOW())")
+        .bind(device("erin").as_str())
+        .bind(dave.as_str())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let request = sqlx::query("SELECT * FROM Requests")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(request.columns().len(), 3, "source, target, at");
+    sqlx::query("INSERT INTO Config VALUES ('php', 7)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let config = sqlx::query("SELECT * FROM Config WHERE Name = 'php'")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(config.columns().len(), 2, "Name, Value");
+    assert_eq!(config.get::<i32, _>("Value"), 7);
 
     let store = db.open(Duration::from_secs(5)).await;
     assert_eq!(

@@ -32,9 +32,10 @@ use tokio::sync::Barrier;
 #[derive(Debug, Args)]
 pub struct BundlesArgs {
     /// The server's X3DH URL, e.g. https://127.0.0.1:25519/ (http:// for a
-    /// plain-HTTP listener).
-    #[arg(long)]
-    url: String,
+    /// plain-HTTP listener). Several, comma-separated: the connections are spread
+    /// over them in turn (instances of one service, e.g. on a Galera cluster).
+    #[arg(long, value_delimiter = ',', required = true)]
+    url: Vec<String>,
     /// PEM certificate to trust for https:// URLs, e.g.
     /// <data_dir>/tls/self-signed.crt.
     #[arg(long, value_name = "CERT")]
@@ -116,9 +117,13 @@ pub fn run(args: &BundlesArgs) -> Result<()> {
     if args.background_connections > 0 && args.background_per_request == 0 {
         bail!("--background-per-request must be at least 1");
     }
-    let port = url_port(&args.url)?;
+    let ports = args
+        .url
+        .iter()
+        .map(|url| url_port(url))
+        .collect::<Result<Vec<_>>>()?;
     let clients = (0..args.connections + args.background_connections)
-        .map(|_| client_for(&args.url, args.ca.as_deref()))
+        .map(|index| client_for(url_of(&args.url, index), args.ca.as_deref()))
         .collect::<Result<Vec<_>>>()?;
     let clients = match &args.digest {
         None => clients,
@@ -139,13 +144,18 @@ pub fn run(args: &BundlesArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(load(args, clients, port))
+    runtime.block_on(load(args, clients, &ports))
 }
 
-async fn load(args: &BundlesArgs, mut clients: Vec<LimeClient>, port: u16) -> Result<()> {
+/// The URL of connection `index`: the URLs in turn.
+fn url_of(urls: &[String], index: usize) -> &str {
+    &urls[index % urls.len()]
+}
+
+async fn load(args: &BundlesArgs, mut clients: Vec<LimeClient>, ports: &[u16]) -> Result<()> {
     let load_before = load_average();
     let shared = Arc::new(Shared {
-        url: args.url.clone(),
+        urls: args.url.clone(),
         sender: args.sender.clone(),
         curve: args.curve,
         devices: args.devices,
@@ -158,20 +168,22 @@ async fn load(args: &BundlesArgs, mut clients: Vec<LimeClient>, port: u16) -> Re
     let background_clients = clients.split_off(args.connections);
     let tasks: Vec<_> = clients
         .into_iter()
-        .map(|client| {
+        .enumerate()
+        .map(|(index, client)| {
             tokio::spawn(connection_task(
                 shared.clone(),
-                client,
+                (client, index),
                 Role::Timed(args.per_request),
             ))
         })
         .collect();
     let background_tasks: Vec<_> = background_clients
         .into_iter()
-        .map(|client| {
+        .enumerate()
+        .map(|(index, client)| {
             tokio::spawn(connection_task(
                 shared.clone(),
-                client,
+                (client, args.connections + index),
                 Role::Background(args.background_per_request),
             ))
         })
@@ -219,7 +231,10 @@ async fn load(args: &BundlesArgs, mut clients: Vec<LimeClient>, port: u16) -> Re
     for task in background_tasks {
         background.push(task.await.context("a background task panicked")??);
     }
-    let open = count_connections(port)
+    let open = ports
+        .iter()
+        .map(|port| count_connections(*port))
+        .sum::<Result<usize>>()
         .map(|count| count.to_string())
         .unwrap_or_else(|error| format!("unknown ({error:#})"));
 
@@ -246,7 +261,7 @@ async fn load(args: &BundlesArgs, mut clients: Vec<LimeClient>, port: u16) -> Re
         "bundles: {done} requests of {} devices ({} {}) over {} connections ({open} open at the end) in {:.2} s; load average before: {load_before}",
         args.per_request,
         args.curve,
-        args.url,
+        args.url.join(","),
         args.connections,
         elapsed.as_secs_f64()
     );
@@ -402,7 +417,8 @@ impl Background {
 
 /// What the tasks share.
 struct Shared {
-    url: String,
+    /// Connection `i` sends to `urls[i % urls.len()]`.
+    urls: Vec<String>,
     sender: String,
     curve: Curve,
     devices: u64,
@@ -427,14 +443,15 @@ enum Role {
 /// until its [`Role`] says stop.
 async fn connection_task(
     shared: Arc<Shared>,
-    client: LimeClient,
+    (client, index): (LimeClient, usize),
     role: Role,
 ) -> Result<TaskReport> {
+    let url = url_of(&shared.urls, index).to_owned();
     let per_request = match role {
         Role::Timed(count) | Role::Background(count) => count,
     };
     let mut rng = StdRng::from_rng(&mut rand::rng());
-    let warm_up = get_bundle(&shared, &client, per_request, &mut rng).await;
+    let warm_up = get_bundle(&shared, (&client, &url), per_request, &mut rng).await;
     // Wait even when the warm-up failed: the main task waits for everyone.
     shared.start.wait().await;
     warm_up.context("warm-up request (connection set-up) failed")?;
@@ -452,7 +469,7 @@ async fn connection_task(
     };
     while more() {
         let sent = Instant::now();
-        let answer = get_bundle(&shared, &report.client, per_request, &mut rng).await;
+        let answer = get_bundle(&shared, (&report.client, &url), per_request, &mut rng).await;
         report.latencies.push(sent.elapsed());
         match answer {
             Ok(flags) => flags.into_iter().for_each(|flag| report.flags.add(flag)),
@@ -471,7 +488,7 @@ async fn connection_task(
 /// flags of the bundles, or why the answer is not their peerBundle.
 async fn get_bundle(
     shared: &Shared,
-    client: &LimeClient,
+    (client, url): (&LimeClient, &str),
     per_request: u64,
     rng: &mut StdRng,
 ) -> Result<Vec<u8>> {
@@ -485,7 +502,7 @@ async fn get_bundle(
         curve: shared.curve,
         request: Request::GetPeerBundle(devices),
     };
-    let answer = client.send(&shared.url, &shared.sender, &message).await?;
+    let answer = client.send(url, &shared.sender, &message).await?;
     match answer.response {
         Response::PeerBundles(bundles) if bundles.len() == asked => {
             Ok(bundles.iter().map(|bundle| bundle.flag()).collect())
@@ -568,7 +585,13 @@ pub fn count_connections(port: u16) -> Result<usize> {
 /// registered by an earlier run is left as it is.
 async fn register_sender(shared: &Shared, clients: &[LimeClient]) -> Result<()> {
     let client = clients.first().context("no connection")?;
-    register_device(client, &shared.url, &shared.sender, shared.curve).await
+    register_device(
+        client,
+        url_of(&shared.urls, 0),
+        &shared.sender,
+        shared.curve,
+    )
+    .await
 }
 
 /// Registers `device` with no OPks at `url`; one already registered is left as it is.

@@ -37,6 +37,8 @@ pub const AUTH_FAILURES: &str = "lime_auth_failures_total";
 pub const AUTH_LOCKOUTS: &str = "lime_auth_lockouts_total";
 /// `lime_store_errors_total{backend, curve, kind}`
 pub const STORE_ERRORS: &str = "lime_store_errors_total";
+/// `lime_store_retries_total{backend, curve, at}`
+pub const STORE_RETRIES: &str = "lime_store_retries_total";
 /// `lime_store_claims_in_doubt{curve}`
 pub const CLAIMS_IN_DOUBT: &str = "lime_store_claims_in_doubt";
 /// `lime_connections_open`
@@ -109,6 +111,11 @@ pub fn describe_all() {
     describe_counter!(
         STORE_ERRORS,
         "Requests answered db_error, by backend, curve and kind (error, or timeout)"
+    );
+    describe_counter!(
+        STORE_RETRIES,
+        "Transactions rolled back by the database and run again, by backend, curve and where the \
+         database refused: statement (a deadlock) or commit (a Galera certification failure)"
     );
     describe_gauge!(
         CLAIMS_IN_DOUBT,
@@ -246,6 +253,26 @@ pub fn store_failed(backend: &'static str, curve: Curve, timeout: bool) {
     let kind = if timeout { "timeout" } else { "error" };
     counter!(STORE_ERRORS, "backend" => backend, "curve" => curve.name(), "kind" => kind)
         .increment(1);
+}
+
+/// Where a transaction run again was refused by the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryAt {
+    /// A statement was chosen as a deadlock victim.
+    Statement,
+    /// COMMIT failed certification on a Galera node (another node's transaction
+    /// touched the same rows first).
+    Commit,
+}
+
+/// A transaction rolled back by the database (deadlock, certification failure)
+/// that the store runs again.
+pub fn store_retried(backend: &'static str, curve: Curve, at: RetryAt) {
+    let at = match at {
+        RetryAt::Statement => "statement",
+        RetryAt::Commit => "commit",
+    };
+    counter!(STORE_RETRIES, "backend" => backend, "curve" => curve.name(), "at" => at).increment(1);
 }
 
 /// The claims in doubt of a store, after one was recorded or settled.

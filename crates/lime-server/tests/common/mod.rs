@@ -7,6 +7,7 @@
 pub mod accounts;
 pub mod auth;
 pub mod backend;
+pub mod galera;
 pub mod immutable;
 pub mod liblime;
 pub mod linphone;
@@ -16,6 +17,7 @@ pub mod process;
 pub mod registrations;
 pub mod relay;
 pub mod scrape;
+pub mod served;
 pub mod store_probe;
 
 use auth::{AuthFixture, TestAuth};

@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -158,6 +159,39 @@ impl ServerProcess {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Starts one `lime-server serve` per store URL in `stores` (plain HTTP on a
+/// loopback port), sharing the data directory `dir` and a config file holding
+/// `config`: several instances behind a load balancer.
+pub fn start_plain_servers(dir: &Path, config: &str, stores: &[&str]) -> Vec<ServerProcess> {
+    let config_file = dir.join("lime-server.toml");
+    std::fs::write(&config_file, config).unwrap();
+    let (config_file, dir) = (config_file.to_str().unwrap(), dir.to_str().unwrap());
+    stores
+        .iter()
+        .map(|store| {
+            ServerProcess::start(&[
+                "--config",
+                config_file,
+                "--plain-http",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                dir,
+                "--store",
+                store,
+            ])
+        })
+        .collect()
+}
+
+/// The URL each server answers X3DH requests on.
+pub fn plain_urls(servers: &[ServerProcess]) -> Vec<String> {
+    servers
+        .iter()
+        .map(|server| format!("http://{}/", server.addr))
+        .collect()
 }
 
 /// `lime-server serve ARGS...` at info level, stderr piped, stdout thrown away.

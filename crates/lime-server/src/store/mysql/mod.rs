@@ -28,10 +28,18 @@
 //!   keys are put back if it had committed. Each connection's lock waits
 //!   (`innodb_lock_wait_timeout`, `lock_wait_timeout`) are set to the time-out
 //!   too, so that an abandoned statement does not hold locks for long.
+//! - A transaction the database rolls back whole (error 1213: a statement chosen
+//!   as InnoDB's deadlock victim, or, on a Galera cluster, a COMMIT refused by
+//!   certification because another node's transaction wrote the same rows
+//!   first) is run again, up to [`ROLLBACK_ATTEMPTS`] times within the time-out;
+//!   every other COMMIT failure is "outcome unknown" as above. On a Galera node
+//!   each connection sets `wsrep_sync_wait = 1`, so that its reads see what
+//!   other nodes committed before them.
 
 mod queries;
 pub mod schema;
 
+use crate::metrics::RetryAt;
 use crate::store::claim::ClaimTables;
 use crate::store::in_doubt::{
     CallError, ClaimToken, ClaimedKey, InDoubtClaims, Reconcile, Settled,
@@ -56,8 +64,11 @@ use tokio::time::{Instant, timeout, timeout_at};
 /// The work of one store method on a connection, as [`MysqlStore::run`] takes it.
 type Work<'c, T> = Pin<Box<dyn Future<Output = Result<T, Fault>> + Send + 'c>>;
 
-/// How often a transaction that InnoDB chose as a deadlock victim is run again.
-const DEADLOCK_ATTEMPTS: u32 = 5;
+/// How many times a transaction the database rolled back (an InnoDB deadlock
+/// victim, a Galera certification failure) is run in all, within the store's
+/// time-out. On a Galera cluster under contention for the same one-time
+/// pre-keys, several nodes' claims may lose to each other in a row.
+const ROLLBACK_ATTEMPTS: u32 = 16;
 
 /// A base algorithm's keys in a MariaDB/MySQL database.
 pub struct MysqlStore {
@@ -128,6 +139,14 @@ pub async fn open(
         ),
         Some(_) => {}
     }
+    if !schema::has_primary_keys(&mut conn).await.map_err(&fail)? {
+        tracing::warn!(
+            location = %redact(url),
+            "tables Requests and Config have no primary key (served anyway): run `lime-server \
+             db migrate` to add invisible ones; a Galera cluster needs a primary key on every \
+             table"
+        );
+    }
     drop(conn);
     Ok(Arc::new_cyclic(|this| MysqlStore {
         curve,
@@ -184,7 +203,28 @@ async fn prepare_connection(conn: &mut MySqlConnection, lock_wait: u64) -> sqlx:
          SET SESSION innodb_lock_wait_timeout = {lock_wait}, SESSION lock_wait_timeout = {lock_wait}"
     );
     conn.execute(settings.as_str()).await?;
+    // On a Galera node, a read waits until the node has applied every write
+    // set committed anywhere in the cluster before it started: the limits count
+    // what other nodes' instances recorded, and a registration sees a device
+    // registered through another node. Without it a node's reads may lag.
+    if on_galera(conn).await? {
+        conn.execute("SET SESSION wsrep_sync_wait = 1").await?;
+    }
     Ok(())
+}
+
+/// Whether the connection is to a node of a Galera cluster (`wsrep_on`; MySQL
+/// does not know the variable).
+async fn on_galera(conn: &mut MySqlConnection) -> sqlx::Result<bool> {
+    match sqlx::query_scalar::<_, i64>("SELECT CAST(@@wsrep_on AS SIGNED)")
+        .fetch_one(&mut *conn)
+        .await
+    {
+        Ok(on) => Ok(on != 0),
+        // ER_UNKNOWN_SYSTEM_VARIABLE
+        Err(error) if mysql_error_number(&error) == Some(1193) => Ok(false),
+        Err(error) => Err(error),
+    }
 }
 
 /// Lock waits are whole seconds (at least 1 on MySQL).
@@ -301,11 +341,20 @@ impl Drop for Checkout {
 /// What one attempt came to.
 enum Attempt<T> {
     Done(Result<T, StoreError>),
-    /// Deadlock victim, or a stale connection met before anything was done: run
-    /// again (on a fresh connection when `fresh_connection`).
-    Again {
-        fresh_connection: bool,
-    },
+    /// Nothing was done: run the whole work again.
+    Again(Retry),
+}
+
+/// Why an attempt is run again.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// A stale connection met before anything was done: on a fresh connection.
+    StaleConnection,
+    /// The database rolled the transaction back (error 1213) at `at`: a
+    /// statement chosen as InnoDB's deadlock victim, or a COMMIT that failed a
+    /// Galera node's certification (another node's transaction wrote the same
+    /// rows first). Either way nothing it did remains.
+    RolledBack(RetryAt),
 }
 
 impl MysqlStore {
@@ -331,7 +380,7 @@ impl MysqlStore {
         F: for<'c> Fn(&'c mut MySqlConnection, &'c D) -> Work<'c, T> + Sync,
     {
         let deadline = Instant::now() + self.timeout;
-        let mut deadlocks = 0;
+        let mut rolled_back = 0;
         let mut stale = 0;
         loop {
             let mut checkout = Checkout {
@@ -345,24 +394,27 @@ impl MysqlStore {
                 .await?;
             match attempt {
                 Attempt::Done(result) => return result.map_err(CallError::Failed),
-                Attempt::Again { fresh_connection } => {
-                    if fresh_connection {
-                        stale += 1;
-                        if stale > self.pool_size {
-                            return Err(CallError::Failed(StoreError::Backend(
-                                "every pooled connection is broken".into(),
-                            )));
-                        }
-                    } else {
-                        deadlocks += 1;
-                        if deadlocks >= DEADLOCK_ATTEMPTS {
-                            return Err(CallError::Failed(StoreError::Backend(format!(
-                                "deadlock, {DEADLOCK_ATTEMPTS} times in a row"
-                            ))));
-                        }
-                        // Let the winner finish before trying again.
-                        tokio::time::sleep(Duration::from_millis(2 * u64::from(deadlocks))).await;
+                Attempt::Again(Retry::StaleConnection) => {
+                    stale += 1;
+                    if stale > self.pool_size {
+                        return Err(CallError::Failed(StoreError::Backend(
+                            "every pooled connection is broken".into(),
+                        )));
                     }
+                }
+                Attempt::Again(Retry::RolledBack(at)) => {
+                    rolled_back += 1;
+                    if rolled_back >= ROLLBACK_ATTEMPTS {
+                        return Err(CallError::Failed(StoreError::Backend(format!(
+                            "deadlock or certification failure, {ROLLBACK_ATTEMPTS} times in a row"
+                        ))));
+                    }
+                    crate::metrics::store_retried("mysql", self.curve, at);
+                    // Let the winner finish before trying again; the jitter
+                    // keeps the losers of one conflict from meeting again.
+                    let ceiling = 2 * u64::from(rolled_back.min(8));
+                    let pause = rand::random_range(1..=ceiling);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
                 }
             }
         }
@@ -403,9 +455,9 @@ impl MysqlStore {
                     Attempt::Done(Ok(value))
                 }
                 // A read that met a stale connection is simply read again.
-                Err(Fault::Sql(error)) if is_connection_error(&error) => Attempt::Again {
-                    fresh_connection: true,
-                },
+                Err(Fault::Sql(error)) if is_connection_error(&error) => {
+                    Attempt::Again(Retry::StaleConnection)
+                }
                 Err(fault) => {
                     checkout.clean = matches!(fault, Fault::Store(_));
                     Attempt::Done(Err(self.store_error(fault)))
@@ -417,9 +469,7 @@ impl MysqlStore {
             Ok(Ok(transaction)) => transaction,
             // Nothing was done yet: safe to start again elsewhere.
             Ok(Err(error)) if is_connection_error(&error) => {
-                return Ok(Attempt::Again {
-                    fresh_connection: true,
-                });
+                return Ok(Attempt::Again(Retry::StaleConnection));
             }
             Ok(Err(error)) => return Err(StoreError::Backend(error.to_string()).into()),
         };
@@ -437,6 +487,15 @@ impl MysqlStore {
                     Ok(Ok(())) => {
                         checkout.clean = true;
                         Ok(Attempt::Done(Ok(value)))
+                    }
+                    // The one COMMIT failure whose outcome is known: Galera's
+                    // certification refused the transaction and rolled it back
+                    // (a claim's keys were not taken: the winner took them).
+                    // The connection is fine; sqlx rolls back its side on
+                    // next use.
+                    Ok(Err(error)) if mysql_error_number(&error) == Some(1213) => {
+                        checkout.clean = true;
+                        Ok(Attempt::Again(Retry::RolledBack(RetryAt::Commit)))
                     }
                     Ok(Err(error)) => Err(CallError::CommitUnanswered {
                         value,
@@ -462,9 +521,7 @@ impl MysqlStore {
                 );
                 checkout.clean = rolled_back;
                 if deadlock {
-                    Ok(Attempt::Again {
-                        fresh_connection: false,
-                    })
+                    Ok(Attempt::Again(Retry::RolledBack(RetryAt::Statement)))
                 } else {
                     Ok(Attempt::Done(Err(self.store_error(fault))))
                 }

@@ -86,14 +86,25 @@ fn stored_device(row: &sqlx::mysql::MySqlRow) -> Result<StoredDevice, Fault> {
 /// on every server. Only that row is locked, never an index gap, so that two new
 /// devices of different users do not deadlock. A new row starts in window 0,
 /// which every claim takes for an old window.
+///
+/// The row is written, not only locked (`recorded` up by one, then down): a
+/// Galera cluster replicates row changes, not locks, so only a written row makes
+/// two registrations of one user through different nodes conflict at
+/// certification, where one is rolled back and run again, counting the other's
+/// device.
 async fn lock_identity(conn: &mut MySqlConnection, device: &DeviceId) -> Result<(), Fault> {
+    let identity = SourceIdentity::of(device).key();
     sqlx::query(
         "INSERT INTO lime_rs_identity_requests (identity, window_start, recorded) \
-         VALUES (?, 0, 0) ON DUPLICATE KEY UPDATE identity = identity",
+         VALUES (?, 0, 1) ON DUPLICATE KEY UPDATE recorded = recorded + 1",
     )
-    .bind(SourceIdentity::of(device).key().as_slice())
+    .bind(identity.as_slice())
     .execute(&mut *conn)
     .await?;
+    sqlx::query("UPDATE lime_rs_identity_requests SET recorded = recorded - 1 WHERE identity = ?")
+        .bind(identity.as_slice())
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -104,7 +115,7 @@ async fn lock_identity(conn: &mut MySqlConnection, device: &DeviceId) -> Result<
 /// count is exact across instances. Before version 3 the device's rows (or the
 /// index gap where it would go) are locked instead, as the original schema
 /// allows, and two new devices may deadlock on that gap (run again, up to
-/// `DEADLOCK_ATTEMPTS` times).
+/// `ROLLBACK_ATTEMPTS` times).
 pub(super) async fn register_device(
     conn: &mut MySqlConnection,
     limits: StoreLimits,

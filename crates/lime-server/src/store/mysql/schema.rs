@@ -82,12 +82,22 @@ const IDENTITIES_TABLE_DDL: &str = "CREATE TABLE IF NOT EXISTS `lime_rs_identity
 PRIMARY KEY(`identity`)
 ) ENGINE=InnoDB";
 
+/// The original's tables without a primary key. A Galera cluster wants one on
+/// every table (rows are replicated and certified by key); we add an INVISIBLE
+/// auto-increment column as the key (MariaDB 10.3+, MySQL 8.0.23+): `SELECT *`
+/// and `INSERT INTO t VALUES (...)` without a column list do not see it, so
+/// that the PHP server's statements keep working.
+const KEYLESS_TABLES: [&str; 2] = ["Requests", "Config"];
+/// The name of that column.
+const INVISIBLE_KEY: &str = "lime_rs_id";
+
 /// Step names, as `db migrate` reports them.
 const OPK_UNIQUE_STEP: &str = "unique index OPk(Uid, OPk_id)";
 const CLAIMS_TABLE_STEP: &str = "table lime_rs_claims";
 const REQUESTS_INDEX_STEP: &str = "index Requests(target, source, at)";
 const OLD_REQUESTS_INDEX_STEP: &str = "drop index Requests(source, target, at)";
 const IDENTITIES_TABLE_STEP: &str = "table lime_rs_identity_requests";
+const INVISIBLE_KEY_STEP: &str = "invisible primary key";
 
 // No unique index on Users(UserId): a TEXT column can only have a prefix index
 // in MySQL, and devices of one long user name share their first 100 characters;
@@ -109,6 +119,9 @@ pub(super) async fn init(conn: &mut MySqlConnection) -> Result<SchemaState, Stri
     execute(conn, REQUESTS_INDEX_DDL).await?;
     execute(conn, IDENTITIES_TABLE_DDL).await?;
     execute(conn, config).await?;
+    for table in KEYLESS_TABLES {
+        add_invisible_key(conn, table).await?;
+    }
     sqlx::query("INSERT INTO `Config` (`Name`, `Value`) VALUES ('version', ?), (?, ?)")
         .bind(LAYOUT_VERSION)
         .bind(SCHEMA_VERSION_NAME)
@@ -152,6 +165,14 @@ pub(super) async fn migrate(conn: &mut MySqlConnection) -> Result<Migration, Str
     if !has_identities_table(conn).await? {
         execute(conn, IDENTITIES_TABLE_DDL).await?;
         applied.push(IDENTITIES_TABLE_STEP.to_owned());
+    }
+    // Checked by presence too, and not a new version: the version is shared
+    // with the other backends, which have nothing to add.
+    for table in KEYLESS_TABLES {
+        if !has_primary_key(conn, table).await? {
+            add_invisible_key(conn, table).await?;
+            applied.push(format!("{INVISIBLE_KEY_STEP} {table}.{INVISIBLE_KEY}"));
+        }
     }
     match ours {
         None => {
@@ -296,6 +317,35 @@ async fn refuse_duplicate_one_time_pre_keys(conn: &mut MySqlConnection) -> Resul
             ""
         },
     ))
+}
+
+/// Adds [`INVISIBLE_KEY`] to `table` as its primary key. The rows already there
+/// are numbered as the table is rebuilt (a copy: the PHP server's writes wait
+/// for it; `Requests` is the only large one, and `db purge` keeps it short).
+async fn add_invisible_key(conn: &mut MySqlConnection, table: &str) -> Result<(), String> {
+    execute(
+        conn,
+        &format!(
+            "ALTER TABLE `{table}` ADD COLUMN `{INVISIBLE_KEY}` BIGINT UNSIGNED NOT NULL \
+             AUTO_INCREMENT INVISIBLE PRIMARY KEY FIRST"
+        ),
+    )
+    .await
+}
+
+/// Whether the original's tables without a primary key have one now (ours, or
+/// one an operator added).
+pub(super) async fn has_primary_keys(conn: &mut MySqlConnection) -> Result<bool, String> {
+    for table in KEYLESS_TABLES {
+        if !has_primary_key(conn, table).await? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+async fn has_primary_key(conn: &mut MySqlConnection, table: &str) -> Result<bool, String> {
+    has_index(conn, table, "PRIMARY").await
 }
 
 async fn add_opk_unique_index(conn: &mut MySqlConnection) -> Result<(), String> {
