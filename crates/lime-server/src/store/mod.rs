@@ -3,7 +3,8 @@
 //! A store keeps one base algorithm's devices and keys, in tables named and shaped
 //! like the original PHP server's (`Users`, `OPk`, `Requests`, `Config`). It sees
 //! typed keys, never protocol bytes. Every method is one transaction: it happens
-//! whole or not at all. Invariant: a one-time pre-key leaves a store only inside
+//! whole or not at all (a large claim on SQLite runs in steps, and is undone
+//! whole when one fails). Invariant: a one-time pre-key leaves a store only inside
 //! [`KeyStore::claim_key_bundles`], in the same transaction that deletes it.
 
 pub(crate) mod claim;
@@ -293,7 +294,9 @@ pub trait KeyStore: Send + Sync {
 
     /// The key bundles of `devices` for `source`, in their order, each taking (and
     /// deleting) one one-time pre-key when the device has one left: one
-    /// transaction for all. No bundle for a device that is unknown or has no
+    /// transaction for all (on SQLite, one per step of
+    /// [`sqlite::CLAIM_STEP_DEVICES`] devices, answered after the last, undone
+    /// when a step fails: see `store/sqlite/claim.rs`). No bundle for a device that is unknown or has no
     /// signed pre-key. A device named twice takes at most one one-time pre-key.
     /// With a bundle request limit, each bundle served is recorded in `Requests`
     /// and a source past the limit for a target gets what `OverLimit` says.

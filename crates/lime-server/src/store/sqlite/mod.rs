@@ -1,28 +1,36 @@
 //! The embedded SQLite store: one database file per base algorithm.
 //!
 //! SQLite has one writer at a time, so each store owns one connection on a
-//! dedicated thread and feeds it jobs through a channel. The thread runs the jobs
-//! that are waiting together in one transaction (group commit), each inside its own
-//! savepoint: a job that fails rolls back alone, and no job's answer is sent before
-//! the transaction that holds it has committed. One-time pre-keys are claimed by
-//! that single writer, so a claim is atomic; `BEGIN IMMEDIATE` keeps it so even if
-//! another process opens the same file.
+//! dedicated thread and feeds it jobs through a channel (`writer.rs`: group
+//! commit, each job in a savepoint, long claims in steps). One-time pre-keys are
+//! claimed by that single writer, so a claim is atomic; `BEGIN IMMEDIATE` keeps it
+//! so even if another process opens the same file. WAL checkpoints run on a thread
+//! of their own beside the writer (`checkpoint.rs`).
 
+mod checkpoint;
+mod claim;
 mod queries;
 pub mod schema;
+mod writer;
+
+pub use checkpoint::MAX_WAL_FRAMES;
+pub use claim::CLAIM_STEP_DEVICES;
 
 use crate::store::{
     Claimed, DeviceReport, KeyStore, Migration, Registered, SchemaState, SourceCheck, StoreError,
     StoreLimits, StoreStats, purge_in_chunks,
 };
 use async_trait::async_trait;
+use checkpoint::Checkpointer;
+use claim::BundleClaim;
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
 use rusqlite::Connection;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use writer::{Job, OneStep, PendingJob, Work};
 
 /// How hard SQLite works to keep a commit through a power cut
 /// (`PRAGMA synchronous`). With `normal`, a power cut (not a crash) may undo the
@@ -35,6 +43,16 @@ pub enum Synchronous {
     Full,
     /// fsync at checkpoints only: faster, may lose the last commits on power loss.
     Normal,
+}
+
+impl Synchronous {
+    /// The value of `PRAGMA synchronous`.
+    fn pragma(self) -> &'static str {
+        match self {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        }
+    }
 }
 
 /// How a SQLite store is opened and run.
@@ -66,15 +84,25 @@ impl SqliteStore {
     /// Opens (creating it when absent) the database, checks its schema and starts
     /// its writer thread.
     pub fn open(curve: Curve, options: &SqliteOptions) -> Result<SqliteStore, OpenError> {
+        let fail = |error| OpenError::Sqlite(options.path.clone(), error);
         let (conn, _) = open_connection(&options.path, options.synchronous)?;
         // Waiting for another process's lock counts against the jobs' time-out.
-        conn.busy_timeout(options.timeout)
-            .map_err(|error| OpenError::Sqlite(options.path.clone(), error))?;
+        conn.busy_timeout(options.timeout).map_err(fail)?;
+        let checkpoints =
+            checkpoint::connect(&options.path, options.synchronous.pragma()).map_err(fail)?;
+        let checkpointer = Checkpointer::start(checkpoints, format!("sqlite-ckpt-{curve}"))
+            .map_err(|error| OpenError::Thread(error.to_string()))?;
         let (jobs, queue) = mpsc::channel(4096);
         let max_batch = options.max_batch.max(1);
         std::thread::Builder::new()
             .name(format!("sqlite-{curve}"))
-            .spawn(move || run_writer(conn, queue, max_batch))
+            .spawn(move || {
+                // The WAL hook records on the writer's own thread.
+                if let Err(error) = checkpoint::prepare_writer(&conn) {
+                    tracing::error!(%error, "SQLite: cannot turn off automatic checkpoints");
+                }
+                writer::run_writer(conn, queue, max_batch, checkpointer)
+            })
             .map_err(|error| OpenError::Thread(error.to_string()))?;
         Ok(SqliteStore {
             curve,
@@ -92,14 +120,18 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let (reply, answer) = oneshot::channel();
-        let job = Box::new(PendingJob {
-            work: Some(work),
-            deadline: Instant::now() + self.timeout,
-            timeout: self.timeout,
-            result: None,
-            reply,
-        });
+        self.execute_in_steps(OneStep::new(work)).await
+    }
+
+    /// Runs `work` on the writer thread, one step per transaction (see
+    /// `writer.rs`), and waits for its last step's commit.
+    async fn execute_in_steps<T, W>(&self, work: W) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        W: Work<Output = Result<T, StoreError>>,
+    {
+        let (job, answer) = PendingJob::new(work, self.timeout);
+        let job: Box<dyn Job> = job;
         self.jobs
             .send(job)
             .await
@@ -141,13 +173,13 @@ pub fn claim_key_bundles_in_transaction(
     devices: Vec<DeviceId>,
 ) -> Result<Vec<PeerBundle>, StoreError> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
-    match queries::claim_key_bundles(
-        conn,
+    let claim = BundleClaim::new(
         curve,
-        limits.bundle_requests.as_ref(),
-        (source, SourceCheck::Registered),
+        limits.bundle_requests,
+        (source.clone(), SourceCheck::Registered),
         (devices, Vec::new()),
-    ) {
+    );
+    match claim.run_whole(conn) {
         Ok(claimed) => {
             conn.execute_batch("COMMIT")?;
             Ok(claimed.bundles)
@@ -175,10 +207,7 @@ fn open_connection(
         return Err(OpenError::EmptyFile(path.to_owned()));
     }
     let conn = Connection::open(path).map_err(fail)?;
-    let synchronous = match synchronous {
-        Synchronous::Full => "FULL",
-        Synchronous::Normal => "NORMAL",
-    };
+    let synchronous = synchronous.pragma();
     conn.execute_batch(&format!(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous}; PRAGMA foreign_keys = ON;"
     ))
@@ -256,17 +285,13 @@ impl KeyStore for SqliteStore {
         devices: Vec<DeviceId>,
         forwarded: Vec<DeviceId>,
     ) -> Result<Claimed, StoreError> {
-        let (curve, limit) = (self.curve, self.limits.bundle_requests);
-        self.execute(move |conn| {
-            queries::claim_key_bundles(
-                conn,
-                curve,
-                limit.as_ref(),
-                (&source, check),
-                (devices, forwarded),
-            )
-        })
-        .await
+        let claim = BundleClaim::new(
+            self.curve,
+            self.limits.bundle_requests,
+            (source, check),
+            (devices, forwarded),
+        );
+        self.execute_in_steps(claim).await
     }
 
     async fn purge_requests(&self, retention: Duration) -> Result<u64, StoreError> {
@@ -311,106 +336,6 @@ impl KeyStore for SqliteStore {
         })
         .await
     }
-}
-
-/// A unit of work for the writer thread, type-erased so one queue carries them all.
-trait Job: Send {
-    /// The caller stopped waiting (its request timed out): skip the work, so that
-    /// nothing is claimed for an answer nobody will read.
-    fn abandoned(&self) -> bool;
-    /// Runs the work, unless its deadline has passed; `false` when it failed (or
-    /// was not run) and its savepoint must be rolled back.
-    fn run(&mut self, conn: &Connection, now: Instant) -> bool;
-    /// Sends the answer once the transaction's fate is known.
-    fn finish(self: Box<Self>, committed: &Result<(), String>);
-}
-
-struct PendingJob<T, F> {
-    work: Option<F>,
-    /// Past it, the work is not started.
-    deadline: Instant,
-    /// The time-out the deadline came from, for the error.
-    timeout: Duration,
-    result: Option<Result<T, StoreError>>,
-    reply: oneshot::Sender<Result<T, StoreError>>,
-}
-
-impl<T, F> Job for PendingJob<T, F>
-where
-    T: Send,
-    F: FnOnce(&Connection) -> Result<T, StoreError> + Send,
-{
-    fn abandoned(&self) -> bool {
-        self.reply.is_closed()
-    }
-
-    fn run(&mut self, conn: &Connection, now: Instant) -> bool {
-        let result = match self.work.take() {
-            _ if now > self.deadline => Err(StoreError::Timeout(self.timeout)),
-            Some(work) => work(conn),
-            None => Err(StoreError::Backend("job run twice".into())),
-        };
-        let ok = result.is_ok();
-        self.result = Some(result);
-        ok
-    }
-
-    fn finish(self: Box<Self>, committed: &Result<(), String>) {
-        let answer = match (committed, self.result) {
-            (Ok(()), Some(result)) => result,
-            (Ok(()), None) => Err(StoreError::Backend("job was not run".into())),
-            (Err(error), _) => Err(StoreError::Backend(error.clone())),
-        };
-        // The caller may have given up meanwhile; nothing else to tell it.
-        let _ = self.reply.send(answer);
-    }
-}
-
-fn run_writer(conn: Connection, mut queue: mpsc::Receiver<Box<dyn Job>>, max_batch: usize) {
-    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
-    while let Some(first) = queue.blocking_recv() {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match queue.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        batch.retain(|job| !job.abandoned());
-        if batch.is_empty() {
-            continue;
-        }
-        let committed = run_batch(&conn, &mut batch);
-        if let Err(error) = &committed {
-            tracing::error!(%error, jobs = batch.len(), "SQLite transaction failed, rolled back");
-        }
-        for job in batch.drain(..) {
-            job.finish(&committed);
-        }
-    }
-}
-
-/// Runs the jobs in one transaction, each in a savepoint; commits what succeeded.
-fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), String> {
-    let result = (|| -> rusqlite::Result<()> {
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-        for job in batch.iter_mut() {
-            conn.execute_batch("SAVEPOINT job")?;
-            if !job.run(conn, Instant::now()) {
-                conn.execute_batch("ROLLBACK TO job")?;
-            }
-            conn.execute_batch("RELEASE job")?;
-        }
-        conn.execute_batch("COMMIT")
-    })();
-    result.map_err(|error| {
-        if !conn.is_autocommit() {
-            // Leave the connection clean for the next batch; its own failure
-            // changes nothing for this batch's answers.
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        error.to_string()
-    })
 }
 
 /// Opens the store for `curve` and wraps it for [`crate::store::Stores`].

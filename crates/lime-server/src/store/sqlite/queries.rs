@@ -2,17 +2,17 @@
 //! it opened (see `mod.rs`). Functions here never commit: they succeed, or fail
 //! and leave their savepoint to be rolled back.
 
-use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice};
+use crate::store::rules::{self, StoredDevice};
 use crate::store::stats::{self, StoreStats};
-use crate::store::{
-    BundleRequest, BundleRequestLimit, Claimed, DeviceReport, PURGE_CHUNK, Registered, SourceCheck,
-    StoreError, StoreLimits,
-};
-use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
+use crate::store::{BundleRequest, DeviceReport, PURGE_CHUNK, Registered, StoreError, StoreLimits};
+use lime_protocol::{DeviceId, OneTimePreKey, Registration, SignedPreKey};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::time::Duration;
 
-fn find_device(conn: &Connection, device: &DeviceId) -> Result<Option<StoredDevice>, StoreError> {
+pub(super) fn find_device(
+    conn: &Connection,
+    device: &DeviceId,
+) -> Result<Option<StoredDevice>, StoreError> {
     let mut select =
         conn.prepare_cached("SELECT Uid, Ik, SPk, SPk_sig, SPk_id FROM Users WHERE UserId = ?1")?;
     let row = select
@@ -29,7 +29,7 @@ fn find_device(conn: &Connection, device: &DeviceId) -> Result<Option<StoredDevi
     Ok(row)
 }
 
-fn find_uid(conn: &Connection, device: &DeviceId) -> Result<i64, StoreError> {
+pub(super) fn find_uid(conn: &Connection, device: &DeviceId) -> Result<i64, StoreError> {
     let mut select = conn.prepare_cached("SELECT Uid FROM Users WHERE UserId = ?1")?;
     select
         .query_row([device.as_str()], |row| row.get(0))
@@ -130,150 +130,6 @@ fn insert_one_time_pre_keys(
         .prepare_cached("SELECT COUNT(*) FROM OPk WHERE Uid = ?1")?
         .query_row([uid], |row| row.get(0))?;
     rules::one_time_pre_key_limit(held, limits)
-}
-
-pub(super) fn claim_key_bundles(
-    conn: &Connection,
-    curve: Curve,
-    limit: Option<&BundleRequestLimit>,
-    (source, check): (&DeviceId, SourceCheck),
-    (devices, forwarded): (Vec<DeviceId>, Vec<DeviceId>),
-) -> Result<Claimed, StoreError> {
-    if check == SourceCheck::Registered {
-        find_uid(conn, source)?;
-    }
-    let identity = SourceIdentity::of(source);
-    let mut recorded = match limit {
-        Some(limit) => recorded_in_window(conn, &identity, limit)?,
-        None => 0,
-    };
-    let recorded_before = recorded;
-    let held_here = devices.len();
-    let all: Vec<DeviceId> = devices.into_iter().chain(forwarded).collect();
-    let repeats = rules::repeats(&all);
-    let mut claim = conn.prepare_cached(
-        "DELETE FROM OPk WHERE id = (SELECT id FROM OPk WHERE Uid = ?1 LIMIT 1) RETURNING OPk, OPk_id",
-    )?;
-    let mut grants = Vec::with_capacity(all.len());
-    let mut claimed = Claimed::default();
-    for (index, (device_id, repeat)) in all.into_iter().zip(repeats).enumerate() {
-        // A device a peer holds is granted as one held here would be.
-        let held = index < held_here;
-        let device = match held {
-            true => find_device(conn, &device_id)?.filter(|d| d.signed_pre_key.is_some()),
-            false => None,
-        };
-        let grant = match (held && device.is_none(), repeat, limit) {
-            (true, _, _) => Grant::Refused,
-            (false, Some(first), _) => rules::repeat_grant(grants[first]),
-            (false, None, None) => Grant::Full,
-            (false, None, Some(limit)) => {
-                let received = received(conn, limit, source, &identity, &device_id)?;
-                let grant = rules::grant(source, &device_id, received, recorded, limit);
-                if grant == Grant::Full {
-                    conn.prepare_cached("INSERT INTO Requests (source, target) VALUES (?1, ?2)")?
-                        .execute(params![source.as_str(), device_id.as_str()])?;
-                    recorded += 1;
-                }
-                grant
-            }
-        };
-        grants.push(grant);
-        if !held {
-            claimed.forward.push(grant == Grant::Full);
-            continue;
-        }
-        let bundle = match device {
-            Some(device) if grant.is_served() => {
-                let one_time_pre_key = if grant == Grant::Full {
-                    claim
-                        .query_row([device.uid], |row| Ok((row.get(0)?, row.get(1)?)))
-                        .optional()?
-                } else {
-                    None
-                };
-                rules::key_bundle(curve, device, one_time_pre_key)?
-            }
-            _ => None,
-        };
-        claimed.bundles.push(PeerBundle { device_id, bundle });
-    }
-    if recorded != recorded_before {
-        conn.prepare_cached(
-            "UPDATE lime_rs_identity_requests SET recorded = ?1 WHERE identity = ?2",
-        )?
-        .execute(params![recorded, identity.key()])?;
-    }
-    Ok(claimed)
-}
-
-/// The bundle requests recorded for `identity` in the current window (fixed
-/// windows, aligned on multiples of the window since the epoch, by the
-/// database's clock); its row is started afresh in a new window.
-fn recorded_in_window(
-    conn: &Connection,
-    identity: &SourceIdentity<'_>,
-    limit: &BundleRequestLimit,
-) -> Result<u64, StoreError> {
-    let recorded = conn
-        .prepare_cached(
-            "INSERT INTO lime_rs_identity_requests (identity, window_start, recorded) \
-             VALUES (?1, (CAST(strftime('%s', 'now') AS INTEGER) / ?2) * ?2, 0) \
-             ON CONFLICT (identity) DO UPDATE SET \
-             recorded = CASE WHEN window_start = excluded.window_start THEN recorded ELSE 0 END, \
-             window_start = excluded.window_start \
-             RETURNING recorded",
-        )?
-        .query_row(params![identity.key(), limit.window.as_secs()], |row| {
-            row.get(0)
-        })?;
-    Ok(recorded)
-}
-
-/// The bundles of `target` that `source` and its identity received within the
-/// window: one statement, served by the index on `Requests(target, source, at)`
-/// (the identity's devices are a range of `source`).
-fn received(
-    conn: &Connection,
-    limit: &BundleRequestLimit,
-    source: &DeviceId,
-    identity: &SourceIdentity<'_>,
-    target: &DeviceId,
-) -> Result<Received, StoreError> {
-    let since = format!("-{} seconds", limit.window.as_secs());
-    let Some(range) = &identity.devices else {
-        let by_device: u64 = conn
-            .prepare_cached(
-                "SELECT COUNT(*) FROM Requests \
-                 WHERE target = ?1 AND source = ?2 AND at > datetime('now', ?3)",
-            )?
-            .query_row(params![target.as_str(), source.as_str(), since], |row| {
-                row.get(0)
-            })?;
-        return Ok(Received {
-            by_device,
-            by_identity: by_device,
-        });
-    };
-    let (by_device, by_identity) = conn
-        .prepare_cached(
-            "SELECT COALESCE(SUM(source = ?2), 0), COUNT(*) FROM Requests \
-             WHERE target = ?1 AND source >= ?3 AND source < ?4 AND at > datetime('now', ?5)",
-        )?
-        .query_row(
-            params![
-                target.as_str(),
-                source.as_str(),
-                range.start,
-                range.end,
-                since
-            ],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )?;
-    Ok(Received {
-        by_device,
-        by_identity,
-    })
 }
 
 /// Deletes at most [`PURGE_CHUNK`] `Requests` rows older than `retention`.

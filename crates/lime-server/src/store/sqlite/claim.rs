@@ -1,0 +1,362 @@
+//! The getPeerBundle claim of the SQLite store, in steps of at most
+//! [`CLAIM_STEP_DEVICES`] devices: the [`Work`] the writer runs one step per
+//! transaction, so that a group's 1,000-device request holds the single writer
+//! for one step at a time and small requests get in between (no head-of-line
+//! blocking).
+//!
+//! What a claim in steps keeps, and why:
+//!
+//! - **The answer is all or nothing.** It is sent after the last step committed.
+//!   Between steps, other requests see what the earlier steps did (those devices'
+//!   keys gone, their `Requests` rows, the identity's recorded count): a device
+//!   claimed by this request and by another one between two steps gets a key in
+//!   each answer, never the same key.
+//! - **Limits stay exact.** Each step reads the source identity's recorded count
+//!   and the targets' `Requests` rows afresh, in its own transaction, after the
+//!   earlier steps and any request that came between them committed: counted
+//!   exactly as if the requests had come one after another. Repeats of a device
+//!   across steps are known from the whole list, first occurrences' grants kept.
+//! - **A failure takes nothing.** When a later step fails (its statement, or its
+//!   transaction's commit), the client gets the error and none of the bundles, so
+//!   the keys the earlier, committed steps took were never delivered: they are
+//!   put back with their original rows (ids are never reused), unless their
+//!   device was deleted meanwhile or has reused the key's id, and the `Requests`
+//!   rows and the count those steps recorded are removed ([`BundleClaim::undo`],
+//!   in the writer's next transaction, before the error is answered). No key is
+//!   lost, none is served twice: a key put back was in no answer. Between the
+//!   failure and the undo another request may find those devices without the
+//!   keys (flag 0 where a key would have come); the undo is tried a few times,
+//!   then given up with an error logged (the keys lost, as when the server stops
+//!   in between).
+
+use super::queries::{find_device, find_uid};
+use super::writer::{Progress, Work};
+use crate::store::in_doubt::ClaimedKey;
+use crate::store::rules::{self, Grant, Received, SourceIdentity};
+use crate::store::{BundleRequestLimit, Claimed, SourceCheck, StoreError};
+use lime_protocol::{Curve, DeviceId, PeerBundle};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Most devices a claim step serves: a step of a large claim holds the writer for
+/// a few milliseconds.
+pub const CLAIM_STEP_DEVICES: usize = 100;
+
+/// A bundle claim, run in steps.
+pub struct BundleClaim {
+    curve: Curve,
+    limit: Option<BundleRequestLimit>,
+    source: DeviceId,
+    check: SourceCheck,
+    /// The devices held here, then those held by peer servers.
+    devices: Vec<DeviceId>,
+    held_here: usize,
+    /// For each device, the index of its first occurrence when it is a repeat.
+    repeats: Vec<Option<usize>>,
+    /// The grants of the devices done so far, in order.
+    grants: Vec<Grant>,
+    /// The answer so far.
+    claimed: Claimed,
+    /// What the steps changed, for [`BundleClaim::undo`].
+    changes: Changes,
+    /// Where the current step started, to forget it when it is rolled back.
+    step_start: Marks,
+}
+
+/// What the steps changed in the database.
+#[derive(Default)]
+struct Changes {
+    /// The one-time pre-key rows taken.
+    taken: Vec<ClaimedKey>,
+    /// The `rowid`s of the `Requests` rows inserted.
+    requests: Vec<i64>,
+    /// The identity's window (its start) and the requests added to its recorded count in it.
+    recorded: Option<(i64, u64)>,
+}
+
+/// The lengths of what a claim has gathered, at the start of a step.
+#[derive(Default, Clone, Copy)]
+struct Marks {
+    grants: usize,
+    bundles: usize,
+    forward: usize,
+    taken: usize,
+    requests: usize,
+    recorded: Option<(i64, u64)>,
+}
+
+impl BundleClaim {
+    /// The claim of `devices` (held here) and `forwarded` (held by peers) for `source`.
+    pub fn new(
+        curve: Curve,
+        limit: Option<BundleRequestLimit>,
+        (source, check): (DeviceId, SourceCheck),
+        (devices, forwarded): (Vec<DeviceId>, Vec<DeviceId>),
+    ) -> BundleClaim {
+        let held_here = devices.len();
+        let devices: Vec<DeviceId> = devices.into_iter().chain(forwarded).collect();
+        let repeats = rules::repeats(&devices);
+        BundleClaim {
+            curve,
+            limit,
+            source,
+            check,
+            grants: Vec::with_capacity(devices.len()),
+            devices,
+            held_here,
+            repeats,
+            claimed: Claimed::default(),
+            changes: Changes::default(),
+            step_start: Marks::default(),
+        }
+    }
+
+    fn marks(&self) -> Marks {
+        Marks {
+            grants: self.grants.len(),
+            bundles: self.claimed.bundles.len(),
+            forward: self.claimed.forward.len(),
+            taken: self.changes.taken.len(),
+            requests: self.changes.requests.len(),
+            recorded: self.changes.recorded,
+        }
+    }
+
+    /// Runs the claim to its end on `conn`, in the caller's transaction.
+    pub fn run_whole(mut self, conn: &Connection) -> Result<Claimed, StoreError> {
+        while self.step(conn)? == Progress::More {}
+        Ok(self.claimed)
+    }
+
+    /// The grant of device `index`, recording it in `Requests` when it counts.
+    fn grant(
+        &mut self,
+        conn: &Connection,
+        index: usize,
+        refused: bool,
+        recorded: &mut u64,
+    ) -> Result<Grant, StoreError> {
+        let device_id = &self.devices[index];
+        let grant = match (refused, self.repeats[index], self.limit.as_ref()) {
+            (true, _, _) => Grant::Refused,
+            (false, Some(first), _) => rules::repeat_grant(self.grants[first]),
+            (false, None, None) => Grant::Full,
+            (false, None, Some(limit)) => {
+                let identity = SourceIdentity::of(&self.source);
+                let received = received(conn, limit, &self.source, &identity, device_id)?;
+                let grant = rules::grant(&self.source, device_id, received, *recorded, limit);
+                if grant == Grant::Full {
+                    conn.prepare_cached("INSERT INTO Requests (source, target) VALUES (?1, ?2)")?
+                        .execute(params![self.source.as_str(), device_id.as_str()])?;
+                    self.changes.requests.push(conn.last_insert_rowid());
+                    *recorded += 1;
+                }
+                grant
+            }
+        };
+        Ok(grant)
+    }
+}
+
+impl Work for BundleClaim {
+    type Output = Result<Claimed, StoreError>;
+
+    fn step(&mut self, conn: &Connection) -> Result<Progress, StoreError> {
+        self.step_start = self.marks();
+        let first = self.grants.len();
+        if first == 0 && self.check == SourceCheck::Registered {
+            find_uid(conn, &self.source)?;
+        }
+        let window = match self.limit.as_ref() {
+            Some(limit) => Some(recorded_in_window(
+                conn,
+                &SourceIdentity::of(&self.source),
+                limit,
+            )?),
+            None => None,
+        };
+        let mut recorded = window.map_or(0, |(_, recorded)| recorded);
+        let end = self.devices.len().min(first + CLAIM_STEP_DEVICES);
+        let mut take = conn.prepare_cached(
+            "DELETE FROM OPk WHERE id = (SELECT id FROM OPk WHERE Uid = ?1 LIMIT 1) \
+             RETURNING id, OPk, OPk_id",
+        )?;
+        for index in first..end {
+            // A device a peer holds is granted as one held here would be.
+            let held = index < self.held_here;
+            let device = match held {
+                true => find_device(conn, &self.devices[index])?
+                    .filter(|device| device.signed_pre_key.is_some()),
+                false => None,
+            };
+            let grant = self.grant(conn, index, held && device.is_none(), &mut recorded)?;
+            self.grants.push(grant);
+            if !held {
+                self.claimed.forward.push(grant == Grant::Full);
+                continue;
+            }
+            let bundle = match device {
+                Some(device) if grant.is_served() => {
+                    let mut one_time_pre_key = None;
+                    if grant == Grant::Full {
+                        let uid = device.uid;
+                        let key = take
+                            .query_row([uid], |row| {
+                                Ok(ClaimedKey {
+                                    id: row.get(0)?,
+                                    uid,
+                                    public: row.get(1)?,
+                                    key_id: row.get(2)?,
+                                })
+                            })
+                            .optional()?;
+                        one_time_pre_key = key.as_ref().map(|key| (key.public.clone(), key.key_id));
+                        self.changes.taken.extend(key);
+                    }
+                    rules::key_bundle(self.curve, device, one_time_pre_key)?
+                }
+                _ => None,
+            };
+            self.claimed.bundles.push(PeerBundle {
+                device_id: self.devices[index].clone(),
+                bundle,
+            });
+        }
+        if let Some((window_start, before)) = window
+            && recorded != before
+        {
+            conn.prepare_cached(
+                "UPDATE lime_rs_identity_requests SET recorded = ?1 WHERE identity = ?2",
+            )?
+            .execute(params![recorded, SourceIdentity::of(&self.source).key()])?;
+            let added = match self.changes.recorded {
+                Some((start, added)) if start == window_start => added,
+                _ => 0,
+            };
+            self.changes.recorded = Some((window_start, added + recorded - before));
+        }
+        Ok(match end == self.devices.len() {
+            true => Progress::Done,
+            false => Progress::More,
+        })
+    }
+
+    fn step_rolled_back(&mut self) {
+        let marks = self.step_start;
+        self.grants.truncate(marks.grants);
+        self.claimed.bundles.truncate(marks.bundles);
+        self.claimed.forward.truncate(marks.forward);
+        self.changes.taken.truncate(marks.taken);
+        self.changes.requests.truncate(marks.requests);
+        self.changes.recorded = marks.recorded;
+    }
+
+    fn needs_undo(&self) -> bool {
+        let changes = &self.changes;
+        !changes.taken.is_empty() || !changes.requests.is_empty() || changes.recorded.is_some()
+    }
+
+    /// Puts back the keys the committed steps took (unless their device is gone
+    /// or has used the id again meanwhile), and removes what they recorded.
+    fn undo(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        let mut put_back = conn.prepare_cached(
+            "INSERT INTO OPk (id, Uid, OPk, OPk_id) SELECT ?1, ?2, ?3, ?4 \
+             WHERE EXISTS (SELECT 1 FROM Users WHERE Uid = ?2) ON CONFLICT DO NOTHING",
+        )?;
+        for key in &self.changes.taken {
+            put_back.execute(params![key.id, key.uid, key.public, key.key_id])?;
+        }
+        let mut forget = conn.prepare_cached("DELETE FROM Requests WHERE rowid = ?1")?;
+        for row in &self.changes.requests {
+            forget.execute([row])?;
+        }
+        if let Some((window_start, added)) = self.changes.recorded {
+            conn.prepare_cached(
+                "UPDATE lime_rs_identity_requests SET recorded = MAX(recorded - ?1, 0) \
+                 WHERE identity = ?2 AND window_start = ?3",
+            )?
+            .execute(params![
+                added,
+                SourceIdentity::of(&self.source).key(),
+                window_start
+            ])?;
+        }
+        tracing::warn!(
+            keys = self.changes.taken.len(),
+            "SQLite: a claim failed after some of its steps committed; their keys are put back"
+        );
+        Ok(())
+    }
+
+    fn into_output(self) -> Self::Output {
+        Ok(self.claimed)
+    }
+}
+
+/// The window's start and the bundle requests recorded for `identity` in it
+/// (fixed windows, aligned on multiples of the window since the epoch, by the
+/// database's clock); its row is started afresh in a new window.
+fn recorded_in_window(
+    conn: &Connection,
+    identity: &SourceIdentity<'_>,
+    limit: &BundleRequestLimit,
+) -> Result<(i64, u64), StoreError> {
+    let recorded = conn
+        .prepare_cached(
+            "INSERT INTO lime_rs_identity_requests (identity, window_start, recorded) \
+             VALUES (?1, (CAST(strftime('%s', 'now') AS INTEGER) / ?2) * ?2, 0) \
+             ON CONFLICT (identity) DO UPDATE SET \
+             recorded = CASE WHEN window_start = excluded.window_start THEN recorded ELSE 0 END, \
+             window_start = excluded.window_start \
+             RETURNING window_start, recorded",
+        )?
+        .query_row(params![identity.key(), limit.window.as_secs()], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?;
+    Ok(recorded)
+}
+
+/// The bundles of `target` that `source` and its identity received within the
+/// window: one statement, served by the index on `Requests(target, source, at)`
+/// (the identity's devices are a range of `source`).
+fn received(
+    conn: &Connection,
+    limit: &BundleRequestLimit,
+    source: &DeviceId,
+    identity: &SourceIdentity<'_>,
+    target: &DeviceId,
+) -> Result<Received, StoreError> {
+    let since = format!("-{} seconds", limit.window.as_secs());
+    let Some(range) = &identity.devices else {
+        let by_device: u64 = conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM Requests \
+                 WHERE target = ?1 AND source = ?2 AND at > datetime('now', ?3)",
+            )?
+            .query_row(params![target.as_str(), source.as_str(), since], |row| {
+                row.get(0)
+            })?;
+        return Ok(Received {
+            by_device,
+            by_identity: by_device,
+        });
+    };
+    let (by_device, by_identity) = conn
+        .prepare_cached(
+            "SELECT COALESCE(SUM(source = ?2), 0), COUNT(*) FROM Requests \
+             WHERE target = ?1 AND source >= ?3 AND source < ?4 AND at > datetime('now', ?5)",
+        )?
+        .query_row(
+            params![
+                target.as_str(),
+                source.as_str(),
+                range.start,
+                range.end,
+                since
+            ],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+    Ok(Received {
+        by_device,
+        by_identity,
+    })
+}

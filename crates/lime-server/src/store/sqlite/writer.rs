@@ -1,0 +1,296 @@
+//! The writer thread of a SQLite store: the only connection that runs jobs.
+//!
+//! Jobs come through a channel. The thread runs the jobs that are waiting
+//! together in one transaction (group commit), each inside its own savepoint: a
+//! job that fails rolls back alone, and no job's answer is sent before the
+//! transaction that holds it has committed.
+//!
+//! A job is [`Work`] in one step or several. A long one (a claim of hundreds of
+//! devices, see `claim.rs`) runs one step per transaction and is carried over to
+//! the next batch with the jobs that came meanwhile, so that a small request
+//! waits for at most one step of it, not for all of it. Its answer is sent after
+//! its last step committed. When a step fails after earlier ones committed, the
+//! work undoes them ([`Work::undo`], in the next transaction) before its error is
+//! answered, so that an error still means that nothing changed.
+//!
+//! Between two transactions the writer hands the WAL to the checkpointer
+//! (`checkpoint.rs`), which keeps it bounded.
+
+use super::checkpoint::Checkpointer;
+use crate::store::StoreError;
+use rusqlite::Connection;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Times an undo is tried (one per following transaction) before its keys are
+/// given up for lost, with an error logged.
+const UNDO_ATTEMPTS: u32 = 5;
+
+/// Whether work has more steps to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Its answer is ready, once this step commits.
+    Done,
+    /// More steps follow, each in a later transaction.
+    More,
+}
+
+/// Work for the writer, run in one step or several, each inside the savepoint of
+/// a transaction the writer commits before the next step.
+pub trait Work: Send + 'static {
+    /// The answer.
+    type Output: Send + 'static;
+    /// Runs the next step.
+    fn step(&mut self, conn: &Connection) -> Result<Progress, StoreError>;
+    /// Forgets what the last step did: it was rolled back (it failed, or its
+    /// transaction did not commit).
+    fn step_rolled_back(&mut self);
+    /// Whether steps that committed changed something [`Work::undo`] must put back.
+    fn needs_undo(&self) -> bool;
+    /// Undoes the committed steps, after a later one failed.
+    fn undo(&mut self, conn: &Connection) -> Result<(), StoreError>;
+    /// The answer, after the last step committed.
+    fn into_output(self) -> Self::Output;
+}
+
+/// Work done in one step by a closure.
+pub struct OneStep<T, F> {
+    work: Option<F>,
+    output: Option<T>,
+}
+
+impl<T, F> OneStep<T, F> {
+    pub fn new(work: F) -> OneStep<T, F> {
+        OneStep {
+            work: Some(work),
+            output: None,
+        }
+    }
+}
+
+impl<T, F> Work for OneStep<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+{
+    type Output = Result<T, StoreError>;
+
+    fn step(&mut self, conn: &Connection) -> Result<Progress, StoreError> {
+        let work = self
+            .work
+            .take()
+            .ok_or_else(|| StoreError::Backend("job run twice".into()))?;
+        self.output = Some(work(conn)?);
+        Ok(Progress::Done)
+    }
+
+    fn step_rolled_back(&mut self) {
+        self.output = None;
+    }
+
+    fn needs_undo(&self) -> bool {
+        false
+    }
+
+    fn undo(&mut self, _: &Connection) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn into_output(self) -> Self::Output {
+        self.output
+            .ok_or_else(|| StoreError::Backend("job was not run".into()))
+    }
+}
+
+/// A unit of work for the writer thread, type-erased so one queue carries them all.
+pub trait Job: Send {
+    /// The caller stopped waiting (its request timed out) before the work
+    /// started: skip it, so that nothing is claimed for an answer nobody will
+    /// read. Work that has started is finished (or undone) whatever happens.
+    fn abandoned(&self) -> bool;
+    /// Runs the next step (or the undo), unless the work has not started and its
+    /// deadline has passed; `false` when it failed and its savepoint must be
+    /// rolled back.
+    fn run(&mut self, conn: &Connection, now: Instant) -> bool;
+    /// Once the transaction's fate is known: answers, or gives the job back to
+    /// be carried into the next transaction.
+    fn finish(self: Box<Self>, committed: &Result<(), String>) -> Option<Box<dyn Job>>;
+}
+
+/// A job for `work`, answered on `reply` with a result.
+pub struct PendingJob<W: Work<Output = Result<T, StoreError>>, T> {
+    work: W,
+    /// A step has run (committed or not): the deadline no longer applies.
+    started: bool,
+    /// Past it, the work is not started.
+    deadline: Instant,
+    /// The time-out the deadline came from, for the error.
+    timeout: Duration,
+    /// What the step (or the undo) run in this transaction gave.
+    outcome: Option<Result<Progress, StoreError>>,
+    /// Set while undoing: the error to answer once undone, and the attempts.
+    failed: Option<(StoreError, u32)>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<W, T> PendingJob<W, T>
+where
+    W: Work<Output = Result<T, StoreError>>,
+    T: Send + 'static,
+{
+    /// The job, and where its answer will come.
+    pub fn new(
+        work: W,
+        timeout: Duration,
+    ) -> (Box<Self>, oneshot::Receiver<Result<T, StoreError>>) {
+        let (reply, answer) = oneshot::channel();
+        let job = PendingJob {
+            work,
+            started: false,
+            deadline: Instant::now() + timeout,
+            timeout,
+            outcome: None,
+            failed: None,
+            reply,
+        };
+        (Box::new(job), answer)
+    }
+
+    fn answer(self, answer: Result<T, StoreError>) -> Option<Box<dyn Job>> {
+        // The caller may have given up meanwhile; nothing else to tell it.
+        let _ = self.reply.send(answer);
+        None
+    }
+}
+
+impl<W, T> Job for PendingJob<W, T>
+where
+    W: Work<Output = Result<T, StoreError>>,
+    T: Send + 'static,
+{
+    fn abandoned(&self) -> bool {
+        !self.started && self.reply.is_closed()
+    }
+
+    fn run(&mut self, conn: &Connection, now: Instant) -> bool {
+        let outcome = if self.failed.is_some() {
+            self.work.undo(conn).map(|()| Progress::Done)
+        } else if !self.started && now > self.deadline {
+            Err(StoreError::Timeout(self.timeout))
+        } else {
+            self.started = true;
+            self.work.step(conn)
+        };
+        let ok = outcome.is_ok();
+        self.outcome = Some(outcome);
+        ok
+    }
+
+    fn finish(mut self: Box<Self>, committed: &Result<(), String>) -> Option<Box<dyn Job>> {
+        let outcome = match (committed, self.outcome.take()) {
+            (Ok(()), Some(outcome)) => outcome,
+            (Ok(()), None) => Err(StoreError::Backend("job was not run".into())),
+            (Err(error), _) => Err(StoreError::Backend(error.clone())),
+        };
+        if let Some((error, attempts)) = self.failed.take() {
+            return match outcome {
+                Ok(_) => self.answer(Err(error)),
+                Err(_) if attempts + 1 < UNDO_ATTEMPTS => {
+                    self.failed = Some((error, attempts + 1));
+                    Some(self)
+                }
+                Err(undo_error) => {
+                    tracing::error!(
+                        error = %undo_error,
+                        "SQLite: a failed claim's earlier steps could not be undone: \
+                         the one-time pre-keys they took are lost"
+                    );
+                    self.answer(Err(error))
+                }
+            };
+        }
+        match outcome {
+            Ok(Progress::Done) => {
+                let output = self.work.into_output();
+                let _ = self.reply.send(output);
+                None
+            }
+            Ok(Progress::More) => Some(self),
+            Err(error) => {
+                self.work.step_rolled_back();
+                if self.work.needs_undo() {
+                    self.failed = Some((error, 0));
+                    Some(self)
+                } else {
+                    self.answer(Err(error))
+                }
+            }
+        }
+    }
+}
+
+/// The writer thread's loop: batches of waiting jobs, each batch one
+/// transaction, the jobs with steps left carried into the next; then the WAL
+/// handed to the checkpointer. Returns when the channel is closed and every
+/// carried job is done.
+pub fn run_writer(
+    conn: Connection,
+    mut queue: mpsc::Receiver<Box<dyn Job>>,
+    max_batch: usize,
+    checkpointer: Checkpointer,
+) {
+    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
+    let mut carried: Vec<Box<dyn Job>> = Vec::new();
+    loop {
+        // Wait for a job only when none is carried.
+        if carried.is_empty() {
+            match queue.blocking_recv() {
+                Some(job) => batch.push(job),
+                None => break,
+            }
+        }
+        while batch.len() + carried.len() < max_batch {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        batch.retain(|job| !job.abandoned());
+        // The jobs that came meanwhile first: they are what must not wait.
+        batch.append(&mut carried);
+        if batch.is_empty() {
+            continue;
+        }
+        let committed = run_batch(&conn, &mut batch);
+        if let Err(error) = &committed {
+            tracing::error!(%error, jobs = batch.len(), "SQLite transaction failed, rolled back");
+        }
+        carried.extend(batch.drain(..).filter_map(|job| job.finish(&committed)));
+        // After the answers, before the next transaction: the one place where the
+        // writer may wait for a checkpoint.
+        checkpointer.after_commit(&conn);
+    }
+}
+
+/// Runs the jobs in one transaction, each in a savepoint; commits what succeeded.
+fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), String> {
+    let result = (|| -> rusqlite::Result<()> {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        for job in batch.iter_mut() {
+            conn.execute_batch("SAVEPOINT job")?;
+            if !job.run(conn, Instant::now()) {
+                conn.execute_batch("ROLLBACK TO job")?;
+            }
+            conn.execute_batch("RELEASE job")?;
+        }
+        conn.execute_batch("COMMIT")
+    })();
+    result.map_err(|error| {
+        if !conn.is_autocommit() {
+            // Leave the connection clean for the next batch; its own failure
+            // changes nothing for this batch's answers.
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        error.to_string()
+    })
+}
