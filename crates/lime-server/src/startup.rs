@@ -378,7 +378,7 @@ async fn accept_loop(
         let tls = listener.tls.as_ref().map(|tls| tls.acceptor());
         let stopped = stopped.clone();
         tokio::spawn(async move {
-            let open = metrics::OpenConnection::new();
+            let open = metrics::CountedConnection::open();
             connection::serve(stream, peer, tls, state, limits, stopped).await;
             drop(open);
             drop(permit);

@@ -33,6 +33,16 @@ pub enum Expired {
     Idle,
 }
 
+/// What the clock says is due on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    /// A time limit ran out.
+    Expired(Expired),
+    /// The connection has been idle for the span asked for: its HTTP state may
+    /// be let go until bytes arrive ([`ConnectionClock::due`]).
+    Park,
+}
+
 /// What a connection is doing, as its time limits see it.
 #[derive(Debug, Clone, Copy)]
 enum Phase {
@@ -93,9 +103,19 @@ impl ConnectionClock {
 
     /// Resolves when a time limit runs out; never while requests are handled.
     pub async fn expired(&self) -> Expired {
+        match self.due(None).await {
+            Due::Expired(expired) => expired,
+            Due::Park => unreachable!("parking is due only when asked for"),
+        }
+    }
+
+    /// Resolves when a time limit runs out or, with `park_after`, when the
+    /// connection has been idle that long (whichever comes first); never while
+    /// requests are handled.
+    pub async fn due(&self, park_after: Option<Duration>) -> Due {
         loop {
-            match self.deadline() {
-                Some((at, expired)) if at <= Instant::now() => return expired,
+            match self.deadline(park_after) {
+                Some((at, due)) if at <= Instant::now() => return due,
                 Some((at, _)) => {
                     tokio::select! {
                         _ = tokio::time::sleep_until(at) => {}
@@ -107,16 +127,26 @@ impl ConnectionClock {
         }
     }
 
-    /// When the running limit runs out, and which one; `None` while handling (or
-    /// for a limit too large to reach).
-    fn deadline(&self) -> Option<(Instant, Expired)> {
+    /// What is due first and when; `None` while handling (or for a limit too
+    /// large to reach).
+    fn deadline(&self, park_after: Option<Duration>) -> Option<(Instant, Due)> {
         match self.state().phase {
             Phase::ReceivingHeaders(since) => since
                 .checked_add(self.header_read_timeout)
-                .map(|at| (at, Expired::HeaderRead)),
-            Phase::Idle(since) => since
-                .checked_add(self.idle_timeout)
-                .map(|at| (at, Expired::Idle)),
+                .map(|at| (at, Due::Expired(Expired::HeaderRead))),
+            Phase::Idle(since) => {
+                let idle = since
+                    .checked_add(self.idle_timeout)
+                    .map(|at| (at, Due::Expired(Expired::Idle)));
+                let park = park_after
+                    .and_then(|span| since.checked_add(span))
+                    .map(|at| (at, Due::Park));
+                match (idle, park) {
+                    (Some(idle), Some(park)) if park.0 < idle.0 => Some(park),
+                    (None, park) => park,
+                    (idle, _) => idle,
+                }
+            }
             Phase::Handling(_) => None,
         }
     }
@@ -173,6 +203,11 @@ impl<S> WatchedIo<S> {
     /// Wraps `inner`, reporting to `clock`.
     pub fn new(inner: S, clock: Arc<ConnectionClock>) -> WatchedIo<S> {
         WatchedIo { inner, clock }
+    }
+
+    /// The stream inside.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
     }
 }
 
@@ -270,6 +305,24 @@ mod tests {
         clock.bytes_received();
         assert_eq!(clock.expired().await, Expired::Idle);
         assert!(finished.elapsed() >= IDLE);
+    }
+
+    #[tokio::test]
+    async fn parking_is_due_after_its_span_of_idleness_and_never_after_the_idle_limit() {
+        let clock = ConnectionClock::start(HEADERS, IDLE);
+        let park_after = Some(Duration::from_millis(50));
+        drop(clock.request_started(Version::HTTP_11));
+        let finished = Instant::now();
+        assert_eq!(clock.due(park_after).await, Due::Park);
+        assert!(finished.elapsed() >= Duration::from_millis(50));
+        // Asked for later than the idle limit, the limit comes first.
+        assert_eq!(clock.due(Some(IDLE * 2)).await, Due::Expired(Expired::Idle));
+        // Receiving a request's headers is never parked.
+        clock.bytes_received();
+        assert_eq!(
+            clock.due(park_after).await,
+            Due::Expired(Expired::HeaderRead)
+        );
     }
 
     #[tokio::test]

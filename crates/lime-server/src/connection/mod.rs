@@ -31,21 +31,30 @@
 //! HTTP/1 buffer) let one stranger make the server hold megabytes.
 
 pub mod clock;
+mod rewind;
 
 use crate::auth::ClientAddress;
 use crate::auth::certificate::{CertificateIdentity, CertificateIdentityError, PeerCertificate};
 use crate::http::{self, HttpState};
 use crate::metrics::{self, TimeLimit};
-use clock::{ConnectionClock, Expired, WatchedIo};
-use hyper::Request;
+use bytes::Bytes;
+use clock::{ConnectionClock, Due, Expired, WatchedIo};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
+use hyper::server::conn::http1;
+use hyper::service::{Service, service_fn};
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use rewind::Rewind;
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -92,6 +101,12 @@ pub struct ConnectionLimits {
     pub max_header_bytes: usize,
 }
 
+/// How long an HTTP/1 connection over TLS stays idle before its HTTP state is let
+/// go (parked): hyper's read and write buffers and its dispatcher (about 25 KiB),
+/// taken again when the next bytes arrive. A client's request pair (a 401 and
+/// the same request with credentials) comes well within it.
+pub const PARK_AFTER: Duration = Duration::from_secs(1);
+
 /// Serves `stream` until the client closes it, a time limit runs out, or `stopped`
 /// turns true and the requests in flight are answered.
 pub async fn serve(
@@ -102,27 +117,30 @@ pub async fn serve(
     limits: ConnectionLimits,
     stopped: watch::Receiver<bool>,
 ) {
+    // The connection's task lives as long as the connection: what only some of
+    // its life needs (the handshake, hyper's state) is boxed, so that an idle
+    // parked connection's task is small.
     let Some(acceptor) = tls else {
-        serve_http(stream, peer, None, state, limits, stopped).await;
+        Box::pin(serve_http(stream, peer, None, state, limits, stopped)).await;
         return;
     };
-    let stream =
-        match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => {
-                tracing::debug!(%peer, %error, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                metrics::closed_by_time_limit(TimeLimit::TlsHandshake);
-                tracing::info!(
-                    %peer,
-                    limit_ms = limits.tls_handshake_timeout.as_millis(),
-                    "closed: TLS handshake not finished within server.tls_handshake_timeout_ms"
-                );
-                return;
-            }
-        };
+    let handshake = Box::pin(acceptor.accept(stream));
+    let stream = match tokio::time::timeout(limits.tls_handshake_timeout, handshake).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            metrics::closed_by_time_limit(TimeLimit::TlsHandshake);
+            tracing::info!(
+                %peer,
+                limit_ms = limits.tls_handshake_timeout.as_millis(),
+                "closed: TLS handshake not finished within server.tls_handshake_timeout_ms"
+            );
+            return;
+        }
+    };
     let peer_certificate = match peer_certificate(&stream) {
         Ok(peer_certificate) => peer_certificate,
         Err(error) => {
@@ -130,10 +148,59 @@ pub async fn serve(
             return;
         }
     };
-    serve_http(stream, peer, peer_certificate, state, limits, stopped).await;
+    // HTTP/2 only when the client asked for it (ALPN, RFC 9113 section 3.2);
+    // otherwise HTTP/1.1, parked while idle.
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        Box::pin(serve_http(
+            stream,
+            peer,
+            peer_certificate,
+            state,
+            limits,
+            stopped,
+        ))
+        .await;
+    } else {
+        serve_parked_http1(stream, peer, peer_certificate, state, limits, stopped).await;
+    }
 }
 
-/// Serves HTTP on a connection (TLS already done), watching its clock.
+/// What [`http::handle`] answers.
+type Answer = Response<Full<Bytes>>;
+
+/// A request's answer to come, boxed.
+type AnswerFuture = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
+
+/// The hyper service of a connection: every request carries the client's
+/// address and its verified client certificate, if any, and is timed on the
+/// connection's clock. Its futures are boxed, so that an HTTP/1 connection can
+/// be run without shutting down its stream (hyper asks for `Unpin` there).
+fn connection_service(
+    clock: &Arc<ConnectionClock>,
+    state: Arc<HttpState>,
+    peer: SocketAddr,
+    peer_certificate: Option<PeerCertificate>,
+) -> impl Service<Request<Incoming>, Response = Answer, Error = Infallible, Future = AnswerFuture> + Clone
+{
+    let clock = clock.clone();
+    service_fn(move |mut request: Request<Incoming>| {
+        let in_progress = clock.request_started(request.version());
+        let state = state.clone();
+        request.extensions_mut().insert(ClientAddress(peer));
+        if let Some(certificate) = &peer_certificate {
+            request.extensions_mut().insert(certificate.clone());
+        }
+        let answer: AnswerFuture = Box::pin(async move {
+            let answer = http::handle(&state, request).await;
+            drop(in_progress);
+            answer
+        });
+        answer
+    })
+}
+
+/// Serves HTTP/1 or HTTP/2 (hyper-util tells them apart) on a connection (TLS
+/// already done), watching its clock.
 async fn serve_http<S>(
     stream: S,
     peer: SocketAddr,
@@ -145,24 +212,7 @@ async fn serve_http<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let clock = ConnectionClock::start(limits.header_read_timeout, limits.idle_timeout);
-    // Every request of the connection carries the client's address and its
-    // verified client certificate, if any, and is timed on the connection's clock.
-    let service = {
-        let clock = clock.clone();
-        service_fn(move |mut request: Request<Incoming>| {
-            let in_progress = clock.request_started(request.version());
-            let state = state.clone();
-            request.extensions_mut().insert(ClientAddress(peer));
-            if let Some(certificate) = &peer_certificate {
-                request.extensions_mut().insert(certificate.clone());
-            }
-            async move {
-                let answer = http::handle(&state, request).await;
-                drop(in_progress);
-                answer
-            }
-        })
-    };
+    let service = connection_service(&clock, state, peer, peer_certificate);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The clock above times the headers, for HTTP/1 and HTTP/2 alike. The head
     // must fit hyper's read buffer: over it, hyper answers 431 and closes.
@@ -182,54 +232,233 @@ async fn serve_http<S>(
     let connection =
         builder.serve_connection(TokioIo::new(WatchedIo::new(stream, clock.clone())), service);
     tokio::pin!(connection);
+    // hyper shuts the stream down itself when the connection ends.
+    drive(connection, &clock, peer, limits, &mut stopped, None).await;
+}
 
-    let mut stopping = false;
-    let mut idle_close_by = None;
-    let result = loop {
+/// Serves HTTP/1.1 over TLS, letting go of hyper's state while the connection is
+/// idle: after [`PARK_AFTER`] without a request, hyper's connection is shut down
+/// gracefully but its stream kept (with the bytes hyper had read ahead, if any);
+/// the task then waits for the socket to become readable, or for the idle limit
+/// or the server's stop, and serves the stream with a new hyper connection.
+/// What a parked connection holds is its TLS session and this task.
+async fn serve_parked_http1(
+    stream: TlsStream<TcpStream>,
+    peer: SocketAddr,
+    peer_certificate: Option<PeerCertificate>,
+    state: Arc<HttpState>,
+    limits: ConnectionLimits,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let clock = ConnectionClock::start(limits.header_read_timeout, limits.idle_timeout);
+    let service = connection_service(&clock, state, peer, peer_certificate);
+    let mut builder = http1::Builder::new();
+    builder
+        .header_read_timeout(None)
+        .max_buf_size(limits.max_header_bytes);
+    let mut stream = WatchedIo::new(stream, clock.clone());
+    let mut read_ahead = Bytes::new();
+    loop {
+        let mut connection = Box::pin(KeepStream(builder.serve_connection(
+            TokioIo::new(Rewind::new(read_ahead, stream)),
+            service.clone(),
+        )));
+        let ended = drive(
+            connection.as_mut(),
+            &clock,
+            peer,
+            limits,
+            &mut stopped,
+            Some(PARK_AFTER),
+        )
+        .await;
+        let parts = Pin::into_inner(connection).0.into_parts();
+        let (unread, watched) = parts.io.into_inner().into_parts();
+        stream = watched;
+        match ended {
+            Ended::Parked => {}
+            Ended::Closed => {
+                // What hyper would have done: close the TLS session and the
+                // stream, within the grace of an idle close.
+                let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, stream.shutdown()).await;
+                return;
+            }
+            Ended::Dropped => return,
+        }
+        read_ahead = [unread, parts.read_buf].concat().into();
+        if !read_ahead.is_empty() {
+            continue;
+        }
+        let _parked = metrics::CountedConnection::parked();
         tokio::select! {
-            result = connection.as_mut() => break result,
-            expired = clock.expired(), if idle_close_by.is_none() => match expired {
-                Expired::HeaderRead => {
-                    metrics::closed_by_time_limit(TimeLimit::HeaderRead);
-                    tracing::warn!(
-                        %peer,
-                        limit_ms = limits.header_read_timeout.as_millis(),
-                        "closed: request headers not received within server.header_read_timeout_ms"
-                    );
+            readable = stream.get_ref().get_ref().0.readable() => {
+                if readable.is_err() {
                     return;
                 }
-                Expired::Idle => {
+            }
+            expired = clock.expired() => {
+                if expired == Expired::Idle {
                     metrics::closed_by_time_limit(TimeLimit::Idle);
                     tracing::debug!(
                         %peer,
                         limit_ms = limits.idle_timeout.as_millis(),
                         "closing: idle for server.idle_timeout_ms"
                     );
-                    connection.as_mut().graceful_shutdown();
+                }
+                let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, stream.shutdown()).await;
+                return;
+            }
+            _ = stopped.changed() => {
+                let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, stream.shutdown()).await;
+                return;
+            }
+        }
+    }
+}
+
+/// How serving a connection with hyper came to an end.
+enum Ended {
+    /// hyper's connection ended (the client closed, or it was shut down
+    /// gracefully for the idle limit or the server's stop).
+    Closed,
+    /// Let go while idle, on purpose: the stream stays open.
+    Parked,
+    /// Cut off (headers too slow, an idle close that did not finish, an error):
+    /// the stream is to be dropped.
+    Dropped,
+}
+
+/// A hyper connection that [`drive`] can ask to end gracefully.
+trait Served: Future<Output = Result<(), BoxError>> {
+    fn shut_down_gracefully(self: Pin<&mut Self>);
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<I, S, E, B> Served for auto::Connection<'_, I, S, E>
+where
+    Self: Future<Output = Result<(), BoxError>>,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<BoxError>,
+    E: hyper_util::server::conn::auto::HttpServerConnExec<S::Future, B>,
+{
+    fn shut_down_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// An HTTP/1 connection run without shutting down its stream at the end, so
+/// that the stream can be taken back ([`http1::Connection::into_parts`]).
+struct KeepStream<I, S: hyper::service::HttpService<Incoming>>(http1::Connection<I, S>);
+
+impl<I, S> Future for KeepStream<I, S>
+where
+    http1::Connection<I, S>: Unpin,
+    S: hyper::service::HttpService<Incoming> + Unpin,
+    S::Future: Unpin,
+    S::Error: Into<BoxError>,
+    S::ResBody: hyper::body::Body + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+{
+    type Output = Result<(), BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.get_mut()
+            .0
+            .poll_without_shutdown(cx)
+            .map_err(Into::into)
+    }
+}
+
+impl<I, S> Served for KeepStream<I, S>
+where
+    Self: Future<Output = Result<(), BoxError>>,
+    http1::Connection<I, S>: Unpin,
+    S: hyper::service::HttpService<Incoming> + Unpin,
+    S::Future: Unpin,
+    S::Error: Into<BoxError>,
+    S::ResBody: hyper::body::Body + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+{
+    fn shut_down_gracefully(self: Pin<&mut Self>) {
+        Pin::new(&mut self.get_mut().0).graceful_shutdown();
+    }
+}
+
+/// Runs a hyper connection under the connection's time limits: the header
+/// limit cuts it off, the idle limit and the server's stop end it gracefully,
+/// and with `park_after` an idle spell that long ends it gracefully too, to be
+/// parked.
+async fn drive<C: Served + ?Sized>(
+    mut connection: Pin<&mut C>,
+    clock: &ConnectionClock,
+    peer: SocketAddr,
+    limits: ConnectionLimits,
+    stopped: &mut watch::Receiver<bool>,
+    park_after: Option<Duration>,
+) -> Ended {
+    let mut stopping = false;
+    let mut parking = false;
+    let mut idle_close_by = None;
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            due = clock.due(park_after), if idle_close_by.is_none() && !parking => match due {
+                Due::Expired(Expired::HeaderRead) => {
+                    metrics::closed_by_time_limit(TimeLimit::HeaderRead);
+                    tracing::warn!(
+                        %peer,
+                        limit_ms = limits.header_read_timeout.as_millis(),
+                        "closed: request headers not received within server.header_read_timeout_ms"
+                    );
+                    return Ended::Dropped;
+                }
+                Due::Expired(Expired::Idle) => {
+                    metrics::closed_by_time_limit(TimeLimit::Idle);
+                    tracing::debug!(
+                        %peer,
+                        limit_ms = limits.idle_timeout.as_millis(),
+                        "closing: idle for server.idle_timeout_ms"
+                    );
+                    connection.as_mut().shut_down_gracefully();
                     idle_close_by = Some(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
                 }
+                Due::Park => {
+                    connection.as_mut().shut_down_gracefully();
+                    parking = true;
+                }
             },
-            () = sleep_until_some(idle_close_by) => return,
+            () = sleep_until_some(idle_close_by) => return Ended::Dropped,
             _ = stopped.changed(), if !stopping => {
                 // Answers the requests in flight, then closes; a client still
                 // sending its headers is cut off by the clock.
-                connection.as_mut().graceful_shutdown();
+                connection.as_mut().shut_down_gracefully();
                 stopping = true;
             }
         }
     };
-    if let Err(error) = result {
-        let head_too_large = error
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_parse_too_large);
-        if head_too_large {
-            tracing::warn!(
-                %peer,
-                limit = limits.max_header_bytes,
-                "refused: request headers over server.max_header_bytes (431, connection closed)"
-            );
-        } else {
-            tracing::debug!(%peer, %error, "connection ended with an error");
+    match result {
+        Ok(()) if parking && !stopping => Ended::Parked,
+        Ok(()) => Ended::Closed,
+        Err(error) => {
+            let head_too_large = error
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_parse_too_large);
+            if head_too_large {
+                tracing::warn!(
+                    %peer,
+                    limit = limits.max_header_bytes,
+                    "refused: request headers over server.max_header_bytes (431, connection closed)"
+                );
+            } else {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+            Ended::Dropped
         }
     }
 }

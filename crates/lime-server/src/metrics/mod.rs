@@ -43,6 +43,8 @@ pub const STORE_RETRIES: &str = "lime_store_retries_total";
 pub const CLAIMS_IN_DOUBT: &str = "lime_store_claims_in_doubt";
 /// `lime_connections_open`
 pub const CONNECTIONS_OPEN: &str = "lime_connections_open";
+/// `lime_connections_parked`
+pub const CONNECTIONS_PARKED: &str = "lime_connections_parked";
 /// `lime_connections_refused_total`
 pub const CONNECTIONS_REFUSED: &str = "lime_connections_refused_total";
 /// `lime_connections_closed_by_time_limit_total{kind}`
@@ -122,6 +124,10 @@ pub fn describe_all() {
         "Claims whose COMMIT went unanswered and are not settled yet, by curve"
     );
     describe_gauge!(CONNECTIONS_OPEN, "Connections being served");
+    describe_gauge!(
+        CONNECTIONS_PARKED,
+        "Idle HTTP/1.1 connections over TLS whose HTTP state is let go until they send again"
+    );
     describe_counter!(
         CONNECTIONS_REFUSED,
         "Connections closed at once because server.max_connections were being served"
@@ -280,26 +286,29 @@ pub fn claims_in_doubt(curve: &'static str, pending: usize) {
     gauge!(CLAIMS_IN_DOUBT, "curve" => curve).set(pending as f64);
 }
 
-/// A connection served for as long as this lives (`lime_connections_open`).
-pub struct OpenConnection(());
+/// A connection counted in a gauge for as long as this lives.
+pub struct CountedConnection(&'static str);
 
-impl OpenConnection {
-    /// Counts a connection in; dropping the value counts it out.
-    pub fn new() -> OpenConnection {
-        gauge!(CONNECTIONS_OPEN).increment(1.0);
-        OpenConnection(())
+impl CountedConnection {
+    /// A connection being served (`lime_connections_open`).
+    pub fn open() -> CountedConnection {
+        CountedConnection::count(CONNECTIONS_OPEN)
+    }
+
+    /// An idle connection whose HTTP state is let go (`lime_connections_parked`).
+    pub fn parked() -> CountedConnection {
+        CountedConnection::count(CONNECTIONS_PARKED)
+    }
+
+    fn count(gauge: &'static str) -> CountedConnection {
+        gauge!(gauge).increment(1.0);
+        CountedConnection(gauge)
     }
 }
 
-impl Default for OpenConnection {
-    fn default() -> Self {
-        OpenConnection::new()
-    }
-}
-
-impl Drop for OpenConnection {
+impl Drop for CountedConnection {
     fn drop(&mut self) {
-        gauge!(CONNECTIONS_OPEN).decrement(1.0);
+        gauge!(self.0).decrement(1.0);
     }
 }
 

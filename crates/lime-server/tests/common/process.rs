@@ -101,11 +101,21 @@ impl ServerProcess {
 
     /// Sends it SIGHUP (`kill -HUP`), as `systemctl reload` does.
     pub fn hang_up(&self) {
+        self.signal("-HUP");
+    }
+
+    /// Sends it SIGTERM (`kill -TERM`), as `systemctl stop` does: a graceful stop.
+    #[allow(dead_code)] // not every test binary stops its server
+    pub fn terminate(&self) {
+        self.signal("-TERM");
+    }
+
+    fn signal(&self, signal: &str) {
         let status = Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
+            .args([signal, &self.child.id().to_string()])
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -HUP failed");
+        assert!(status.success(), "kill {signal} failed");
     }
 
     /// True while it runs.

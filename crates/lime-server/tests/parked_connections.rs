@@ -1,0 +1,222 @@
+//! Idle HTTP/1.1 connections over TLS are parked: after a second without a
+//! request their HTTP state (hyper's buffers and dispatcher, about 25 KiB) is let
+//! go, and taken again when the client sends. As a client sees it nothing
+//! changes: the same connection serves its next request, and the idle limit and
+//! the server's stop still close it. `lime_connections_parked` shows how many are.
+
+mod common;
+
+use common::process::ServerProcess;
+use common::scrape::Scrape;
+use rustls_pki_types::pem::PemObject;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
+use tokio_rustls::client::TlsStream;
+
+/// lime-server's `connection::PARK_AFTER`.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+struct Server {
+    process: ServerProcess,
+    metrics: SocketAddr,
+    data_dir: TempDir,
+}
+
+/// A server with one HTTPS listener (its self-signed certificate) and metrics.
+fn start_server(idle_timeout: Duration) -> Server {
+    let data_dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nidle_timeout_ms = {}\n\
+         [storage]\ndata_dir = \"{}\"\ncurves = [\"c25519\"]\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n",
+        idle_timeout.as_millis(),
+        data_dir.path().display()
+    );
+    let file = data_dir.path().join("lime-server.toml");
+    std::fs::write(&file, config).unwrap();
+    let process = ServerProcess::start(&["--config", file.to_str().unwrap()]);
+    let metrics = process.metrics_addr();
+    Server {
+        process,
+        metrics,
+        data_dir,
+    }
+}
+
+impl Server {
+    /// A TLS connection offering `alpn` (none when empty).
+    async fn connect(&self, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+        let mut roots = rustls::RootCertStore::empty();
+        let certificate = self.data_dir.path().join("tls/self-signed.crt");
+        for certificate in rustls_pki_types::CertificateDer::pem_file_iter(&certificate).unwrap() {
+            roots.add(certificate.unwrap()).unwrap();
+        }
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tls.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+        let tcp = TcpStream::connect(self.process.addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(name, tcp)
+            .await
+            .expect("TLS handshake")
+    }
+
+    fn gauge(&self, name: &str) -> f64 {
+        Scrape::at(self.metrics).value(name, &[])
+    }
+
+    /// Waits (bounded) until `lime_connections_parked` is `expected`.
+    fn wait_parked(&self, expected: f64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let parked = self.gauge("lime_connections_parked");
+            if parked == expected {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{parked} connections parked, expected {expected}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A health check on a keep-alive connection, its whole answer read.
+async fn health_check(stream: &mut TlsStream<TcpStream>) {
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0; 1024];
+    while !answer.ends_with(b"\r\n\r\nok\n") {
+        let read = timeout(Duration::from_secs(5), stream.read(&mut buffer))
+            .await
+            .expect("the health check is answered")
+            .unwrap();
+        assert!(read > 0, "closed before the answer: {answer:?}");
+        answer.extend_from_slice(&buffer[..read]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200 "), "{answer:?}");
+    assert!(
+        !String::from_utf8_lossy(&answer)
+            .to_ascii_lowercase()
+            .contains("connection: close"),
+        "{answer:?}"
+    );
+}
+
+/// Reads until the server closes the connection; `None` if it is still open
+/// after `limit`.
+async fn closed_within(stream: &mut TlsStream<TcpStream>, limit: Duration) -> Option<Vec<u8>> {
+    let mut received = Vec::new();
+    let read_all = async {
+        let mut buffer = [0; 1024];
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => received.extend_from_slice(&buffer[..read]),
+            }
+        }
+    };
+    timeout(limit, read_all).await.ok()?;
+    Some(received)
+}
+
+#[tokio::test]
+async fn idle_connections_are_parked_and_serve_their_next_request_on_the_same_connection() {
+    let server = start_server(Duration::from_secs(60));
+    let mut connections = Vec::new();
+    for alpn in [&[][..], &[&b"http/1.1"[..]][..]].iter().cycle().take(10) {
+        let mut connection = server.connect(alpn).await;
+        health_check(&mut connection).await;
+        connections.push(connection);
+    }
+    let answered = Instant::now();
+    server.wait_parked(10.0);
+    assert!(answered.elapsed() >= PARK_AFTER - Duration::from_millis(50));
+    assert_eq!(server.gauge("lime_connections_open"), 10.0);
+
+    // Each parked connection serves a request again, twice in a row (the
+    // second on the HTTP state the first one brought back).
+    for connection in &mut connections {
+        health_check(connection).await;
+        health_check(connection).await;
+    }
+    assert!(server.gauge("lime_connections_parked") < 10.0);
+    server.wait_parked(10.0);
+    for connection in &mut connections {
+        health_check(connection).await;
+    }
+}
+
+#[tokio::test]
+async fn a_parked_connection_is_closed_at_the_idle_limit() {
+    let limit = Duration::from_millis(2500);
+    let server = start_server(limit);
+    let mut connection = server.connect(&[]).await;
+    health_check(&mut connection).await;
+    let answered = Instant::now();
+    server.wait_parked(1.0);
+    let received = closed_within(&mut connection, limit * 3 + Duration::from_secs(1))
+        .await
+        .expect("the parked connection is closed at the idle limit");
+    assert!(received.is_empty(), "{received:?}");
+    assert!(answered.elapsed() >= limit - Duration::from_millis(50));
+    server.wait_parked(0.0);
+    let scrape = Scrape::at(server.metrics);
+    assert_eq!(
+        scrape.value(
+            "lime_connections_closed_by_time_limit_total",
+            &[("kind", "idle")]
+        ),
+        1.0,
+        "{}",
+        scrape.text
+    );
+}
+
+#[tokio::test]
+async fn a_stop_closes_parked_connections_at_once() {
+    let server = start_server(Duration::from_secs(60));
+    let mut connection = server.connect(&[]).await;
+    health_check(&mut connection).await;
+    server.wait_parked(1.0);
+    let stopping = Instant::now();
+    server.process.terminate();
+    closed_within(&mut connection, Duration::from_secs(5))
+        .await
+        .expect("the parked connection is closed when the server stops");
+    assert!(stopping.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn http2_connections_are_not_parked() {
+    let server = start_server(Duration::from_secs(60));
+    let stream = server.connect(&[b"h2"]).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, connection) = h2::client::handshake(stream).await.expect("HTTP/2");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = http::Request::get("https://localhost/health")
+        .body(())
+        .unwrap();
+    let (response, _) = send.send_request(request, true).unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
+    tokio::time::sleep(PARK_AFTER * 2).await;
+    assert_eq!(server.gauge("lime_connections_parked"), 0.0);
+    assert_eq!(server.gauge("lime_connections_open"), 1.0);
+}
