@@ -16,12 +16,12 @@ use bytes::Bytes;
 use common::accounts::AccountsFixture;
 use common::backend::Backend;
 use common::process::ServerProcess;
+use common::raw::tls_connect;
 use common::{device_id, random_hex, registration};
 use lime_protocol::{Curve, Request, RequestMessage, Response, ResponseMessage};
 use lime_server::client::LimeClient;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -351,25 +351,7 @@ async fn a_thousand_unauthenticated_1_mib_bodies_keep_the_server_under_100_mb_an
 
 /// A TLS client that speaks HTTP/2 (ALPN h2) and trusts `certificate`.
 async fn h2_connection(addr: SocketAddr, certificate: &Path) -> h2::client::SendRequest<Bytes> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for certificate in rustls_pki_types::CertificateDer::pem_file_iter(certificate).unwrap() {
-        roots.add(certificate.unwrap()).unwrap();
-    }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(name, tcp)
-        .await
-        .expect("TLS handshake");
+    let stream = tls_connect(addr, certificate, &[b"h2"]).await;
     let (send, connection) = h2::client::handshake(stream).await.expect("HTTP/2");
     tokio::spawn(async move {
         let _ = connection.await;

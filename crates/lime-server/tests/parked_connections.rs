@@ -7,15 +7,13 @@
 mod common;
 
 use common::process::ServerProcess;
+use common::raw::{health_check_keeping_alive, read_until_closed, tls_connect};
 use common::scrape::Scrape;
-use rustls_pki_types::pem::PemObject;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 use tempfile::TempDir;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, timeout};
+use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 
 /// lime-server's `connection::PARK_AFTER`.
@@ -51,25 +49,8 @@ fn start_server(idle_timeout: Duration) -> Server {
 impl Server {
     /// A TLS connection offering `alpn` (none when empty).
     async fn connect(&self, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
-        let mut roots = rustls::RootCertStore::empty();
         let certificate = self.data_dir.path().join("tls/self-signed.crt");
-        for certificate in rustls_pki_types::CertificateDer::pem_file_iter(&certificate).unwrap() {
-            roots.add(certificate.unwrap()).unwrap();
-        }
-        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        tls.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
-        let tcp = TcpStream::connect(self.process.addr).await.unwrap();
-        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        tokio_rustls::TlsConnector::from(Arc::new(tls))
-            .connect(name, tcp)
-            .await
-            .expect("TLS handshake")
+        tls_connect(self.process.addr, &certificate, alpn).await
     }
 
     fn gauge(&self, name: &str) -> f64 {
@@ -93,55 +74,13 @@ impl Server {
     }
 }
 
-/// A health check on a keep-alive connection, its whole answer read.
-async fn health_check(stream: &mut TlsStream<TcpStream>) {
-    stream
-        .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    let mut buffer = [0; 1024];
-    while !answer.ends_with(b"\r\n\r\nok\n") {
-        let read = timeout(Duration::from_secs(5), stream.read(&mut buffer))
-            .await
-            .expect("the health check is answered")
-            .unwrap();
-        assert!(read > 0, "closed before the answer: {answer:?}");
-        answer.extend_from_slice(&buffer[..read]);
-    }
-    assert!(answer.starts_with(b"HTTP/1.1 200 "), "{answer:?}");
-    assert!(
-        !String::from_utf8_lossy(&answer)
-            .to_ascii_lowercase()
-            .contains("connection: close"),
-        "{answer:?}"
-    );
-}
-
-/// Reads until the server closes the connection; `None` if it is still open
-/// after `limit`.
-async fn closed_within(stream: &mut TlsStream<TcpStream>, limit: Duration) -> Option<Vec<u8>> {
-    let mut received = Vec::new();
-    let read_all = async {
-        let mut buffer = [0; 1024];
-        loop {
-            match stream.read(&mut buffer).await {
-                Ok(0) | Err(_) => return,
-                Ok(read) => received.extend_from_slice(&buffer[..read]),
-            }
-        }
-    };
-    timeout(limit, read_all).await.ok()?;
-    Some(received)
-}
-
 #[tokio::test]
 async fn idle_connections_are_parked_and_serve_their_next_request_on_the_same_connection() {
     let server = start_server(Duration::from_secs(60));
     let mut connections = Vec::new();
     for alpn in [&[][..], &[&b"http/1.1"[..]][..]].iter().cycle().take(10) {
         let mut connection = server.connect(alpn).await;
-        health_check(&mut connection).await;
+        health_check_keeping_alive(&mut connection).await;
         connections.push(connection);
     }
     let answered = Instant::now();
@@ -152,13 +91,13 @@ async fn idle_connections_are_parked_and_serve_their_next_request_on_the_same_co
     // Each parked connection serves a request again, twice in a row (the
     // second on the HTTP state the first one brought back).
     for connection in &mut connections {
-        health_check(connection).await;
-        health_check(connection).await;
+        health_check_keeping_alive(connection).await;
+        health_check_keeping_alive(connection).await;
     }
     assert!(server.gauge("lime_connections_parked") < 10.0);
     server.wait_parked(10.0);
     for connection in &mut connections {
-        health_check(connection).await;
+        health_check_keeping_alive(connection).await;
     }
 }
 
@@ -167,10 +106,10 @@ async fn a_parked_connection_is_closed_at_the_idle_limit() {
     let limit = Duration::from_millis(2500);
     let server = start_server(limit);
     let mut connection = server.connect(&[]).await;
-    health_check(&mut connection).await;
+    health_check_keeping_alive(&mut connection).await;
     let answered = Instant::now();
     server.wait_parked(1.0);
-    let received = closed_within(&mut connection, limit * 3 + Duration::from_secs(1))
+    let received = read_until_closed(&mut connection, limit * 3 + Duration::from_secs(1))
         .await
         .expect("the parked connection is closed at the idle limit");
     assert!(received.is_empty(), "{received:?}");
@@ -192,11 +131,11 @@ async fn a_parked_connection_is_closed_at_the_idle_limit() {
 async fn a_stop_closes_parked_connections_at_once() {
     let server = start_server(Duration::from_secs(60));
     let mut connection = server.connect(&[]).await;
-    health_check(&mut connection).await;
+    health_check_keeping_alive(&mut connection).await;
     server.wait_parked(1.0);
     let stopping = Instant::now();
     server.process.terminate();
-    closed_within(&mut connection, Duration::from_secs(5))
+    read_until_closed(&mut connection, Duration::from_secs(5))
         .await
         .expect("the parked connection is closed when the server stops");
     assert!(stopping.elapsed() < Duration::from_secs(5));

@@ -11,6 +11,7 @@
 mod common;
 
 use bytes::Bytes;
+use common::raw::{health_check_keeping_alive, read_until_closed};
 use common::{TestApp, device_id, registration, spawn_app_with};
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -31,9 +32,6 @@ const TRICKLING_CLIENTS: usize = 200;
 const TRICKLED_HEADERS: &[u8] = b"POST / HTTP/1.1\r\nHost: lime.example.org\r\n\
     Content-Type: x3dh/octet-stream\r\nContent-Length: 3\r\n\r\n";
 
-/// A keep-alive request a raw client can send and read the whole answer of.
-const HEALTH_REQUEST: &[u8] = b"GET /health HTTP/1.1\r\nHost: lime.example.org\r\n\r\n";
-
 /// A server with a plain-HTTP listener only, settings changed by `configure`.
 async fn spawn_plain_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     spawn_app_with(|settings| {
@@ -47,40 +45,6 @@ async fn spawn_plain_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp 
 /// The generous bound on "cut off after `limit`" for a loaded machine.
 fn within(limit: Duration) -> Duration {
     limit * 3 + Duration::from_secs(1)
-}
-
-/// Reads what the server sends until it closes the connection (end of stream or
-/// reset). Returns what was read, or `None` when the connection is still open
-/// after `limit`.
-async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
-    let mut received = Vec::new();
-    let read_all = async {
-        let mut buffer = [0; 4096];
-        loop {
-            match stream.read(&mut buffer).await {
-                Ok(0) | Err(_) => return,
-                Ok(read) => received.extend_from_slice(&buffer[..read]),
-            }
-        }
-    };
-    timeout(limit, read_all).await.ok()?;
-    Some(received)
-}
-
-/// Sends a health check on a keep-alive connection and reads its whole answer.
-async fn health_check_keeping_alive(stream: &mut TcpStream) {
-    stream.write_all(HEALTH_REQUEST).await.unwrap();
-    let mut answer = Vec::new();
-    let mut buffer = [0; 1024];
-    while !answer.ends_with(b"\r\n\r\nok\n") {
-        let read = timeout(Duration::from_secs(5), stream.read(&mut buffer))
-            .await
-            .expect("the health check is answered")
-            .unwrap();
-        assert!(read > 0, "closed before the answer: {answer:?}");
-        answer.extend_from_slice(&buffer[..read]);
-    }
-    assert!(answer.starts_with(b"HTTP/1.1 200 "), "{answer:?}");
 }
 
 /// A client that sends a request's headers one byte a second until the server

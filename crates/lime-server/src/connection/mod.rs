@@ -30,6 +30,45 @@
 //! request is ever let in. hyper's defaults (200 streams, 1 MiB windows, a ~400 KB
 //! HTTP/1 buffer) let one stranger make the server hold megabytes.
 
+/// Implements `AsyncWrite` for a stream wrapper `$wrapper<S>` by passing every
+/// call to its `inner` stream: the wrappers here only change reading.
+macro_rules! forward_async_write {
+    ($wrapper:ident) => {
+        impl<S: AsyncWrite + Unpin> AsyncWrite for $wrapper<S> {
+            fn poll_write(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                Pin::new(&mut self.inner).poll_write(cx, buf)
+            }
+
+            fn poll_write_vectored(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                bufs: &[io::IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                self.inner.is_write_vectored()
+            }
+
+            fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.inner).poll_flush(cx)
+            }
+
+            fn poll_shutdown(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.inner).poll_shutdown(cx)
+            }
+        }
+    };
+}
+
 pub mod clock;
 mod rewind;
 
@@ -328,8 +367,9 @@ enum Ended {
     Dropped,
 }
 
-/// A hyper connection that [`drive`] can ask to end gracefully.
-trait Served: Future<Output = Result<(), BoxError>> {
+/// A hyper connection that [`drive`] runs and can ask to end gracefully.
+trait Served {
+    fn poll_served(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>;
     fn shut_down_gracefully(self: Pin<&mut Self>);
 }
 
@@ -345,6 +385,10 @@ where
     B::Error: Into<BoxError>,
     E: hyper_util::server::conn::auto::HttpServerConnExec<S::Future, B>,
 {
+    fn poll_served(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.poll(cx)
+    }
+
     fn shut_down_gracefully(self: Pin<&mut Self>) {
         self.graceful_shutdown();
     }
@@ -354,7 +398,7 @@ where
 /// that the stream can be taken back ([`http1::Connection::into_parts`]).
 struct KeepStream<I, S: hyper::service::HttpService<Incoming>>(http1::Connection<I, S>);
 
-impl<I, S> Future for KeepStream<I, S>
+impl<I, S> Served for KeepStream<I, S>
 where
     http1::Connection<I, S>: Unpin,
     S: hyper::service::HttpService<Incoming> + Unpin,
@@ -364,27 +408,13 @@ where
     <S::ResBody as hyper::body::Body>::Error: Into<BoxError>,
     I: hyper::rt::Read + hyper::rt::Write + Unpin,
 {
-    type Output = Result<(), BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll_served(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.get_mut()
             .0
             .poll_without_shutdown(cx)
             .map_err(Into::into)
     }
-}
 
-impl<I, S> Served for KeepStream<I, S>
-where
-    Self: Future<Output = Result<(), BoxError>>,
-    http1::Connection<I, S>: Unpin,
-    S: hyper::service::HttpService<Incoming> + Unpin,
-    S::Future: Unpin,
-    S::Error: Into<BoxError>,
-    S::ResBody: hyper::body::Body + 'static,
-    <S::ResBody as hyper::body::Body>::Error: Into<BoxError>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-{
     fn shut_down_gracefully(self: Pin<&mut Self>) {
         Pin::new(&mut self.get_mut().0).graceful_shutdown();
     }
@@ -407,7 +437,7 @@ async fn drive<C: Served + ?Sized>(
     let mut idle_close_by = None;
     let result = loop {
         tokio::select! {
-            result = connection.as_mut() => break result,
+            result = std::future::poll_fn(|cx| connection.as_mut().poll_served(cx)) => break result,
             due = clock.due(park_after), if idle_close_by.is_none() && !parking => match due {
                 Due::Expired(Expired::HeaderRead) => {
                     metrics::closed_by_time_limit(TimeLimit::HeaderRead);

@@ -14,6 +14,7 @@ pub mod linphone;
 pub mod php;
 pub mod pki;
 pub mod process;
+pub mod raw;
 pub mod registrations;
 pub mod relay;
 pub mod scrape;
