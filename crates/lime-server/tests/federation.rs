@@ -52,9 +52,19 @@ fn id(text: &str) -> DeviceId {
 }
 
 /// A free loopback port, for a server its peers must know before it starts.
+///
+/// The port is let go before the server binds it, so it is taken below the
+/// kernel's ephemeral range (32768 and up, `net.ipv4.ip_local_port_range`): a port
+/// from `bind(0)` could meanwhile be handed to another suite's server or to an
+/// outgoing connection's local end, both of which the kernel picks from that range
+/// (a CI run once failed so, "Address already in use").
 fn reserve_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().unwrap()
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..1000)
+        .map(|_| SocketAddr::from(([127, 0, 0, 1], rng.random_range(20_000..32_000))))
+        .find(|addr| std::net::TcpListener::bind(addr).is_ok())
+        .expect("a free loopback port between 20000 and 32000")
 }
 
 /// The three servers and the files they share.
