@@ -12,7 +12,10 @@
 #              fresh SQLite store per run: requests/s, p50/p99/p99.9, server CPU,
 #              the WAL file's largest size during the run and its size at the end.
 #   limit      the same with the limit off and on (LIMIT_REQUESTS a run), on each
-#              store of STORES (sqlite mariadb postgres): throughput and CPU, on/off.
+#              store of STORES (sqlite mariadb postgres): throughput and CPU, on/off;
+#              for each count of LIMIT_SENDERS: 1 (every request from one user,
+#              whose claims take turns on a database server) and one user per
+#              connection.
 #   digest401  Linphone's request shape, a 401 then the authenticated request on
 #              one connection (accounts on SQLite and on MariaDB), against one
 #              unauthenticated request: server CPU of the pair / CPU of the plain one.
@@ -39,6 +42,7 @@
 #   no pinning), PORT (25900), WORK_DIR (/tmp/lime-perf-bench).
 #   latency:   DEVICES (1000), OPKS (1000), CONNECTIONS (32), REQUESTS (100000).
 #   limit:     STORES ("sqlite mariadb postgres"), LIMIT_REQUESTS (30000),
+#              LIMIT_SENDERS ("1 CONNECTIONS"),
 #              DB_OPKS (100: OPks per device in the MariaDB/PostgreSQL stores).
 #   digest401: DIGEST_REQUESTS (20000), DIGEST_CONNECTIONS (CONNECTIONS).
 #   many:      MANY_CURVES ("c25519 c448mlk1024"), MANY_SIZES ("10 100 1000"),
@@ -242,9 +246,8 @@ db_processes() { # STORE: the lime-load option naming the database server's proc
 }
 
 scenario_limit() {
-    local store i limit side template scenario db_args
+    local store senders i limit side template scenario db_args
     for store in $STORES; do
-        scenario="limit $store"
         if [[ $store == sqlite ]]; then
             seed_sides c25519 "$DEVICES" "$DEVICES_OPKS_LIMIT"
         else
@@ -254,26 +257,29 @@ scenario_limit() {
             done
         fi
         read -ra db_args <<<"$(db_processes "$store")"
-        for ((i = 1; i <= REPEAT; i++)); do
-            for limit in off on; do
-                for side in "${SIDES[@]}"; do
-                    template=lime_perf_tmpl_$side
-                    [[ $store == sqlite ]] && template=$(template_dir "$side" c25519 "$DEVICES" "$DEVICES_OPKS_LIMIT")
-                    label "$scenario side=$side run $i/$REPEAT: limit $limit, $CONNECTIONS connections, $LIMIT_REQUESTS requests"
-                    measure bench_run "$side" "$store" "$template" c25519 "$limit" "" bundles \
-                        --curve c25519 --devices "$DEVICES" --connections "$CONNECTIONS" \
-                        --requests "$LIMIT_REQUESTS" "${db_args[@]}"
-                    record "$scenario" "requests/s, limit $limit" "$side" "$(report_rate <<<"$out")" "$mark"
-                    record "$scenario" "server CPU ms/request, limit $limit" "$side" "$(report_server_cpu <<<"$out")" "$mark"
-                    if [[ $store != sqlite ]]; then
-                        record "$scenario" "database CPU ms/request, limit $limit" "$side" \
-                            "$(sed -nE 's/.*database CPU: ([0-9.]+) ms.request.*/\1/p' <<<"$out")" "$mark"
-                    fi
+        for senders in ${LIMIT_SENDERS:-1 $CONNECTIONS}; do
+            scenario="limit $store, $senders sender(s)"
+            for ((i = 1; i <= REPEAT; i++)); do
+                for limit in off on; do
+                    for side in "${SIDES[@]}"; do
+                        template=lime_perf_tmpl_$side
+                        [[ $store == sqlite ]] && template=$(template_dir "$side" c25519 "$DEVICES" "$DEVICES_OPKS_LIMIT")
+                        label "$scenario side=$side run $i/$REPEAT: limit $limit, $CONNECTIONS connections, $LIMIT_REQUESTS requests"
+                        measure bench_run "$side" "$store" "$template" c25519 "$limit" "" bundles \
+                            --curve c25519 --devices "$DEVICES" --connections "$CONNECTIONS" \
+                            --senders "$senders" --requests "$LIMIT_REQUESTS" "${db_args[@]}"
+                        record "$scenario" "requests/s, limit $limit" "$side" "$(report_rate <<<"$out")" "$mark"
+                        record "$scenario" "server CPU ms/request, limit $limit" "$side" "$(report_server_cpu <<<"$out")" "$mark"
+                        if [[ $store != sqlite ]]; then
+                            record "$scenario" "database CPU ms/request, limit $limit" "$side" \
+                                "$(sed -nE 's/.*database CPU: ([0-9.]+) ms.request.*/\1/p' <<<"$out")" "$mark"
+                        fi
+                    done
                 done
             done
+            ratio "$scenario" "throughput on / off" "requests/s, limit on" "requests/s, limit off"
+            ratio "$scenario" "server CPU on / off" "server CPU ms/request, limit on" "server CPU ms/request, limit off"
         done
-        ratio "$scenario" "throughput on / off" "requests/s, limit on" "requests/s, limit off"
-        ratio "$scenario" "server CPU on / off" "server CPU ms/request, limit on" "server CPU ms/request, limit off"
         [[ $store == sqlite ]] || drop_sides "$store"
     done
 }

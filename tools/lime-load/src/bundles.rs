@@ -64,6 +64,12 @@ pub struct BundlesArgs {
         default_value = "sip:load-client@example.org;gr=urn:uuid:00000000-0000-0000-0000-ffffffffffff"
     )]
     sender: String,
+    /// Distinct senders, each a user of its own: connection `i` sends as sender
+    /// `i % S` (`sip:load-client-<k>@example.org;gr=...`; 1: `--sender` alone).
+    /// One identity's claims take turns on a database server (its row is locked
+    /// for the bundle request limit): this tells that from what a claim costs.
+    #[arg(long, value_name = "S", default_value_t = 1, conflicts_with = "digest")]
+    senders: usize,
     /// Answer digest challenges as USER:PASSWORD (each connection reusing its
     /// nonce, every request sent with credentials).
     #[arg(long, value_name = "USER:PASSWORD")]
@@ -114,6 +120,9 @@ pub fn run(args: &BundlesArgs) -> Result<()> {
             "--per-request or --background-per-request is more than --devices: the devices of a request are distinct"
         );
     }
+    if args.senders == 0 {
+        bail!("--senders must be at least 1");
+    }
     if args.background_connections > 0 && args.background_per_request == 0 {
         bail!("--background-per-request must be at least 1");
     }
@@ -156,7 +165,7 @@ async fn load(args: &BundlesArgs, mut clients: Vec<LimeClient>, ports: &[u16]) -
     let load_before = load_average();
     let shared = Arc::new(Shared {
         urls: args.url.clone(),
-        sender: args.sender.clone(),
+        senders: sender_ids(&args.sender, args.senders),
         curve: args.curve,
         devices: args.devices,
         requests: args.requests,
@@ -164,7 +173,7 @@ async fn load(args: &BundlesArgs, mut clients: Vec<LimeClient>, ports: &[u16]) -
         timed_done: AtomicBool::new(false),
         start: Barrier::new(clients.len() + 1),
     });
-    register_sender(&shared, &clients).await?;
+    register_senders(&shared, &clients).await?;
     let background_clients = clients.split_off(args.connections);
     let tasks: Vec<_> = clients
         .into_iter()
@@ -419,7 +428,8 @@ impl Background {
 struct Shared {
     /// Connection `i` sends to `urls[i % urls.len()]`.
     urls: Vec<String>,
-    sender: String,
+    /// Connection `i` sends as `senders[i % senders.len()]`.
+    senders: Vec<String>,
     curve: Curve,
     devices: u64,
     requests: u64,
@@ -447,11 +457,12 @@ async fn connection_task(
     role: Role,
 ) -> Result<TaskReport> {
     let url = url_of(&shared.urls, index).to_owned();
+    let sender = shared.senders[index % shared.senders.len()].clone();
     let per_request = match role {
         Role::Timed(count) | Role::Background(count) => count,
     };
     let mut rng = StdRng::from_rng(&mut rand::rng());
-    let warm_up = get_bundle(&shared, (&client, &url), per_request, &mut rng).await;
+    let warm_up = get_bundle(&shared, (&client, &url, &sender), per_request, &mut rng).await;
     // Wait even when the warm-up failed: the main task waits for everyone.
     shared.start.wait().await;
     warm_up.context("warm-up request (connection set-up) failed")?;
@@ -469,7 +480,13 @@ async fn connection_task(
     };
     while more() {
         let sent = Instant::now();
-        let answer = get_bundle(&shared, (&report.client, &url), per_request, &mut rng).await;
+        let answer = get_bundle(
+            &shared,
+            (&report.client, &url, &sender),
+            per_request,
+            &mut rng,
+        )
+        .await;
         report.latencies.push(sent.elapsed());
         match answer {
             Ok(flags) => flags.into_iter().for_each(|flag| report.flags.add(flag)),
@@ -488,7 +505,7 @@ async fn connection_task(
 /// flags of the bundles, or why the answer is not their peerBundle.
 async fn get_bundle(
     shared: &Shared,
-    (client, url): (&LimeClient, &str),
+    (client, url, sender): (&LimeClient, &str, &str),
     per_request: u64,
     rng: &mut StdRng,
 ) -> Result<Vec<u8>> {
@@ -502,7 +519,7 @@ async fn get_bundle(
         curve: shared.curve,
         request: Request::GetPeerBundle(devices),
     };
-    let answer = client.send(url, &shared.sender, &message).await?;
+    let answer = client.send(url, sender, &message).await?;
     match answer.response {
         Response::PeerBundles(bundles) if bundles.len() == asked => {
             Ok(bundles.iter().map(|bundle| bundle.flag()).collect())
@@ -581,17 +598,26 @@ pub fn count_connections(port: u16) -> Result<usize> {
     Ok(count)
 }
 
-/// Registers the sender (a bundle's source must be a registered device); one
+/// Registers the senders (a bundle's source must be a registered device); one
 /// registered by an earlier run is left as it is.
-async fn register_sender(shared: &Shared, clients: &[LimeClient]) -> Result<()> {
+async fn register_senders(shared: &Shared, clients: &[LimeClient]) -> Result<()> {
     let client = clients.first().context("no connection")?;
-    register_device(
-        client,
-        url_of(&shared.urls, 0),
-        &shared.sender,
-        shared.curve,
-    )
-    .await
+    for sender in &shared.senders {
+        register_device(client, url_of(&shared.urls, 0), sender, shared.curve).await?;
+    }
+    Ok(())
+}
+
+/// The device ids of `count` senders: `sender` alone for 1, else one user each.
+fn sender_ids(sender: &str, count: usize) -> Vec<String> {
+    if count == 1 {
+        return vec![sender.to_owned()];
+    }
+    (0..count)
+        .map(|k| {
+            format!("sip:load-client-{k}@example.org;gr=urn:uuid:00000000-0000-0000-0000-{k:012x}")
+        })
+        .collect()
 }
 
 /// Registers `device` with no OPks at `url`; one already registered is left as it is.
