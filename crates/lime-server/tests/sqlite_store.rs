@@ -9,7 +9,8 @@ use common::{id, registration};
 use futures::future::join_all;
 use lime_protocol::{Curve, DeviceId, PeerBundle};
 use lime_server::store::sqlite::{
-    CLAIM_STEP_DEVICES, MAX_WAL_FRAMES, SqliteOptions, SqliteStore, Synchronous, connect,
+    CLAIM_STEP_DEVICES, CLAIM_STEP_DEVICES_ALONE, MAX_WAL_FRAMES, SqliteOptions, SqliteStore,
+    Synchronous, connect,
 };
 use lime_server::store::{BundleRequestLimit, KeyStore, OverLimit, StoreLimits};
 use rusqlite::Connection;
@@ -220,8 +221,9 @@ async fn the_wal_is_checkpointed_beside_a_held_writer() {
 }
 
 /// A 1,000-device claim queued first, a 1-device claim right behind it: the
-/// small one is answered first, since the large one runs in steps of
-/// [`CLAIM_STEP_DEVICES`] devices and the small one gets in after at most one.
+/// small one is answered first, since the large one ends its step after
+/// [`CLAIM_STEP_DEVICES`] devices when another job waits, and the small one gets
+/// in then.
 /// (Both futures are polled by one task, the large one first whenever both are
 /// ready: answered in the same transaction, the large one would win.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,9 +298,9 @@ async fn claims_in_steps_serve_each_key_once() {
     }
 }
 
-/// A claim whose sixth step fails (a trigger refuses to delete one device's
-/// key) answers an error and leaves the store as it was: the keys its first
-/// five steps took are back with their ids, their `Requests` rows and the
+/// A claim alone whose second step fails (a trigger refuses to delete one
+/// device's key) answers an error and leaves the store as it was: the keys its
+/// first step took are back with their ids, their `Requests` rows and the
 /// identity's count are gone; the same claim then succeeds in full.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_step_puts_back_what_earlier_steps_took() {
@@ -308,7 +310,7 @@ async fn a_failed_step_puts_back_what_earlier_steps_took() {
     let asker = devices("asker", 1).remove(0);
     test.register(std::slice::from_ref(&asker), 0).await;
     let side = test.side_connection();
-    let failing = &group[5 * CLAIM_STEP_DEVICES + 10];
+    let failing = &group[CLAIM_STEP_DEVICES_ALONE + 10];
     side.execute(
         &format!(
             "CREATE TRIGGER fail_claim BEFORE DELETE ON OPk \

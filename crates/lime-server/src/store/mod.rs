@@ -294,9 +294,10 @@ pub trait KeyStore: Send + Sync {
 
     /// The key bundles of `devices` for `source`, in their order, each taking (and
     /// deleting) one one-time pre-key when the device has one left: one
-    /// transaction for all (on SQLite, one per step of
-    /// [`sqlite::CLAIM_STEP_DEVICES`] devices, answered after the last, undone
-    /// when a step fails: see `store/sqlite/claim.rs`). No bundle for a device that is unknown or has no
+    /// transaction for all (on SQLite, one per step of up to
+    /// [`sqlite::CLAIM_STEP_DEVICES_ALONE`] devices, cut to
+    /// [`sqlite::CLAIM_STEP_DEVICES`] when other requests wait; answered after
+    /// the last, undone when a step fails: see `store/sqlite/claim.rs`). No bundle for a device that is unknown or has no
     /// signed pre-key. A device named twice takes at most one one-time pre-key.
     /// With a bundle request limit, each bundle served is recorded in `Requests`
     /// and a source past the limit for a target gets what `OverLimit` says.

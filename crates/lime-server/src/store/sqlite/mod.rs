@@ -14,7 +14,7 @@ pub mod schema;
 mod writer;
 
 pub use checkpoint::MAX_WAL_FRAMES;
-pub use claim::CLAIM_STEP_DEVICES;
+pub use claim::{CLAIM_STEP_DEVICES, CLAIM_STEP_DEVICES_ALONE};
 
 use crate::store::{
     Claimed, DeviceReport, KeyStore, Migration, Registered, SchemaState, SourceCheck, StoreError,

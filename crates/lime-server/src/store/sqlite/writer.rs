@@ -8,8 +8,11 @@
 //! A job is [`Work`] in one step or several. A long one (a claim of hundreds of
 //! devices, see `claim.rs`) runs one step per transaction and is carried over to
 //! the next batch with the jobs that came meanwhile, so that a small request
-//! waits for at most one step of it, not for all of it. Its answer is sent after
-//! its last step committed. When a step fails after earlier ones committed, the
+//! waits for at most one step of it, not for all of it. A step asks [`Waiting`]
+//! whether other jobs wait for the writer (in its transaction, or in the queue):
+//! it ends early when they do, and goes on longer when nobody waits, so that
+//! the steps cost commits only when another request gains from them. Its answer
+//! is sent after its last step committed. When a step fails after earlier ones committed, the
 //! work undoes them ([`Work::undo`], in the next transaction) before its error is
 //! answered, so that an error still means that nothing changed.
 //!
@@ -35,13 +38,46 @@ pub enum Progress {
     More,
 }
 
+/// Whether other jobs wait for the writer while a step runs.
+#[derive(Clone, Copy)]
+pub struct Waiting<'a> {
+    /// The writer's queue: jobs not yet taken.
+    queue: Option<&'a mpsc::Receiver<Box<dyn Job>>>,
+    /// Other jobs run in the same transaction: they wait for its commit.
+    in_transaction: bool,
+}
+
+impl Waiting<'_> {
+    /// Nobody: the work runs alone (in a caller's transaction).
+    pub fn nobody() -> Waiting<'static> {
+        Waiting {
+            queue: None,
+            in_transaction: false,
+        }
+    }
+
+    /// Another job in the same transaction, for tests of steps.
+    #[cfg(test)]
+    pub fn others_in_transaction() -> Waiting<'static> {
+        Waiting {
+            queue: None,
+            in_transaction: true,
+        }
+    }
+
+    /// True when another job waits for this step's transaction to end.
+    pub fn others(&self) -> bool {
+        self.in_transaction || self.queue.is_some_and(|queue| !queue.is_empty())
+    }
+}
+
 /// Work for the writer, run in one step or several, each inside the savepoint of
 /// a transaction the writer commits before the next step.
 pub trait Work: Send + 'static {
     /// The answer.
     type Output: Send + 'static;
-    /// Runs the next step.
-    fn step(&mut self, conn: &Connection) -> Result<Progress, StoreError>;
+    /// Runs the next step; `waiting` tells whether to end it early.
+    fn step(&mut self, conn: &Connection, waiting: Waiting<'_>) -> Result<Progress, StoreError>;
     /// Forgets what the last step did: it was rolled back (it failed, or its
     /// transaction did not commit).
     fn step_rolled_back(&mut self);
@@ -75,7 +111,7 @@ where
 {
     type Output = Result<T, StoreError>;
 
-    fn step(&mut self, conn: &Connection) -> Result<Progress, StoreError> {
+    fn step(&mut self, conn: &Connection, _: Waiting<'_>) -> Result<Progress, StoreError> {
         let work = self
             .work
             .take()
@@ -111,7 +147,7 @@ pub trait Job: Send {
     /// Runs the next step (or the undo), unless the work has not started and its
     /// deadline has passed; `false` when it failed and its savepoint must be
     /// rolled back.
-    fn run(&mut self, conn: &Connection, now: Instant) -> bool;
+    fn run(&mut self, conn: &Connection, now: Instant, waiting: Waiting<'_>) -> bool;
     /// Once the transaction's fate is known: answers, or gives the job back to
     /// be carried into the next transaction.
     fn finish(self: Box<Self>, committed: &Result<(), String>) -> Option<Box<dyn Job>>;
@@ -172,14 +208,14 @@ where
         !self.started && self.reply.is_closed()
     }
 
-    fn run(&mut self, conn: &Connection, now: Instant) -> bool {
+    fn run(&mut self, conn: &Connection, now: Instant, waiting: Waiting<'_>) -> bool {
         let outcome = if self.failed.is_some() {
             self.work.undo(conn).map(|()| Progress::Done)
         } else if !self.started && now > self.deadline {
             Err(StoreError::Timeout(self.timeout))
         } else {
             self.started = true;
-            self.work.step(conn)
+            self.work.step(conn, waiting)
         };
         let ok = outcome.is_ok();
         self.outcome = Some(outcome);
@@ -261,7 +297,7 @@ pub fn run_writer(
         if batch.is_empty() {
             continue;
         }
-        let committed = run_batch(&conn, &mut batch);
+        let committed = run_batch(&conn, &mut batch, &queue);
         if let Err(error) = &committed {
             tracing::error!(%error, jobs = batch.len(), "SQLite transaction failed, rolled back");
         }
@@ -273,12 +309,20 @@ pub fn run_writer(
 }
 
 /// Runs the jobs in one transaction, each in a savepoint; commits what succeeded.
-fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), String> {
+fn run_batch(
+    conn: &Connection,
+    batch: &mut [Box<dyn Job>],
+    queue: &mpsc::Receiver<Box<dyn Job>>,
+) -> Result<(), String> {
+    let waiting = Waiting {
+        queue: Some(queue),
+        in_transaction: batch.len() > 1,
+    };
     let result = (|| -> rusqlite::Result<()> {
         conn.execute_batch("BEGIN IMMEDIATE")?;
         for job in batch.iter_mut() {
             conn.execute_batch("SAVEPOINT job")?;
-            if !job.run(conn, Instant::now()) {
+            if !job.run(conn, Instant::now(), waiting) {
                 conn.execute_batch("ROLLBACK TO job")?;
             }
             conn.execute_batch("RELEASE job")?;
