@@ -16,7 +16,7 @@ use bytes::Bytes;
 use common::accounts::AccountsFixture;
 use common::backend::Backend;
 use common::process::ServerProcess;
-use common::raw::tls_connect;
+use common::raw::{read_until_closed, tls_connect};
 use common::{device_id, random_hex, registration};
 use lime_protocol::{Curve, Request, RequestMessage, Response, ResponseMessage};
 use lime_server::client::LimeClient;
@@ -422,22 +422,6 @@ async fn one_http2_connection_of_many_unauthenticated_streams_pins_no_bodies() {
         unauthorized >= 16 && statuses.iter().flatten().all(|status| *status == 401),
         "{unauthorized} of {opened} streams answered 401: {statuses:?}"
     );
-}
-
-/// Reads what the server sends until it closes (end of stream or reset), or
-/// `None` when it is still open after `limit`.
-async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
-    let mut received = Vec::new();
-    let read = async {
-        let mut buffer = [0; 4096];
-        loop {
-            match stream.read(&mut buffer).await {
-                Ok(0) | Err(_) => return,
-                Ok(read) => received.extend_from_slice(&buffer[..read]),
-            }
-        }
-    };
-    timeout(limit, read).await.ok().map(|()| received)
 }
 
 #[tokio::test]
