@@ -132,7 +132,7 @@ pub fn run(args: &BundlesArgs) -> Result<()> {
         .map(|url| url_port(url))
         .collect::<Result<Vec<_>>>()?;
     let clients = (0..args.connections + args.background_connections)
-        .map(|index| client_for(url_of(&args.url, index), args.ca.as_deref()))
+        .map(|index| client_for(in_turn::<String>(&args.url, index), args.ca.as_deref()))
         .collect::<Result<Vec<_>>>()?;
     let clients = match &args.digest {
         None => clients,
@@ -156,9 +156,9 @@ pub fn run(args: &BundlesArgs) -> Result<()> {
     runtime.block_on(load(args, clients, &ports))
 }
 
-/// The URL of connection `index`: the URLs in turn.
-fn url_of(urls: &[String], index: usize) -> &str {
-    &urls[index % urls.len()]
+/// What connection `index` uses of `items` (URLs, senders): each in turn.
+fn in_turn<T>(items: &[T], index: usize) -> &T {
+    &items[index % items.len()]
 }
 
 async fn load(args: &BundlesArgs, mut clients: Vec<LimeClient>, ports: &[u16]) -> Result<()> {
@@ -456,8 +456,8 @@ async fn connection_task(
     (client, index): (LimeClient, usize),
     role: Role,
 ) -> Result<TaskReport> {
-    let url = url_of(&shared.urls, index).to_owned();
-    let sender = shared.senders[index % shared.senders.len()].clone();
+    let url = in_turn(&shared.urls, index).to_owned();
+    let sender = in_turn(&shared.senders, index).clone();
     let per_request = match role {
         Role::Timed(count) | Role::Background(count) => count,
     };
@@ -603,7 +603,7 @@ pub fn count_connections(port: u16) -> Result<usize> {
 async fn register_senders(shared: &Shared, clients: &[LimeClient]) -> Result<()> {
     let client = clients.first().context("no connection")?;
     for sender in &shared.senders {
-        register_device(client, url_of(&shared.urls, 0), sender, shared.curve).await?;
+        register_device(client, &shared.urls[0], sender, shared.curve).await?;
     }
     Ok(())
 }

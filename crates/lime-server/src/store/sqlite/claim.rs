@@ -165,6 +165,57 @@ impl BundleClaim {
         };
         Ok(grant)
     }
+
+    /// Grants device `index` and, for a device held here, takes its one-time
+    /// pre-key (when the grant is full) with `take` and adds its bundle.
+    fn claim_device(
+        &mut self,
+        conn: &Connection,
+        take: &mut rusqlite::CachedStatement<'_>,
+        index: usize,
+        recorded: &mut u64,
+    ) -> Result<(), StoreError> {
+        // A device a peer holds is granted as one held here would be.
+        let held = index < self.held_here;
+        let device = match held {
+            true => find_device(conn, &self.devices[index])?
+                .filter(|device| device.signed_pre_key.is_some()),
+            false => None,
+        };
+        let grant = self.grant(conn, index, held && device.is_none(), recorded)?;
+        self.grants.push(grant);
+        if !held {
+            self.claimed.forward.push(grant == Grant::Full);
+            return Ok(());
+        }
+        let bundle = match device {
+            Some(device) if grant.is_served() => {
+                let mut one_time_pre_key = None;
+                if grant == Grant::Full {
+                    let uid = device.uid;
+                    let key = take
+                        .query_row([uid], |row| {
+                            Ok(ClaimedKey {
+                                id: row.get(0)?,
+                                uid,
+                                public: row.get(1)?,
+                                key_id: row.get(2)?,
+                            })
+                        })
+                        .optional()?;
+                    one_time_pre_key = key.as_ref().map(|key| (key.public.clone(), key.key_id));
+                    self.changes.taken.extend(key);
+                }
+                rules::key_bundle(self.curve, device, one_time_pre_key)?
+            }
+            _ => None,
+        };
+        self.claimed.bundles.push(PeerBundle {
+            device_id: self.devices[index].clone(),
+            bundle,
+        });
+        Ok(())
+    }
 }
 
 impl Work for BundleClaim {
@@ -195,46 +246,7 @@ impl Work for BundleClaim {
         loop {
             let end = last.min(start + CLAIM_STEP_DEVICES);
             for index in start..end {
-                // A device a peer holds is granted as one held here would be.
-                let held = index < self.held_here;
-                let device = match held {
-                    true => find_device(conn, &self.devices[index])?
-                        .filter(|device| device.signed_pre_key.is_some()),
-                    false => None,
-                };
-                let grant = self.grant(conn, index, held && device.is_none(), &mut recorded)?;
-                self.grants.push(grant);
-                if !held {
-                    self.claimed.forward.push(grant == Grant::Full);
-                    continue;
-                }
-                let bundle = match device {
-                    Some(device) if grant.is_served() => {
-                        let mut one_time_pre_key = None;
-                        if grant == Grant::Full {
-                            let uid = device.uid;
-                            let key = take
-                                .query_row([uid], |row| {
-                                    Ok(ClaimedKey {
-                                        id: row.get(0)?,
-                                        uid,
-                                        public: row.get(1)?,
-                                        key_id: row.get(2)?,
-                                    })
-                                })
-                                .optional()?;
-                            one_time_pre_key =
-                                key.as_ref().map(|key| (key.public.clone(), key.key_id));
-                            self.changes.taken.extend(key);
-                        }
-                        rules::key_bundle(self.curve, device, one_time_pre_key)?
-                    }
-                    _ => None,
-                };
-                self.claimed.bundles.push(PeerBundle {
-                    device_id: self.devices[index].clone(),
-                    bundle,
-                });
+                self.claim_device(conn, &mut take, index, &mut recorded)?;
             }
             start = end;
             if end == last || waiting.others() {
