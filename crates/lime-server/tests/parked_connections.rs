@@ -1,4 +1,4 @@
-//! Idle HTTP/1.1 connections over TLS are parked: after a second without a
+//! Idle HTTP/1.1 connections over TLS are parked: after 100 ms without a
 //! request their HTTP state (hyper's buffers and dispatcher, about 25 KiB) is let
 //! go, and taken again when the client sends. As a client sees it nothing
 //! changes: the same connection serves its next request, and the idle limit and
@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 
 /// lime-server's `connection::PARK_AFTER`.
-const PARK_AFTER: Duration = Duration::from_secs(1);
+const PARK_AFTER: Duration = Duration::from_millis(100);
 
 struct Server {
     process: ServerProcess,
