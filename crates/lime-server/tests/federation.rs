@@ -306,7 +306,7 @@ async fn a_peer_that_is_down_or_silent_costs_its_own_devices_only_within_the_tim
     let silent_url = format!("http://{}/", silent.local_addr().unwrap());
     let domains = three_domains(Options {
         a: Some(Box::new(move |s: &mut Settings| {
-            s.federation.timeout_ms = 500;
+            s.federation.timeout_ms = 1500;
             s.federation.forward_to[0].url = silent_url;
         })),
         ..Options::default()

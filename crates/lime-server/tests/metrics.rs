@@ -565,7 +565,8 @@ async fn failed_passwords_count_by_reason_and_the_lockout_they_start() {
 
 #[tokio::test]
 async fn connections_open_refused_and_cut_off_by_a_time_limit_are_counted() {
-    let server = start_server_with("max_connections = 1\nheader_read_timeout_ms = 300\n", "").await;
+    let server =
+        start_server_with("max_connections = 1\nheader_read_timeout_ms = 2000\n", "").await;
     let before = Scrape::at(server.metrics);
     // Holds the only place, sending nothing: the header time limit closes it.
     let mut silent = TcpStream::connect(server.x3dh).unwrap();

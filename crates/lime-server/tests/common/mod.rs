@@ -206,6 +206,29 @@ impl TestApp {
             .expect("the server answers")
     }
 
+    /// A second server on this one's stores, settings changed by `configure`, with
+    /// a data directory, a port and clients of its own: a test can give it the
+    /// setting under test (a short store time-out, say) and do its set-up and its
+    /// checks through this one, which keeps the defaults.
+    pub async fn spawn_beside(&self, configure: impl FnOnce(&mut Settings)) -> TestApp {
+        let urls = Curve::ALL
+            .iter()
+            .map(|&curve| {
+                let location = self
+                    .settings
+                    .storage
+                    .location(curve)
+                    .expect("store location");
+                (curve.name().to_owned(), location.to_string())
+            })
+            .collect();
+        spawn_app_on(self.backend, |settings| {
+            settings.storage.urls = urls;
+            configure(settings);
+        })
+        .await
+    }
+
     /// Removes a device (and its OPks) directly in the store, bypassing the protocol:
     /// what a server that lost a device looks like to its client.
     pub async fn delete_device_in_store(&self, curve: Curve, device_id: &str) {
