@@ -11,6 +11,11 @@
 #              default durability and request limit on (limits never reached),
 #              fresh SQLite store per run: requests/s, p50/p99/p99.9, server CPU,
 #              the WAL file's largest size during the run and its size at the end.
+#              Then the same paced (lime-load --rate) at each fraction of
+#              LATENCY_LOADS of the slower side's closed-loop rate: the latency of
+#              a server that is not saturated, counted from each request's
+#              scheduled time. Closed-loop latency is mostly queueing: with C
+#              connections at R requests/s, a request waits C/R on average.
 #   limit      the same with the limit off and on (LIMIT_REQUESTS a run), on each
 #              store of STORES (sqlite mariadb postgres): throughput and CPU, on/off;
 #              for each count of LIMIT_SENDERS: 1 (every request from one user,
@@ -40,7 +45,9 @@
 #   run before it is done again, at most MAX_ATTEMPTS (5) times; a run kept anyway
 #   is marked * in the table), SERVER_CPU (0) and LOAD_CPU (1): taskset CPUs (empty:
 #   no pinning), PORT (25900), WORK_DIR (/tmp/lime-perf-bench).
-#   latency:   DEVICES (1000), OPKS (1000), CONNECTIONS (32), REQUESTS (100000).
+#   latency:   DEVICES (1000), OPKS (1000), CONNECTIONS (32), REQUESTS (100000),
+#              LATENCY_LOADS ("0.5": fractions of the closed-loop rate; empty: no
+#              paced runs).
 #   limit:     STORES ("sqlite mariadb postgres"), LIMIT_REQUESTS (30000),
 #              LIMIT_SENDERS ("1 CONNECTIONS"),
 #              DB_OPKS (100: OPks per device in the MariaDB/PostgreSQL stores).
@@ -77,6 +84,7 @@ DEVICES=${DEVICES:-1000}
 OPKS=${OPKS:-1000}
 CONNECTIONS=${CONNECTIONS:-32}
 REQUESTS=${REQUESTS:-100000}
+LATENCY_LOADS=${LATENCY_LOADS-0.5}
 STORES=${STORES:-sqlite mariadb postgres}
 LIMIT_REQUESTS=${LIMIT_REQUESTS:-30000}
 DB_OPKS=${DB_OPKS:-100}
@@ -220,15 +228,12 @@ seed_sides() { # CURVE DEVICES OPKS
 }
 
 scenario_latency() {
-    local i side
+    local i side load rate
     seed_sides c25519 "$DEVICES" "$OPKS"
     for ((i = 1; i <= REPEAT; i++)); do
         for side in "${SIDES[@]}"; do
             label "latency side=$side run $i/$REPEAT: SQLite, limit on, $CONNECTIONS connections, $REQUESTS requests"
-            measure bench_run "$side" sqlite "$(template_dir "$side" c25519 "$DEVICES" "$OPKS")" \
-                c25519 on "" bundles --curve c25519 --devices "$DEVICES" \
-                --connections "$CONNECTIONS" --requests "$REQUESTS" \
-                --watch-size "$RUN/lime-c25519.sqlite3-wal"
+            latency_run "$side"
             record_bundles latency "" "$side"
             record latency "WAL largest MiB" "$side" \
                 "$(sed -nE 's/.*file size: largest ([0-9.]+) MiB.*/\1/p' <<<"$out")" "$mark"
@@ -236,6 +241,31 @@ scenario_latency() {
                 "$(sed -nE 's/.*MiB during the run, ([0-9.]+) MiB at the end.*/\1/p' <<<"$out")" "$mark"
         done
     done
+    for load in $LATENCY_LOADS; do
+        # The same offered rate on both sides: a share of the slower one's.
+        rate=$(for side in "${SIDES[@]}"; do median_of "latency|requests/s" "$side"; done |
+            awk -v share="$load" 'NR == 1 || $1 < min { min = $1 } END { if (min > 0) printf "%.0f", min * share }')
+        [[ -n $rate ]] || continue
+        for ((i = 1; i <= REPEAT; i++)); do
+            for side in "${SIDES[@]}"; do
+                label "latency side=$side run $i/$REPEAT: paced at $rate requests/s ($load of the closed-loop rate), $CONNECTIONS connections, $REQUESTS requests"
+                latency_run "$side" --rate "$rate"
+                record latency "paced at $rate/s ($load): p50 ms" "$side" "$(report_latency p50 <<<"$out")" "$mark"
+                record latency "paced at $rate/s ($load): p99 ms" "$side" "$(report_latency p99 <<<"$out")" "$mark"
+                record latency "paced at $rate/s ($load): p99.9 ms" "$side" "$(report_latency p99.9 <<<"$out")" "$mark"
+            done
+        done
+    done
+}
+
+# latency_run SIDE [LIME-LOAD ARGUMENTS]: one run of the latency scenario.
+latency_run() {
+    local side=$1
+    shift
+    measure bench_run "$side" sqlite "$(template_dir "$side" c25519 "$DEVICES" "$OPKS")" \
+        c25519 on "" bundles --curve c25519 --devices "$DEVICES" \
+        --connections "$CONNECTIONS" --requests "$REQUESTS" \
+        --watch-size "$RUN/lime-c25519.sqlite3-wal" "$@"
 }
 
 db_processes() { # STORE: the lime-load option naming the database server's process

@@ -7,6 +7,13 @@
 //! counts the TCP connections it holds to the server, to show that C connections
 //! (and no more) carried the load.
 //!
+//! With `--rate N`, the timed requests are paced instead: N a second in all, each
+//! connection sending at its own fixed interval (C/N s, the connections' starts
+//! spread over one interval), as many clients that each send now and then would.
+//! A request that could not be sent on time because the one before it was still
+//! waiting for its answer counts its latency from when it should have been sent,
+//! so a stall is counted in every request it held up (no coordinated omission).
+//!
 //! With `--background-connections B`, B more connections send requests of
 //! `--background-per-request` devices back to back for as long as the timed
 //! requests last, reported apart: what large requests do to small ones behind them.
@@ -55,6 +62,11 @@ pub struct BundlesArgs {
     /// Timed requests in all (the per-connection warm-up requests not counted).
     #[arg(long, value_name = "R")]
     requests: u64,
+    /// Send the timed requests at N a second in all, each connection at its own
+    /// fixed interval, rather than back to back: the latency of a server that is
+    /// not saturated, without the queueing of a closed loop.
+    #[arg(long, value_name = "N")]
+    rate: Option<f64>,
     /// The server's process id: report its CPU time per request.
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
@@ -123,6 +135,12 @@ pub fn run(args: &BundlesArgs) -> Result<()> {
     if args.senders == 0 {
         bail!("--senders must be at least 1");
     }
+    if args
+        .rate
+        .is_some_and(|rate| !(rate.is_finite() && rate > 0.0))
+    {
+        bail!("--rate must be a number of requests a second above 0");
+    }
     if args.background_connections > 0 && args.background_per_request == 0 {
         bail!("--background-per-request must be at least 1");
     }
@@ -169,6 +187,10 @@ async fn load(args: &BundlesArgs, mut clients: Vec<LimeClient>, ports: &[u16]) -
         curve: args.curve,
         devices: args.devices,
         requests: args.requests,
+        interval: args
+            .rate
+            .map(|rate| Duration::from_secs_f64(args.connections as f64 / rate)),
+        connections: args.connections,
         sent: AtomicU64::new(0),
         timed_done: AtomicBool::new(false),
         start: Barrier::new(clients.len() + 1),
@@ -275,8 +297,14 @@ async fn load(args: &BundlesArgs, mut clients: Vec<LimeClient>, ports: &[u16]) -
         elapsed.as_secs_f64()
     );
     println!(
-        "  rate: {:.0} requests/s",
-        done as f64 / elapsed.as_secs_f64()
+        "  rate: {:.0} requests/s{}",
+        done as f64 / elapsed.as_secs_f64(),
+        match args.rate {
+            Some(rate) => format!(
+                " (paced: {rate:.0} offered, latency counted from each request's scheduled time)"
+            ),
+            None => String::new(),
+        }
     );
     println!(
         "  latency: p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
@@ -433,6 +461,10 @@ struct Shared {
     curve: Curve,
     devices: u64,
     requests: u64,
+    /// With `--rate`: the time between one connection's timed requests.
+    interval: Option<Duration>,
+    /// Timed connections (their starts are spread over one interval).
+    connections: usize,
     /// Timed requests started so far, all tasks together.
     sent: AtomicU64,
     /// Set once every timed request is answered: the background tasks stop.
@@ -478,8 +510,15 @@ async fn connection_task(
         Role::Timed(_) => shared.sent.fetch_add(1, Ordering::Relaxed) < shared.requests,
         Role::Background(_) => !shared.timed_done.load(Ordering::Relaxed),
     };
+    let mut pace = match (role, shared.interval) {
+        (Role::Timed(_), Some(interval)) => Some(Pace::new(interval, index, shared.connections)),
+        _ => None,
+    };
     while more() {
-        let sent = Instant::now();
+        let sent = match &mut pace {
+            Some(pace) => pace.next_send().await,
+            None => Instant::now(),
+        };
         let answer = get_bundle(
             &shared,
             (&report.client, &url, &sender),
@@ -499,6 +538,39 @@ async fn connection_task(
         }
     }
     Ok(report)
+}
+
+/// One paced connection's schedule (`--rate`).
+struct Pace {
+    interval: Duration,
+    /// When the next request is due.
+    due: Instant,
+}
+
+impl Pace {
+    /// Connection `index` of `connections`, its first request due a share of one
+    /// interval from now, so that the connections do not send all at once.
+    fn new(interval: Duration, index: usize, connections: usize) -> Pace {
+        let offset = interval.mul_f64(index as f64 / connections as f64);
+        Pace {
+            interval,
+            due: Instant::now() + offset,
+        }
+    }
+
+    /// Waits until the next request is due; what its latency counts from. When
+    /// it is already due (the answer before it came late), that is when it was
+    /// due: the time it waited on its connection is the server's. Otherwise it
+    /// is now, after the wait: the timer's own lateness is the client's.
+    async fn next_send(&mut self) -> Instant {
+        let due = self.due;
+        self.due += self.interval;
+        if Instant::now() >= due {
+            return due;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        Instant::now()
+    }
 }
 
 /// Sends one getPeerBundle for `per_request` distinct random seeded devices; the
@@ -642,7 +714,32 @@ pub async fn register_device(
 
 #[cfg(test)]
 mod tests {
-    use super::url_port;
+    use super::{Pace, url_port};
+    use std::time::{Duration, Instant};
+
+    #[tokio::test]
+    async fn a_paced_request_held_up_by_the_one_before_counts_from_when_it_was_due() {
+        let interval = Duration::from_millis(10);
+        let due = Instant::now() - Duration::from_secs(1);
+        let mut pace = Pace { interval, due };
+        assert_eq!(pace.next_send().await, due);
+        assert_eq!(pace.next_send().await, due + interval);
+    }
+
+    #[tokio::test]
+    async fn a_paced_request_not_yet_due_waits_and_counts_from_when_it_is_sent() {
+        let interval = Duration::from_millis(10);
+        // Connection 1 of 2: due half an interval after it is made.
+        let first_due = Instant::now() + interval / 2;
+        let mut pace = Pace::new(interval, 1, 2);
+        let sent = pace.next_send().await;
+        assert!(sent >= first_due, "counted from before it was due");
+        assert!(Instant::now() >= first_due, "did not wait until it was due");
+        assert!(
+            pace.due >= first_due + interval,
+            "the next one is due an interval later"
+        );
+    }
 
     #[test]
     fn ports_of_urls() {
