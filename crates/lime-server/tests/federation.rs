@@ -318,6 +318,17 @@ async fn a_peer_that_is_down_or_silent_costs_its_own_devices_only_within_the_tim
     register(&domains.a, &alice, 0).await;
     register(&domains.c, &claire, 3).await;
     register(&domains.b, &bob, 3).await;
+    // A connects to C beforehand, outside the request under test: only B's
+    // silence is to fit in the time-out, not C's TLS handshake on a loaded machine.
+    let warm = device("warm", C);
+    register(&domains.c, &warm, 5).await;
+    for attempt in 1..=5 {
+        let answer = bundles(&domains.a, &alice, &[&warm]).await;
+        if answer == vec![(warm.clone(), 1)] {
+            break;
+        }
+        assert!(attempt < 5, "A never got a bundle from C: {answer:?}");
+    }
     let started = Instant::now();
     let answer = bundles(&domains.a, &alice, &[&bob, &claire]).await;
     let took = started.elapsed();
@@ -798,18 +809,48 @@ async fn a_stale_nonce_at_the_peer_is_answered_with_its_new_challenge() {
     let alice = device("alice", A);
     let bob = device("bob", B);
     register(&domains.a, &alice, 0).await;
-    register(&domains.b, &bob, 5).await;
-    assert_eq!(
-        bundles(&domains.a, &alice, &[&bob]).await,
-        vec![(bob.clone(), 1)]
-    );
+    register(&domains.b, &bob, 10).await;
+    // A's first forward is challenged, and answered.
+    fetch_within_a_nonce_lifetime(&domains, &alice, &bob, false, "the first forward").await;
     // A keeps B's nonce; once it is stale, B says so and A answers again.
-    tokio::time::sleep(Duration::from_millis(2_100)).await;
-    assert_eq!(
-        bundles(&domains.a, &alice, &[&bob]).await,
-        vec![(bob.clone(), 1)]
-    );
-    assert_eq!(opks_of(&domains.b, &bob).await, 3);
+    fetch_within_a_nonce_lifetime(&domains, &alice, &bob, true, "on a stale nonce").await;
+}
+
+/// alice (at A) fetches bob's bundle from B, whose nonces live 1 s: A answers
+/// B's new challenge once, and B takes one of bob's keys. `stale`: first waits
+/// until the nonce A keeps is stale.
+///
+/// Nonces are counted in whole seconds: a new one answered less than 1 s after
+/// it was issued is fresh, later it may rightly be stale too. So a fetch that
+/// fails after taking longer than that is made again (5 times at most).
+async fn fetch_within_a_nonce_lifetime(
+    domains: &Domains,
+    alice: &str,
+    bob: &str,
+    stale: bool,
+    what: &str,
+) {
+    for attempt in 1..=5 {
+        if stale {
+            tokio::time::sleep(Duration::from_millis(2_100)).await;
+        }
+        let before = opks_of(&domains.b, bob).await;
+        let started = Instant::now();
+        let answer = bundles(&domains.a, alice, &[bob]).await;
+        let took = started.elapsed();
+        let expected = vec![(bob.to_owned(), 1)];
+        if answer != expected && took >= Duration::from_secs(1) && attempt < 5 {
+            eprintln!("{what}: {answer:?} after {took:?}, past a nonce's lifetime: again");
+            continue;
+        }
+        assert_eq!(answer, expected, "{what}, in {took:?}");
+        assert_eq!(
+            opks_of(&domains.b, bob).await,
+            before - 1,
+            "{what}: one of bob's keys taken"
+        );
+        return;
+    }
 }
 
 /// A, run as operators run it (a process with a config file), configured with a

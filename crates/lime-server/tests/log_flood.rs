@@ -90,13 +90,31 @@ impl Server {
         None
     }
 
-    /// Everything logged from now until the server stops.
-    fn stop_and_read_log(mut self) -> String {
-        let _ = self.child.kill();
-        let mut rest = String::new();
-        let _ = self.log.read_to_string(&mut rest);
-        let _ = self.child.wait();
-        rest
+    /// Everything logged from now until the server stops, stopping it once what
+    /// was logged satisfies `enough` (or `within` has passed).
+    fn stop_once_logged(mut self, enough: impl Fn(&str) -> bool, within: Duration) -> String {
+        let text = std::sync::Mutex::new(String::new());
+        let Server { child, log, .. } = &mut self;
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    match log.read_line(&mut line) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => text.lock().unwrap().push_str(&line),
+                    }
+                }
+            });
+            let deadline = Instant::now() + within;
+            while Instant::now() < deadline && !enough(&text.lock().unwrap()) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+        });
+        let _ = child.wait();
+        let _ = log.read_to_string(&mut text.lock().unwrap());
+        text.into_inner().unwrap()
     }
 }
 
@@ -142,28 +160,36 @@ async fn refusal_lines_are_rate_limited_and_summarised_with_a_count() {
     let started = Instant::now();
     refused_requests(&server.url, 400, 4, 2_000).await;
     let elapsed = started.elapsed();
-    // Leave the summary thread its second.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let log = server.stop_and_read_log();
-    let refusals = log
-        .lines()
-        .filter(|l| l.contains("request refused"))
-        .count();
+    let refusals = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("request refused"))
+            .count()
+    };
+    let left_out = |log: &str| -> u64 {
+        log.lines()
+            .filter(|l| l.contains("log lines left out") && l.contains("service"))
+            .map(|l| {
+                l.split_whitespace()
+                    .find_map(|f| f.strip_prefix("count="))
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap()
+            })
+            .sum()
+    };
+    // The summary thread writes the count a second or so later (more on a loaded
+    // machine): the server is stopped once every refusal is written or counted.
+    let log = tokio::task::block_in_place(|| {
+        server.stop_once_logged(
+            |log| refusals(log) as u64 + left_out(log) >= 400,
+            Duration::from_secs(20),
+        )
+    });
+    let (refusals, left_out) = (refusals(&log), left_out(&log));
     let allowed = 5 * (elapsed.as_secs() as usize + 2);
     assert!(
         refusals <= allowed,
         "{refusals} refusal lines for 400 requests in {elapsed:?}, at most {allowed} expected"
     );
-    let left_out: u64 = log
-        .lines()
-        .filter(|l| l.contains("log lines left out") && l.contains("service"))
-        .map(|l| {
-            l.split_whitespace()
-                .find_map(|f| f.strip_prefix("count="))
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap()
-        })
-        .sum();
     assert_eq!(
         refusals as u64 + left_out,
         400,

@@ -12,6 +12,7 @@ use lime_server::store::{
 };
 mod common;
 
+use common::again_past_timeouts;
 use common::backend::{self, Backend};
 use common::php;
 use common::registrations;
@@ -729,7 +730,13 @@ async fn a_call_held_up_by_a_lock_times_out_and_changes_nothing() {
     let db = TestDb::new().await;
     store::mysql::init(&db.url).await.unwrap();
     let timeout = Duration::from_secs(1);
-    let store = db.open(timeout).await;
+    // Set-up and checks go through `store`, with a longer time-out: on a loaded
+    // machine they may take longer than 1 s. Only the calls under test go
+    // through `impatient`.
+    let store = db.open(Duration::from_secs(5)).await;
+    let impatient = store::mysql::open(CURVE, &db.url, &options(timeout))
+        .await
+        .unwrap();
     let kate = device("kate");
     store
         .register_device(kate.clone(), registration(1, 0..5))
@@ -745,7 +752,7 @@ async fn a_call_held_up_by_a_lock_times_out_and_changes_nothing() {
         .await
         .unwrap();
     let started = Instant::now();
-    let answer = store
+    let answer = impatient
         .add_one_time_pre_keys(kate.clone(), vec![opk(50), opk(51)])
         .await;
     assert!(matches!(answer, Err(StoreError::Timeout(_))), "{answer:?}");
@@ -755,26 +762,29 @@ async fn a_call_held_up_by_a_lock_times_out_and_changes_nothing() {
     // A table lock stops claims the same way.
     other.execute("LOCK TABLES OPk WRITE").await.unwrap();
     let started = Instant::now();
-    let answer = store.claim_key_bundles(asker(), vec![kate.clone()]).await;
+    let answer = impatient
+        .claim_key_bundles(asker(), vec![kate.clone()])
+        .await;
     assert!(matches!(answer, Err(StoreError::Timeout(_))), "{answer:?}");
     assert!(started.elapsed() < timeout * 3, "{:?}", started.elapsed());
     other.execute("UNLOCK TABLES").await.unwrap();
 
-    // Nothing was changed, and the store serves again at once.
+    // Nothing was changed, and the store that gave up serves again (a loaded
+    // machine may still make it give up on a call for its 1 s alone: asked
+    // again until it answers).
     assert_eq!(
         store.one_time_pre_key_ids(kate.clone()).await.unwrap(),
         [0, 1, 2, 3, 4]
     );
     assert_eq!(
         claimed_id(
-            &store
-                .claim_key_bundles(asker(), vec![kate.clone()])
+            &again_past_timeouts(|| impatient.claim_key_bundles(asker(), vec![kate.clone()]))
                 .await
                 .unwrap()[0]
         ),
         Some(0)
     );
-    store.ping().await.unwrap();
+    again_past_timeouts(|| impatient.ping()).await.unwrap();
     // Give the abandoned statements time to end on the server, then check again.
     tokio::time::sleep(timeout * 2).await;
     assert_eq!(

@@ -10,6 +10,7 @@ use lime_server::store::{
 };
 mod common;
 
+use common::again_past_timeouts;
 use common::backend::{self, Backend};
 use common::registrations;
 use common::relay::{Relay, Trap};
@@ -686,7 +687,13 @@ async fn two_servers_registering_one_device_at_once_store_it_once() {
 async fn a_call_held_up_past_its_timeout_reports_timeout_and_changes_nothing() {
     let database = TestDatabase::initialised().await;
     let timeout = Duration::from_millis(400);
-    let store = database.open(timeout).await;
+    // Set-up and checks go through `store`, with the usual time-out: on a loaded
+    // machine they may take longer than 400 ms. Only the calls under test go
+    // through `impatient`.
+    let store = database.open(TIMEOUT).await;
+    let impatient = postgres::open(CURVE, &database.url, &options(timeout))
+        .await
+        .unwrap();
     let alice = device("alice");
     store
         .register_device(alice.clone(), registration(1, one_time_pre_keys(0..3)))
@@ -704,14 +711,16 @@ async fn a_call_held_up_past_its_timeout_reports_timeout_and_changes_nothing() {
     // machine: this checks that it answers, not how fast).
     let bound = timeout + Duration::from_secs(2);
     let started = std::time::Instant::now();
-    let claimed = store.claim_key_bundles(asker(), vec![alice.clone()]).await;
+    let claimed = impatient
+        .claim_key_bundles(asker(), vec![alice.clone()])
+        .await;
     assert!(
         matches!(claimed, Err(StoreError::Timeout(_))),
         "{claimed:?}"
     );
     assert!(started.elapsed() < bound, "{:?}", started.elapsed());
     let started = std::time::Instant::now();
-    let registered = store
+    let registered = impatient
         .register_device(device("bob"), registration(1, one_time_pre_keys(0..3)))
         .await;
     assert!(
@@ -720,7 +729,7 @@ async fn a_call_held_up_past_its_timeout_reports_timeout_and_changes_nothing() {
     );
     assert!(started.elapsed() < bound, "{:?}", started.elapsed());
     let started = std::time::Instant::now();
-    let added = store
+    let added = impatient
         .add_one_time_pre_keys(alice.clone(), one_time_pre_keys(3..5))
         .await;
     assert!(matches!(added, Err(StoreError::Timeout(_))), "{added:?}");
@@ -747,9 +756,13 @@ async fn a_call_held_up_past_its_timeout_reports_timeout_and_changes_nothing() {
             .await,
         1
     );
-    let bundles = store.claim_key_bundles(asker(), vec![alice]).await.unwrap();
+    // The store that gave up serves again. A loaded machine may still make it
+    // give up on a call for its 400 ms alone: asked again until it answers.
+    let bundles = again_past_timeouts(|| impatient.claim_key_bundles(asker(), vec![alice.clone()]))
+        .await
+        .unwrap();
     assert_eq!(bundles[0].flag(), 1);
-    store.ping().await.unwrap();
+    again_past_timeouts(|| impatient.ping()).await.unwrap();
 }
 
 #[tokio::test]
@@ -789,16 +802,21 @@ async fn the_store_serves_again_once_the_database_is_back() {
     let relay = Relay::start("127.0.0.1:5432").await;
     let url = relay.route(&database.url);
     let timeout = Duration::from_secs(1);
+    // Set-up and checks go through `direct`, with the usual time-out: on a loaded
+    // machine they may take longer than 1 s.
+    let direct = database.open(TIMEOUT).await;
     let store = postgres::open(CURVE, &url, &options(timeout))
         .await
         .unwrap();
-    register_asker(&store).await;
+    register_asker(&direct).await;
     let alice = device("alice");
-    store
+    direct
         .register_device(alice.clone(), registration(1, one_time_pre_keys(0..20)))
         .await
         .unwrap();
-    let calls = (0..8).map(|_| store.one_time_pre_key_ids(alice.clone()));
+    // Connections in the store's pool, for the cut to end (a call that gives up
+    // on its 1 s alone, on a loaded machine, is made again).
+    let calls = (0..8).map(|_| again_past_timeouts(|| store.one_time_pre_key_ids(alice.clone())));
     for answer in futures::future::join_all(calls).await {
         answer.unwrap();
     }
@@ -815,14 +833,14 @@ async fn the_store_serves_again_once_the_database_is_back() {
     assert!(started.elapsed() < bound, "{:?}", started.elapsed());
 
     relay.restore();
+    // Served again (asked again while a call gives up on its 1 s alone).
     for _ in 0..5 {
-        store
-            .claim_key_bundles(asker(), vec![alice.clone()])
+        again_past_timeouts(|| store.claim_key_bundles(asker(), vec![alice.clone()]))
             .await
             .unwrap();
     }
-    store.ping().await.unwrap();
-    assert_eq!(store.one_time_pre_key_ids(alice).await.unwrap().len(), 15);
+    again_past_timeouts(|| store.ping()).await.unwrap();
+    assert_eq!(direct.one_time_pre_key_ids(alice).await.unwrap().len(), 15);
 }
 
 #[tokio::test]

@@ -107,31 +107,57 @@ async fn a_postgres_database_whose_sessions_are_read_only_is_not_ready() {
         .expect("PostgreSQL at the test machine's server");
     // What a standby or an operator's read-only switch looks like: new sessions
     // are read-only; the server's are cut, so it opens new ones.
-    sqlx::raw_sql(&format!(
-        "ALTER DATABASE \"{name}\" SET default_transaction_read_only = on; \
-         SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = '{name}' AND pid <> pg_backend_pid();"
-    ))
-    .execute(&mut admin)
-    .await
-    .unwrap();
-    // A connection found dead is replaced once; give the pool a moment.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    switch_sessions(&mut admin, &name, "on").await;
     let (status, text) = ready(&app).await;
     assert_eq!(status, 503, "a read-only database is not ready: {text}");
 
-    sqlx::raw_sql(&format!(
-        "ALTER DATABASE \"{name}\" SET default_transaction_read_only = off; \
-         SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = '{name}' AND pid <> pg_backend_pid();"
-    ))
-    .execute(&mut admin)
-    .await
-    .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    switch_sessions(&mut admin, &name, "off").await;
     let (status, text) = ready(&app).await;
     assert_eq!(status, 200, "writable again, ready again: {text}");
     app.stop().await;
+}
+
+/// Sets `default_transaction_read_only` of database `name` to `read_only` for
+/// new sessions, ends its sessions, and waits (bounded) until they are gone: a
+/// session ending is a signal its backend acts on a moment later, on a loaded
+/// machine more than a moment. (A connection found dead is replaced once by the
+/// server's pool.)
+async fn switch_sessions(admin: &mut sqlx::PgConnection, name: &str, read_only: &str) {
+    sqlx::raw_sql(&format!(
+        "ALTER DATABASE \"{name}\" SET default_transaction_read_only = {read_only}"
+    ))
+    .execute(&mut *admin)
+    .await
+    .unwrap();
+    let ended: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(name)
+    .fetch_all(&mut *admin)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM unnest($1::int4[]) AS pid")
+        .bind(&ended)
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)")
+                .bind(&ended)
+                .fetch_one(&mut *admin)
+                .await
+                .unwrap();
+        if left == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{left} of the ended sessions of {name} still there"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

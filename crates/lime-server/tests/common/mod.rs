@@ -30,6 +30,7 @@ use lime_protocol::{
 use lime_server::client::{LimeClient, RawAnswer};
 use lime_server::config::Settings;
 use lime_server::startup::Application;
+use lime_server::store::StoreError;
 use rand::RngCore;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -239,6 +240,24 @@ impl TestApp {
     pub async fn stored_one_time_pre_keys(&self, curve: Curve) -> u64 {
         self.probe.count_one_time_pre_keys(curve).await
     }
+}
+
+/// `call`, made again (20 times at most) while it answers `StoreError::Timeout`:
+/// for the calls a test makes through a store with a short time-out once what it
+/// tests is over, which a loaded machine alone can make time out.
+pub async fn again_past_timeouts<T, F, Fut>(mut call: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut answer = call().await;
+    for _ in 1..20 {
+        if !matches!(answer, Err(StoreError::Timeout(_))) {
+            break;
+        }
+        answer = call().await;
+    }
+    answer
 }
 
 /// A device id unique to this test run: `sip:NAME-RANDOM@example.org;gr=urn:uuid:...`.
