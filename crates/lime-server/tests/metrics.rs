@@ -574,15 +574,7 @@ async fn connections_open_refused_and_cut_off_by_a_time_limit_are_counted() {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     // Counted once the server has accepted it (a moment, on a loaded machine).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let during = Scrape::at(server.metrics);
-        if during.value("lime_connections_open", &[]) == 1.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not open:\n{}", during.text);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_open_connections(server.metrics, 1.0);
     let mut refused = TcpStream::connect(server.x3dh).unwrap();
     refused
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -615,13 +607,22 @@ async fn connections_open_refused_and_cut_off_by_a_time_limit_are_counted() {
         ],
     );
     // The connection's task counts it out just after closing it.
+    wait_for_open_connections(server.metrics, 0.0);
+}
+
+/// Waits (10 s at most) until the scrape at `metrics` counts `open` connections.
+fn wait_for_open_connections(metrics: SocketAddr, open: f64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let scrape = Scrape::at(server.metrics);
-        if scrape.value("lime_connections_open", &[]) == 0.0 {
-            break;
+        let scrape = Scrape::at(metrics);
+        if scrape.value("lime_connections_open", &[]) == open {
+            return;
         }
-        assert!(Instant::now() < deadline, "still open:\n{}", scrape.text);
+        assert!(
+            Instant::now() < deadline,
+            "not {open} open:\n{}",
+            scrape.text
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
