@@ -20,7 +20,7 @@ use lime_server::client::LimeClient;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const CURVE: Curve = Curve::C25519;
 const DOMAIN: &str = "example.org";
@@ -372,19 +372,12 @@ async fn a_known_sequence_of_requests_moves_each_counter_by_exactly_what_was_don
 
 /// Waits (10 s at most) for the stock gauges to count `devices` devices.
 fn scrape_once_devices_are(server: &Server, devices: f64) -> Scrape {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let scrape = Scrape::at(server.metrics);
-        if scrape.value("lime_devices", &[("curve", "c25519")]) == devices {
-            return scrape;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "lime_devices never reached {devices}:\n{}",
-            scrape.text
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    Scrape::wait_for(
+        server.metrics,
+        "lime_devices",
+        &[("curve", "c25519")],
+        devices,
+    )
 }
 
 #[tokio::test]
@@ -574,7 +567,7 @@ async fn connections_open_refused_and_cut_off_by_a_time_limit_are_counted() {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     // Counted once the server has accepted it (a moment, on a loaded machine).
-    wait_for_open_connections(server.metrics, 1.0);
+    Scrape::wait_for(server.metrics, "lime_connections_open", &[], 1.0);
     let mut refused = TcpStream::connect(server.x3dh).unwrap();
     refused
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -607,24 +600,7 @@ async fn connections_open_refused_and_cut_off_by_a_time_limit_are_counted() {
         ],
     );
     // The connection's task counts it out just after closing it.
-    wait_for_open_connections(server.metrics, 0.0);
-}
-
-/// Waits (10 s at most) until the scrape at `metrics` counts `open` connections.
-fn wait_for_open_connections(metrics: SocketAddr, open: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let scrape = Scrape::at(metrics);
-        if scrape.value("lime_connections_open", &[]) == open {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not {open} open:\n{}",
-            scrape.text
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    Scrape::wait_for(server.metrics, "lime_connections_open", &[], 0.0);
 }
 
 #[tokio::test]

@@ -59,18 +59,7 @@ impl Server {
 
     /// Waits (bounded) until `lime_connections_parked` is `expected`.
     fn wait_parked(&self, expected: f64) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let parked = self.gauge("lime_connections_parked");
-            if parked == expected {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{parked} connections parked, expected {expected}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        Scrape::wait_for(self.metrics, "lime_connections_parked", &[], expected);
     }
 }
 

@@ -80,4 +80,29 @@ impl Scrape {
             .copied()
             .unwrap_or(0.0)
     }
+
+    /// Scrapes `addr` until the series `name{labels}` is `expected` (10 s at
+    /// most, then panics with the last scrape): a gauge that follows an event
+    /// on the server a moment later.
+    pub fn wait_for(
+        addr: SocketAddr,
+        name: &str,
+        labels: &[(&str, &str)],
+        expected: f64,
+    ) -> Scrape {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let scrape = Scrape::at(addr);
+            let value = scrape.value(name, labels);
+            if value == expected {
+                return scrape;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}{labels:?} is {value}, expected {expected}:\n{}",
+                scrape.text
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
