@@ -15,7 +15,7 @@ mod common;
 use bytes::Bytes;
 use common::accounts::AccountsFixture;
 use common::backend::Backend;
-use common::process::ServerProcess;
+use common::process::{ServerProcess, memory_of};
 use common::raw::{read_until_closed, tls_connect};
 use common::{device_id, random_hex, registration};
 use lime_protocol::{Curve, Request, RequestMessage, Response, ResponseMessage};
@@ -35,28 +35,6 @@ const DECLARED_BODY: usize = 1024 * 1024 - 1;
 
 /// How many plain HTTP/1 strangers.
 const STRANGERS: usize = 1_000;
-
-/// The server's memory, from `/proc/PID/status`, in kB.
-#[derive(Debug, Clone, Copy)]
-struct Memory {
-    rss_kb: u64,
-    hwm_kb: u64,
-}
-
-fn memory_of(pid: u32) -> Memory {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("server status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-    };
-    Memory {
-        rss_kb: field("VmRSS:"),
-        hwm_kb: field("VmHWM:"),
-    }
-}
 
 /// Fails clearly when this process may not open the connections a story needs.
 fn check_open_files_limit(needed: u64) {

@@ -1,11 +1,12 @@
 //! `lime-server serve` as a separate process, the way operators run it: for tests
 //! of the binary and of several servers sharing one database.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Lines};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStderr, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The binary under test.
@@ -20,12 +21,25 @@ pub struct ServerProcess {
     pub log: String,
     /// Everything it logged, still growing: read on by a thread after "listening".
     all_log: Arc<Mutex<String>>,
+    /// Its stderr after "listening", while no thread reads it.
+    unread: Option<Lines<BufReader<ChildStderr>>>,
+    /// The thread that reads its stderr into `all_log`.
+    reader: Option<JoinHandle<()>>,
 }
 
 impl ServerProcess {
     /// Runs `lime-server serve ARGS...` and waits (30 s at most) for its
     /// "listening" log line.
     pub fn start(args: &[&str]) -> ServerProcess {
+        let mut server = ServerProcess::start_with_log_unread(args);
+        server.read_log_again();
+        server
+    }
+
+    /// Like [`ServerProcess::start`], but nothing reads its log after the
+    /// "listening" line (the pipe fills, as with a stalled log reader) until
+    /// [`ServerProcess::read_log_again`].
+    pub fn start_with_log_unread(args: &[&str]) -> ServerProcess {
         let mut child = spawn_serve(args);
         let stderr = child.stderr.take().expect("piped stderr");
         let mut server = ServerProcess {
@@ -33,6 +47,8 @@ impl ServerProcess {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             log: String::new(),
             all_log: Arc::default(),
+            unread: None,
+            reader: None,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut lines = BufReader::new(stderr).lines();
@@ -43,14 +59,7 @@ impl ServerProcess {
             if line.contains("listening") {
                 server.addr = listening_addr(&line);
                 server.all_log.lock().unwrap().push_str(&server.log);
-                let all_log = server.all_log.clone();
-                std::thread::spawn(move || {
-                    for line in lines.map_while(Result::ok) {
-                        let mut log = all_log.lock().unwrap();
-                        log.push_str(&line);
-                        log.push('\n');
-                    }
-                });
+                server.unread = Some(lines);
                 return server;
             }
             assert!(
@@ -60,6 +69,34 @@ impl ServerProcess {
             );
         }
         panic!("serve exited before listening:\n{}", server.log);
+    }
+
+    /// Reads its log on, from a thread, into [`ServerProcess::log_so_far`]
+    /// (what the pipe held first); nothing to do if that thread runs already.
+    pub fn read_log_again(&mut self) {
+        let Some(lines) = self.unread.take() else {
+            return;
+        };
+        let all_log = self.all_log.clone();
+        self.reader = Some(std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let mut log = all_log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        }));
+    }
+
+    /// Kills it (SIGKILL: it logs nothing more) and returns everything it
+    /// logged, to the end of its stderr.
+    pub fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.read_log_again();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        self.log_so_far()
     }
 }
 
@@ -80,6 +117,8 @@ impl ServerProcess {
                     addr,
                     log: written,
                     all_log: Arc::default(),
+                    unread: None,
+                    reader: None,
                 };
             }
             if let Ok(Some(status)) = child.try_wait() {
@@ -228,5 +267,30 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A process's memory, from `/proc/PID/status`, in kB.
+#[derive(Debug, Clone, Copy)]
+pub struct Memory {
+    /// Resident now (`VmRSS`).
+    pub rss_kb: u64,
+    /// Its peak (`VmHWM`).
+    pub hwm_kb: u64,
+}
+
+/// The memory of process `pid`.
+pub fn memory_of(pid: u32) -> Memory {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    Memory {
+        rss_kb: field("VmRSS:"),
+        hwm_kb: field("VmHWM:"),
     }
 }
