@@ -55,7 +55,9 @@
 #   many:      MANY_CURVES ("c25519 c448mlk1024"), MANY_SIZES ("10 100 1000"),
 #              MANY_DEVICES (2000 seeded), MANY_OPKS (40), MANY_CLAIMS (20000 devices
 #              asked per run), MANY_CONNECTIONS (1), MANY_LIMIT (on), HOL_PER_REQUEST
-#              (1000), HOL_CONNECTIONS (16), HOL_REQUESTS (5000), HOL_OPKS (200).
+#              (1000), HOL_CONNECTIONS (16), HOL_REQUESTS (5000), HOL_OPKS (200),
+#              HOL_RATES ("500": paced runs of the small requests, requests/s in
+#              all; empty: only the closed loop).
 #   idle:      IDLE_COUNTS ("0 1000 10000"), IDLE_HOLD (10 s), IDLE_REPEAT (1); the
 #              server runs with max_connections = the largest count + 100 and
 #              idle_timeout_ms = 600000, and the open-file limit is raised to its
@@ -101,6 +103,7 @@ HOL_PER_REQUEST=${HOL_PER_REQUEST:-1000}
 HOL_CONNECTIONS=${HOL_CONNECTIONS:-16}
 HOL_REQUESTS=${HOL_REQUESTS:-5000}
 HOL_OPKS=${HOL_OPKS:-200}
+HOL_RATES=${HOL_RATES-500}
 IDLE_COUNTS=${IDLE_COUNTS:-0 1000 10000}
 IDLE_HOLD=${IDLE_HOLD:-10}
 IDLE_REPEAT=${IDLE_REPEAT:-1}
@@ -381,27 +384,38 @@ scenario_many() {
         done
     done
 
-    # Head-of-line blocking: small requests with and without a stream of large ones.
+    # Head-of-line blocking: small requests with and without a stream of large ones,
+    # sent in a closed loop, then paced at each of HOL_RATES (what a small request
+    # waits for behind the large ones, without the queueing of a closed loop).
     seed_sides c25519 "$MANY_DEVICES" "$HOL_OPKS"
-    for ((i = 1; i <= REPEAT; i++)); do
-        for mode in without with; do
-            for side in "${SIDES[@]}"; do
-                background=()
-                [[ $mode == with ]] && background=(--background-connections 1 --background-per-request "$HOL_PER_REQUEST")
-                label "head-of-line side=$side run $i/$REPEAT: 1-device requests on $HOL_CONNECTIONS connections, $mode a connection of $HOL_PER_REQUEST-device requests"
-                measure bench_run "$side" sqlite "$(template_dir "$side" c25519 "$MANY_DEVICES" "$HOL_OPKS")" \
-                    c25519 "$MANY_LIMIT" "" bundles --curve c25519 --devices "$MANY_DEVICES" \
-                    --connections "$HOL_CONNECTIONS" --requests "$HOL_REQUESTS" "${background[@]}"
-                record "head-of-line" "small, $mode large: p50 ms" "$side" "$(report_latency p50 <<<"$out")" "$mark"
-                record "head-of-line" "small, $mode large: p99 ms" "$side" "$(report_latency p99 <<<"$out")" "$mark"
-                record "head-of-line" "small, $mode large: p99.9 ms" "$side" "$(report_latency p99.9 <<<"$out")" "$mark"
-                record "head-of-line" "small, $mode large: requests/s" "$side" "$(report_rate <<<"$out")" "$mark"
-                if [[ $mode == with ]]; then
-                    record "head-of-line" "large requests done" "$side" \
-                        "$(sed -nE 's/^  background: ([0-9]+) requests.*/\1/p' <<<"$out")" "$mark"
-                    record "head-of-line" "large: p50 ms/request" "$side" \
-                        "$(sed -nE 's/^  background latency: p50 ([0-9.]+) ms.*/\1/p' <<<"$out")" "$mark"
-                fi
+    local pace small pacing
+    for pace in closed $HOL_RATES; do
+        small=small
+        pacing=()
+        if [[ $pace != closed ]]; then
+            small="small paced at $pace/s"
+            pacing=(--rate "$pace")
+        fi
+        for ((i = 1; i <= REPEAT; i++)); do
+            for mode in without with; do
+                for side in "${SIDES[@]}"; do
+                    background=()
+                    [[ $mode == with ]] && background=(--background-connections 1 --background-per-request "$HOL_PER_REQUEST")
+                    label "head-of-line side=$side run $i/$REPEAT: 1-device requests on $HOL_CONNECTIONS connections ($pace), $mode a connection of $HOL_PER_REQUEST-device requests"
+                    measure bench_run "$side" sqlite "$(template_dir "$side" c25519 "$MANY_DEVICES" "$HOL_OPKS")" \
+                        c25519 "$MANY_LIMIT" "" bundles --curve c25519 --devices "$MANY_DEVICES" \
+                        --connections "$HOL_CONNECTIONS" --requests "$HOL_REQUESTS" "${pacing[@]}" "${background[@]}"
+                    record "head-of-line" "$small, $mode large: p50 ms" "$side" "$(report_latency p50 <<<"$out")" "$mark"
+                    record "head-of-line" "$small, $mode large: p99 ms" "$side" "$(report_latency p99 <<<"$out")" "$mark"
+                    record "head-of-line" "$small, $mode large: p99.9 ms" "$side" "$(report_latency p99.9 <<<"$out")" "$mark"
+                    record "head-of-line" "$small, $mode large: requests/s" "$side" "$(report_rate <<<"$out")" "$mark"
+                    if [[ $mode == with ]]; then
+                        record "head-of-line" "$small: large requests done" "$side" \
+                            "$(sed -nE 's/^  background: ([0-9]+) requests.*/\1/p' <<<"$out")" "$mark"
+                        record "head-of-line" "$small: large p50 ms/request" "$side" \
+                            "$(sed -nE 's/^  background latency: p50 ([0-9.]+) ms.*/\1/p' <<<"$out")" "$mark"
+                    fi
+                done
             done
         done
     done

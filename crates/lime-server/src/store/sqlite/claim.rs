@@ -42,8 +42,11 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 /// Devices a claim step serves before it looks whether other requests wait for
 /// the writer, and ends if they do: what a small request behind a large claim
-/// waits for is this many devices' work (about 2 ms) and a commit.
-pub const CLAIM_STEP_DEVICES: usize = 25;
+/// waits for is this many devices' work (under 1 ms) and the commit of their
+/// pages. Smaller steps cost a large claim more commits while small requests
+/// keep coming (docs/benchmarks.md: 25 devices left a 1-device request 5-6 ms
+/// behind a stream of 1,000-device ones at the median, 10 devices 4 ms).
+pub const CLAIM_STEP_DEVICES: usize = 10;
 
 /// Most devices a claim step serves when no other request waits: a large
 /// claim alone commits every this many devices (a 1,000-device one twice),
