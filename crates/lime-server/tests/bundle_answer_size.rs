@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::process::ServerProcess;
+use common::process::{ServerProcess, start_plain_with_config};
 use common::{TestApp, device_id, id, registration, spawn_app_with};
 use futures::StreamExt;
 use lime_protocol::{Curve, ErrorCode, Request, RequestMessage, Response};
@@ -123,22 +123,10 @@ async fn a_bundle_request_whose_answer_could_pass_the_bound_is_refused_and_claim
 
 #[tokio::test]
 async fn the_refusal_of_a_too_large_bundle_request_names_the_limit_in_the_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("lime-server.toml");
-    std::fs::write(
-        &config,
+    let (server, _data) = start_plain_with_config(
+        ServerProcess::start,
         "[limits]\nmax_bundle_answer_bytes = 10000\n[storage]\ncurves = [\"c448mlk1024\"]\n",
-    )
-    .unwrap();
-    let server = ServerProcess::start(&[
-        "--config",
-        config.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--plain-http",
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-    ]);
+    );
     let asked = (0..10).map(|_| id(&device_id("member"))).collect();
     let message = RequestMessage {
         curve: Curve::C448Mlk1024,

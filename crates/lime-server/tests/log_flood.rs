@@ -6,29 +6,17 @@
 
 mod common;
 
-use common::process::{ServerProcess, memory_of};
+use common::process::{ServerProcess, memory_of, start_plain_with_config};
 use lime_server::client::LimeClient;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
-/// A plain-HTTP server process with `config`, in a data directory of its own
-/// (kept while the returned `TempDir` lives).
+/// A plain-HTTP server process with `config`, and its URL.
 fn start(
     start_process: fn(&[&str]) -> ServerProcess,
     config: &str,
 ) -> (ServerProcess, String, TempDir) {
-    let data = tempfile::tempdir().unwrap();
-    let config_file = data.path().join("lime-server.toml");
-    std::fs::write(&config_file, config).unwrap();
-    let server = start_process(&[
-        "--config",
-        config_file.to_str().unwrap(),
-        "--plain-http",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        data.path().to_str().unwrap(),
-    ]);
+    let (server, data) = start_plain_with_config(start_process, config);
     let url = format!("http://{}/", server.addr);
     (server, url, data)
 }

@@ -27,6 +27,28 @@ pub struct ServerProcess {
     reader: Option<JoinHandle<()>>,
 }
 
+/// A plain-HTTP server on a loopback port, started by `start` (e.g.
+/// [`ServerProcess::start`]) with `config` (TOML) in a data directory of its
+/// own, kept while the returned `TempDir` lives.
+pub fn start_plain_with_config(
+    start: fn(&[&str]) -> ServerProcess,
+    config: &str,
+) -> (ServerProcess, tempfile::TempDir) {
+    let data = tempfile::tempdir().unwrap();
+    let config_file = data.path().join("lime-server.toml");
+    std::fs::write(&config_file, config).unwrap();
+    let server = start(&[
+        "--config",
+        config_file.to_str().unwrap(),
+        "--plain-http",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.path().to_str().unwrap(),
+    ]);
+    (server, data)
+}
+
 impl ServerProcess {
     /// Runs `lime-server serve ARGS...` and waits (30 s at most) for its
     /// "listening" log line.
