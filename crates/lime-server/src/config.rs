@@ -397,13 +397,13 @@ impl AuthSettings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(realm) = &self.realm {
-            if !crate::auth::is_valid_realm(realm) {
-                return Err(invalid(
-                    "auth.realm",
-                    format!("{realm:?} is not a domain name"),
-                ));
-            }
+        if let Some(realm) = &self.realm
+            && !crate::auth::is_valid_realm(realm)
+        {
+            return Err(invalid(
+                "auth.realm",
+                format!("{realm:?} is not a domain name"),
+            ));
         }
         let digest = &self.digest;
         if digest.is_enabled() {
@@ -1286,32 +1286,30 @@ impl Settings {
         if self.metrics.stock_refresh_secs == 0 {
             return Err(invalid("metrics.stock_refresh_secs", "must be at least 1"));
         }
-        if let Some(addr) = self.metrics.listen {
-            if self
+        if let Some(addr) = self.metrics.listen
+            && self
                 .listeners()
                 .any(|listener| *listener == addr && addr.port() != 0)
-            {
-                return Err(invalid(
-                    "metrics.listen",
-                    format!(
-                        "{addr} is also an X3DH listener: give the metrics a port of their own"
-                    ),
-                ));
-            }
+        {
+            return Err(invalid(
+                "metrics.listen",
+                format!("{addr} is also an X3DH listener: give the metrics a port of their own"),
+            ));
         }
         self.federation.validate(&self.auth)?;
-        if !self.auth.is_enabled() && !server.insecure_no_auth {
-            if let Some(addr) = self.listeners().find(|addr| !addr.ip().is_loopback()) {
-                return Err(invalid(
-                    "server.listen",
-                    format!(
-                        "{addr} is not a loopback address and authentication is off: anyone could \
+        if !self.auth.is_enabled()
+            && !server.insecure_no_auth
+            && let Some(addr) = self.listeners().find(|addr| !addr.ip().is_loopback())
+        {
+            return Err(invalid(
+                "server.listen",
+                format!(
+                    "{addr} is not a loopback address and authentication is off: anyone could \
                          replace anyone's keys. Turn authentication on, or set \
                          server.insecure_no_auth = true (--insecure-no-auth) if something in front \
                          of this server authenticates"
-                    ),
-                ));
-            }
+                ),
+            ));
         }
         Ok(())
     }

@@ -151,10 +151,10 @@ impl AlgorithmOffers {
     ) -> Vec<DigestAlgorithm> {
         let key = account_key(user, realm);
         let now = Instant::now();
-        if let Some((at, offered)) = self.kept().get(&key) {
-            if now.saturating_duration_since(*at) < self.time_to_live {
-                return offered.clone();
-            }
+        if let Some((at, offered)) = self.kept().get(&key)
+            && now.saturating_duration_since(*at) < self.time_to_live
+        {
+            return offered.clone();
         }
         let allowed = self
             .lookups

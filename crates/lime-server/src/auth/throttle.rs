@@ -333,16 +333,15 @@ impl Throttle {
             .failures
             .peek_mut(&Key::Account(account))
             .filter(|record| !record.is_idle(now, window))
+            && let Some(next) = record.next_attempt
         {
-            if let Some(next) = record.next_attempt {
-                if next > now {
-                    return Err(LockedOut {
-                        what: format!("{} from sources it has not authenticated from", who()),
-                        retry_after: next - now,
-                    });
-                }
-                record.next_attempt = Some(now + pace);
+            if next > now {
+                return Err(LockedOut {
+                    what: format!("{} from sources it has not authenticated from", who()),
+                    retry_after: next - now,
+                });
             }
+            record.next_attempt = Some(now + pace);
         }
         Ok(())
     }

@@ -154,12 +154,12 @@ impl ConnectionClock {
     /// Bytes arrived: on an idle HTTP/1 connection, the next request has begun.
     fn bytes_received(&self) {
         let mut state = self.state();
-        if let Phase::Idle(_) = state.phase {
-            if !state.multiplexed {
-                state.phase = Phase::ReceivingHeaders(Instant::now());
-                drop(state);
-                self.changed.notify_one();
-            }
+        if let Phase::Idle(_) = state.phase
+            && !state.multiplexed
+        {
+            state.phase = Phase::ReceivingHeaders(Instant::now());
+            drop(state);
+            self.changed.notify_one();
         }
     }
 

@@ -116,17 +116,17 @@ impl KeyService {
             return get_peer_bundle::handle_forwarded(store, sender, devices.clone(), federation)
                 .await;
         }
-        if let Request::GetPeerBundle(devices) = &request {
-            if let Some(federation) = self.federation.as_ref().filter(|f| f.has_peers()) {
-                return get_peer_bundle::handle_federated(
-                    store,
-                    curve,
-                    sender,
-                    devices.clone(),
-                    federation,
-                )
-                .await;
-            }
+        if let Request::GetPeerBundle(devices) = &request
+            && let Some(federation) = self.federation.as_ref().filter(|f| f.has_peers())
+        {
+            return get_peer_bundle::handle_federated(
+                store,
+                curve,
+                sender,
+                devices.clone(),
+                federation,
+            )
+            .await;
         }
         run(store, sender.device_id().clone(), request).await
     }

@@ -328,12 +328,12 @@ struct Checkout {
 
 impl Drop for Checkout {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            if !self.clean {
-                // Dropping the detached connection closes its socket; the server
-                // rolls back whatever was under way on it.
-                drop(conn.detach());
-            }
+        if let Some(conn) = self.conn.take()
+            && !self.clean
+        {
+            // Dropping the detached connection closes its socket; the server
+            // rolls back whatever was under way on it.
+            drop(conn.detach());
         }
     }
 }
