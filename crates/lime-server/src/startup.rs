@@ -83,7 +83,7 @@ impl Application {
                 storage.data_dir.display()
             )
         })?;
-        let stores = open_stores(settings).await?;
+        let stores = open_stores_to_serve(settings).await?;
         let limits = &settings.limits;
 
         let tls = if settings.server.listen.is_empty() {
@@ -239,8 +239,19 @@ impl Application {
     }
 }
 
-/// Opens the store of every enabled curve, as `serve` does.
+/// Opens the store of every enabled curve, as `serve` does, for a command that
+/// runs beside the server (it never claims a bundle: SQLite files are not locked).
 pub async fn open_stores(settings: &Settings) -> Result<Stores> {
+    open_stores_for(settings, false).await
+}
+
+/// Opens the store of every enabled curve to serve them: a SQLite file served
+/// with the bundle request limit on is locked against a second server.
+pub async fn open_stores_to_serve(settings: &Settings) -> Result<Stores> {
+    open_stores_for(settings, true).await
+}
+
+async fn open_stores_for(settings: &Settings, serves: bool) -> Result<Stores> {
     let storage = &settings.storage;
     let mut stores = Stores::default();
     let timeout = Duration::from_millis(storage.timeout_ms);
@@ -250,6 +261,7 @@ pub async fn open_stores(settings: &Settings) -> Result<Stores> {
         max_batch: storage.sqlite_max_batch,
         timeout,
         limits: settings.limits.store_limits(),
+        serves,
     };
     let server_options = ServerStoreOptions {
         pool_size: storage.pool_size,

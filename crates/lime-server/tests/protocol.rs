@@ -847,9 +847,15 @@ async fn every_request_on_a_curve_not_enabled_is_bad_curve() {
 
 /// A server on `app`'s stores that gives up on its store after 300 ms. Set-up and
 /// checks go through `app`: on a loaded machine a request can take longer than
-/// that without any lock, and only the request under test may fail for it.
+/// that without any lock, and only the request under test may fail for it. Its
+/// bundle request limit is off: a SQLite file is served by one server with the
+/// limit on (it counts in memory), and that is `app`.
 async fn impatient_beside(app: &TestApp) -> TestApp {
-    app.spawn_beside(|s| s.storage.timeout_ms = 300).await
+    app.spawn_beside(|s| {
+        s.storage.timeout_ms = 300;
+        s.limits.max_bundle_requests = 0;
+    })
+    .await
 }
 
 #[tokio::test]

@@ -1,7 +1,8 @@
 //! The SQLite store directly: its WAL checkpointed beside the writer and kept
 //! bounded, and large claims run in steps (a small request is not held up behind
 //! a group's 1,000-device claim; nothing lost or served twice across steps, even
-//! when a step fails; the bundle request limits exact across steps).
+//! when a step fails; the bundle request limits exact across steps, counted
+//! again when the server starts, by one server per file).
 
 mod common;
 
@@ -9,8 +10,8 @@ use common::{id, registration};
 use futures::future::join_all;
 use lime_protocol::{Curve, DeviceId, PeerBundle};
 use lime_server::store::sqlite::{
-    CLAIM_STEP_DEVICES, CLAIM_STEP_DEVICES_ALONE, MAX_WAL_FRAMES, SqliteOptions, SqliteStore,
-    Synchronous, connect,
+    CLAIM_STEP_DEVICES, CLAIM_STEP_DEVICES_ALONE, MAX_WAL_FRAMES, OpenError, SqliteOptions,
+    SqliteStore, Synchronous, connect,
 };
 use lime_server::store::{BundleRequestLimit, KeyStore, OverLimit, StoreLimits};
 use rusqlite::Connection;
@@ -29,18 +30,29 @@ struct TestStore {
     _dir: TempDir,
 }
 
+/// How the tests open a store of `path`, as `serve` does when `serves`.
+fn options(
+    path: &Path,
+    limits: StoreLimits,
+    synchronous: Synchronous,
+    serves: bool,
+) -> SqliteOptions {
+    SqliteOptions {
+        path: path.to_owned(),
+        synchronous,
+        max_batch: 64,
+        timeout: Duration::from_secs(30),
+        limits,
+        serves,
+    }
+}
+
 impl TestStore {
     fn open(limits: StoreLimits, synchronous: Synchronous) -> TestStore {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lime-c25519.sqlite3");
         lime_server::store::sqlite::init_database(&path).unwrap();
-        let options = SqliteOptions {
-            path: path.clone(),
-            synchronous,
-            max_batch: 64,
-            timeout: Duration::from_secs(30),
-            limits,
-        };
+        let options = options(&path, limits, synchronous, true);
         TestStore {
             store: Arc::new(SqliteStore::open(CURVE, &options).unwrap()),
             path,
@@ -62,6 +74,13 @@ impl TestStore {
         for result in join_all(registered).await {
             result.unwrap();
         }
+    }
+
+    /// A device registered without one-time pre-keys, to ask for bundles.
+    async fn asker(&self) -> DeviceId {
+        let asker = devices("asker", 1).remove(0);
+        self.register(std::slice::from_ref(&asker), 0).await;
+        asker
     }
 
     /// The ids of the one-time pre-keys `device` has left.
@@ -300,15 +319,15 @@ async fn claims_in_steps_serve_each_key_once() {
 
 /// A claim alone whose second step fails (a trigger refuses to delete one
 /// device's key) answers an error and leaves the store as it was: the keys its
-/// first step took are back with their ids, their `Requests` rows and the
-/// identity's count are gone; the same claim then succeeds in full.
+/// first step took are back with their ids, their `Requests` rows gone and no
+/// longer counted; the same claim then succeeds in full (it could not, were the
+/// first step's 500 bundles still counted against the identity's 1,000).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_step_puts_back_what_earlier_steps_took() {
-    let test = TestStore::open(limits(10, 10, 100_000), Synchronous::Full);
+    let test = TestStore::open(limits(10, 10, 1_000), Synchronous::Full);
     let group = devices("member", 1_000);
     test.register(&group, 2).await;
-    let asker = devices("asker", 1).remove(0);
-    test.register(std::slice::from_ref(&asker), 0).await;
+    let asker = test.asker().await;
     let side = test.side_connection();
     let failing = &group[CLAIM_STEP_DEVICES_ALONE + 10];
     side.execute(
@@ -331,10 +350,6 @@ async fn a_failed_step_puts_back_what_earlier_steps_took() {
     }
     let count = |sql: &str| -> i64 { side.query_row(sql, [], |row| row.get(0)).unwrap() };
     assert_eq!(count("SELECT COUNT(*) FROM Requests"), 0);
-    assert_eq!(
-        count("SELECT COALESCE(SUM(recorded), 0) FROM lime_rs_identity_requests"),
-        0
-    );
     side.execute_batch("DROP TRIGGER fail_claim").unwrap();
     let bundles = test.store.claim_key_bundles(asker, group).await.unwrap();
     let served: HashMap<_, _> = keys_served(&bundles).into_iter().collect();
@@ -371,11 +386,59 @@ async fn limits_stay_exact_across_interleaved_steps() {
     assert!(per_target.values().all(|&keys| keys == 1), "{per_target:?}");
     let side = test.side_connection();
     let recorded: i64 = side
-        .query_row(
-            "SELECT recorded FROM lime_rs_identity_requests",
-            [],
-            |row| row.get(0),
-        )
+        .query_row("SELECT COUNT(*) FROM Requests", [], |row| row.get(0))
         .unwrap();
     assert_eq!(recorded, 500);
+}
+
+/// The limit is counted in memory by the server that serves the file: started
+/// again, it counts what the last window recorded; a second server on the same
+/// file is refused (it would count apart), a command beside it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_counts_outlive_a_restart_and_one_server_serves_a_file() {
+    let test = TestStore::open(limits(1, 1, 100), Synchronous::Full);
+    let targets = devices("target", 2);
+    test.register(&targets, 3).await;
+    let asker = test.asker().await;
+    let first = test
+        .store
+        .claim_key_bundles(asker.clone(), targets[..1].to_vec())
+        .await
+        .unwrap();
+    assert_eq!(keys_served(&first).len(), 1);
+
+    let path = test.path.clone();
+    let reopen = |serves| {
+        SqliteStore::open(
+            CURVE,
+            &options(&path, limits(1, 1, 100), Synchronous::Full, serves),
+        )
+    };
+    match reopen(true) {
+        Err(error @ OpenError::InUse(_)) => {
+            assert!(
+                error.to_string().contains("served by another lime-server"),
+                "{error}"
+            )
+        }
+        other => panic!("a second server on the file: {:?}", other.err()),
+    }
+    drop(reopen(false).expect("a command beside the server"));
+
+    let TestStore { store, _dir, .. } = test;
+    drop(store);
+    let again = reopen(true).unwrap();
+    let answer = again
+        .claim_key_bundles(asker, targets.clone())
+        .await
+        .unwrap();
+    let served: Vec<String> = keys_served(&answer)
+        .into_iter()
+        .map(|(device, _)| device)
+        .collect();
+    assert_eq!(
+        served,
+        [targets[1].to_string()],
+        "the first target was counted again"
+    );
 }

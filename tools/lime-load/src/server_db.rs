@@ -120,6 +120,7 @@ async fn open_store(template: &str, curve: Curve, pool_size: u32) -> Result<Arc<
         max_batch: 64,
         timeout: Duration::from_secs(30),
         limits,
+        serves: false,
     };
     Ok(store::open(curve, &location, &sqlite_options, &server_options).await?)
 }

@@ -14,17 +14,18 @@
 //!   keys gone, their `Requests` rows, the identity's recorded count): a device
 //!   claimed by this request and by another one between two steps gets a key in
 //!   each answer, never the same key.
-//! - **Limits stay exact.** Each step reads the source identity's recorded count
-//!   and the targets' `Requests` rows afresh, in its own transaction, after the
-//!   earlier steps and any request that came between them committed: counted
-//!   exactly as if the requests had come one after another. Repeats of a device
-//!   across steps are known from the whole list, first occurrences' grants kept.
+//! - **Limits stay exact.** The writer's counts (`request_counts.rs`) are read
+//!   for each device as it comes, after the earlier steps and any request that
+//!   came between them: counted exactly as if the requests had come one after
+//!   another. What a step recorded is forgotten when its transaction does not
+//!   commit. Repeats of a device across steps are known from the whole list,
+//!   first occurrences' grants kept.
 //! - **A failure takes nothing.** When a later step fails (its statement, or its
 //!   transaction's commit), the client gets the error and none of the bundles, so
 //!   the keys the earlier, committed steps took were never delivered: they are
 //!   put back with their original rows (ids are never reused), unless their
 //!   device was deleted meanwhile or has reused the key's id, and the `Requests`
-//!   rows and the count those steps recorded are removed ([`BundleClaim::undo`],
+//!   rows those steps recorded are removed and forgotten ([`BundleClaim::undo`],
 //!   in the writer's next transaction, before the error is answered). No key is
 //!   lost, none is served twice: a key put back was in no answer. Between the
 //!   failure and the undo another request may find those devices without the
@@ -33,12 +34,24 @@
 //!   in between).
 
 use super::queries::{find_device, find_uid};
+use super::request_counts::{self, Recorded, RequestCounts, SourceKeys};
 use super::writer::{Progress, Waiting, Work};
 use crate::store::in_doubt::ClaimedKey;
-use crate::store::rules::{self, Grant, Received, SourceIdentity};
+use crate::store::rules::{self, Grant};
 use crate::store::{BundleRequestLimit, Claimed, SourceCheck, StoreError};
 use lime_protocol::{Curve, DeviceId, PeerBundle};
 use rusqlite::{Connection, OptionalExtension, params};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// The counts of a store, shared by its claims; only the writer thread uses them.
+pub type SharedCounts = Arc<Mutex<RequestCounts>>;
+
+/// The bundle request limit and the counts it is enforced with.
+pub type Limit = Option<(BundleRequestLimit, SharedCounts)>;
+
+fn lock(counts: &SharedCounts) -> MutexGuard<'_, RequestCounts> {
+    counts.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Devices a claim step serves before it looks whether other requests wait for
 /// the writer, and ends if they do: what a small request behind a large claim
@@ -57,7 +70,7 @@ pub const CLAIM_STEP_DEVICES_ALONE: usize = 500;
 /// A bundle claim, run in steps.
 pub struct BundleClaim {
     curve: Curve,
-    limit: Option<BundleRequestLimit>,
+    limit: Limit,
     source: DeviceId,
     check: SourceCheck,
     /// The devices held here, then those held by peer servers.
@@ -80,10 +93,8 @@ pub struct BundleClaim {
 struct Changes {
     /// The one-time pre-key rows taken.
     taken: Vec<ClaimedKey>,
-    /// The `rowid`s of the `Requests` rows inserted.
-    requests: Vec<i64>,
-    /// The identity's window (its start) and the requests added to its recorded count in it.
-    recorded: Option<(i64, u64)>,
+    /// The `rowid`s of the `Requests` rows inserted, and their place in the counts.
+    requests: Vec<(i64, Recorded)>,
 }
 
 /// The lengths of what a claim has gathered, at the start of a step.
@@ -94,14 +105,13 @@ struct Marks {
     forward: usize,
     taken: usize,
     requests: usize,
-    recorded: Option<(i64, u64)>,
 }
 
 impl BundleClaim {
     /// The claim of `devices` (held here) and `forwarded` (held by peers) for `source`.
     pub fn new(
         curve: Curve,
-        limit: Option<BundleRequestLimit>,
+        limit: Limit,
         (source, check): (DeviceId, SourceCheck),
         (devices, forwarded): (Vec<DeviceId>, Vec<DeviceId>),
     ) -> BundleClaim {
@@ -130,7 +140,16 @@ impl BundleClaim {
             forward: self.claimed.forward.len(),
             taken: self.changes.taken.len(),
             requests: self.changes.requests.len(),
-            recorded: self.changes.recorded,
+        }
+    }
+
+    /// Takes the requests recorded from the `from`th on out of the counts.
+    fn forget_requests(&self, from: usize) {
+        if let Some((_, counts)) = &self.limit {
+            let mut counts = lock(counts);
+            for (_, counted) in &self.changes.requests[from..] {
+                counts.forget(*counted);
+            }
         }
     }
 
@@ -140,28 +159,40 @@ impl BundleClaim {
         Ok(self.claimed)
     }
 
-    /// The grant of device `index`, recording it in `Requests` when it counts.
+    /// The grant of device `index`, recording it in `Requests` and in `counts`
+    /// (with the source's keys there) when it counts.
     fn grant(
         &mut self,
         conn: &Connection,
         index: usize,
         refused: bool,
-        recorded: &mut u64,
+        counts: Option<(&mut RequestCounts, SourceKeys)>,
     ) -> Result<Grant, StoreError> {
         let device_id = &self.devices[index];
-        let grant = match (refused, self.repeats[index], self.limit.as_ref()) {
+        let limit = self.limit.as_ref().map(|(limit, _)| limit);
+        let grant = match (refused, self.repeats[index], limit.zip(counts)) {
             (true, _, _) => Grant::Refused,
             (false, Some(first), _) => rules::repeat_grant(self.grants[first]),
             (false, None, None) => Grant::Full,
-            (false, None, Some(limit)) => {
-                let identity = SourceIdentity::of(&self.source);
-                let received = received(conn, limit, &self.source, &identity, device_id)?;
-                let grant = rules::grant(&self.source, device_id, received, *recorded, limit);
+            (false, None, Some((limit, (counts, source)))) => {
+                let now = request_counts::now();
+                let target = counts.target(device_id);
+                let received = counts.received(now, source, target);
+                let recorded = counts.recorded_in_window(now, source);
+                let grant = rules::grant(&self.source, device_id, received, recorded, limit);
                 if grant == Grant::Full {
-                    conn.prepare_cached("INSERT INTO Requests (source, target) VALUES (?1, ?2)")?
-                        .execute(params![self.source.as_str(), device_id.as_str()])?;
-                    self.changes.requests.push(conn.last_insert_rowid());
-                    *recorded += 1;
+                    conn.prepare_cached(
+                        "INSERT INTO Requests (source, target, at) \
+                         VALUES (?1, ?2, datetime(?3, 'unixepoch'))",
+                    )?
+                    .execute(params![
+                        self.source.as_str(),
+                        device_id.as_str(),
+                        now
+                    ])?;
+                    let row = conn.last_insert_rowid();
+                    let counted = counts.record(now, source, target);
+                    self.changes.requests.push((row, counted));
                 }
                 grant
             }
@@ -176,7 +207,7 @@ impl BundleClaim {
         conn: &Connection,
         take: &mut rusqlite::CachedStatement<'_>,
         index: usize,
-        recorded: &mut u64,
+        counts: Option<(&mut RequestCounts, SourceKeys)>,
     ) -> Result<(), StoreError> {
         // A device a peer holds is granted as one held here would be.
         let held = index < self.held_here;
@@ -185,7 +216,7 @@ impl BundleClaim {
                 .filter(|device| device.signed_pre_key.is_some()),
             false => None,
         };
-        let grant = self.grant(conn, index, held && device.is_none(), recorded)?;
+        let grant = self.grant(conn, index, held && device.is_none(), counts)?;
         self.grants.push(grant);
         if !held {
             self.claimed.forward.push(grant == Grant::Full);
@@ -230,15 +261,9 @@ impl Work for BundleClaim {
         if first == 0 && self.check == SourceCheck::Registered {
             find_uid(conn, &self.source)?;
         }
-        let window = match self.limit.as_ref() {
-            Some(limit) => Some(recorded_in_window(
-                conn,
-                &SourceIdentity::of(&self.source),
-                limit,
-            )?),
-            None => None,
-        };
-        let mut recorded = window.map_or(0, |(_, recorded)| recorded);
+        let shared = self.limit.as_ref().map(|(_, counts)| Arc::clone(counts));
+        let mut counts = shared.as_ref().map(lock);
+        let source = counts.as_ref().map(|counts| counts.source(&self.source));
         // Chunks of CLAIM_STEP_DEVICES, until `last` or another job waits.
         let last = self.devices.len().min(first + CLAIM_STEP_DEVICES_ALONE);
         let mut start = first;
@@ -249,25 +274,13 @@ impl Work for BundleClaim {
         loop {
             let end = last.min(start + CLAIM_STEP_DEVICES);
             for index in start..end {
-                self.claim_device(conn, &mut take, index, &mut recorded)?;
+                let counts = counts.as_deref_mut().zip(source);
+                self.claim_device(conn, &mut take, index, counts)?;
             }
             start = end;
             if end == last || waiting.others() {
                 break;
             }
-        }
-        if let Some((window_start, before)) = window
-            && recorded != before
-        {
-            conn.prepare_cached(
-                "UPDATE lime_rs_identity_requests SET recorded = ?1 WHERE identity = ?2",
-            )?
-            .execute(params![recorded, SourceIdentity::of(&self.source).key()])?;
-            let added = match self.changes.recorded {
-                Some((start, added)) if start == window_start => added,
-                _ => 0,
-            };
-            self.changes.recorded = Some((window_start, added + recorded - before));
         }
         Ok(match start == self.devices.len() {
             true => Progress::Done,
@@ -281,13 +294,12 @@ impl Work for BundleClaim {
         self.claimed.bundles.truncate(marks.bundles);
         self.claimed.forward.truncate(marks.forward);
         self.changes.taken.truncate(marks.taken);
+        self.forget_requests(marks.requests);
         self.changes.requests.truncate(marks.requests);
-        self.changes.recorded = marks.recorded;
     }
 
     fn needs_undo(&self) -> bool {
-        let changes = &self.changes;
-        !changes.taken.is_empty() || !changes.requests.is_empty() || changes.recorded.is_some()
+        !self.changes.taken.is_empty() || !self.changes.requests.is_empty()
     }
 
     /// Puts back the keys the committed steps took (unless their device is gone
@@ -300,21 +312,14 @@ impl Work for BundleClaim {
         for key in &self.changes.taken {
             put_back.execute(params![key.id, key.uid, key.public, key.key_id])?;
         }
-        let mut forget = conn.prepare_cached("DELETE FROM Requests WHERE rowid = ?1")?;
-        for row in &self.changes.requests {
-            forget.execute([row])?;
+        let mut delete = conn.prepare_cached("DELETE FROM Requests WHERE rowid = ?1")?;
+        for (row, _) in &self.changes.requests {
+            delete.execute([row])?;
         }
-        if let Some((window_start, added)) = self.changes.recorded {
-            conn.prepare_cached(
-                "UPDATE lime_rs_identity_requests SET recorded = MAX(recorded - ?1, 0) \
-                 WHERE identity = ?2 AND window_start = ?3",
-            )?
-            .execute(params![
-                added,
-                SourceIdentity::of(&self.source).key(),
-                window_start
-            ])?;
-        }
+        // Forgotten now, whether this transaction commits or not: should it
+        // fail for good, the rows stay but count for nothing, as the keys are
+        // lost (an error is logged).
+        self.forget_requests(0);
         tracing::warn!(
             keys = self.changes.taken.len(),
             "SQLite: a claim failed after some of its steps committed; their keys are put back"
@@ -325,75 +330,6 @@ impl Work for BundleClaim {
     fn into_output(self) -> Self::Output {
         Ok(self.claimed)
     }
-}
-
-/// The window's start and the bundle requests recorded for `identity` in it
-/// (fixed windows, aligned on multiples of the window since the epoch, by the
-/// database's clock); its row is started afresh in a new window.
-fn recorded_in_window(
-    conn: &Connection,
-    identity: &SourceIdentity<'_>,
-    limit: &BundleRequestLimit,
-) -> Result<(i64, u64), StoreError> {
-    let recorded = conn
-        .prepare_cached(
-            "INSERT INTO lime_rs_identity_requests (identity, window_start, recorded) \
-             VALUES (?1, (CAST(strftime('%s', 'now') AS INTEGER) / ?2) * ?2, 0) \
-             ON CONFLICT (identity) DO UPDATE SET \
-             recorded = CASE WHEN window_start = excluded.window_start THEN recorded ELSE 0 END, \
-             window_start = excluded.window_start \
-             RETURNING window_start, recorded",
-        )?
-        .query_row(params![identity.key(), limit.window.as_secs()], |row| {
-            Ok((row.get(0)?, row.get(1)?))
-        })?;
-    Ok(recorded)
-}
-
-/// The bundles of `target` that `source` and its identity received within the
-/// window: one statement, served by the index on `Requests(target, source, at)`
-/// (the identity's devices are a range of `source`).
-fn received(
-    conn: &Connection,
-    limit: &BundleRequestLimit,
-    source: &DeviceId,
-    identity: &SourceIdentity<'_>,
-    target: &DeviceId,
-) -> Result<Received, StoreError> {
-    let since = format!("-{} seconds", limit.window.as_secs());
-    let Some(range) = &identity.devices else {
-        let by_device: u64 = conn
-            .prepare_cached(
-                "SELECT COUNT(*) FROM Requests \
-                 WHERE target = ?1 AND source = ?2 AND at > datetime('now', ?3)",
-            )?
-            .query_row(params![target.as_str(), source.as_str(), since], |row| {
-                row.get(0)
-            })?;
-        return Ok(Received {
-            by_device,
-            by_identity: by_device,
-        });
-    };
-    let (by_device, by_identity) = conn
-        .prepare_cached(
-            "SELECT COALESCE(SUM(source = ?2), 0), COUNT(*) FROM Requests \
-             WHERE target = ?1 AND source >= ?3 AND source < ?4 AND at > datetime('now', ?5)",
-        )?
-        .query_row(
-            params![
-                target.as_str(),
-                source.as_str(),
-                range.start,
-                range.end,
-                since
-            ],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )?;
-    Ok(Received {
-        by_device,
-        by_identity,
-    })
 }
 
 #[cfg(test)]

@@ -5,11 +5,15 @@
 //! commit, each job in a savepoint, long claims in steps). One-time pre-keys are
 //! claimed by that single writer, so a claim is atomic; `BEGIN IMMEDIATE` keeps it
 //! so even if another process opens the same file. WAL checkpoints run on a thread
-//! of their own beside the writer (`checkpoint.rs`).
+//! of their own beside the writer (`checkpoint.rs`). The bundle request limit is
+//! counted in memory by the writer (`request_counts.rs`), so a server that serves
+//! a file with the limit on locks it (`FILE.lock`): a second server on the same
+//! file would count apart, and is refused at start.
 
 mod checkpoint;
 mod claim;
 mod queries;
+mod request_counts;
 pub mod schema;
 mod writer;
 
@@ -22,12 +26,14 @@ use crate::store::{
 };
 use async_trait::async_trait;
 use checkpoint::Checkpointer;
-use claim::BundleClaim;
+use claim::{BundleClaim, SharedCounts};
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, PeerBundle, Registration, SignedPreKey};
+use request_counts::RequestCounts;
 use rusqlite::Connection;
 use serde::Deserialize;
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use writer::{Job, OneStep, PendingJob, Work};
@@ -68,6 +74,10 @@ pub struct SqliteOptions {
     pub timeout: Duration,
     /// Limits enforced inside transactions.
     pub limits: StoreLimits,
+    /// True for `serve`: with the bundle request limit on, the file is locked
+    /// against a second server (whose counts would be apart). Commands that
+    /// never claim (admin, purge) leave it false, to run beside the server.
+    pub serves: bool,
 }
 
 /// A base algorithm's keys in one SQLite file, served by one writer thread.
@@ -78,6 +88,10 @@ pub struct SqliteStore {
     timeout: Duration,
     /// Jobs for the writer thread; closing it stops the thread.
     jobs: mpsc::Sender<Box<dyn Job>>,
+    /// The bundle request limit's counts, when it is on.
+    counts: Option<SharedCounts>,
+    /// Held while the store serves (see [`SqliteOptions::serves`]).
+    _lock: Option<File>,
 }
 
 impl SqliteStore {
@@ -86,6 +100,19 @@ impl SqliteStore {
     pub fn open(curve: Curve, options: &SqliteOptions) -> Result<SqliteStore, OpenError> {
         let fail = |error| OpenError::Sqlite(options.path.clone(), error);
         let (conn, _) = open_connection(&options.path, options.synchronous)?;
+        let (counts, lock) = match &options.limits.bundle_requests {
+            Some(limit) => {
+                let lock = match options.serves {
+                    true => Some(lock_for_serving(&options.path)?),
+                    false => None,
+                };
+                let counts = RequestCounts::load(&conn, limit.window)
+                    .map_err(|error| OpenError::Counts(options.path.clone(), error))?;
+                tracing::debug!(%curve, bundles = counts.len(), "SQLite: bundle requests of the last window counted");
+                (Some(Arc::new(Mutex::new(counts))), lock)
+            }
+            None => (None, None),
+        };
         // Waiting for another process's lock counts against the jobs' time-out.
         conn.busy_timeout(options.timeout).map_err(fail)?;
         let checkpoints =
@@ -109,6 +136,8 @@ impl SqliteStore {
             limits: options.limits,
             timeout: options.timeout,
             jobs,
+            counts,
+            _lock: lock,
         })
     }
 
@@ -142,6 +171,26 @@ impl SqliteStore {
     }
 }
 
+/// Locks `path` for this server alone: `FILE.lock` beside it, held until the
+/// store is dropped (or the process ends).
+fn lock_for_serving(path: &Path) -> Result<File, OpenError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let fail = |error: std::io::Error| OpenError::Lock(lock_path.clone(), error.to_string());
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(fail)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::InUse(path.to_owned())),
+        Err(std::fs::TryLockError::Error(error)) => Err(fail(error)),
+    }
+}
+
 /// Creates the database file and its schema if absent (`lime-server db init`).
 pub fn init_database(path: &Path) -> Result<SchemaState, OpenError> {
     open_connection(path, Synchronous::Full).map(|(_, state)| state)
@@ -172,10 +221,17 @@ pub fn claim_key_bundles_in_transaction(
     source: &DeviceId,
     devices: Vec<DeviceId>,
 ) -> Result<Vec<PeerBundle>, StoreError> {
+    let limit = match limits.bundle_requests {
+        Some(limit) => {
+            let counts = RequestCounts::load(conn, limit.window)?;
+            Some((limit, Arc::new(Mutex::new(counts))))
+        }
+        None => None,
+    };
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let claim = BundleClaim::new(
         curve,
-        limits.bundle_requests,
+        limit,
         (source.clone(), SourceCheck::Registered),
         (devices, Vec::new()),
     );
@@ -240,6 +296,19 @@ pub enum OpenError {
     /// The writer thread could not be started.
     #[error("cannot start the SQLite writer thread: {0}")]
     Thread(String),
+    /// The bundle requests of the last window could not be read.
+    #[error("SQLite database {0}: cannot count the bundle requests of the last window: {1}")]
+    Counts(PathBuf, StoreError),
+    /// The lock file could not be opened or locked.
+    #[error("SQLite lock file {0}: {1}")]
+    Lock(PathBuf, String),
+    /// Another server serves the file with the bundle request limit on.
+    #[error(
+        "SQLite database {0} is served by another lime-server (its .lock file is held): \
+         the bundle request limit is counted by one server per file; stop the other one, \
+         or give this one a database of its own"
+    )]
+    InUse(PathBuf),
 }
 
 #[async_trait]
@@ -287,7 +356,7 @@ impl KeyStore for SqliteStore {
     ) -> Result<Claimed, StoreError> {
         let claim = BundleClaim::new(
             self.curve,
-            self.limits.bundle_requests,
+            self.limits.bundle_requests.zip(self.counts.clone()),
             (source, check),
             (devices, forwarded),
         );

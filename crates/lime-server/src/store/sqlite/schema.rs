@@ -3,11 +3,16 @@
 //! independent of the number of stored devices. `Config` holds the original's
 //! `('version', 1)` and our `('lime_rs_schema', N)`.
 
-use crate::store::{Migration, SCHEMA_VERSION, SCHEMA_VERSION_NAME, SchemaState};
+use crate::store::{Migration, SCHEMA_VERSION_NAME, SchemaState};
 use rusqlite::{Connection, OptionalExtension};
 
 /// The original layout's version, in `Config` as `('version', 1)`.
 const LAYOUT_VERSION: i64 = 1;
+
+/// Our schema version of a SQLite database, in `Config` as `('lime_rs_schema', N)`:
+/// one past the database servers' [`crate::store::SCHEMA_VERSION`], since
+/// version 4 changed SQLite alone (the bundle request limit counted in memory).
+pub const SCHEMA_VERSION: i64 = 4;
 
 const CREATE_TABLES: &str = "
 CREATE TABLE Users (
@@ -39,9 +44,11 @@ INSERT INTO Config (Name, Value) VALUES ('version', 1);
 /// Our additions, each idempotent, with the schema version that brought it: one
 /// device per id, one key per (device, id), bundle requests counted by index
 /// (version 3: per target first, so that a target's requests from all the
-/// devices of one identity, a range of `source`, are one index range), and the
-/// bundle requests recorded per identity in the current window.
-const ADDITIONS: [(i64, &str, &str); 5] = [
+/// devices of one identity, a range of `source`, are one index range), the
+/// bundle requests recorded per identity in the current window, and (version 4)
+/// in place of both, `Requests` indexed by time alone: the writer counts in
+/// memory (`request_counts.rs`), and a row no longer writes a random index page.
+const ADDITIONS: [(i64, &str, &str); 6] = [
     (
         1,
         "unique index Users(UserId)",
@@ -71,6 +78,14 @@ const ADDITIONS: [(i64, &str, &str); 5] = [
              window_start INTEGER NOT NULL,
              recorded INTEGER NOT NULL
          ) WITHOUT ROWID",
+    ),
+    (
+        4,
+        "index Requests(at) in place of Requests(target, source, at), \
+         table lime_rs_identity_requests dropped",
+        "CREATE INDEX IF NOT EXISTS Requests_at ON Requests(at);
+         DROP INDEX IF EXISTS Requests_target_source_at;
+         DROP TABLE IF EXISTS lime_rs_identity_requests",
     ),
 ];
 
@@ -194,23 +209,23 @@ mod tests {
             .unwrap()
     }
 
-    #[test]
-    fn a_database_of_schema_1_is_brought_up_to_date_on_open() {
+    /// A database as an older release left it: today's schema, then `older` run on it.
+    fn left_by_older_release(older: &str) -> Connection {
         let conn = Connection::open_in_memory().unwrap();
         assert_eq!(ensure_schema(&conn).unwrap(), SchemaState::Created);
-        // What the first release left: schema 1, without the Requests index.
-        conn.execute_batch(
-            "DROP INDEX Requests_target_source_at;
-             DROP TABLE lime_rs_identity_requests;
-             UPDATE Config SET Value = 1 WHERE Name = 'lime_rs_schema';",
-        )
-        .unwrap();
-        assert_eq!(ensure_schema(&conn).unwrap(), SchemaState::Present);
-        assert_eq!(versions(&conn).unwrap(), (Some(1), Some(SCHEMA_VERSION)));
-        assert!(index_names(&conn).contains(&"Requests_target_source_at".to_owned()));
-        assert!(!index_names(&conn).contains(&"Requests_source_target_at".to_owned()));
-        assert!(has_table(&conn, "lime_rs_identity_requests"));
-        assert_eq!(migrate(&conn).unwrap(), Migration::default());
+        conn.execute_batch(older).unwrap();
+        conn
+    }
+
+    /// Schema 4: our version, `Requests` indexed by time only (the limit is
+    /// counted in memory), no table of identities.
+    fn assert_at_schema_4(conn: &Connection) {
+        assert_eq!(versions(conn).unwrap(), (Some(1), Some(SCHEMA_VERSION)));
+        assert_eq!(
+            index_names(conn),
+            ["OPk_Uid_OPk_id", "Requests_at", "Users_UserId"]
+        );
+        assert!(!has_table(conn, "lime_rs_identity_requests"));
     }
 
     fn has_table(conn: &Connection, name: &str) -> bool {
@@ -223,23 +238,41 @@ mod tests {
     }
 
     #[test]
-    fn a_database_of_schema_2_gets_the_index_by_target_and_the_table_of_identities_on_open() {
-        let conn = Connection::open_in_memory().unwrap();
-        ensure_schema(&conn).unwrap();
-        // What the previous release left: schema 2.
-        conn.execute_batch(
-            "DROP INDEX Requests_target_source_at;
-             DROP TABLE lime_rs_identity_requests;
+    fn a_database_of_schema_1_is_brought_up_to_date_on_open() {
+        // What the first release left: schema 1, without the Requests index.
+        let conn = left_by_older_release(
+            "DROP INDEX Requests_at;
+             UPDATE Config SET Value = 1 WHERE Name = 'lime_rs_schema';",
+        );
+        assert_eq!(ensure_schema(&conn).unwrap(), SchemaState::Present);
+        assert_at_schema_4(&conn);
+        assert_eq!(migrate(&conn).unwrap(), Migration::default());
+    }
+
+    #[test]
+    fn a_database_of_schema_2_gets_requests_indexed_by_time_on_open() {
+        let conn = left_by_older_release(
+            "DROP INDEX Requests_at;
              CREATE INDEX Requests_source_target_at ON Requests(source, target, at);
              UPDATE Config SET Value = 2 WHERE Name = 'lime_rs_schema';",
-        )
-        .unwrap();
+        );
         assert_eq!(ensure_schema(&conn).unwrap(), SchemaState::Present);
-        assert_eq!(versions(&conn).unwrap(), (Some(1), Some(SCHEMA_VERSION)));
-        let indexes = index_names(&conn);
-        assert!(indexes.contains(&"Requests_target_source_at".to_owned()));
-        assert!(!indexes.contains(&"Requests_source_target_at".to_owned()));
-        assert!(has_table(&conn, "lime_rs_identity_requests"));
+        assert_at_schema_4(&conn);
+    }
+
+    #[test]
+    fn a_database_of_schema_3_counts_in_memory_from_version_4_on() {
+        // What the release before the counts in memory left.
+        let conn = left_by_older_release(
+            "DROP INDEX Requests_at;
+             CREATE INDEX Requests_target_source_at ON Requests(target, source, at);
+             CREATE TABLE lime_rs_identity_requests (identity BLOB NOT NULL PRIMARY KEY,
+                 window_start INTEGER NOT NULL, recorded INTEGER NOT NULL) WITHOUT ROWID;
+             UPDATE Config SET Value = 3 WHERE Name = 'lime_rs_schema';",
+        );
+        let migration = migrate(&conn).unwrap();
+        assert_eq!(migration.applied.len(), 2, "{migration:?}");
+        assert_at_schema_4(&conn);
     }
 
     #[test]
