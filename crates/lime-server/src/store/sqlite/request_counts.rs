@@ -16,7 +16,8 @@
 //!
 //! Memory: about 150 bytes per bundle recorded within the window, freed as the
 //! window slides past it; `max_recorded_requests_per_identity` bounds what one
-//! account adds (10,000 an hour by default: 1.5 MB).
+//! account adds (per fixed window, so at most twice that within the sliding
+//! one: 20,000 by default, about 3 MB).
 
 use crate::store::StoreError;
 use crate::store::rules::{Received, SourceIdentity};
