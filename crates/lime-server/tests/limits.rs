@@ -513,6 +513,57 @@ async fn rows_per_identity_are_counted_afresh_in_each_window() {
     app.stop().await;
 }
 
+/// Only bundles served in full count against the identity's cap: in one
+/// request, a device that is not registered, a repeat and a target past its own
+/// limit leave the identity's budget to its next requests (the database servers
+/// reserve every device of a request at first, and give back what was not
+/// granted).
+#[tokio::test]
+async fn what_a_request_was_not_granted_stays_in_the_identity_budget() {
+    let app = spawn_app_with(|settings| {
+        limited(OverLimit::WithoutOneTimePreKey)(settings);
+        settings.limits.bundle_request_window_secs = 600;
+        settings.limits.max_bundle_requests = 1;
+        settings.limits.max_recorded_requests_per_identity = 4;
+    })
+    .await;
+    let targets: Vec<String> = (0..5).map(|_| device_id("target")).collect();
+    for target in &targets {
+        done(
+            &register(&app, target, 5).await,
+            MessageType::RegisterUser,
+            target,
+        );
+    }
+    let mallory = user("mallory");
+    let source = device_of(&mallory, 1);
+    done(
+        &register(&app, &source, 0).await,
+        MessageType::RegisterUser,
+        &source,
+    );
+    let (first, unknown) = (targets[0].clone(), device_id("unknown"));
+    let request = [first.clone(), unknown, first.clone()];
+    assert_eq!(fetch_all(&app, &source, &request).await, [1, 2, 0]);
+    assert_eq!(
+        fetch_all(&app, &source, &[first]).await,
+        [0],
+        "past its limit"
+    );
+    assert_eq!(
+        fetch_all(&app, &source, &targets[1..4]).await,
+        [1, 1, 1],
+        "three more within the cap of four"
+    );
+    assert_eq!(
+        fetch_all(&app, &source, &targets[4..]).await,
+        [0],
+        "the cap"
+    );
+    assert_eq!(recorded_by(&app, &mallory).await, 4);
+    app.stop().await;
+}
+
 // --- Log lines ------------------------------------------------------------------------------
 
 /// `lime-server serve` as operators run it, at debug, its log written to a file.

@@ -19,13 +19,17 @@ pub(crate) trait ClaimQueries: Send {
     /// The backend's failure: a store answer or a database error.
     type Error: From<StoreError> + Send;
 
-    /// The requests recorded for `identity` in the current window of `window`,
-    /// its row locked until the transaction ends (so that the claims of one
-    /// identity take turns on every server), started afresh in a new window.
-    fn recorded_in_window(
+    /// Reserves `planned` requests in the count of `identity` for the current
+    /// window of `window` (started afresh in a new window), and answers the
+    /// count before them. Its row stays locked until the transaction ends, so
+    /// that the claims of one identity take turns on every server and each
+    /// counts what the others recorded. One statement: a claim whose devices
+    /// are all granted in full needs no other write of the count.
+    fn reserve_recorded(
         &mut self,
         identity: &SourceIdentity<'_>,
         window: Duration,
+        planned: u64,
     ) -> impl Future<Output = Result<u64, Self::Error>> + Send;
 
     /// Whether `device` is registered.
@@ -40,30 +44,18 @@ pub(crate) trait ClaimQueries: Send {
         devices: &[DeviceId],
     ) -> impl Future<Output = Result<HashMap<String, StoredDevice>, Self::Error>> + Send;
 
-    /// The bundles of `target` that `source` received within `window`.
-    fn received_by_device(
+    /// The bundles of `target` received within `window` by `source` and by the
+    /// devices of its user (`devices`, when its id is a GRUU), and whether the
+    /// request was recorded in `Requests`: it is when they are
+    /// [`Received::below`] `bounds`.
+    fn record_if_below(
         &mut self,
         target: &DeviceId,
         source: &DeviceId,
+        devices: Option<&UserDevices<'_>>,
         window: Duration,
-    ) -> impl Future<Output = Result<u64, Self::Error>> + Send;
-
-    /// The bundles of `target` that `source`, and all the devices of its user,
-    /// received within `window`.
-    fn received_by_identity(
-        &mut self,
-        target: &DeviceId,
-        source: &DeviceId,
-        devices: &UserDevices<'_>,
-        window: Duration,
-    ) -> impl Future<Output = Result<Received, Self::Error>> + Send;
-
-    /// Records one granted request in `Requests`.
-    fn record_bundle_request(
-        &mut self,
-        source: &DeviceId,
-        target: &DeviceId,
-    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+        bounds: Received,
+    ) -> impl Future<Output = Result<(Received, bool), Self::Error>> + Send;
 
     /// Takes one of device `uid`'s one-time pre-keys that no concurrent claim
     /// holds, if any is left.
@@ -78,7 +70,8 @@ pub(crate) trait ClaimQueries: Send {
         keys: &[ClaimedKey],
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
-    /// Stores the identity's count of recorded requests.
+    /// Stores the identity's count of recorded requests, when fewer were
+    /// granted in full than [`ClaimQueries::reserve_recorded`] reserved.
     fn update_recorded(
         &mut self,
         identity: &SourceIdentity<'_>,
@@ -112,23 +105,28 @@ pub(crate) async fn claim_key_bundles<Q: ClaimQueries>(
 ) -> Result<(Claimed, Claim), Q::Error> {
     let limit = limit.as_ref();
     let identity = SourceIdentity::of(source);
+    let all: Vec<DeviceId> = devices.iter().chain(forwarded).cloned().collect();
+    let repeats = rules::repeats(&all);
     // The identity's row first: it is locked until the end of the transaction,
     // so that the claims of one identity take turns on every server and each
     // counts what the others recorded (a locking statement: the transaction's
     // snapshot, where there is one, is taken later, after the lock was granted).
+    // Every first occurrence of a device is reserved as if granted in full, so
+    // that the usual claim writes the count only there; a rollback undoes it.
     let counts_recorded = limit.is_some() && tables.identities;
+    let planned = repeats.iter().filter(|repeat| repeat.is_none()).count() as u64;
     let mut recorded = match limit {
         Some(limit) if counts_recorded => {
-            queries.recorded_in_window(&identity, limit.window).await?
+            queries
+                .reserve_recorded(&identity, limit.window, planned)
+                .await?
         }
         _ => 0,
     };
-    let recorded_before = recorded;
+    let reserved = recorded + planned;
     if *check == SourceCheck::Registered && !queries.device_exists(source).await? {
         return Err(StoreError::DeviceNotFound.into());
     }
-    let all: Vec<DeviceId> = devices.iter().chain(forwarded).cloned().collect();
-    let repeats = rules::repeats(&all);
     let stored = queries.find_devices(devices).await?;
     let mut claimed = Vec::new();
     let mut grants = Vec::with_capacity(all.len());
@@ -144,28 +142,20 @@ pub(crate) async fn claim_key_bundles<Q: ClaimQueries>(
             (false, Some(first), _) => rules::repeat_grant(grants[first]),
             (false, None, None) => Grant::Full,
             (false, None, Some(limit)) => {
-                let received = match &identity.devices {
-                    None => {
-                        let by_device = queries
-                            .received_by_device(device_id, source, limit.window)
-                            .await?;
-                        Received {
-                            by_device,
-                            by_identity: by_device,
-                        }
-                    }
-                    Some(user) => {
-                        queries
-                            .received_by_identity(device_id, source, user, limit.window)
-                            .await?
-                    }
-                };
+                let bounds = rules::full_grant_bounds(recorded, limit);
+                let (received, stored) = queries
+                    .record_if_below(
+                        device_id,
+                        source,
+                        identity.devices.as_ref(),
+                        limit.window,
+                        bounds,
+                    )
+                    .await?;
                 let grant = rules::grant(source, device_id, received, recorded, limit);
-                if grant == Grant::Full {
-                    queries.record_bundle_request(source, device_id).await?;
-                    if counts_recorded {
-                        recorded += 1;
-                    }
+                debug_assert_eq!(stored, grant == Grant::Full, "recorded as granted");
+                if stored && counts_recorded {
+                    recorded += 1;
                 }
                 grant
             }
@@ -195,7 +185,7 @@ pub(crate) async fn claim_key_bundles<Q: ClaimQueries>(
         });
     }
     queries.delete_claimed_keys(&claimed).await?;
-    if recorded != recorded_before {
+    if counts_recorded && recorded != reserved {
         queries.update_recorded(&identity, recorded).await?;
     }
     let token = if tables.claims && !claimed.is_empty() {

@@ -222,6 +222,34 @@ impl Received {
             by_identity: by_identity as u64,
         }
     }
+
+    /// By a source whose id is not a GRUU: its own identity.
+    pub fn of_device(by_device: u64) -> Received {
+        Received {
+            by_device,
+            by_identity: by_device,
+        }
+    }
+
+    /// Whether both counts are below those of `bounds` (see
+    /// [`full_grant_bounds`]).
+    pub fn below(self, bounds: Received) -> bool {
+        self.by_device < bounds.by_device && self.by_identity < bounds.by_identity
+    }
+}
+
+/// The counts below which a first occurrence is granted in full, for an identity
+/// that recorded `recorded` requests in this window: none when it reached its
+/// cap. What a database checks when it counts and records in one statement; the
+/// same rule as [`limit_reached`].
+pub fn full_grant_bounds(recorded: u64, limit: &BundleRequestLimit) -> Received {
+    if recorded >= u64::from(limit.max_recorded_per_identity) {
+        return Received::of_device(0);
+    }
+    Received {
+        by_device: u64::from(limit.max),
+        by_identity: u64::from(limit.max_per_identity),
+    }
 }
 
 /// The limit a source reached, named by its configuration key for log lines.
@@ -422,6 +450,33 @@ mod tests {
         assert_eq!(grant_of(received(0, 0), 100, &refused), Grant::Refused);
         assert_eq!(repeat_grant(Grant::Full), Grant::WithoutOneTimePreKey);
         assert_eq!(repeat_grant(Grant::Refused), Grant::Refused);
+    }
+
+    #[test]
+    fn the_bounds_a_database_checks_grant_what_the_limits_grant() {
+        let limit = BundleRequestLimit {
+            max: 2,
+            max_per_identity: 3,
+            max_recorded_per_identity: 4,
+            window: std::time::Duration::from_secs(10),
+            over_limit: OverLimit::NoBundle,
+        };
+        for by_device in 0..5 {
+            for by_identity in by_device..6 {
+                for recorded in 0..6 {
+                    let received = Received {
+                        by_device,
+                        by_identity,
+                    };
+                    let bounds = full_grant_bounds(recorded, &limit);
+                    assert_eq!(
+                        received.below(bounds),
+                        limit_reached(received, recorded, &limit).is_none(),
+                        "{received:?} with {recorded} recorded"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

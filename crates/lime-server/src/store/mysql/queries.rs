@@ -318,32 +318,31 @@ impl ClaimQueries for MySqlConnection {
 
     /// Fixed windows, aligned on multiples of the window since the epoch, by the
     /// database's clock. Assignments run left to right in MySQL: `recorded` is
-    /// decided before `window_start` changes.
-    async fn recorded_in_window(
+    /// decided before `window_start` changes. The count before the reservation
+    /// comes back as the statement's `LAST_INSERT_ID(expr)`, which the server
+    /// answers with the statement (0 for a new row).
+    async fn reserve_recorded(
         &mut self,
         identity: &SourceIdentity<'_>,
         window: Duration,
+        planned: u64,
     ) -> Result<u64, Fault> {
         let key = identity.key();
-        sqlx::query(
+        let reserved = sqlx::query(
             "INSERT INTO lime_rs_identity_requests (identity, window_start, recorded) \
-             VALUES (?, UNIX_TIMESTAMP() DIV ? * ?, 0) \
+             VALUES (?, UNIX_TIMESTAMP() DIV ? * ?, LAST_INSERT_ID(0) + ?) \
              ON DUPLICATE KEY UPDATE \
-             recorded = IF(window_start = VALUES(window_start), recorded, 0), \
+             recorded = LAST_INSERT_ID(IF(window_start = VALUES(window_start), recorded, 0)) + ?, \
              window_start = VALUES(window_start)",
         )
         .bind(key.as_slice())
         .bind(window.as_secs())
         .bind(window.as_secs())
+        .bind(planned)
+        .bind(planned)
         .execute(&mut *self)
         .await?;
-        let recorded: u32 = sqlx::query_scalar(
-            "SELECT recorded FROM lime_rs_identity_requests WHERE identity = ? FOR UPDATE",
-        )
-        .bind(key.as_slice())
-        .fetch_one(&mut *self)
-        .await?;
-        Ok(u64::from(recorded))
+        Ok(reserved.last_insert_id())
     }
 
     async fn device_exists(&mut self, device: &DeviceId) -> Result<bool, Fault> {
@@ -365,59 +364,30 @@ impl ClaimQueries for MySqlConnection {
         find_devices(self, devices).await
     }
 
-    /// Served by the index on `Requests(target(100), source(100), at)`.
-    async fn received_by_device(
+    /// A count, then the insert: `INSERT ... SELECT` would count under shared
+    /// next-key locks at REPEATABLE READ, where claims of two identities for
+    /// one target could deadlock on the gap between their ranges.
+    async fn record_if_below(
         &mut self,
         target: &DeviceId,
         source: &DeviceId,
+        devices: Option<&UserDevices<'_>>,
         window: Duration,
-    ) -> Result<u64, Fault> {
-        let by_device: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM Requests \
-             WHERE target = ? AND source = ? AND at > NOW() - INTERVAL ? SECOND",
-        )
-        .bind(target.as_str())
-        .bind(source.as_str())
-        .bind(window.as_secs())
-        .fetch_one(&mut *self)
-        .await?;
-        Ok(by_device as u64)
-    }
-
-    /// One statement, through the same index (the user's devices are a range
-    /// of `source`).
-    async fn received_by_identity(
-        &mut self,
-        target: &DeviceId,
-        source: &DeviceId,
-        devices: &UserDevices<'_>,
-        window: Duration,
-    ) -> Result<Received, Fault> {
-        let row = sqlx::query(
-            "SELECT CAST(COALESCE(SUM(source = ?), 0) AS SIGNED), COUNT(*) FROM Requests \
-             WHERE target = ? AND source >= ? AND source < ? AND at > NOW() - INTERVAL ? SECOND",
-        )
-        .bind(source.as_str())
-        .bind(target.as_str())
-        .bind(devices.start)
-        .bind(&devices.end)
-        .bind(window.as_secs())
-        .fetch_one(&mut *self)
-        .await?;
-        Ok(Received::from_counts(row.try_get(0)?, row.try_get(1)?))
-    }
-
-    async fn record_bundle_request(
-        &mut self,
-        source: &DeviceId,
-        target: &DeviceId,
-    ) -> Result<(), Fault> {
-        sqlx::query("INSERT INTO Requests (source, target) VALUES (?, ?)")
-            .bind(source.as_str())
-            .bind(target.as_str())
-            .execute(&mut *self)
-            .await?;
-        Ok(())
+        bounds: Received,
+    ) -> Result<(Received, bool), Fault> {
+        let received = match devices {
+            None => Received::of_device(received_by_device(self, target, source, window).await?),
+            Some(user) => received_by_identity(self, target, source, user, window).await?,
+        };
+        let recorded = received.below(bounds);
+        if recorded {
+            sqlx::query("INSERT INTO Requests (source, target) VALUES (?, ?)")
+                .bind(source.as_str())
+                .bind(target.as_str())
+                .execute(&mut *self)
+                .await?;
+        }
+        Ok((received, recorded))
     }
 
     /// `SKIP LOCKED` passes over keys that another transaction (another
@@ -471,6 +441,50 @@ impl ClaimQueries for MySqlConnection {
             .await?;
         Ok(())
     }
+}
+
+/// The bundles of `target` that `source` received within `window`, served by
+/// the index on `Requests(target(100), source(100), at)`.
+async fn received_by_device(
+    conn: &mut MySqlConnection,
+    target: &DeviceId,
+    source: &DeviceId,
+    window: Duration,
+) -> Result<u64, Fault> {
+    let by_device: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM Requests \
+         WHERE target = ? AND source = ? AND at > NOW() - INTERVAL ? SECOND",
+    )
+    .bind(target.as_str())
+    .bind(source.as_str())
+    .bind(window.as_secs())
+    .fetch_one(conn)
+    .await?;
+    Ok(by_device as u64)
+}
+
+/// The bundles of `target` that `source`, and all the devices of its user,
+/// received within `window`: one statement, through the same index (the user's
+/// devices are a range of `source`).
+async fn received_by_identity(
+    conn: &mut MySqlConnection,
+    target: &DeviceId,
+    source: &DeviceId,
+    devices: &UserDevices<'_>,
+    window: Duration,
+) -> Result<Received, Fault> {
+    let row = sqlx::query(
+        "SELECT CAST(COALESCE(SUM(source = ?), 0) AS SIGNED), COUNT(*) FROM Requests \
+         WHERE target = ? AND source >= ? AND source < ? AND at > NOW() - INTERVAL ? SECOND",
+    )
+    .bind(source.as_str())
+    .bind(target.as_str())
+    .bind(devices.start)
+    .bind(&devices.end)
+    .bind(window.as_secs())
+    .fetch_one(conn)
+    .await?;
+    Ok(Received::from_counts(row.try_get(0)?, row.try_get(1)?))
 }
 
 /// Deletes at most [`PURGE_CHUNK`] `Requests` rows older than `retention`.

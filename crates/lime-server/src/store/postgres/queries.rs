@@ -71,30 +71,61 @@ const COUNT_USER_DEVICES: &str = r#"SELECT COUNT(*) FROM "Users" WHERE starts_wi
 /// The bundles of target $1 that source $2 received within the window ($3
 /// seconds), served by the index on `(md5(target), md5(identity), at)` where
 /// the identity is what comes before `;gr=` (the whole id when there is none).
-const COUNT_BUNDLE_REQUESTS: &str = r#"SELECT COUNT(*) FROM "Requests"
+macro_rules! count_bundle_requests {
+    () => {
+        r#"SELECT COUNT(*) FROM "Requests"
     WHERE md5("target") = md5($1) AND md5(split_part("source", ';gr=', 1)) = md5(split_part($2, ';gr=', 1))
-    AND "target" = $1 AND "source" = $2 AND "at" > now() - make_interval(secs => $3)"#;
+    AND "target" = $1 AND "source" = $2 AND "at" > now() - make_interval(secs => $3)"#
+    };
+}
 
 /// The bundles of target $1 received within the window ($5 seconds) by source
 /// $2 and by all the devices of its identity $3 (the device ids that start with
 /// $4, `identity;gr=`), through the same index.
-const COUNT_IDENTITY_BUNDLE_REQUESTS: &str = r#"SELECT
+macro_rules! count_identity_bundle_requests {
+    () => {
+        r#"SELECT
         COUNT(*) FILTER (WHERE "source" = $2), COUNT(*) FROM "Requests"
     WHERE md5("target") = md5($1) AND md5(split_part("source", ';gr=', 1)) = md5($3)
-    AND "target" = $1 AND starts_with("source", $4) AND "at" > now() - make_interval(secs => $5)"#;
+    AND "target" = $1 AND starts_with("source", $4) AND "at" > now() - make_interval(secs => $5)"#
+    };
+}
+
+/// The count of `count_bundle_requests`, and the request recorded when the count is below
+/// $4 and $5 (the bounds by device and by identity, which are the same counts
+/// here), in one statement.
+const RECORD_IF_BELOW: &str = concat!(
+    r#"WITH "received" ("by_device") AS ("#,
+    count_bundle_requests!(),
+    r#"), "recorded" AS (
+        INSERT INTO "Requests" ("source", "target") SELECT $2, $1 FROM "received"
+        WHERE "by_device" < $4 AND "by_device" < $5 RETURNING 1)
+    SELECT "by_device", EXISTS (SELECT 1 FROM "recorded") FROM "received""#
+);
+
+/// The counts of `count_identity_bundle_requests`, and the request recorded when the counts
+/// are below $6 (by device) and $7 (by identity), in one statement.
+const RECORD_IF_BELOW_FOR_IDENTITY: &str = concat!(
+    r#"WITH "received" ("by_device", "by_identity") AS ("#,
+    count_identity_bundle_requests!(),
+    r#"), "recorded" AS (
+        INSERT INTO "Requests" ("source", "target") SELECT $2, $1 FROM "received"
+        WHERE "by_device" < $6 AND "by_identity" < $7 RETURNING 1)
+    SELECT "by_device", "by_identity", EXISTS (SELECT 1 FROM "recorded") FROM "received""#
+);
 
 /// The identity's row, started afresh in a new window (fixed windows, aligned on
 /// multiples of the window since the epoch, by the database's clock), locked
 /// until the transaction ends: the claims of one identity take turns on every
-/// server. Answers the requests recorded in the current window.
-const RECORDED_IN_WINDOW: &str = r#"INSERT INTO "lime_rs_identity_requests" AS row
+/// server. Adds the $3 requests planned, and answers the count before them.
+const RESERVE_RECORDED: &str = r#"INSERT INTO "lime_rs_identity_requests" AS row
         ("identity", "window_start", "recorded")
-    VALUES ($1, floor(extract(epoch FROM now()) / $2)::bigint * $2, 0)
+    VALUES ($1, floor(extract(epoch FROM now()) / $2)::bigint * $2, $3)
     ON CONFLICT ("identity") DO UPDATE SET
         "recorded" = CASE WHEN row."window_start" = EXCLUDED."window_start"
-            THEN row."recorded" ELSE 0 END,
+            THEN row."recorded" ELSE 0 END + $3,
         "window_start" = EXCLUDED."window_start"
-    RETURNING "recorded""#;
+    RETURNING "recorded" - $3"#;
 
 /// The row of a registering device's identity, inserted when missing (window 0,
 /// which every claim takes for an old one) and locked until the transaction
@@ -110,9 +141,6 @@ const UPDATE_RECORDED: &str =
 
 const FIND_UID: &str =
     r#"SELECT "Uid" FROM "Users" WHERE md5("UserId") = md5($1) AND "UserId" = $1"#;
-
-const INSERT_BUNDLE_REQUEST: &str =
-    r#"INSERT INTO "Requests" ("source", "target") VALUES ($1, $2)"#;
 
 const PURGE_REQUESTS: &str = r#"DELETE FROM "Requests" WHERE ctid IN (
     SELECT ctid FROM "Requests" WHERE "at" < now() - make_interval(secs => $1) LIMIT $2)"#;
@@ -351,14 +379,16 @@ pub(super) async fn claim_key_bundles(
 impl ClaimQueries for PgConnection {
     type Error = Failure;
 
-    async fn recorded_in_window(
+    async fn reserve_recorded(
         &mut self,
         identity: &SourceIdentity<'_>,
         window: Duration,
+        planned: u64,
     ) -> Result<u64, Failure> {
-        let recorded: i64 = sqlx::query_scalar(RECORDED_IN_WINDOW)
+        let recorded: i64 = sqlx::query_scalar(RESERVE_RECORDED)
             .bind(identity.key().as_slice())
             .bind(window.as_secs() as i64)
+            .bind(planned as i64)
             .fetch_one(&mut *self)
             .await?;
         Ok(recorded as u64)
@@ -388,50 +418,46 @@ impl ClaimQueries for PgConnection {
         Ok(found)
     }
 
-    async fn received_by_device(
+    /// The count and the insert in one statement.
+    async fn record_if_below(
         &mut self,
         target: &DeviceId,
         source: &DeviceId,
+        devices: Option<&UserDevices<'_>>,
         window: Duration,
-    ) -> Result<u64, Failure> {
-        let by_device: i64 = sqlx::query_scalar(COUNT_BUNDLE_REQUESTS)
-            .bind(target.as_str())
-            .bind(source.as_str())
-            .bind(window.as_secs_f64())
-            .fetch_one(&mut *self)
-            .await?;
-        Ok(by_device as u64)
-    }
-
-    async fn received_by_identity(
-        &mut self,
-        target: &DeviceId,
-        source: &DeviceId,
-        devices: &UserDevices<'_>,
-        window: Duration,
-    ) -> Result<Received, Failure> {
-        let row = sqlx::query(COUNT_IDENTITY_BUNDLE_REQUESTS)
-            .bind(target.as_str())
-            .bind(source.as_str())
-            .bind(devices.user)
-            .bind(devices.start)
-            .bind(window.as_secs_f64())
-            .fetch_one(&mut *self)
-            .await?;
-        Ok(Received::from_counts(row.try_get(0)?, row.try_get(1)?))
-    }
-
-    async fn record_bundle_request(
-        &mut self,
-        source: &DeviceId,
-        target: &DeviceId,
-    ) -> Result<(), Failure> {
-        sqlx::query(INSERT_BUNDLE_REQUEST)
-            .bind(source.as_str())
-            .bind(target.as_str())
-            .execute(&mut *self)
-            .await?;
-        Ok(())
+        bounds: Received,
+    ) -> Result<(Received, bool), Failure> {
+        let (by_device, by_identity) = (bounds.by_device as i64, bounds.by_identity as i64);
+        Ok(match devices {
+            None => {
+                let (received, recorded): (i64, bool) = sqlx::query_as(RECORD_IF_BELOW)
+                    .bind(target.as_str())
+                    .bind(source.as_str())
+                    .bind(window.as_secs_f64())
+                    .bind(by_device)
+                    .bind(by_identity)
+                    .fetch_one(&mut *self)
+                    .await?;
+                (Received::of_device(received as u64), recorded)
+            }
+            Some(user) => {
+                let (received_by_device, received_by_identity, recorded): (i64, i64, bool) =
+                    sqlx::query_as(RECORD_IF_BELOW_FOR_IDENTITY)
+                        .bind(target.as_str())
+                        .bind(source.as_str())
+                        .bind(user.user)
+                        .bind(user.start)
+                        .bind(window.as_secs_f64())
+                        .bind(by_device)
+                        .bind(by_identity)
+                        .fetch_one(&mut *self)
+                        .await?;
+                (
+                    Received::from_counts(received_by_device, received_by_identity),
+                    recorded,
+                )
+            }
+        })
     }
 
     async fn claim_one_time_pre_key(&mut self, uid: i64) -> Result<Option<ClaimedKey>, Failure> {
