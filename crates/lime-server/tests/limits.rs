@@ -283,6 +283,19 @@ async fn a_device_named_twice_counts_once_and_repeats_follow_its_fate() {
     app.stop().await;
 }
 
+/// `count` target devices registered, with 5 one-time pre-keys each.
+async fn registered_targets(app: &TestApp, count: usize) -> Vec<String> {
+    let targets: Vec<String> = (0..count).map(|_| device_id("target")).collect();
+    for target in &targets {
+        done(
+            &register(app, target, 5).await,
+            MessageType::RegisterUser,
+            target,
+        );
+    }
+    targets
+}
+
 /// The flags of `targets`' bundles as `source` gets them in one request.
 async fn fetch_all(app: &TestApp, source: &str, targets: &[String]) -> Vec<u8> {
     let request = Request::GetPeerBundle(targets.iter().map(|t| common::id(t)).collect());
@@ -449,14 +462,7 @@ async fn rows_per_source_are_bounded() {
         settings.limits.max_recorded_requests_per_identity = CAP;
     })
     .await;
-    let targets: Vec<String> = (0..6).map(|_| device_id("target")).collect();
-    for target in &targets {
-        done(
-            &register(&app, target, 5).await,
-            MessageType::RegisterUser,
-            target,
-        );
-    }
+    let targets = registered_targets(&app, 6).await;
     let mallory = user("mallory");
     let (first, second) = (device_of(&mallory, 1), device_of(&mallory, 2));
     let alice = device_of(&user("alice"), 1);
@@ -493,14 +499,7 @@ async fn rows_per_identity_are_counted_afresh_in_each_window() {
         settings.limits.max_recorded_requests_per_identity = 2;
     })
     .await;
-    let targets: Vec<String> = (0..3).map(|_| device_id("target")).collect();
-    for target in &targets {
-        done(
-            &register(&app, target, 5).await,
-            MessageType::RegisterUser,
-            target,
-        );
-    }
+    let targets = registered_targets(&app, 3).await;
     let source = device_of(&user("mallory"), 1);
     done(
         &register(&app, &source, 0).await,
@@ -527,14 +526,7 @@ async fn what_a_request_was_not_granted_stays_in_the_identity_budget() {
         settings.limits.max_recorded_requests_per_identity = 4;
     })
     .await;
-    let targets: Vec<String> = (0..5).map(|_| device_id("target")).collect();
-    for target in &targets {
-        done(
-            &register(&app, target, 5).await,
-            MessageType::RegisterUser,
-            target,
-        );
-    }
+    let targets = registered_targets(&app, 5).await;
     let mallory = user("mallory");
     let source = device_of(&mallory, 1);
     done(
