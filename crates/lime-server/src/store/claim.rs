@@ -38,6 +38,18 @@ pub(crate) trait ClaimQueries: Send {
         device: &DeviceId,
     ) -> impl Future<Output = Result<bool, Self::Error>> + Send;
 
+    /// A claim's first statements: `reservation` made (see
+    /// [`ClaimQueries::reserve_recorded`]; 0 without one), and whether `source`
+    /// is registered (true when it need not be). Here one statement each; a
+    /// backend that can answer both in one statement does.
+    fn start_claim(
+        &mut self,
+        reservation: Option<Reservation<'_>>,
+        source: Option<&DeviceId>,
+    ) -> impl Future<Output = Result<(u64, bool), Self::Error>> + Send {
+        start_claim_apart(self, reservation, source)
+    }
+
     /// The stored devices among `devices`, by device id, read without locking.
     fn find_devices(
         &mut self,
@@ -45,9 +57,11 @@ pub(crate) trait ClaimQueries: Send {
     ) -> impl Future<Output = Result<HashMap<String, StoredDevice>, Self::Error>> + Send;
 
     /// The bundles of `target` received within `window` by `source` and by the
-    /// devices of its user (`devices`, when its id is a GRUU), and whether the
-    /// request was recorded in `Requests`: it is when they are
-    /// [`Received::below`] `bounds`.
+    /// devices of its user (`devices`, when its id is a GRUU); the request
+    /// recorded in `Requests` when they are [`Received::below`] `bounds`, and
+    /// then, for a device held here (`claim_from`, its uid), one of its
+    /// one-time pre-keys taken as [`ClaimQueries::claim_one_time_pre_key`]
+    /// takes it.
     fn record_if_below(
         &mut self,
         target: &DeviceId,
@@ -55,7 +69,8 @@ pub(crate) trait ClaimQueries: Send {
         devices: Option<&UserDevices<'_>>,
         window: Duration,
         bounds: Received,
-    ) -> impl Future<Output = Result<(Received, bool), Self::Error>> + Send;
+        claim_from: Option<i64>,
+    ) -> impl Future<Output = Result<Recorded, Self::Error>> + Send;
 
     /// Takes one of device `uid`'s one-time pre-keys that no concurrent claim
     /// holds, if any is left.
@@ -83,6 +98,48 @@ pub(crate) trait ClaimQueries: Send {
         &mut self,
         token: &ClaimToken,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// [`ClaimQueries::start_claim`], one statement each.
+pub(crate) async fn start_claim_apart<Q: ClaimQueries + ?Sized>(
+    queries: &mut Q,
+    reservation: Option<Reservation<'_>>,
+    source: Option<&DeviceId>,
+) -> Result<(u64, bool), Q::Error> {
+    let recorded = match reservation {
+        Some(Reservation {
+            identity,
+            window,
+            planned,
+        }) => queries.reserve_recorded(identity, window, planned).await?,
+        None => 0,
+    };
+    let registered = match source {
+        Some(source) => queries.device_exists(source).await?,
+        None => true,
+    };
+    Ok((recorded, registered))
+}
+
+/// What a claim reserves in its identity's count of recorded requests.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Reservation<'a> {
+    pub identity: &'a SourceIdentity<'a>,
+    /// The limit's window.
+    pub window: Duration,
+    /// The devices that may be granted in full: the first occurrence of each.
+    pub planned: u64,
+}
+
+/// What [`ClaimQueries::record_if_below`] found and did.
+#[derive(Debug)]
+pub(crate) struct Recorded {
+    /// The target's bundles received by the source and its identity.
+    pub received: Received,
+    /// Whether the request was recorded (granted in full).
+    pub recorded: bool,
+    /// The one-time pre-key taken, if any.
+    pub key: Option<ClaimedKey>,
 }
 
 /// The tables of our own that a database has (MariaDB's may predate them).
@@ -115,18 +172,20 @@ pub(crate) async fn claim_key_bundles<Q: ClaimQueries>(
     // that the usual claim writes the count only there; a rollback undoes it.
     let counts_recorded = limit.is_some() && tables.identities;
     let planned = repeats.iter().filter(|repeat| repeat.is_none()).count() as u64;
-    let mut recorded = match limit {
-        Some(limit) if counts_recorded => {
-            queries
-                .reserve_recorded(&identity, limit.window, planned)
-                .await?
-        }
-        _ => 0,
+    let reservation = match limit {
+        Some(limit) if counts_recorded => Some(Reservation {
+            identity: &identity,
+            window: limit.window,
+            planned,
+        }),
+        _ => None,
     };
-    let reserved = recorded + planned;
-    if *check == SourceCheck::Registered && !queries.device_exists(source).await? {
+    let must_be_registered = (*check == SourceCheck::Registered).then_some(source);
+    let (mut recorded, registered) = queries.start_claim(reservation, must_be_registered).await?;
+    if !registered {
         return Err(StoreError::DeviceNotFound.into());
     }
+    let reserved = recorded + planned;
     let stored = queries.find_devices(devices).await?;
     let mut claimed = Vec::new();
     let mut grants = Vec::with_capacity(all.len());
@@ -137,27 +196,34 @@ pub(crate) async fn claim_key_bundles<Q: ClaimQueries>(
         let device = stored
             .get(device_id.as_str())
             .filter(|device| held && device.signed_pre_key.is_some());
-        let grant = match (held && device.is_none(), repeat, limit) {
-            (true, _, _) => Grant::Refused,
-            (false, Some(first), _) => rules::repeat_grant(grants[first]),
-            (false, None, None) => Grant::Full,
+        let (grant, key) = match (held && device.is_none(), repeat, limit) {
+            (true, _, _) => (Grant::Refused, None),
+            (false, Some(first), _) => (rules::repeat_grant(grants[first]), None),
+            (false, None, None) => match device {
+                Some(device) => (
+                    Grant::Full,
+                    queries.claim_one_time_pre_key(device.uid).await?,
+                ),
+                None => (Grant::Full, None),
+            },
             (false, None, Some(limit)) => {
                 let bounds = rules::full_grant_bounds(recorded, limit);
-                let (received, stored) = queries
+                let done = queries
                     .record_if_below(
                         device_id,
                         source,
                         identity.devices.as_ref(),
                         limit.window,
                         bounds,
+                        device.map(|device| device.uid),
                     )
                     .await?;
-                let grant = rules::grant(source, device_id, received, recorded, limit);
-                debug_assert_eq!(stored, grant == Grant::Full, "recorded as granted");
-                if stored && counts_recorded {
+                let grant = rules::grant(source, device_id, done.received, recorded, limit);
+                debug_assert_eq!(done.recorded, grant == Grant::Full, "recorded as granted");
+                if done.recorded && counts_recorded {
                     recorded += 1;
                 }
-                grant
+                (grant, done.key)
             }
         };
         grants.push(grant);
@@ -165,16 +231,10 @@ pub(crate) async fn claim_key_bundles<Q: ClaimQueries>(
             answer.forward.push(grant == Grant::Full);
             continue;
         }
+        let one_time_pre_key = key.as_ref().map(|key| (key.public.clone(), key.key_id));
+        claimed.extend(key);
         let bundle = match device {
             Some(device) if grant.is_served() => {
-                let one_time_pre_key = if grant == Grant::Full {
-                    let key = queries.claim_one_time_pre_key(device.uid).await?;
-                    let public = key.as_ref().map(|key| (key.public.clone(), key.key_id));
-                    claimed.extend(key);
-                    public
-                } else {
-                    None
-                };
                 rules::key_bundle(curve, device.clone(), one_time_pre_key)?
             }
             _ => None,

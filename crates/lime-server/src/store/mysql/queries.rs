@@ -12,7 +12,7 @@
 //! serve every request size.
 
 use super::Fault;
-use crate::store::claim::{self, ClaimQueries, ClaimTables};
+use crate::store::claim::{self, ClaimQueries, ClaimTables, Recorded};
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled};
 use crate::store::rules::{self, Received, SourceIdentity, StoredDevice, UserDevices};
 use crate::store::stats::{self, StoreStats};
@@ -374,20 +374,29 @@ impl ClaimQueries for MySqlConnection {
         devices: Option<&UserDevices<'_>>,
         window: Duration,
         bounds: Received,
-    ) -> Result<(Received, bool), Fault> {
+        claim_from: Option<i64>,
+    ) -> Result<Recorded, Fault> {
         let received = match devices {
             None => Received::of_device(received_by_device(self, target, source, window).await?),
             Some(user) => received_by_identity(self, target, source, user, window).await?,
         };
         let recorded = received.below(bounds);
+        let mut key = None;
         if recorded {
             sqlx::query("INSERT INTO Requests (source, target) VALUES (?, ?)")
                 .bind(source.as_str())
                 .bind(target.as_str())
                 .execute(&mut *self)
                 .await?;
+            if let Some(uid) = claim_from {
+                key = self.claim_one_time_pre_key(uid).await?;
+            }
         }
-        Ok((received, recorded))
+        Ok(Recorded {
+            received,
+            recorded,
+            key,
+        })
     }
 
     /// `SKIP LOCKED` passes over keys that another transaction (another

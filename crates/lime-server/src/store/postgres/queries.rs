@@ -8,7 +8,7 @@
 //! never answer for another device.
 
 use super::transaction::Failure;
-use crate::store::claim::{self, ClaimQueries, ClaimTables};
+use crate::store::claim::{self, ClaimQueries, ClaimTables, Recorded, Reservation};
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled, TOKEN_LIFETIME};
 use crate::store::rules::{self, Received, SourceIdentity, StoredDevice, UserDevices};
 use crate::store::stats::{self, StoreStats};
@@ -58,12 +58,23 @@ const INSERT_ONE_TIME_PRE_KEYS: &str = r#"WITH inserted AS (
 const STORED_ONE_TIME_PRE_KEYS: &str =
     r#"SELECT "OPk_id", "OPk" FROM "OPk" WHERE "Uid" = $1 AND "OPk_id" = ANY($2)"#;
 
-/// The one-time key claim: takes one of the device's keys that no concurrent
-/// transaction holds, and deletes it, in one statement. `SKIP LOCKED` lets
-/// concurrent claims for one device take different keys instead of queueing.
-const CLAIM_ONE_TIME_PRE_KEY: &str = r#"DELETE FROM "OPk" WHERE "id" = (
-        SELECT "id" FROM "OPk" WHERE "Uid" = $1 LIMIT 1 FOR UPDATE SKIP LOCKED)
-    RETURNING "id", "Uid", "OPk", "OPk_id""#;
+/// The one-time key claim: takes one of the device's keys (device `$uid`) that
+/// no concurrent transaction holds, and deletes it, in one statement, when the
+/// condition `$and` holds. `SKIP LOCKED` lets concurrent claims for one device
+/// take different keys instead of queueing.
+macro_rules! claim_one_time_pre_key {
+    ($uid:literal, $and:literal) => {
+        concat!(
+            r#"DELETE FROM "OPk" WHERE "id" = (
+        SELECT "id" FROM "OPk" WHERE "Uid" = "#,
+            $uid,
+            $and,
+            r#" LIMIT 1 FOR UPDATE SKIP LOCKED)
+    RETURNING "id", "Uid", "OPk", "OPk_id""#
+        )
+    };
+}
+const CLAIM_ONE_TIME_PRE_KEY: &str = claim_one_time_pre_key!("$1", "");
 
 /// Beside a claim that took keys, in its transaction (see `store::in_doubt`).
 const COUNT_USER_DEVICES: &str = r#"SELECT COUNT(*) FROM "Users" WHERE starts_with("UserId", $1)"#;
@@ -91,41 +102,67 @@ macro_rules! count_identity_bundle_requests {
     };
 }
 
-/// The count of `count_bundle_requests`, and the request recorded when the count is below
+/// The count of `count_bundle_requests`; the request recorded when it is below
 /// $4 and $5 (the bounds by device and by identity, which are the same counts
-/// here), in one statement.
+/// here), and then one of device $6's one-time pre-keys taken (none when $6 is
+/// NULL): one statement.
 const RECORD_IF_BELOW: &str = concat!(
     r#"WITH "received" ("by_device") AS ("#,
     count_bundle_requests!(),
     r#"), "recorded" AS (
         INSERT INTO "Requests" ("source", "target") SELECT $2, $1 FROM "received"
-        WHERE "by_device" < $4 AND "by_device" < $5 RETURNING 1)
-    SELECT "by_device", EXISTS (SELECT 1 FROM "recorded") FROM "received""#
+        WHERE "by_device" < $4 AND "by_device" < $5 RETURNING 1), "claimed" AS ("#,
+    claim_one_time_pre_key!("$6", r#" AND EXISTS (SELECT 1 FROM "recorded")"#),
+    r#")
+    SELECT "by_device", "by_device", EXISTS (SELECT 1 FROM "recorded"),
+        "id", "Uid", "OPk", "OPk_id" FROM "received" LEFT JOIN "claimed" ON true"#
 );
 
-/// The counts of `count_identity_bundle_requests`, and the request recorded when the counts
-/// are below $6 (by device) and $7 (by identity), in one statement.
+/// The counts of `count_identity_bundle_requests`; the request recorded when
+/// they are below $6 (by device) and $7 (by identity), and then one of device
+/// $8's one-time pre-keys taken (none when $8 is NULL): one statement.
 const RECORD_IF_BELOW_FOR_IDENTITY: &str = concat!(
     r#"WITH "received" ("by_device", "by_identity") AS ("#,
     count_identity_bundle_requests!(),
     r#"), "recorded" AS (
         INSERT INTO "Requests" ("source", "target") SELECT $2, $1 FROM "received"
-        WHERE "by_device" < $6 AND "by_identity" < $7 RETURNING 1)
-    SELECT "by_device", "by_identity", EXISTS (SELECT 1 FROM "recorded") FROM "received""#
+        WHERE "by_device" < $6 AND "by_identity" < $7 RETURNING 1), "claimed" AS ("#,
+    claim_one_time_pre_key!("$8", r#" AND EXISTS (SELECT 1 FROM "recorded")"#),
+    r#")
+    SELECT "by_device", "by_identity", EXISTS (SELECT 1 FROM "recorded"),
+        "id", "Uid", "OPk", "OPk_id" FROM "received" LEFT JOIN "claimed" ON true"#
 );
 
 /// The identity's row, started afresh in a new window (fixed windows, aligned on
 /// multiples of the window since the epoch, by the database's clock), locked
 /// until the transaction ends: the claims of one identity take turns on every
 /// server. Adds the $3 requests planned, and answers the count before them.
-const RESERVE_RECORDED: &str = r#"INSERT INTO "lime_rs_identity_requests" AS row
+macro_rules! reserve_recorded {
+    () => {
+        r#"INSERT INTO "lime_rs_identity_requests" AS row
         ("identity", "window_start", "recorded")
     VALUES ($1, floor(extract(epoch FROM now()) / $2)::bigint * $2, $3)
     ON CONFLICT ("identity") DO UPDATE SET
         "recorded" = CASE WHEN row."window_start" = EXCLUDED."window_start"
             THEN row."recorded" ELSE 0 END + $3,
         "window_start" = EXCLUDED."window_start"
-    RETURNING "recorded" - $3"#;
+    RETURNING "recorded" - $3"#
+    };
+}
+const RESERVE_RECORDED: &str = reserve_recorded!();
+
+/// `reserve_recorded`, and whether source $4 is registered, in one statement.
+/// The source is looked up in the statement's snapshot, taken before the
+/// identity's row was locked: a registration of that very device committed
+/// while the claim waited for the row is not seen (a client fetches bundles
+/// once its registration was answered).
+const START_CLAIM: &str = concat!(
+    r#"WITH "reserved" ("before") AS ("#,
+    reserve_recorded!(),
+    r#")
+    SELECT (SELECT "before" FROM "reserved"),
+        EXISTS (SELECT 1 FROM "Users" WHERE md5("UserId") = md5($4) AND "UserId" = $4)"#
+);
 
 /// The row of a registering device's identity, inserted when missing (window 0,
 /// which every claim takes for an old one) and locked until the transaction
@@ -418,7 +455,26 @@ impl ClaimQueries for PgConnection {
         Ok(found)
     }
 
-    /// The count and the insert in one statement.
+    /// The reservation and the look-up in one statement when both are asked.
+    async fn start_claim(
+        &mut self,
+        reservation: Option<Reservation<'_>>,
+        source: Option<&DeviceId>,
+    ) -> Result<(u64, bool), Failure> {
+        let (Some(reservation), Some(source)) = (reservation, source) else {
+            return claim::start_claim_apart(self, reservation, source).await;
+        };
+        let (recorded, registered): (i64, bool) = sqlx::query_as(START_CLAIM)
+            .bind(reservation.identity.key().as_slice())
+            .bind(reservation.window.as_secs() as i64)
+            .bind(reservation.planned as i64)
+            .bind(source.as_str())
+            .fetch_one(&mut *self)
+            .await?;
+        Ok((recorded as u64, registered))
+    }
+
+    /// The count, the insert and the key in one statement.
     async fn record_if_below(
         &mut self,
         target: &DeviceId,
@@ -426,37 +482,40 @@ impl ClaimQueries for PgConnection {
         devices: Option<&UserDevices<'_>>,
         window: Duration,
         bounds: Received,
-    ) -> Result<(Received, bool), Failure> {
+        claim_from: Option<i64>,
+    ) -> Result<Recorded, Failure> {
         let (by_device, by_identity) = (bounds.by_device as i64, bounds.by_identity as i64);
-        Ok(match devices {
-            None => {
-                let (received, recorded): (i64, bool) = sqlx::query_as(RECORD_IF_BELOW)
-                    .bind(target.as_str())
-                    .bind(source.as_str())
-                    .bind(window.as_secs_f64())
-                    .bind(by_device)
-                    .bind(by_identity)
-                    .fetch_one(&mut *self)
-                    .await?;
-                (Received::of_device(received as u64), recorded)
-            }
-            Some(user) => {
-                let (received_by_device, received_by_identity, recorded): (i64, i64, bool) =
-                    sqlx::query_as(RECORD_IF_BELOW_FOR_IDENTITY)
-                        .bind(target.as_str())
-                        .bind(source.as_str())
-                        .bind(user.user)
-                        .bind(user.start)
-                        .bind(window.as_secs_f64())
-                        .bind(by_device)
-                        .bind(by_identity)
-                        .fetch_one(&mut *self)
-                        .await?;
-                (
-                    Received::from_counts(received_by_device, received_by_identity),
-                    recorded,
-                )
-            }
+        let query = match devices {
+            None => sqlx::query(RECORD_IF_BELOW)
+                .bind(target.as_str())
+                .bind(source.as_str())
+                .bind(window.as_secs_f64()),
+            Some(user) => sqlx::query(RECORD_IF_BELOW_FOR_IDENTITY)
+                .bind(target.as_str())
+                .bind(source.as_str())
+                .bind(user.user)
+                .bind(user.start)
+                .bind(window.as_secs_f64()),
+        };
+        let row = query
+            .bind(by_device)
+            .bind(by_identity)
+            .bind(claim_from)
+            .fetch_one(&mut *self)
+            .await?;
+        let key = match row.try_get::<Option<i64>, _>(3)? {
+            Some(id) => Some(ClaimedKey {
+                id,
+                uid: row.try_get(4)?,
+                public: row.try_get(5)?,
+                key_id: key_id(row.try_get(6)?, "OPk_id")?,
+            }),
+            None => None,
+        };
+        Ok(Recorded {
+            received: Received::from_counts(row.try_get(0)?, row.try_get(1)?),
+            recorded: row.try_get(2)?,
+            key,
         })
     }
 
