@@ -102,35 +102,49 @@ macro_rules! count_identity_bundle_requests {
     };
 }
 
-/// The count of `count_bundle_requests`; the request recorded when it is below
-/// $4 and $5 (the bounds by device and by identity, which are the same counts
-/// here), and then one of device $6's one-time pre-keys taken (none when $6 is
-/// NULL): one statement.
-const RECORD_IF_BELOW: &str = concat!(
-    r#"WITH "received" ("by_device") AS ("#,
-    count_bundle_requests!(),
-    r#"), "recorded" AS (
+/// A target's bundles counted by `$count` into the columns `$columns` of
+/// "received"; the request recorded when `$below` holds, and then one of device
+/// `$uid`'s one-time pre-keys taken (none when it is NULL): one statement,
+/// answering the counts `$answer`, whether it recorded, and the key.
+macro_rules! record_if_below {
+    ($columns:literal, $count:ident, $below:literal, $uid:literal, $answer:literal) => {
+        concat!(
+            r#"WITH "received" "#,
+            $columns,
+            " AS (",
+            $count!(),
+            r#"), "recorded" AS (
         INSERT INTO "Requests" ("source", "target") SELECT $2, $1 FROM "received"
-        WHERE "by_device" < $4 AND "by_device" < $5 RETURNING 1), "claimed" AS ("#,
-    claim_one_time_pre_key!("$6", r#" AND EXISTS (SELECT 1 FROM "recorded")"#),
-    r#")
-    SELECT "by_device", "by_device", EXISTS (SELECT 1 FROM "recorded"),
+        WHERE "#,
+            $below,
+            r#" RETURNING 1), "claimed" AS ("#,
+            claim_one_time_pre_key!($uid, r#" AND EXISTS (SELECT 1 FROM "recorded")"#),
+            r#")
+    SELECT "#,
+            $answer,
+            r#", EXISTS (SELECT 1 FROM "recorded"),
         "id", "Uid", "OPk", "OPk_id" FROM "received" LEFT JOIN "claimed" ON true"#
+        )
+    };
+}
+
+/// For a source whose id is not a GRUU: below $4 and $5 (the bounds by device
+/// and by identity, which are the same count here), a key of device $6.
+const RECORD_IF_BELOW: &str = record_if_below!(
+    r#"("by_device")"#,
+    count_bundle_requests,
+    r#""by_device" < $4 AND "by_device" < $5"#,
+    "$6",
+    r#""by_device", "by_device""#
 );
 
-/// The counts of `count_identity_bundle_requests`; the request recorded when
-/// they are below $6 (by device) and $7 (by identity), and then one of device
-/// $8's one-time pre-keys taken (none when $8 is NULL): one statement.
-const RECORD_IF_BELOW_FOR_IDENTITY: &str = concat!(
-    r#"WITH "received" ("by_device", "by_identity") AS ("#,
-    count_identity_bundle_requests!(),
-    r#"), "recorded" AS (
-        INSERT INTO "Requests" ("source", "target") SELECT $2, $1 FROM "received"
-        WHERE "by_device" < $6 AND "by_identity" < $7 RETURNING 1), "claimed" AS ("#,
-    claim_one_time_pre_key!("$8", r#" AND EXISTS (SELECT 1 FROM "recorded")"#),
-    r#")
-    SELECT "by_device", "by_identity", EXISTS (SELECT 1 FROM "recorded"),
-        "id", "Uid", "OPk", "OPk_id" FROM "received" LEFT JOIN "claimed" ON true"#
+/// For a GRUU: below $6 (by device) and $7 (by identity), a key of device $8.
+const RECORD_IF_BELOW_FOR_IDENTITY: &str = record_if_below!(
+    r#"("by_device", "by_identity")"#,
+    count_identity_bundle_requests,
+    r#""by_device" < $6 AND "by_identity" < $7"#,
+    "$8",
+    r#""by_device", "by_identity""#
 );
 
 /// The identity's row, started afresh in a new window (fixed windows, aligned on
