@@ -26,6 +26,13 @@ use std::time::Duration;
 const FIND_DEVICE: &str = r#"SELECT "Uid", "Ik", "SPk", "SPk_sig", "SPk_id" FROM "Users"
     WHERE md5("UserId") = md5($1) AND "UserId" = $1"#;
 
+/// The stored devices among the ids $1 (a text array), in one statement through
+/// the same unique index (its md5s computed once, as an array the index scan
+/// takes), with the ids themselves checked as well.
+const FIND_DEVICES: &str = r#"SELECT "UserId", "Uid", "Ik", "SPk", "SPk_sig", "SPk_id" FROM "Users"
+    WHERE md5("UserId") = ANY (ARRAY(SELECT md5(id) FROM unnest($1::text[]) AS id))
+    AND "UserId" = ANY ($1::text[])"#;
+
 /// Locks the device's row for the rest of the transaction, so that two uploads
 /// for one device take turns and its key count is exact.
 const LOCK_DEVICE: &str = r#"SELECT "Uid" FROM "Users"
@@ -453,20 +460,19 @@ impl ClaimQueries for PgConnection {
         Ok(found.is_some())
     }
 
+    /// One statement, whatever the number of devices.
     async fn find_devices(
         &mut self,
         devices: &[DeviceId],
     ) -> Result<HashMap<String, StoredDevice>, Failure> {
-        let mut found = HashMap::with_capacity(devices.len());
-        for device in devices {
-            if found.contains_key(device.as_str()) {
-                continue;
-            }
-            if let Some(stored) = find_device(self, device).await? {
-                found.insert(device.as_str().to_owned(), stored);
-            }
-        }
-        Ok(found)
+        let ids: Vec<&str> = devices.iter().map(DeviceId::as_str).collect();
+        let rows = sqlx::query(FIND_DEVICES)
+            .bind(ids)
+            .fetch_all(&mut *self)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("UserId")?, stored_device(row)?)))
+            .collect()
     }
 
     /// The reservation and the look-up in one statement when both are asked.
