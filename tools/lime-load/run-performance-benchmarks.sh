@@ -53,6 +53,8 @@
 #              DB_OPKS (100: OPks per device in the MariaDB/PostgreSQL stores).
 #   digest401: DIGEST_REQUESTS (20000), DIGEST_CONNECTIONS (CONNECTIONS).
 #   many:      MANY_CURVES ("c25519 c448mlk1024"), MANY_SIZES ("10 100 1000"),
+#              MANY_STORES (sqlite; mariadb and postgres run C25519 only), MANY_HOL
+#              (on; off leaves out the head-of-line runs, which are SQLite's),
 #              MANY_DEVICES (2000 seeded), MANY_OPKS (40), MANY_CLAIMS (20000 devices
 #              asked per run), MANY_CONNECTIONS (1), MANY_LIMIT (on), HOL_PER_REQUEST
 #              (1000), HOL_CONNECTIONS (16), HOL_REQUESTS (5000), HOL_OPKS (200),
@@ -99,6 +101,8 @@ MANY_OPKS=${MANY_OPKS:-40}
 MANY_CLAIMS=${MANY_CLAIMS:-20000}
 MANY_CONNECTIONS=${MANY_CONNECTIONS:-1}
 MANY_LIMIT=${MANY_LIMIT:-on}
+MANY_STORES=${MANY_STORES:-sqlite}
+MANY_HOL=${MANY_HOL:-on}
 HOL_PER_REQUEST=${HOL_PER_REQUEST:-1000}
 HOL_CONNECTIONS=${HOL_CONNECTIONS:-16}
 HOL_REQUESTS=${HOL_REQUESTS:-5000}
@@ -360,29 +364,50 @@ scenario_digest401() {
 }
 
 scenario_many() {
-    local curve size i side requests mode background
-    for curve in $MANY_CURVES; do
-        seed_sides "$curve" "$MANY_DEVICES" "$MANY_OPKS"
-        for size in $MANY_SIZES; do
-            requests=$((MANY_CLAIMS / size))
-            ((requests > 0)) || requests=1
-            for ((i = 1; i <= REPEAT; i++)); do
+    local store curve size i side requests mode background template name db_args
+    for store in $MANY_STORES; do
+        for curve in $MANY_CURVES; do
+            db_args=()
+            if [[ $store == sqlite ]]; then
+                seed_sides "$curve" "$MANY_DEVICES" "$MANY_OPKS"
+                name="many $curve"
+            elif [[ $curve != c25519 ]]; then
+                echo "== many on $store: $curve left out (the database runs are C25519 only)"
+                continue
+            else
                 for side in "${SIDES[@]}"; do
-                    label "many side=$side run $i/$REPEAT: $curve, $size devices a request, limit $MANY_LIMIT, $MANY_CONNECTIONS connections, $requests requests"
-                    measure bench_run "$side" sqlite "$(template_dir "$side" "$curve" "$MANY_DEVICES" "$MANY_OPKS")" \
-                        "$curve" "$MANY_LIMIT" "" bundles --curve "$curve" --devices "$MANY_DEVICES" \
-                        --per-request "$size" --connections "$MANY_CONNECTIONS" --requests "$requests"
-                    local cpu_per_device
-                    cpu_per_device=$(sed -nE 's/.*server CPU per device asked: ([0-9.]+) ms.*/\1/p' <<<"$out")
-                    # One device a request: the per-request figure is the per-device one.
-                    [[ -n $cpu_per_device ]] || cpu_per_device=$(report_server_cpu <<<"$out")
-                    record "many $curve" "$size devices: server CPU ms/device" "$side" "$cpu_per_device" "$mark"
-                    record "many $curve" "$size devices: p50 ms/request" "$side" "$(report_latency p50 <<<"$out")" "$mark"
-                    record "many $curve" "$size devices: p99 ms/request" "$side" "$(report_latency p99 <<<"$out")" "$mark"
+                    echo "== seeding $store for side $side ($MANY_DEVICES devices, $MANY_OPKS OPks each)"
+                    seed_db "$(seeder_of "$side")" "$store" "lime_perf_tmpl_$side" c25519 "$MANY_DEVICES" "$MANY_OPKS"
+                done
+                read -ra db_args <<<"$(db_processes "$store")"
+                name="many $curve, $store"
+            fi
+            for size in $MANY_SIZES; do
+                requests=$((MANY_CLAIMS / size))
+                ((requests > 0)) || requests=1
+                for ((i = 1; i <= REPEAT; i++)); do
+                    for side in "${SIDES[@]}"; do
+                        template=lime_perf_tmpl_$side
+                        [[ $store == sqlite ]] && template=$(template_dir "$side" "$curve" "$MANY_DEVICES" "$MANY_OPKS")
+                        label "$name side=$side run $i/$REPEAT: $size devices a request, limit $MANY_LIMIT, $MANY_CONNECTIONS connections, $requests requests"
+                        measure bench_run "$side" "$store" "$template" \
+                            "$curve" "$MANY_LIMIT" "" bundles --curve "$curve" --devices "$MANY_DEVICES" \
+                            --per-request "$size" --connections "$MANY_CONNECTIONS" --requests "$requests" \
+                            "${db_args[@]}"
+                        local cpu_per_device
+                        cpu_per_device=$(sed -nE 's/.*server CPU per device asked: ([0-9.]+) ms.*/\1/p' <<<"$out")
+                        # One device a request: the per-request figure is the per-device one.
+                        [[ -n $cpu_per_device ]] || cpu_per_device=$(report_server_cpu <<<"$out")
+                        record "$name" "$size devices: server CPU ms/device" "$side" "$cpu_per_device" "$mark"
+                        record "$name" "$size devices: p50 ms/request" "$side" "$(report_latency p50 <<<"$out")" "$mark"
+                        record "$name" "$size devices: p99 ms/request" "$side" "$(report_latency p99 <<<"$out")" "$mark"
+                    done
                 done
             done
+            [[ $store == sqlite ]] || drop_sides "$store"
         done
     done
+    [[ $MANY_HOL == off ]] && return 0
 
     # Head-of-line blocking: small requests with and without a stream of large ones,
     # sent in a closed loop, then paced at each of HOL_RATES (what a small request
