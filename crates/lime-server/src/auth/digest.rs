@@ -22,7 +22,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use md5::Md5;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 use subtle::ConstantTimeEq;
@@ -52,17 +52,49 @@ impl DigestAlgorithm {
         }
     }
 
-    /// Lowercase hex of the hash of `data`.
-    pub fn hex(self, data: &str) -> String {
+    /// The hex digest of `parts` joined by `:` (how RFC 7616 builds A1, A2 and
+    /// the response), on the stack.
+    fn hex_of_joined(self, parts: &[&str]) -> HexDigest {
+        fn of<D: Digest>(parts: &[&str]) -> HexDigest {
+            let mut digest = D::new();
+            for (index, part) in parts.iter().enumerate() {
+                if index > 0 {
+                    digest.update(b":");
+                }
+                digest.update(part.as_bytes());
+            }
+            HexDigest::of(&digest.finalize())
+        }
         match self {
-            DigestAlgorithm::Md5 => hex::encode(Md5::digest(data.as_bytes())),
-            DigestAlgorithm::Sha256 => hex::encode(Sha256::digest(data.as_bytes())),
+            DigestAlgorithm::Md5 => of::<Md5>(parts),
+            DigestAlgorithm::Sha256 => of::<Sha256>(parts),
         }
     }
 
     /// HA1 = H(username:realm:password), for passwords stored in clear.
     pub fn ha1(self, username: &str, realm: &str, password: &str) -> String {
-        self.hex(&format!("{username}:{realm}:{password}"))
+        self.hex_of_joined(&[username, realm, password])
+            .as_str()
+            .to_owned()
+    }
+}
+
+/// A digest in lowercase hex, on the stack: 32 characters (MD5) or 64 (SHA-256).
+struct HexDigest {
+    text: [u8; 64],
+    len: usize,
+}
+
+impl HexDigest {
+    fn of(digest: &[u8]) -> HexDigest {
+        let mut text = [0u8; 64];
+        let len = digest.len() * 2;
+        hex::encode_to_slice(digest, &mut text[..len]).expect("room for the hex digest");
+        HexDigest { text, len }
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.text[..self.len]).expect("hex is ASCII")
     }
 }
 
@@ -101,7 +133,9 @@ pub enum NonceState {
 /// The secret that makes and checks nonces and the opaque value.
 #[derive(Clone)]
 pub struct NonceKey {
-    secret: Vec<u8>,
+    /// HMAC-SHA256 keyed with the secret: each use clones it, rather than
+    /// hashing the key again.
+    keyed: Hmac<Sha256>,
     lifetime: Duration,
 }
 
@@ -118,14 +152,13 @@ impl NonceKey {
     /// A key from the configured secret; nonces live `lifetime`.
     pub fn new(secret: &[u8], lifetime: Duration) -> NonceKey {
         NonceKey {
-            secret: secret.to_vec(),
+            keyed: Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length"),
             lifetime,
         }
     }
 
     fn mac(&self, label: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
-        let mut mac =
-            Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes keys of any length");
+        let mut mac = self.keyed.clone();
         mac.update(label);
         for part in parts {
             // Length-prefixed, so that no two different inputs read the same.
@@ -272,7 +305,7 @@ impl Credentials {
     /// all the challenges offer.
     pub fn parse(header: &str) -> Result<Credentials, CredentialsError> {
         let mut params = digest_params(header)?;
-        if params.contains_key("username*") {
+        if params.position("username*").is_some() {
             return Err(CredentialsError::Unsupported(
                 "username* (RFC 7616 encoded user names)".into(),
             ));
@@ -284,7 +317,7 @@ impl Credentials {
             return Err(CredentialsError::Unsupported("userhash=true".into()));
         }
         let mut take =
-            |name: &'static str| params.remove(name).ok_or(CredentialsError::Missing(name));
+            |name: &'static str| params.take(name).ok_or(CredentialsError::Missing(name));
         let username = take("username")?;
         let realm = take("realm")?;
         let nonce = take("nonce")?;
@@ -296,7 +329,7 @@ impl Credentials {
         }
         let cnonce = take("cnonce")?;
         let nonce_count = take("nc")?;
-        let algorithm = algorithm_param(params.remove("algorithm"))?;
+        let algorithm = algorithm_param(params.take("algorithm"))?;
         Ok(Credentials {
             username,
             realm,
@@ -306,7 +339,7 @@ impl Credentials {
             algorithm,
             cnonce,
             nonce_count,
-            opaque: params.remove("opaque"),
+            opaque: params.take("opaque"),
         })
     }
 
@@ -322,13 +355,17 @@ impl Credentials {
             &self.nonce_count,
             &self.cnonce,
         );
-        expected.as_bytes().ct_eq(self.response.as_bytes()).into()
+        expected
+            .as_str()
+            .as_bytes()
+            .ct_eq(self.response.as_bytes())
+            .into()
     }
 }
 
 /// The `qop=auth` response (RFC 7616 section 3.4.1) that `ha1` gives for a
 /// request: what a client sends and what a server expects.
-pub fn response(
+fn response(
     algorithm: DigestAlgorithm,
     ha1: &str,
     method: &str,
@@ -336,9 +373,9 @@ pub fn response(
     nonce: &str,
     nonce_count: &str,
     cnonce: &str,
-) -> String {
-    let ha2 = algorithm.hex(&format!("{method}:{uri}"));
-    algorithm.hex(&format!("{ha1}:{nonce}:{nonce_count}:{cnonce}:auth:{ha2}"))
+) -> HexDigest {
+    let ha2 = algorithm.hex_of_joined(&[method, uri]);
+    algorithm.hex_of_joined(&[ha1, nonce, nonce_count, cnonce, "auth", ha2.as_str()])
 }
 
 /// One `WWW-Authenticate: Digest ...` challenge, as a client answers it.
@@ -362,21 +399,21 @@ impl Challenge {
     pub fn parse(header: &str) -> Result<Challenge, CredentialsError> {
         let mut params = digest_params(header)?;
         let mut take =
-            |name: &'static str| params.remove(name).ok_or(CredentialsError::Missing(name));
+            |name: &'static str| params.take(name).ok_or(CredentialsError::Missing(name));
         let realm = take("realm")?;
         let nonce = take("nonce")?;
         let qop = take("qop")?;
         if !qop.split(',').any(|option| option.trim() == "auth") {
             return Err(CredentialsError::Unsupported(format!("qop={qop}")));
         }
-        let algorithm = algorithm_param(params.remove("algorithm"))?;
+        let algorithm = algorithm_param(params.take("algorithm"))?;
         Ok(Challenge {
             realm,
             nonce,
-            opaque: params.remove("opaque"),
+            opaque: params.take("opaque"),
             algorithm,
             stale: params
-                .remove("stale")
+                .take("stale")
                 .is_some_and(|stale| stale.eq_ignore_ascii_case("true")),
         })
     }
@@ -406,13 +443,14 @@ pub fn authorization(
     );
     let mut header = format!(
         "Digest username={}, realm={}, nonce={}, uri={}, algorithm={}, qop=auth, nc={nc}, \
-         cnonce={}, response=\"{response}\"",
+         cnonce={}, response=\"{}\"",
         quote(username),
         quote(&challenge.realm),
         quote(&challenge.nonce),
         quote(uri),
         challenge.algorithm,
         quote(cnonce),
+        response.as_str(),
     );
     if let Some(opaque) = &challenge.opaque {
         header.push_str(&format!(", opaque={}", quote(opaque)));
@@ -420,9 +458,36 @@ pub fn authorization(
     header
 }
 
+/// The most parameters a `Digest` header may have: RFC 7616 defines 13, and a
+/// client sends about 10. Bounds the checks for a name given twice.
+const MAX_PARAMS: usize = 32;
+
+/// The parameters of a `Digest` header value, in the order given: names as
+/// sent (compared without regard to case), values unquoted, borrowed from the
+/// header unless they held an escape.
+struct Params<'a>(Vec<(&'a str, Cow<'a, str>)>);
+
+impl Params<'_> {
+    fn position(&self, name: &str) -> Option<usize> {
+        self.0
+            .iter()
+            .position(|(given, _)| given.eq_ignore_ascii_case(name))
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.position(name).map(|index| &*self.0[index].1)
+    }
+
+    /// Takes the value of `name` out.
+    fn take(&mut self, name: &str) -> Option<String> {
+        let index = self.position(name)?;
+        Some(self.0.swap_remove(index).1.into_owned())
+    }
+}
+
 /// The parameters of a `Digest ...` header value (`Authorization` or
 /// `WWW-Authenticate`).
-fn digest_params(header: &str) -> Result<HashMap<String, String>, CredentialsError> {
+fn digest_params(header: &str) -> Result<Params<'_>, CredentialsError> {
     let header = header.trim_start();
     let (scheme, rest) = header.split_once([' ', '\t']).unwrap_or((header, ""));
     if !scheme.eq_ignore_ascii_case("Digest") {
@@ -443,9 +508,9 @@ fn algorithm_param(name: Option<String>) -> Result<DigestAlgorithm, CredentialsE
     }
 }
 
-/// Splits `name=token, name="quoted string", ...` into lowercase names and values.
-fn parse_params(mut input: &str) -> Result<HashMap<String, String>, CredentialsError> {
-    let mut params = HashMap::new();
+/// Splits `name=token, name="quoted string", ...` into names and values.
+fn parse_params(mut input: &str) -> Result<Params<'_>, CredentialsError> {
+    let mut params = Params(Vec::with_capacity(12));
     loop {
         input = input.trim_start_matches([' ', '\t', ',']);
         if input.is_empty() {
@@ -454,7 +519,7 @@ fn parse_params(mut input: &str) -> Result<HashMap<String, String>, CredentialsE
         let (name, rest) = input
             .split_once('=')
             .ok_or(CredentialsError::Malformed("parameter without '='"))?;
-        let name = name.trim().to_ascii_lowercase();
+        let name = name.trim();
         if name.is_empty() || !name.bytes().all(is_token_byte) {
             return Err(CredentialsError::Malformed("bad parameter name"));
         }
@@ -463,26 +528,38 @@ fn parse_params(mut input: &str) -> Result<HashMap<String, String>, CredentialsE
             unquote(quoted)?
         } else {
             let end = rest.find([',', ' ', '\t']).unwrap_or(rest.len());
-            (rest[..end].to_owned(), &rest[end..])
+            (Cow::Borrowed(&rest[..end]), &rest[end..])
         };
         let rest = rest.trim_start_matches([' ', '\t']);
         if !(rest.is_empty() || rest.starts_with(',')) {
             return Err(CredentialsError::Malformed("text after a parameter value"));
         }
-        if params.insert(name.clone(), value).is_some() {
-            return Err(CredentialsError::Duplicate(name));
+        if params.position(name).is_some() {
+            return Err(CredentialsError::Duplicate(name.to_ascii_lowercase()));
         }
+        if params.0.len() == MAX_PARAMS {
+            return Err(CredentialsError::Malformed("too many parameters"));
+        }
+        params.0.push((name, value));
         input = rest;
     }
 }
 
 /// Reads a quoted-string whose opening quote is consumed; returns it and the rest.
-fn unquote(input: &str) -> Result<(String, &str), CredentialsError> {
+fn unquote(input: &str) -> Result<(Cow<'_, str>, &str), CredentialsError> {
+    // Mostly no escape: the value is a slice of the header.
+    match input.find(['"', '\\']) {
+        Some(end) if input.as_bytes()[end] == b'"' => {
+            return Ok((Cow::Borrowed(&input[..end]), &input[end + 1..]));
+        }
+        None => return Err(CredentialsError::Malformed("unterminated quoted string")),
+        Some(_) => {}
+    }
     let mut value = String::new();
     let mut chars = input.char_indices();
     while let Some((index, c)) = chars.next() {
         match c {
-            '"' => return Ok((value, &input[index + 1..])),
+            '"' => return Ok((Cow::Owned(value), &input[index + 1..])),
             '\\' => match chars.next() {
                 Some((_, escaped)) => value.push(escaped),
                 None => break,
@@ -660,6 +737,30 @@ mod tests {
             Credentials::parse(r#"Digest username="u" junk, realm="r""#),
             Err(CredentialsError::Malformed(_))
         ));
+        // Names are compared without regard to case.
+        assert_eq!(
+            Credentials::parse(&format!("Digest {full}, Realm=\"s\"")),
+            Err(CredentialsError::Duplicate("realm".into()))
+        );
+        // A header of a thousand parameters is refused at the 33rd, before the
+        // checks for a name given twice could cost more.
+        let many: Vec<String> = (0..1000).map(|i| format!("x{i}=1")).collect();
+        assert_eq!(
+            Credentials::parse(&format!("Digest {full}, {}", many.join(", "))),
+            Err(CredentialsError::Malformed("too many parameters"))
+        );
+    }
+
+    #[test]
+    fn quoted_values_with_and_without_escapes_read_the_same() {
+        let params = parse_params(r#"a="plain", b="with \"quotes\" and \\", c=token"#).unwrap();
+        assert_eq!(params.get("A"), Some("plain"));
+        assert!(
+            matches!(params.0[0].1, Cow::Borrowed(_)),
+            "no copy without escapes"
+        );
+        assert_eq!(params.get("b"), Some(r#"with "quotes" and \"#));
+        assert_eq!(params.get("c"), Some("token"));
     }
 
     #[test]

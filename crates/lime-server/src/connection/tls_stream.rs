@@ -250,29 +250,28 @@ impl TlsStream {
                 format!("TLS message over {limit} bytes"),
             )));
         }
-        loop {
-            ready!(self.tcp.poll_read_ready(cx))?;
+        // Room is made only once the socket is readable. tokio's `poll_read`
+        // then reads, and takes a short read as the socket drained (epoll), so
+        // that waiting for the next bytes costs no second `recv`.
+        if self.tcp.poll_read_ready(cx)?.is_ready() {
             let room = (self.received + READ_SIZE).min(limit);
             if self.incoming.len() < room {
                 self.incoming.resize(room, 0);
             }
-            match self.tcp.try_read(&mut self.incoming[self.received..]) {
-                Ok(0) => {
-                    self.eof = true;
-                    return Poll::Ready(Ok(()));
-                }
-                Ok(read) => {
-                    self.received += read;
-                    return Poll::Ready(Ok(()));
-                }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    if self.received == 0 {
-                        self.incoming = Vec::new();
-                    }
-                }
-                Err(error) => return Poll::Ready(Err(error)),
+            let mut read = ReadBuf::new(&mut self.incoming[self.received..]);
+            if let Poll::Ready(result) = Pin::new(&mut self.tcp).poll_read(cx, &mut read) {
+                result?;
+                let read = read.filled().len();
+                self.eof = read == 0;
+                self.received += read;
+                return Poll::Ready(Ok(()));
             }
         }
+        // Waiting: no buffer is held for bytes that may be long to come.
+        if self.received == 0 {
+            self.incoming = Vec::new();
+        }
+        Poll::Pending
     }
 }
 
