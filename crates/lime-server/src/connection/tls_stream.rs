@@ -15,8 +15,10 @@
 //! and hyper.
 
 use rustls::ServerConfig;
-use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, UnbufferedStatus,
+};
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -129,7 +131,8 @@ impl TlsStream {
 
     /// What the stream holds in buffers now, in bytes of capacity: none while
     /// it waits for its client.
-    pub fn buffered_capacity(&self) -> usize {
+    #[cfg(test)]
+    fn buffered_capacity(&self) -> usize {
         self.incoming.capacity() + self.plaintext.capacity() + self.outgoing.capacity()
     }
 
@@ -151,12 +154,7 @@ impl TlsStream {
                     None
                 }
                 ConnectionState::EncodeTlsData(mut encode) => {
-                    append(&mut self.outgoing, 512, |room| {
-                        encode.encode(room).map_err(|error| match error {
-                            EncodeError::InsufficientSize(size) => Some(size.required_size),
-                            EncodeError::AlreadyEncoded => None,
-                        })
-                    })?;
+                    queue_encoded(&mut self.outgoing, &mut encode)?;
                     None
                 }
                 // Queued in `outgoing`, which `poll_send` sends before the
@@ -207,13 +205,7 @@ impl TlsStream {
                 ..
             } = self.session.process_tls_records(&mut [])
             {
-                let queued = append(&mut self.outgoing, 64, |room| {
-                    encode.encode(room).map_err(|error| match error {
-                        EncodeError::InsufficientSize(size) => Some(size.required_size),
-                        EncodeError::AlreadyEncoded => None,
-                    })
-                });
-                if queued.is_err() {
+                if queue_encoded(&mut self.outgoing, &mut encode).is_err() {
                     break;
                 }
             }
@@ -298,6 +290,19 @@ fn append(
             }
         }
     }
+}
+
+/// Appends the handshake or alert record rustls has to send to `outgoing`.
+fn queue_encoded(
+    outgoing: &mut Vec<u8>,
+    encode: &mut EncodeTlsData<'_, ServerConnectionData>,
+) -> Result<(), rustls::Error> {
+    append(outgoing, 512, |room| {
+        encode.encode(room).map_err(|error| match error {
+            EncodeError::InsufficientSize(size) => Some(size.required_size),
+            EncodeError::AlreadyEncoded => None,
+        })
+    })
 }
 
 /// The room an encryption asks for, if that is why it failed.
