@@ -10,6 +10,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
+use tokio_rustls::TlsAcceptor;
 
 /// Where a certificate and its key are.
 #[derive(Debug, Clone)]
@@ -78,10 +79,10 @@ impl ServerTls {
         })
     }
 
-    /// What a new connection handshakes with: the configuration current now.
-    pub fn config(&self) -> Arc<ServerConfig> {
+    /// The acceptor a new connection handshakes with: the configuration current now.
+    pub fn acceptor(&self) -> TlsAcceptor {
         let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(&current)
+        TlsAcceptor::from(Arc::clone(&current))
     }
 
     /// The certificate and key files served.
