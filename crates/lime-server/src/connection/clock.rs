@@ -271,8 +271,10 @@ mod tests {
     #[tokio::test]
     async fn bytes_between_http2_requests_leave_the_idle_clock_running() {
         let clock = ConnectionClock::start(HEADERS, IDLE);
-        drop(clock.request_started(Version::HTTP_2));
+        // Stamped before the request ends, so that the time measured from it is
+        // never shorter than the clock's.
         let finished = Instant::now();
+        drop(clock.request_started(Version::HTTP_2));
         tokio::time::sleep(Duration::from_millis(50)).await;
         clock.bytes_received();
         assert_eq!(clock.expired().await, Expired::Idle);
@@ -283,8 +285,10 @@ mod tests {
     async fn parking_is_due_after_its_span_of_idleness_and_never_after_the_idle_limit() {
         let clock = ConnectionClock::start(HEADERS, IDLE);
         let park_after = Some(Duration::from_millis(50));
-        drop(clock.request_started(Version::HTTP_11));
+        // Stamped before the request ends, so that the time measured from it is
+        // never shorter than the clock's.
         let finished = Instant::now();
+        drop(clock.request_started(Version::HTTP_11));
         assert_eq!(clock.due(park_after).await, Due::Park);
         assert!(finished.elapsed() >= Duration::from_millis(50));
         // Asked for later than the idle limit, the limit comes first.
