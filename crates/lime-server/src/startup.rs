@@ -387,7 +387,7 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         // The configuration current at the accept: a reload changes new connections only.
-        let tls = listener.tls.as_ref().map(|tls| tls.acceptor());
+        let tls = listener.tls.as_ref().map(|tls| tls.config());
         let stopped = stopped.clone();
         tokio::spawn(async move {
             let open = metrics::CountedConnection::open();

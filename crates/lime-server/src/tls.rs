@@ -10,7 +10,6 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
-use tokio_rustls::TlsAcceptor;
 
 /// Where a certificate and its key are.
 #[derive(Debug, Clone)]
@@ -79,10 +78,10 @@ impl ServerTls {
         })
     }
 
-    /// The acceptor a new connection handshakes with: the configuration current now.
-    pub fn acceptor(&self) -> TlsAcceptor {
+    /// What a new connection handshakes with: the configuration current now.
+    pub fn config(&self) -> Arc<ServerConfig> {
         let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
-        TlsAcceptor::from(Arc::clone(&current))
+        Arc::clone(&current)
     }
 
     /// The certificate and key files served.

@@ -71,6 +71,7 @@ macro_rules! forward_async_write {
 
 pub mod clock;
 mod rewind;
+mod tls_stream;
 
 use crate::auth::ClientAddress;
 use crate::auth::certificate::{CertificateIdentity, CertificateIdentityError, PeerCertificate};
@@ -86,6 +87,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use rewind::Rewind;
+use rustls::ServerConfig;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -93,11 +95,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+pub use tls_stream::TlsStream;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 
 /// How long an idle connection's graceful close (an HTTP/2 GOAWAY, the end of an
 /// answer the client is slow to read) may take before the connection is dropped.
@@ -155,7 +156,7 @@ pub const PARK_AFTER: Duration = Duration::from_millis(100);
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ServerConfig>>,
     state: Arc<HttpState>,
     limits: ConnectionLimits,
     stopped: watch::Receiver<bool>,
@@ -164,7 +165,7 @@ pub async fn serve(
     // as large as its largest state: what only some of its life needs (the
     // handshake, hyper's state) is boxed, so that an idle parked connection's
     // task holds little beyond its TLS session (see `serve_parked_http1`).
-    let Some(acceptor) = tls else {
+    let Some(config) = tls else {
         Box::pin(serve_http(stream, peer, None, state, limits, stopped)).await;
         return;
     };
@@ -172,7 +173,7 @@ pub async fn serve(
         stream,
         peer_certificate,
         h2,
-    }) = Box::pin(handshake(acceptor, stream, peer, limits)).await
+    }) = Box::pin(handshake(config, stream, peer, limits)).await
     else {
         return;
     };
@@ -197,7 +198,7 @@ pub async fn serve(
 /// thing a parked connection holds, and a future keeps room for each variable
 /// and argument that may hold it (an async fn's arguments stay in its future
 /// for its whole life), so it is moved from state to state as a pointer.
-type TlsConnection = Box<TlsStream<TcpStream>>;
+type TlsConnection = Box<TlsStream>;
 
 /// A connection whose TLS handshake is done.
 struct Handshaken {
@@ -211,28 +212,32 @@ struct Handshaken {
 /// The TLS handshake, within `server.tls_handshake_timeout_ms`; `None` (logged)
 /// when it fails, runs out of time, or the client's certificate is unreadable.
 async fn handshake(
-    acceptor: TlsAcceptor,
+    config: Arc<ServerConfig>,
     stream: TcpStream,
     peer: SocketAddr,
     limits: ConnectionLimits,
 ) -> Option<Handshaken> {
-    let stream =
-        match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => {
-                tracing::debug!(%peer, %error, "TLS handshake failed");
-                return None;
-            }
-            Err(_) => {
-                metrics::closed_by_time_limit(TimeLimit::TlsHandshake);
-                tracing::info!(
-                    %peer,
-                    limit_ms = limits.tls_handshake_timeout.as_millis(),
-                    "closed: TLS handshake not finished within server.tls_handshake_timeout_ms"
-                );
-                return None;
-            }
-        };
+    let stream = match tokio::time::timeout(
+        limits.tls_handshake_timeout,
+        TlsStream::accept(config, stream),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "TLS handshake failed");
+            return None;
+        }
+        Err(_) => {
+            metrics::closed_by_time_limit(TimeLimit::TlsHandshake);
+            tracing::info!(
+                %peer,
+                limit_ms = limits.tls_handshake_timeout.as_millis(),
+                "closed: TLS handshake not finished within server.tls_handshake_timeout_ms"
+            );
+            return None;
+        }
+    };
     let peer_certificate = match peer_certificate(&stream) {
         Ok(peer_certificate) => peer_certificate,
         Err(error) => {
@@ -240,7 +245,7 @@ async fn handshake(
             return None;
         }
     };
-    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    let h2 = stream.session().alpn_protocol() == Some(b"h2");
     Some(Handshaken {
         stream: Box::new(stream),
         peer_certificate,
@@ -324,9 +329,9 @@ async fn serve_http<S>(
 /// gracefully but its stream kept (with the bytes hyper had read ahead, if any);
 /// the task then waits for the socket to become readable, or for the idle limit
 /// or the server's stop, and serves the stream with a new hyper connection.
-/// What a parked connection holds is its TLS session (about 7.5 KB, 4 KiB of it
-/// rustls's read buffer) and this task (about 1.4 KB: the serving spells are
-/// boxed by [`ServedUntilIdle`]).
+/// What a parked connection holds is its TLS session (about 3.5 KB: rustls's
+/// state, without a buffer, see [`TlsStream`]) and this task (about 1.4 KB: the
+/// serving spells are boxed by [`ServedUntilIdle`]).
 async fn serve_parked_http1(
     stream: TlsConnection,
     peer: SocketAddr,
@@ -368,7 +373,7 @@ async fn serve_parked_http1(
         }
         let _parked = metrics::CountedConnection::parked();
         tokio::select! {
-            readable = stream.get_ref().get_ref().0.readable() => {
+            readable = stream.get_ref().tcp().readable() => {
                 if readable.is_err() {
                     return;
                 }
@@ -585,11 +590,10 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
 /// The names of the certificate the client presented in the handshake (already
 /// verified by rustls), or `None` when it presented none.
 fn peer_certificate(
-    stream: &TlsStream<TcpStream>,
+    stream: &TlsStream,
 ) -> Result<Option<PeerCertificate>, CertificateIdentityError> {
     let Some(end_entity) = stream
-        .get_ref()
-        .1
+        .session()
         .peer_certificates()
         .and_then(|chain| chain.first())
     else {
@@ -613,7 +617,7 @@ mod tests {
         // A task's future is as large as its largest state, for the whole
         // connection's life: 11.9 KB when hyper's connection and a copy of the
         // TLS session (1.2 KB) were inline, about 1.3 KB now.
-        assert!(std::mem::size_of::<TlsStream<TcpStream>>() > 1_000);
+        assert!(std::mem::size_of::<TlsStream>() > 1_000);
         let serve = returned_size(serve);
         assert!(serve < 2_048, "serve's future: {serve} bytes");
     }
