@@ -883,12 +883,16 @@ fn password_matches(
 }
 
 /// Whether the digest `uri` names the request's target (origin or absolute form).
+/// The origin form, which every client sends, is compared as it is, without
+/// parsing or copying it.
 fn uri_matches(digest_uri: &str, target: &http::Uri) -> bool {
-    let Ok(digest_uri) = digest_uri.parse::<http::Uri>() else {
-        return false;
-    };
-    let path = |uri: &http::Uri| uri.path_and_query().map(|pq| pq.as_str().to_owned());
-    path(&digest_uri) == path(target)
+    let target = target.path_and_query().map(|pq| pq.as_str());
+    if digest_uri.starts_with('/') {
+        return target == Some(digest_uri);
+    }
+    digest_uri
+        .parse::<http::Uri>()
+        .is_ok_and(|uri| uri.path_and_query().map(|pq| pq.as_str()) == target)
 }
 
 fn unix_now() -> u64 {
@@ -909,6 +913,18 @@ mod tests {
             map.insert(*name, http::HeaderValue::from_bytes(value).unwrap());
         }
         map
+    }
+
+    #[test]
+    fn the_digest_uri_names_the_request_target_in_origin_or_absolute_form() {
+        let target: http::Uri = "/lime?x=1".parse().unwrap();
+        assert!(uri_matches("/lime?x=1", &target));
+        assert!(uri_matches("https://lime.example.org/lime?x=1", &target));
+        assert!(!uri_matches("/lime", &target));
+        assert!(!uri_matches("/lime?x=2", &target));
+        assert!(!uri_matches("https://lime.example.org/other?x=1", &target));
+        assert!(!uri_matches("not a uri", &target));
+        assert!(!uri_matches("", &target));
     }
 
     #[test]
