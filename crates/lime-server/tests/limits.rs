@@ -556,6 +556,58 @@ async fn what_a_request_was_not_granted_stays_in_the_identity_budget() {
     app.stop().await;
 }
 
+/// A group's request asks for many devices at once (the database servers count
+/// and record its targets in batches): each target's grant still follows its own
+/// counts, by the source device and by its identity, as in requests of one
+/// device, and each grant in full takes one of that target's keys.
+#[tokio::test]
+async fn each_target_of_a_group_request_is_counted_on_its_own() {
+    let app = spawn_app_with(|settings| {
+        limited(OverLimit::WithoutOneTimePreKey)(settings);
+        settings.limits.bundle_request_window_secs = 600;
+        settings.limits.max_bundle_requests = 2;
+        settings.limits.max_bundle_requests_per_identity = 3;
+    })
+    .await;
+    let targets = registered_targets(&app, 5).await;
+    let mallory = user("mallory");
+    let (first, second) = (device_of(&mallory, 1), device_of(&mallory, 2));
+    for device in [&first, &second] {
+        done(
+            &register(&app, device, 0).await,
+            MessageType::RegisterUser,
+            device,
+        );
+    }
+    assert_eq!(fetch_all(&app, &first, &targets[..1]).await, [1]);
+    assert_eq!(fetch_all(&app, &first, &targets[..4]).await, [1, 1, 1, 1]);
+    assert_eq!(
+        fetch_all(&app, &first, &targets[..4]).await,
+        [0, 1, 1, 1],
+        "the first target past the device's limit of 2"
+    );
+    assert_eq!(
+        fetch_all(&app, &second, &targets).await,
+        [1, 1, 1, 1, 1],
+        "another device of the account: each target below the account's 3"
+    );
+    assert_eq!(
+        fetch_all(&app, &second, &targets).await,
+        [0, 0, 0, 0, 1],
+        "the account's limit, but for the last target"
+    );
+    assert_eq!(recorded_by(&app, &mallory).await, 1 + 4 + 3 + 5 + 1);
+    for (index, target) in targets.iter().enumerate() {
+        let left = if index < 4 { 5 - 3 } else { 5 - 2 };
+        assert_eq!(
+            stored_opk_ids(&app, target).await,
+            left,
+            "keys left of target {index}"
+        );
+    }
+    app.stop().await;
+}
+
 // --- Log lines ------------------------------------------------------------------------------
 
 /// `lime-server serve` as operators run it, at debug, its log written to a file.

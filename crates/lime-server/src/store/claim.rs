@@ -8,7 +8,7 @@
 
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey};
 use crate::store::rules::{self, Grant, Received, SourceIdentity, StoredDevice, UserDevices};
-use crate::store::{ClaimRequest, Claimed, SourceCheck, StoreError};
+use crate::store::{BundleRequestLimit, ClaimRequest, Claimed, SourceCheck, StoreError};
 use lime_protocol::{Curve, DeviceId, PeerBundle};
 use std::collections::HashMap;
 use std::future::Future;
@@ -78,6 +78,50 @@ pub(crate) trait ClaimQueries: Send {
         &mut self,
         uid: i64,
     ) -> impl Future<Output = Result<Option<ClaimedKey>, Self::Error>> + Send;
+
+    /// From how many devices counted under the limit a request is claimed in
+    /// batches ([`ClaimQueries::received_by_targets`], then
+    /// [`ClaimQueries::claim_one_time_pre_keys`] and
+    /// [`ClaimQueries::record_requests`]) rather than one device at a time
+    /// ([`ClaimQueries::record_if_below`]): where the batches take fewer
+    /// statements.
+    const BATCH_FROM: usize;
+
+    /// What [`ClaimQueries::record_if_below`] counts, for each of `targets`
+    /// (distinct) at once: by the requested id; a target received by none may
+    /// be left out.
+    fn received_by_targets<'t>(
+        &mut self,
+        targets: &[&'t DeviceId],
+        source: &DeviceId,
+        devices: Option<&UserDevices<'_>>,
+        window: Duration,
+    ) -> impl Future<Output = Result<HashMap<&'t str, Received>, Self::Error>> + Send;
+
+    /// One of the one-time pre-keys of each device of `uids` (distinct), taken
+    /// as [`ClaimQueries::claim_one_time_pre_key`] takes one: by uid, a device
+    /// with none left is left out. Here one statement a device.
+    fn claim_one_time_pre_keys(
+        &mut self,
+        uids: &[i64],
+    ) -> impl Future<Output = Result<HashMap<i64, ClaimedKey>, Self::Error>> + Send {
+        async move {
+            let mut keys = HashMap::with_capacity(uids.len());
+            for &uid in uids {
+                if let Some(key) = self.claim_one_time_pre_key(uid).await? {
+                    keys.insert(uid, key);
+                }
+            }
+            Ok(keys)
+        }
+    }
+
+    /// Records in `Requests` a request of `source` for each of `targets`.
+    fn record_requests(
+        &mut self,
+        targets: &[&DeviceId],
+        source: &DeviceId,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
     /// Deletes the claimed keys, when claiming did not delete them already.
     fn delete_claimed_keys(
@@ -187,60 +231,53 @@ pub(crate) async fn claim_key_bundles<Q: ClaimQueries>(
     }
     let reserved = recorded + planned;
     let stored = queries.find_devices(devices).await?;
-    let mut claimed = Vec::new();
-    let mut grants = Vec::with_capacity(all.len());
-    let mut answer = Claimed::default();
-    for (index, (device_id, repeat)) in all.iter().zip(repeats).enumerate() {
-        // A device a peer holds is granted as one held here would be.
-        let held = index < devices.len();
-        let device = stored
-            .get(device_id.as_str())
-            .filter(|device| held && device.signed_pre_key.is_some());
-        let (grant, key) = match (held && device.is_none(), repeat, limit) {
-            (true, _, _) => (Grant::Refused, None),
-            (false, Some(first), _) => (rules::repeat_grant(grants[first]), None),
-            (false, None, None) => match device {
-                Some(device) => (
-                    Grant::Full,
-                    queries.claim_one_time_pre_key(device.uid).await?,
-                ),
-                None => (Grant::Full, None),
-            },
-            (false, None, Some(limit)) => {
-                let bounds = rules::full_grant_bounds(recorded, limit);
-                let done = queries
-                    .record_if_below(
-                        device_id,
-                        source,
-                        identity.devices.as_ref(),
-                        limit.window,
-                        bounds,
-                        device.map(|device| device.uid),
-                    )
-                    .await?;
-                let grant = rules::grant(source, device_id, done.received, recorded, limit);
-                debug_assert_eq!(done.recorded, grant == Grant::Full, "recorded as granted");
-                if done.recorded && counts_recorded {
-                    recorded += 1;
-                }
-                (grant, done.key)
+    let asked: Vec<Asked> = all
+        .iter()
+        .zip(repeats)
+        .enumerate()
+        .map(|(index, (device_id, repeat))| {
+            // A device a peer holds is granted as one held here would be.
+            let held = index < devices.len();
+            let device = stored
+                .get(device_id.as_str())
+                .filter(|device| held && device.signed_pre_key.is_some());
+            Asked {
+                id: device_id,
+                repeat,
+                held,
+                device,
+                unknown: held && device.is_none(),
             }
-        };
-        grants.push(grant);
-        if !held {
+        })
+        .collect();
+    let counted = Counted {
+        source,
+        identity: &identity,
+        counts_recorded,
+    };
+    let decided = match limit {
+        Some(limit) if planned as usize >= Q::BATCH_FROM => {
+            decide_in_batches(queries, &asked, limit, &counted, &mut recorded).await?
+        }
+        _ => decide_one_by_one(queries, &asked, limit, &counted, &mut recorded).await?,
+    };
+    let mut claimed = Vec::new();
+    let mut answer = Claimed::default();
+    for (asked, (grant, key)) in asked.iter().zip(decided) {
+        if !asked.held {
             answer.forward.push(grant == Grant::Full);
             continue;
         }
         let one_time_pre_key = key.as_ref().map(|key| (key.public.clone(), key.key_id));
         claimed.extend(key);
-        let bundle = match device {
+        let bundle = match asked.device {
             Some(device) if grant.is_served() => {
                 rules::key_bundle(curve, device.clone(), one_time_pre_key)?
             }
             _ => None,
         };
         answer.bundles.push(PeerBundle {
-            device_id: device_id.clone(),
+            device_id: asked.id.clone(),
             bundle,
         });
     }
@@ -262,4 +299,129 @@ pub(crate) async fn claim_key_bundles<Q: ClaimQueries>(
             keys: claimed,
         },
     ))
+}
+
+/// A device of a request, as the claim found it.
+struct Asked<'a> {
+    id: &'a DeviceId,
+    /// The index of its first occurrence, when it is a repeat.
+    repeat: Option<usize>,
+    /// Held here (not a peer's, forwarded).
+    held: bool,
+    /// Its stored row, when it is held here and has a signed pre-key.
+    device: Option<&'a StoredDevice>,
+    /// Held here but not stored (or without a signed pre-key): refused.
+    unknown: bool,
+}
+
+/// Who the limit counts for.
+struct Counted<'a> {
+    source: &'a DeviceId,
+    identity: &'a SourceIdentity<'a>,
+    /// Whether the identity's recorded requests are counted.
+    counts_recorded: bool,
+}
+
+/// Each device's grant and the key taken for it, one device at a time (with the
+/// limit on: a target's counts and record in [`ClaimQueries::record_if_below`]).
+async fn decide_one_by_one<Q: ClaimQueries>(
+    queries: &mut Q,
+    asked: &[Asked<'_>],
+    limit: Option<&BundleRequestLimit>,
+    counted: &Counted<'_>,
+    recorded: &mut u64,
+) -> Result<Vec<(Grant, Option<ClaimedKey>)>, Q::Error> {
+    let mut decided: Vec<(Grant, Option<ClaimedKey>)> = Vec::with_capacity(asked.len());
+    for asked in asked {
+        let uid = asked.device.map(|device| device.uid);
+        let (grant, key) = match (asked.unknown, asked.repeat, limit) {
+            (true, _, _) => (Grant::Refused, None),
+            (false, Some(first), _) => (rules::repeat_grant(decided[first].0), None),
+            (false, None, None) => match uid {
+                Some(uid) => (Grant::Full, queries.claim_one_time_pre_key(uid).await?),
+                None => (Grant::Full, None),
+            },
+            (false, None, Some(limit)) => {
+                let bounds = rules::full_grant_bounds(*recorded, limit);
+                let done = queries
+                    .record_if_below(
+                        asked.id,
+                        counted.source,
+                        counted.identity.devices.as_ref(),
+                        limit.window,
+                        bounds,
+                        uid,
+                    )
+                    .await?;
+                let grant = rules::grant(counted.source, asked.id, done.received, *recorded, limit);
+                debug_assert_eq!(done.recorded, grant == Grant::Full, "recorded as granted");
+                if done.recorded && counted.counts_recorded {
+                    *recorded += 1;
+                }
+                (grant, done.key)
+            }
+        };
+        decided.push((grant, key));
+    }
+    Ok(decided)
+}
+
+/// [`decide_one_by_one`] with the limit on, in batches: every target's counts
+/// read at once (a request's own records cannot change them: its targets are
+/// distinct), the grants decided in order as one by one, then the keys of the
+/// devices granted in full taken and their requests recorded.
+async fn decide_in_batches<Q: ClaimQueries>(
+    queries: &mut Q,
+    asked: &[Asked<'_>],
+    limit: &BundleRequestLimit,
+    counted: &Counted<'_>,
+    recorded: &mut u64,
+) -> Result<Vec<(Grant, Option<ClaimedKey>)>, Q::Error> {
+    let targets: Vec<&DeviceId> = asked
+        .iter()
+        .filter(|asked| !asked.unknown && asked.repeat.is_none())
+        .map(|asked| asked.id)
+        .collect();
+    let received = queries
+        .received_by_targets(
+            &targets,
+            counted.source,
+            counted.identity.devices.as_ref(),
+            limit.window,
+        )
+        .await?;
+    let mut grants: Vec<Grant> = Vec::with_capacity(asked.len());
+    let (mut to_record, mut to_claim) = (Vec::new(), Vec::new());
+    for asked in asked {
+        let grant = match (asked.unknown, asked.repeat) {
+            (true, _) => Grant::Refused,
+            (false, Some(first)) => rules::repeat_grant(grants[first]),
+            (false, None) => {
+                let received = received.get(asked.id.as_str()).copied().unwrap_or_default();
+                let grant = rules::grant(counted.source, asked.id, received, *recorded, limit);
+                if grant == Grant::Full {
+                    to_record.push(asked.id);
+                    to_claim.extend(asked.device.map(|device| device.uid));
+                    if counted.counts_recorded {
+                        *recorded += 1;
+                    }
+                }
+                grant
+            }
+        };
+        grants.push(grant);
+    }
+    let mut keys = queries.claim_one_time_pre_keys(&to_claim).await?;
+    queries.record_requests(&to_record, counted.source).await?;
+    Ok(asked
+        .iter()
+        .zip(grants)
+        .map(|(asked, grant)| {
+            let key = match (asked.repeat, grant, asked.device) {
+                (None, Grant::Full, Some(device)) => keys.remove(&device.uid),
+                _ => None,
+            };
+            (grant, key)
+        })
+        .collect())
 }

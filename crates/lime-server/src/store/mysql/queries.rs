@@ -425,6 +425,45 @@ impl ClaimQueries for MySqlConnection {
         }))
     }
 
+    /// A count and a record are a statement each per device, a key another:
+    /// two devices take 6 one by one, 4 in batches.
+    const BATCH_FROM: usize = 2;
+
+    /// One statement per [`MAX_CHUNK`] targets, through the index on
+    /// `Requests(target(100), source(100), at)`.
+    async fn received_by_targets<'t>(
+        &mut self,
+        targets: &[&'t DeviceId],
+        source: &DeviceId,
+        devices: Option<&UserDevices<'_>>,
+        window: Duration,
+    ) -> Result<HashMap<&'t str, Received>, Fault> {
+        received_by_targets(self, targets, source, devices, window).await
+    }
+
+    async fn record_requests(
+        &mut self,
+        targets: &[&DeviceId],
+        source: &DeviceId,
+    ) -> Result<(), Fault> {
+        let mut rest = targets;
+        while !rest.is_empty() {
+            let size = power_of_two_at_most(rest.len().min(MAX_CHUNK));
+            let (batch, after) = rest.split_at(size);
+            let sql = format!(
+                "INSERT INTO Requests (source, target) VALUES {}",
+                vec!["(?, ?)"; size].join(", ")
+            );
+            let mut query = sqlx::query(&sql);
+            for target in batch {
+                query = query.bind(source.as_str()).bind(target.as_str());
+            }
+            self.execute(query).await?;
+            rest = after;
+        }
+        Ok(())
+    }
+
     async fn delete_claimed_keys(&mut self, keys: &[ClaimedKey]) -> Result<(), Fault> {
         let ids: Vec<i64> = keys.iter().map(|key| key.id).collect();
         delete_one_time_pre_keys(self, &ids).await
@@ -494,6 +533,72 @@ async fn received_by_identity(
     .fetch_one(conn)
     .await?;
     Ok(Received::from_counts(row.try_get(0)?, row.try_get(1)?))
+}
+
+/// [`received_by_device`] or [`received_by_identity`] of many targets, grouped
+/// by their exact spelling. `target IN (...)` matches as `target = ?` does, a
+/// stored id with trailing spaces too (`utf8_bin` pads): each target's counts
+/// are the sum of the groups that are its spelling but for trailing spaces.
+async fn received_by_targets<'t>(
+    conn: &mut MySqlConnection,
+    targets: &[&'t DeviceId],
+    source: &DeviceId,
+    devices: Option<&UserDevices<'_>>,
+    window: Duration,
+) -> Result<HashMap<&'t str, Received>, Fault> {
+    fn unpadded(id: &[u8]) -> &[u8] {
+        let end = id
+            .iter()
+            .rposition(|&byte| byte != b' ')
+            .map_or(0, |last| last + 1);
+        &id[..end]
+    }
+    let mut by_spelling: HashMap<Vec<u8>, (i64, i64)> = HashMap::new();
+    for chunk in targets.chunks(MAX_CHUNK) {
+        let size = chunk.len().next_power_of_two();
+        let sql = match devices {
+            None => format!(
+                "SELECT CAST(target AS BINARY), COUNT(*), COUNT(*) FROM Requests \
+                 WHERE target IN ({}) AND source = ? AND at > NOW() - INTERVAL ? SECOND \
+                 GROUP BY 1",
+                placeholders(size)
+            ),
+            Some(_) => format!(
+                "SELECT CAST(target AS BINARY), CAST(COALESCE(SUM(source = ?), 0) AS SIGNED), \
+                 COUNT(*) FROM Requests WHERE target IN ({}) AND source >= ? AND source < ? \
+                 AND at > NOW() - INTERVAL ? SECOND GROUP BY 1",
+                placeholders(size)
+            ),
+        };
+        let mut query = sqlx::query(&sql);
+        if devices.is_some() {
+            query = query.bind(source.as_str());
+        }
+        for index in 0..size {
+            query = query.bind(chunk[index.min(chunk.len() - 1)].as_str());
+        }
+        query = match devices {
+            None => query.bind(source.as_str()),
+            Some(user) => query.bind(user.start).bind(&user.end),
+        };
+        for row in query.bind(window.as_secs()).fetch_all(&mut *conn).await? {
+            let spelling: Vec<u8> = row.try_get(0)?;
+            let counts = by_spelling.entry(unpadded(&spelling).to_vec()).or_default();
+            counts.0 += row.try_get::<i64, _>(1)?;
+            counts.1 += row.try_get::<i64, _>(2)?;
+        }
+    }
+    Ok(targets
+        .iter()
+        .filter_map(|target| {
+            let &(by_device, by_identity) =
+                by_spelling.get(unpadded(target.as_str().as_bytes()))?;
+            Some((
+                target.as_str(),
+                Received::from_counts(by_device, by_identity),
+            ))
+        })
+        .collect())
 }
 
 /// Deletes at most [`PURGE_CHUNK`] `Requests` rows older than `retention`.

@@ -19,7 +19,7 @@ use crate::store::{
 use lime_protocol::{Curve, DeviceId, OneTimePreKey, Registration, SignedPreKey};
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 /// Each statement is prepared once per connection (sqlx caches it).
@@ -85,6 +85,35 @@ const CLAIM_ONE_TIME_PRE_KEY: &str = claim_one_time_pre_key!("$1", "");
 
 /// Beside a claim that took keys, in its transaction (see `store::in_doubt`).
 const COUNT_USER_DEVICES: &str = r#"SELECT COUNT(*) FROM "Users" WHERE starts_with("UserId", $1)"#;
+
+/// The one-time key claim of [`CLAIM_ONE_TIME_PRE_KEY`] for each device of $1
+/// (distinct uids), in one statement.
+const CLAIM_ONE_TIME_PRE_KEYS: &str = r#"DELETE FROM "OPk" WHERE "id" IN (
+        SELECT "taken"."id" FROM unnest($1::bigint[]) AS "device" ("uid")
+        CROSS JOIN LATERAL (SELECT "id" FROM "OPk" WHERE "Uid" = "device"."uid"
+            LIMIT 1 FOR UPDATE SKIP LOCKED) AS "taken")
+    RETURNING "id", "Uid", "OPk", "OPk_id""#;
+
+/// A request of source $1 recorded for each target of $2.
+const RECORD_REQUESTS: &str = r#"INSERT INTO "Requests" ("source", "target")
+    SELECT $1, "target" FROM unnest($2::text[]) AS "target""#;
+
+/// `count_bundle_requests` for each target of $1, by target, through the same
+/// index.
+const COUNT_BUNDLE_REQUESTS_BY_TARGET: &str = r#"SELECT "target", COUNT(*), COUNT(*)
+    FROM "Requests"
+    WHERE md5("target") = ANY (ARRAY(SELECT md5("id") FROM unnest($1::text[]) AS "id"))
+    AND md5(split_part("source", ';gr=', 1)) = md5(split_part($2, ';gr=', 1))
+    AND "target" = ANY ($1) AND "source" = $2 AND "at" > now() - make_interval(secs => $3)
+    GROUP BY "target""#;
+
+/// `count_identity_bundle_requests` for each target of $1, by target.
+const COUNT_IDENTITY_BUNDLE_REQUESTS_BY_TARGET: &str = r#"SELECT "target",
+        COUNT(*) FILTER (WHERE "source" = $2), COUNT(*) FROM "Requests"
+    WHERE md5("target") = ANY (ARRAY(SELECT md5("id") FROM unnest($1::text[]) AS "id"))
+    AND md5(split_part("source", ';gr=', 1)) = md5($3)
+    AND "target" = ANY ($1) AND starts_with("source", $4) AND "at" > now() - make_interval(secs => $5)
+    GROUP BY "target""#;
 
 /// The bundles of target $1 that source $2 received within the window ($3
 /// seconds), served by the index on `(md5(target), md5(identity), at)` where
@@ -553,6 +582,79 @@ impl ClaimQueries for PgConnection {
             public: row.try_get("OPk")?,
             key_id: key_id(row.try_get("OPk_id")?, "OPk_id")?,
         }))
+    }
+
+    /// One by one, a device takes one statement (see `record_if_below`); in
+    /// batches, a request takes three.
+    const BATCH_FROM: usize = 3;
+
+    async fn received_by_targets<'t>(
+        &mut self,
+        targets: &[&'t DeviceId],
+        source: &DeviceId,
+        devices: Option<&UserDevices<'_>>,
+        window: Duration,
+    ) -> Result<HashMap<&'t str, Received>, Failure> {
+        let ids: Vec<&str> = targets.iter().map(|target| target.as_str()).collect();
+        let query = match devices {
+            None => sqlx::query(COUNT_BUNDLE_REQUESTS_BY_TARGET)
+                .bind(&ids)
+                .bind(source.as_str()),
+            Some(user) => sqlx::query(COUNT_IDENTITY_BUNDLE_REQUESTS_BY_TARGET)
+                .bind(&ids)
+                .bind(source.as_str())
+                .bind(user.user)
+                .bind(user.start),
+        };
+        let rows = query
+            .bind(window.as_secs_f64())
+            .fetch_all(&mut *self)
+            .await?;
+        let requested: HashSet<&'t str> = targets.iter().map(|target| target.as_str()).collect();
+        let mut received = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let target: &str = row.try_get(0)?;
+            // Compared exactly: the row's target is one of the requested ids.
+            if let Some(&id) = requested.get(target) {
+                received.insert(id, Received::from_counts(row.try_get(1)?, row.try_get(2)?));
+            }
+        }
+        Ok(received)
+    }
+
+    async fn claim_one_time_pre_keys(
+        &mut self,
+        uids: &[i64],
+    ) -> Result<HashMap<i64, ClaimedKey>, Failure> {
+        let rows = sqlx::query(CLAIM_ONE_TIME_PRE_KEYS)
+            .bind(uids)
+            .fetch_all(&mut *self)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let key = ClaimedKey {
+                    id: row.try_get("id")?,
+                    uid: row.try_get("Uid")?,
+                    public: row.try_get("OPk")?,
+                    key_id: key_id(row.try_get("OPk_id")?, "OPk_id")?,
+                };
+                Ok((key.uid, key))
+            })
+            .collect()
+    }
+
+    async fn record_requests(
+        &mut self,
+        targets: &[&DeviceId],
+        source: &DeviceId,
+    ) -> Result<(), Failure> {
+        let ids: Vec<&str> = targets.iter().map(|target| target.as_str()).collect();
+        sqlx::query(RECORD_REQUESTS)
+            .bind(source.as_str())
+            .bind(&ids)
+            .execute(&mut *self)
+            .await?;
+        Ok(())
     }
 
     /// Claiming deleted them already, in the same statement.
