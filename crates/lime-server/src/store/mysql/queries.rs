@@ -277,26 +277,18 @@ fn keys_to_insert<'k>(
     Ok(new_keys)
 }
 
-/// Multi-row inserts, in power-of-two batches (100 keys: 64 + 32 + 4).
+/// Multi-row inserts (see [`insert_batches`]).
 async fn insert_one_time_pre_keys(
     conn: &mut MySqlConnection,
     uid: i64,
     keys: &[&OneTimePreKey],
 ) -> Result<(), Fault> {
-    let mut rest = keys;
-    while !rest.is_empty() {
-        let size = power_of_two_at_most(rest.len().min(MAX_CHUNK));
-        let (batch, after) = rest.split_at(size);
-        let sql = format!(
-            "INSERT INTO OPk (Uid, OPk, OPk_id) VALUES {}",
-            vec!["(?, ?, ?)"; size].join(", ")
-        );
+    for (sql, batch) in insert_batches("OPk (Uid, OPk, OPk_id)", "(?, ?, ?)", keys) {
         let mut query = sqlx::query(&sql);
         for key in batch {
             query = query.bind(uid).bind(key.public()).bind(key.id());
         }
         conn.execute(query).await?;
-        rest = after;
     }
     Ok(())
 }
@@ -446,20 +438,12 @@ impl ClaimQueries for MySqlConnection {
         targets: &[&DeviceId],
         source: &DeviceId,
     ) -> Result<(), Fault> {
-        let mut rest = targets;
-        while !rest.is_empty() {
-            let size = power_of_two_at_most(rest.len().min(MAX_CHUNK));
-            let (batch, after) = rest.split_at(size);
-            let sql = format!(
-                "INSERT INTO Requests (source, target) VALUES {}",
-                vec!["(?, ?)"; size].join(", ")
-            );
+        for (sql, batch) in insert_batches("Requests (source, target)", "(?, ?)", targets) {
             let mut query = sqlx::query(&sql);
             for target in batch {
                 query = query.bind(source.as_str()).bind(target.as_str());
             }
             self.execute(query).await?;
-            rest = after;
         }
         Ok(())
     }
@@ -786,6 +770,26 @@ pub(super) async fn one_time_pre_key_ids(
         }
     }
     Ok(ids)
+}
+
+/// A multi-row `INSERT INTO {into} VALUES {row}, ...` for each batch of `rows`,
+/// in power-of-two sizes (100 rows: 64 + 32 + 4), with the batch whose values it
+/// takes.
+fn insert_batches<'r, T>(
+    into: &'r str,
+    row: &'r str,
+    mut rows: &'r [T],
+) -> impl Iterator<Item = (String, &'r [T])> + 'r {
+    std::iter::from_fn(move || {
+        if rows.is_empty() {
+            return None;
+        }
+        let size = power_of_two_at_most(rows.len().min(MAX_CHUNK));
+        let (batch, after) = rows.split_at(size);
+        rows = after;
+        let sql = format!("INSERT INTO {into} VALUES {}", vec![row; size].join(", "));
+        Some((sql, batch))
+    })
 }
 
 fn placeholders(count: usize) -> String {
