@@ -246,7 +246,6 @@ pub(crate) async fn claim_key_bundles<Q: ClaimQueries>(
                 repeat,
                 held,
                 device,
-                unknown: held && device.is_none(),
             }
         })
         .collect();
@@ -310,8 +309,13 @@ struct Asked<'a> {
     held: bool,
     /// Its stored row, when it is held here and has a signed pre-key.
     device: Option<&'a StoredDevice>,
+}
+
+impl Asked<'_> {
     /// Held here but not stored (or without a signed pre-key): refused.
-    unknown: bool,
+    fn unknown(&self) -> bool {
+        self.held && self.device.is_none()
+    }
 }
 
 /// Who the limit counts for.
@@ -334,7 +338,7 @@ async fn decide_one_by_one<Q: ClaimQueries>(
     let mut decided: Vec<(Grant, Option<ClaimedKey>)> = Vec::with_capacity(asked.len());
     for asked in asked {
         let uid = asked.device.map(|device| device.uid);
-        let (grant, key) = match (asked.unknown, asked.repeat, limit) {
+        let (grant, key) = match (asked.unknown(), asked.repeat, limit) {
             (true, _, _) => (Grant::Refused, None),
             (false, Some(first), _) => (rules::repeat_grant(decided[first].0), None),
             (false, None, None) => match uid {
@@ -379,7 +383,7 @@ async fn decide_in_batches<Q: ClaimQueries>(
 ) -> Result<Vec<(Grant, Option<ClaimedKey>)>, Q::Error> {
     let targets: Vec<&DeviceId> = asked
         .iter()
-        .filter(|asked| !asked.unknown && asked.repeat.is_none())
+        .filter(|asked| !asked.unknown() && asked.repeat.is_none())
         .map(|asked| asked.id)
         .collect();
     let received = queries
@@ -393,7 +397,7 @@ async fn decide_in_batches<Q: ClaimQueries>(
     let mut grants: Vec<Grant> = Vec::with_capacity(asked.len());
     let (mut to_record, mut to_claim) = (Vec::new(), Vec::new());
     for asked in asked {
-        let grant = match (asked.unknown, asked.repeat) {
+        let grant = match (asked.unknown(), asked.repeat) {
             (true, _) => Grant::Refused,
             (false, Some(first)) => rules::repeat_grant(grants[first]),
             (false, None) => {

@@ -244,8 +244,8 @@ async fn stored_keys(
             placeholders(size)
         );
         let mut query = sqlx::query(&sql).bind(uid);
-        for index in 0..size {
-            query = query.bind(chunk[index.min(chunk.len() - 1)]);
+        for value in padded(chunk) {
+            query = query.bind(*value);
         }
         for row in query.fetch_all(&mut *conn).await? {
             stored
@@ -558,8 +558,8 @@ async fn received_by_targets<'t>(
         if devices.is_some() {
             query = query.bind(source.as_str());
         }
-        for index in 0..size {
-            query = query.bind(chunk[index.min(chunk.len() - 1)].as_str());
+        for target in padded(chunk) {
+            query = query.bind(target.as_str());
         }
         query = match devices {
             None => query.bind(source.as_str()),
@@ -675,8 +675,8 @@ async fn delete_one_time_pre_keys(conn: &mut MySqlConnection, ids: &[i64]) -> Re
         let size = chunk.len().next_power_of_two();
         let sql = format!("DELETE FROM OPk WHERE id IN ({})", placeholders(size));
         let mut query = sqlx::query(&sql);
-        for index in 0..size {
-            query = query.bind(chunk[index.min(chunk.len() - 1)]);
+        for value in padded(chunk) {
+            query = query.bind(*value);
         }
         let deleted = conn.execute(query).await?.rows_affected();
         if deleted != chunk.len() as u64 {
@@ -712,8 +712,8 @@ async fn find_devices(
             placeholders(size)
         );
         let mut query = sqlx::query(&sql);
-        for index in 0..size {
-            query = query.bind(chunk[index.min(chunk.len() - 1)]);
+        for value in padded(chunk) {
+            query = query.bind(*value);
         }
         for row in query.fetch_all(&mut *conn).await? {
             // Exact match only (see the module documentation); lowest Uid first.
@@ -790,6 +790,13 @@ fn insert_batches<'r, T>(
         let sql = format!("INSERT INTO {into} VALUES {}", vec![row; size].join(", "));
         Some((sql, batch))
     })
+}
+
+/// The values of `chunk` for an `IN (...)` list of the next power-of-two size:
+/// the last one repeated (see the module documentation).
+fn padded<T>(chunk: &[T]) -> impl Iterator<Item = &T> {
+    let last = chunk.len() - 1;
+    (0..chunk.len().next_power_of_two()).map(move |index| &chunk[index.min(last)])
 }
 
 fn placeholders(count: usize) -> String {

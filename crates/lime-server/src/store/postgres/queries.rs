@@ -576,12 +576,7 @@ impl ClaimQueries for PgConnection {
         else {
             return Ok(None);
         };
-        Ok(Some(ClaimedKey {
-            id: row.try_get("id")?,
-            uid: row.try_get("Uid")?,
-            public: row.try_get("OPk")?,
-            key_id: key_id(row.try_get("OPk_id")?, "OPk_id")?,
-        }))
+        claimed_key(&row).map(Some)
     }
 
     /// One by one, a device takes one statement (see `record_if_below`); in
@@ -595,7 +590,7 @@ impl ClaimQueries for PgConnection {
         devices: Option<&UserDevices<'_>>,
         window: Duration,
     ) -> Result<HashMap<&'t str, Received>, Failure> {
-        let ids: Vec<&str> = targets.iter().map(|target| target.as_str()).collect();
+        let ids: Vec<&'t str> = targets.iter().map(|target| target.as_str()).collect();
         let query = match devices {
             None => sqlx::query(COUNT_BUNDLE_REQUESTS_BY_TARGET)
                 .bind(&ids)
@@ -610,7 +605,7 @@ impl ClaimQueries for PgConnection {
             .bind(window.as_secs_f64())
             .fetch_all(&mut *self)
             .await?;
-        let requested: HashSet<&'t str> = targets.iter().map(|target| target.as_str()).collect();
+        let requested: HashSet<&'t str> = ids.iter().copied().collect();
         let mut received = HashMap::with_capacity(rows.len());
         for row in rows {
             let target: &str = row.try_get(0)?;
@@ -631,15 +626,7 @@ impl ClaimQueries for PgConnection {
             .fetch_all(&mut *self)
             .await?;
         rows.iter()
-            .map(|row| {
-                let key = ClaimedKey {
-                    id: row.try_get("id")?,
-                    uid: row.try_get("Uid")?,
-                    public: row.try_get("OPk")?,
-                    key_id: key_id(row.try_get("OPk_id")?, "OPk_id")?,
-                };
-                Ok((key.uid, key))
-            })
+            .map(|row| claimed_key(row).map(|key| (key.uid, key)))
             .collect()
     }
 
@@ -682,6 +669,16 @@ impl ClaimQueries for PgConnection {
             .await?;
         Ok(())
     }
+}
+
+/// A one-time pre-key as a claim statement returns it.
+fn claimed_key(row: &PgRow) -> Result<ClaimedKey, Failure> {
+    Ok(ClaimedKey {
+        id: row.try_get("id")?,
+        uid: row.try_get("Uid")?,
+        public: row.try_get("OPk")?,
+        key_id: key_id(row.try_get("OPk_id")?, "OPk_id")?,
+    })
 }
 
 /// Deletes at most [`PURGE_CHUNK`] `Requests` rows older than `retention`.
