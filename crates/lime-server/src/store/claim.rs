@@ -19,41 +19,28 @@ pub(crate) trait ClaimQueries: Send {
     /// The backend's failure: a store answer or a database error.
     type Error: From<StoreError> + Send;
 
-    /// Reserves `planned` requests in the count of `identity` for the current
-    /// window of `window` (started afresh in a new window), and answers the
-    /// count before them. Its row stays locked until the transaction ends, so
-    /// that the claims of one identity take turns on every server and each
-    /// counts what the others recorded. One statement: a claim whose devices
-    /// are all granted in full needs no other write of the count.
-    fn reserve_recorded(
-        &mut self,
-        identity: &SourceIdentity<'_>,
-        window: Duration,
-        planned: u64,
-    ) -> impl Future<Output = Result<u64, Self::Error>> + Send;
-
-    /// Whether `device` is registered.
-    fn device_exists(
-        &mut self,
-        device: &DeviceId,
-    ) -> impl Future<Output = Result<bool, Self::Error>> + Send;
-
-    /// A claim's first statements: `reservation` made (see
-    /// [`ClaimQueries::reserve_recorded`]; 0 without one), and whether `source`
-    /// is registered (true when it need not be). Here one statement each; a
-    /// backend that can answer both in one statement does.
+    /// A claim's first statements. With a `reservation`, reserves its
+    /// `planned` requests in the count of its identity for the current window
+    /// (started afresh in a new window), and answers the count before them (0
+    /// without one). The identity's row stays locked until the transaction ends,
+    /// so that the claims of one identity take turns on every server and each
+    /// counts what the others recorded; a claim whose devices are all granted in
+    /// full needs no other write of the count. Then the devices, found as
+    /// [`ClaimQueries::find_devices`] finds them.
     fn start_claim(
         &mut self,
         reservation: Option<Reservation<'_>>,
+        devices: &[DeviceId],
         source: Option<&DeviceId>,
-    ) -> impl Future<Output = Result<(u64, bool), Self::Error>> + Send {
-        start_claim_apart(self, reservation, source)
-    }
+    ) -> impl Future<Output = Result<(u64, HashMap<String, StoredDevice>), Self::Error>> + Send;
 
-    /// The stored devices among `devices`, by device id, read without locking.
+    /// The stored devices among `devices` and `source` (the source of a claim
+    /// that must be registered, looked up in the same statement), by device id,
+    /// read without locking.
     fn find_devices(
         &mut self,
         devices: &[DeviceId],
+        source: Option<&DeviceId>,
     ) -> impl Future<Output = Result<HashMap<String, StoredDevice>, Self::Error>> + Send;
 
     /// The bundles of `target` received within `window` by `source` and by the
@@ -130,7 +117,7 @@ pub(crate) trait ClaimQueries: Send {
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
     /// Stores the identity's count of recorded requests, when fewer were
-    /// granted in full than [`ClaimQueries::reserve_recorded`] reserved.
+    /// granted in full than [`ClaimQueries::start_claim`] reserved.
     fn update_recorded(
         &mut self,
         identity: &SourceIdentity<'_>,
@@ -142,27 +129,6 @@ pub(crate) trait ClaimQueries: Send {
         &mut self,
         token: &ClaimToken,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
-}
-
-/// [`ClaimQueries::start_claim`], one statement each.
-pub(crate) async fn start_claim_apart<Q: ClaimQueries + ?Sized>(
-    queries: &mut Q,
-    reservation: Option<Reservation<'_>>,
-    source: Option<&DeviceId>,
-) -> Result<(u64, bool), Q::Error> {
-    let recorded = match reservation {
-        Some(Reservation {
-            identity,
-            window,
-            planned,
-        }) => queries.reserve_recorded(identity, window, planned).await?,
-        None => 0,
-    };
-    let registered = match source {
-        Some(source) => queries.device_exists(source).await?,
-        None => true,
-    };
-    Ok((recorded, registered))
 }
 
 /// What a claim reserves in its identity's count of recorded requests.
@@ -225,12 +191,13 @@ pub(crate) async fn claim_key_bundles<Q: ClaimQueries>(
         _ => None,
     };
     let must_be_registered = (*check == SourceCheck::Registered).then_some(source);
-    let (mut recorded, registered) = queries.start_claim(reservation, must_be_registered).await?;
-    if !registered {
+    let (mut recorded, stored) = queries
+        .start_claim(reservation, devices, must_be_registered)
+        .await?;
+    if must_be_registered.is_some_and(|source| !stored.contains_key(source.as_str())) {
         return Err(StoreError::DeviceNotFound.into());
     }
     let reserved = recorded + planned;
-    let stored = queries.find_devices(devices).await?;
     let asked: Vec<Asked> = all
         .iter()
         .zip(repeats)

@@ -12,7 +12,7 @@
 //! serve every request size.
 
 use super::Fault;
-use crate::store::claim::{self, ClaimQueries, ClaimTables, Recorded};
+use crate::store::claim::{self, ClaimQueries, ClaimTables, Recorded, Reservation};
 use crate::store::in_doubt::{Claim, ClaimToken, ClaimedKey, Settled};
 use crate::store::rules::{self, Received, SourceIdentity, StoredDevice, UserDevices};
 use crate::store::stats::{self, StoreStats};
@@ -308,52 +308,27 @@ pub(super) async fn claim_key_bundles(
 impl ClaimQueries for MySqlConnection {
     type Error = Fault;
 
-    /// Fixed windows, aligned on multiples of the window since the epoch, by the
-    /// database's clock. Assignments run left to right in MySQL: `recorded` is
-    /// decided before `window_start` changes. The count before the reservation
-    /// comes back as the statement's `LAST_INSERT_ID(expr)`, which the server
-    /// answers with the statement (0 for a new row).
-    async fn reserve_recorded(
+    /// A statement each: MySQL cannot read rows in the statement that writes
+    /// the identity's.
+    async fn start_claim(
         &mut self,
-        identity: &SourceIdentity<'_>,
-        window: Duration,
-        planned: u64,
-    ) -> Result<u64, Fault> {
-        let key = identity.key();
-        let reserved = sqlx::query(
-            "INSERT INTO lime_rs_identity_requests (identity, window_start, recorded) \
-             VALUES (?, UNIX_TIMESTAMP() DIV ? * ?, LAST_INSERT_ID(0) + ?) \
-             ON DUPLICATE KEY UPDATE \
-             recorded = LAST_INSERT_ID(IF(window_start = VALUES(window_start), recorded, 0)) + ?, \
-             window_start = VALUES(window_start)",
-        )
-        .bind(key.as_slice())
-        .bind(window.as_secs())
-        .bind(window.as_secs())
-        .bind(planned)
-        .bind(planned)
-        .execute(&mut *self)
-        .await?;
-        Ok(reserved.last_insert_id())
-    }
-
-    async fn device_exists(&mut self, device: &DeviceId) -> Result<bool, Fault> {
-        let uid: Option<i32> = sqlx::query_scalar(
-            "SELECT Uid FROM Users WHERE UserId = ? AND OCTET_LENGTH(UserId) = ? \
-             ORDER BY Uid LIMIT 1",
-        )
-        .bind(device.as_str())
-        .bind(device.as_str().len() as u64)
-        .fetch_optional(&mut *self)
-        .await?;
-        Ok(uid.is_some())
+        reservation: Option<Reservation<'_>>,
+        devices: &[DeviceId],
+        source: Option<&DeviceId>,
+    ) -> Result<(u64, HashMap<String, StoredDevice>), Fault> {
+        let recorded = match reservation {
+            Some(reservation) => reserve_recorded(self, reservation).await?,
+            None => 0,
+        };
+        Ok((recorded, self.find_devices(devices, source).await?))
     }
 
     async fn find_devices(
         &mut self,
         devices: &[DeviceId],
+        source: Option<&DeviceId>,
     ) -> Result<HashMap<String, StoredDevice>, Fault> {
-        find_devices(self, devices).await
+        find_devices(self, devices.iter().chain(source)).await
     }
 
     /// A count, then the insert: `INSERT ... SELECT` would count under shared
@@ -473,6 +448,37 @@ impl ClaimQueries for MySqlConnection {
             .await?;
         Ok(())
     }
+}
+
+/// Reserves the requests of `reservation` (see [`ClaimQueries::start_claim`]) in
+/// fixed windows, aligned on multiples of the window since the epoch, by the
+/// database's clock. Assignments run left to right in MySQL: `recorded` is
+/// decided before `window_start` changes. The count before the reservation comes
+/// back as the statement's `LAST_INSERT_ID(expr)`, which the server answers with
+/// the statement (0 for a new row).
+async fn reserve_recorded(
+    conn: &mut MySqlConnection,
+    Reservation {
+        identity,
+        window,
+        planned,
+    }: Reservation<'_>,
+) -> Result<u64, Fault> {
+    let reserved = sqlx::query(
+        "INSERT INTO lime_rs_identity_requests (identity, window_start, recorded) \
+         VALUES (?, UNIX_TIMESTAMP() DIV ? * ?, LAST_INSERT_ID(0) + ?) \
+         ON DUPLICATE KEY UPDATE \
+         recorded = LAST_INSERT_ID(IF(window_start = VALUES(window_start), recorded, 0)) + ?, \
+         window_start = VALUES(window_start)",
+    )
+    .bind(identity.key().as_slice())
+    .bind(window.as_secs())
+    .bind(window.as_secs())
+    .bind(planned)
+    .bind(planned)
+    .execute(conn)
+    .await?;
+    Ok(reserved.last_insert_id())
 }
 
 /// The bundles of `target` that `source` received within `window`, served by
@@ -695,10 +701,9 @@ async fn delete_one_time_pre_keys(conn: &mut MySqlConnection, ids: &[i64]) -> Re
 /// The stored devices among `devices`, by device id, read without locking.
 async fn find_devices(
     conn: &mut MySqlConnection,
-    devices: &[DeviceId],
+    devices: impl Iterator<Item = &DeviceId>,
 ) -> Result<HashMap<String, StoredDevice>, Fault> {
     let distinct: Vec<&str> = devices
-        .iter()
         .map(DeviceId::as_str)
         .collect::<HashSet<_>>()
         .into_iter()

@@ -26,12 +26,23 @@ use std::time::Duration;
 const FIND_DEVICE: &str = r#"SELECT "Uid", "Ik", "SPk", "SPk_sig", "SPk_id" FROM "Users"
     WHERE md5("UserId") = md5($1) AND "UserId" = $1"#;
 
-/// The stored devices among the ids $1 (a text array), in one statement through
-/// the same unique index (its md5s computed once, as an array the index scan
-/// takes), with the ids themselves checked as well.
-const FIND_DEVICES: &str = r#"SELECT "UserId", "Uid", "Ik", "SPk", "SPk_sig", "SPk_id" FROM "Users"
-    WHERE md5("UserId") = ANY (ARRAY(SELECT md5(id) FROM unnest($1::text[]) AS id))
-    AND "UserId" = ANY ($1::text[])"#;
+/// The stored devices among the ids `$ids` (a text array), in one statement
+/// through the same unique index (its md5s computed once, as an array the index
+/// scan takes), with the ids themselves checked as well.
+macro_rules! find_devices {
+    ($ids:literal) => {
+        concat!(
+            r#"SELECT "UserId", "Uid", "Ik", "SPk", "SPk_sig", "SPk_id" FROM "Users"
+    WHERE md5("UserId") = ANY (ARRAY(SELECT md5(id) FROM unnest("#,
+            $ids,
+            r#"::text[]) AS id))
+    AND "UserId" = ANY ("#,
+            $ids,
+            r#"::text[])"#
+        )
+    };
+}
+const FIND_DEVICES: &str = find_devices!("$1");
 
 /// Locks the device's row for the rest of the transaction, so that two uploads
 /// for one device take turns and its key count is exact.
@@ -199,19 +210,20 @@ macro_rules! reserve_recorded {
     RETURNING "recorded" - $3"#
     };
 }
-const RESERVE_RECORDED: &str = reserve_recorded!();
 
-/// `reserve_recorded`, and whether source $4 is registered, in one statement.
-/// The source is looked up in the statement's snapshot, taken before the
-/// identity's row was locked: a registration of that very device committed
-/// while the claim waited for the row is not seen (a client fetches bundles
-/// once its registration was answered).
+/// `reserve_recorded`, then the stored devices among the ids $4 (see
+/// `find_devices!`; one row with only the count when none is stored), in one
+/// statement. The devices are looked up in the statement's snapshot, taken
+/// before the identity's row was locked: a registration committed while the
+/// claim waited for the row is not seen, as if the claim had come first (a
+/// client fetches bundles once its registration was answered).
 const START_CLAIM: &str = concat!(
     r#"WITH "reserved" ("before") AS ("#,
     reserve_recorded!(),
     r#")
-    SELECT (SELECT "before" FROM "reserved"),
-        EXISTS (SELECT 1 FROM "Users" WHERE md5("UserId") = md5($4) AND "UserId" = $4)"#
+    SELECT "before", "found".* FROM "reserved" LEFT JOIN ("#,
+    find_devices!("$4"),
+    r#") AS "found" ON true"#
 );
 
 /// The row of a registering device's identity, inserted when missing (window 0,
@@ -225,9 +237,6 @@ const LOCK_IDENTITY: &str = r#"INSERT INTO "lime_rs_identity_requests" AS row
 
 const UPDATE_RECORDED: &str =
     r#"UPDATE "lime_rs_identity_requests" SET "recorded" = $2 WHERE "identity" = $1"#;
-
-const FIND_UID: &str =
-    r#"SELECT "Uid" FROM "Users" WHERE md5("UserId") = md5($1) AND "UserId" = $1"#;
 
 const PURGE_REQUESTS: &str = r#"DELETE FROM "Requests" WHERE ctid IN (
     SELECT ctid FROM "Requests" WHERE "at" < now() - make_interval(secs => $1) LIMIT $2)"#;
@@ -286,6 +295,23 @@ fn stored_device(row: &PgRow) -> Result<StoredDevice, Failure> {
         row.try_get("SPk_sig")?,
         spk_id,
     ))
+}
+
+/// The ids of `devices` and `source`, as the text array of `find_devices!`.
+fn device_ids<'d>(devices: &'d [DeviceId], source: Option<&'d DeviceId>) -> Vec<&'d str> {
+    devices.iter().chain(source).map(DeviceId::as_str).collect()
+}
+
+/// The devices of rows of `find_devices!`, by device id (a row without one, of
+/// `START_CLAIM`, is none).
+fn stored_devices(rows: &[PgRow]) -> Result<HashMap<String, StoredDevice>, Failure> {
+    let mut stored = HashMap::with_capacity(rows.len());
+    for row in rows {
+        if let Some(id) = row.try_get::<Option<String>, _>("UserId")? {
+            stored.insert(id, stored_device(row)?);
+        }
+    }
+    Ok(stored)
 }
 
 /// A u32 id stored in a BIGINT column (its CHECK keeps it in range).
@@ -466,61 +492,45 @@ pub(super) async fn claim_key_bundles(
 impl ClaimQueries for PgConnection {
     type Error = Failure;
 
-    async fn reserve_recorded(
-        &mut self,
-        identity: &SourceIdentity<'_>,
-        window: Duration,
-        planned: u64,
-    ) -> Result<u64, Failure> {
-        let recorded: i64 = sqlx::query_scalar(RESERVE_RECORDED)
-            .bind(identity.key().as_slice())
-            .bind(window.as_secs() as i64)
-            .bind(planned as i64)
-            .fetch_one(&mut *self)
-            .await?;
-        Ok(recorded as u64)
-    }
-
-    async fn device_exists(&mut self, device: &DeviceId) -> Result<bool, Failure> {
-        let found = sqlx::query(FIND_UID)
-            .bind(device.as_str())
-            .fetch_optional(&mut *self)
-            .await?;
-        Ok(found.is_some())
-    }
-
     /// One statement, whatever the number of devices.
     async fn find_devices(
         &mut self,
         devices: &[DeviceId],
+        source: Option<&DeviceId>,
     ) -> Result<HashMap<String, StoredDevice>, Failure> {
-        let ids: Vec<&str> = devices.iter().map(DeviceId::as_str).collect();
         let rows = sqlx::query(FIND_DEVICES)
-            .bind(ids)
+            .bind(device_ids(devices, source))
             .fetch_all(&mut *self)
             .await?;
-        rows.iter()
-            .map(|row| Ok((row.try_get("UserId")?, stored_device(row)?)))
-            .collect()
+        stored_devices(&rows)
     }
 
     /// The reservation and the look-up in one statement when both are asked.
     async fn start_claim(
         &mut self,
         reservation: Option<Reservation<'_>>,
+        devices: &[DeviceId],
         source: Option<&DeviceId>,
-    ) -> Result<(u64, bool), Failure> {
-        let (Some(reservation), Some(source)) = (reservation, source) else {
-            return claim::start_claim_apart(self, reservation, source).await;
+    ) -> Result<(u64, HashMap<String, StoredDevice>), Failure> {
+        let Some(reservation) = reservation else {
+            return Ok((0, self.find_devices(devices, source).await?));
         };
-        let (recorded, registered): (i64, bool) = sqlx::query_as(START_CLAIM)
+        let rows = sqlx::query(START_CLAIM)
             .bind(reservation.identity.key().as_slice())
             .bind(reservation.window.as_secs() as i64)
             .bind(reservation.planned as i64)
-            .bind(source.as_str())
-            .fetch_one(&mut *self)
+            .bind(device_ids(devices, source))
+            .fetch_all(&mut *self)
             .await?;
-        Ok((recorded as u64, registered))
+        let recorded: i64 = match rows.first() {
+            Some(row) => row.try_get("before")?,
+            None => {
+                return Err(Failure::Store(StoreError::Backend(
+                    "the reservation answered no row".into(),
+                )));
+            }
+        };
+        Ok((recorded as u64, stored_devices(&rows)?))
     }
 
     /// The count, the insert and the key in one statement.
