@@ -25,23 +25,15 @@ pub(crate) trait ClaimQueries: Send {
     /// without one). The identity's row stays locked until the transaction ends,
     /// so that the claims of one identity take turns on every server and each
     /// counts what the others recorded; a claim whose devices are all granted in
-    /// full needs no other write of the count. Then the devices, found as
-    /// [`ClaimQueries::find_devices`] finds them.
+    /// full needs no other write of the count. Then the stored devices among
+    /// `devices` and `source` (the source of a claim that must be registered,
+    /// looked up in the same statement), by device id, read without locking.
     fn start_claim(
         &mut self,
         reservation: Option<Reservation<'_>>,
         devices: &[DeviceId],
         source: Option<&DeviceId>,
     ) -> impl Future<Output = Result<(u64, HashMap<String, StoredDevice>), Self::Error>> + Send;
-
-    /// The stored devices among `devices` and `source` (the source of a claim
-    /// that must be registered, looked up in the same statement), by device id,
-    /// read without locking.
-    fn find_devices(
-        &mut self,
-        devices: &[DeviceId],
-        source: Option<&DeviceId>,
-    ) -> impl Future<Output = Result<HashMap<String, StoredDevice>, Self::Error>> + Send;
 
     /// The bundles of `target` received within `window` by `source` and by the
     /// devices of its user (`devices`, when its id is a GRUU); the request

@@ -320,15 +320,10 @@ impl ClaimQueries for MySqlConnection {
             Some(reservation) => reserve_recorded(self, reservation).await?,
             None => 0,
         };
-        Ok((recorded, self.find_devices(devices, source).await?))
-    }
-
-    async fn find_devices(
-        &mut self,
-        devices: &[DeviceId],
-        source: Option<&DeviceId>,
-    ) -> Result<HashMap<String, StoredDevice>, Fault> {
-        find_devices(self, devices.iter().chain(source)).await
+        Ok((
+            recorded,
+            find_devices(self, devices.iter().chain(source)).await?,
+        ))
     }
 
     /// A count, then the insert: `INSERT ... SELECT` would count under shared

@@ -297,6 +297,20 @@ fn stored_device(row: &PgRow) -> Result<StoredDevice, Failure> {
     ))
 }
 
+/// The stored devices among `devices` and `source`, by device id, read without
+/// locking: one statement, whatever the number of devices.
+async fn find_devices(
+    conn: &mut PgConnection,
+    devices: &[DeviceId],
+    source: Option<&DeviceId>,
+) -> Result<HashMap<String, StoredDevice>, Failure> {
+    let rows = sqlx::query(FIND_DEVICES)
+        .bind(device_ids(devices, source))
+        .fetch_all(conn)
+        .await?;
+    stored_devices(&rows)
+}
+
 /// The ids of `devices` and `source`, as the text array of `find_devices!`.
 fn device_ids<'d>(devices: &'d [DeviceId], source: Option<&'d DeviceId>) -> Vec<&'d str> {
     devices.iter().chain(source).map(DeviceId::as_str).collect()
@@ -492,19 +506,6 @@ pub(super) async fn claim_key_bundles(
 impl ClaimQueries for PgConnection {
     type Error = Failure;
 
-    /// One statement, whatever the number of devices.
-    async fn find_devices(
-        &mut self,
-        devices: &[DeviceId],
-        source: Option<&DeviceId>,
-    ) -> Result<HashMap<String, StoredDevice>, Failure> {
-        let rows = sqlx::query(FIND_DEVICES)
-            .bind(device_ids(devices, source))
-            .fetch_all(&mut *self)
-            .await?;
-        stored_devices(&rows)
-    }
-
     /// The reservation and the look-up in one statement when both are asked.
     async fn start_claim(
         &mut self,
@@ -513,7 +514,7 @@ impl ClaimQueries for PgConnection {
         source: Option<&DeviceId>,
     ) -> Result<(u64, HashMap<String, StoredDevice>), Failure> {
         let Some(reservation) = reservation else {
-            return Ok((0, self.find_devices(devices, source).await?));
+            return Ok((0, find_devices(self, devices, source).await?));
         };
         let rows = sqlx::query(START_CLAIM)
             .bind(reservation.identity.key().as_slice())
