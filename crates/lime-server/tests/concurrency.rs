@@ -8,11 +8,12 @@
 
 mod common;
 
-use common::{device_id, id, one_time_pre_key, registration, spawn_app};
+use common::{device_id, id, one_time_pre_key, registration, spawn_app, spawn_app_with};
 use futures::future::join_all;
 use lime_protocol::{
     Curve, MessageType, OneTimePreKey, Request, RequestMessage, Response, ResponseMessage,
 };
+use lime_server::config::LimitSettings;
 use std::collections::HashSet;
 use std::sync::Arc;
 use tokio::sync::Barrier;
@@ -56,18 +57,34 @@ async fn send_all_at_once(
     answers
 }
 
-async fn each_opk_is_served_once_to_concurrent_requests(curve: Curve) {
-    let app = spawn_app().await;
-    let bob = device_id("bob");
-    let keys = registration(curve, OPKS, 1);
-    let answer = app
-        .ask(&bob, curve, Request::RegisterUser(keys.clone()))
-        .await;
-    assert_eq!(answer.response, Response::Done(MessageType::RegisterUser));
+/// Every request asks for all of `targets`. With `limit` (the shipped bundle
+/// request limit, which the suites otherwise turn off) a request of several
+/// targets, a group's, is claimed in batches on the database servers.
+async fn each_opk_is_served_once_to_concurrent_requests(
+    curve: Curve,
+    targets: &[&str],
+    limit: bool,
+) {
+    let app = spawn_app_with(|settings| {
+        if limit {
+            settings.limits.max_bundle_requests = LimitSettings::default().max_bundle_requests;
+        }
+    })
+    .await;
+    let targets: Vec<String> = targets.iter().map(|name| device_id(name)).collect();
+    let mut uploaded = Vec::new();
+    for target in &targets {
+        let keys = registration(curve, OPKS, 1);
+        let answer = app
+            .ask(target, curve, Request::RegisterUser(keys.clone()))
+            .await;
+        assert_eq!(answer.response, Response::Done(MessageType::RegisterUser));
+        uploaded.push(keys);
+    }
 
-    let ask_for_bob = RequestMessage {
+    let ask_for_targets = RequestMessage {
         curve,
-        request: Request::GetPeerBundle(vec![id(&bob)]),
+        request: Request::GetPeerBundle(targets.iter().map(|target| id(target)).collect()),
     };
     // Registered first, as liblime registers a device before it fetches.
     let askers: Vec<String> = (0..TASKS)
@@ -83,63 +100,80 @@ async fn each_opk_is_served_once_to_concurrent_requests(curve: Curve) {
             .await;
         assert_eq!(answer.response, Response::Done(MessageType::RegisterUser));
     }
-    let answers = send_all_at_once(&app, &ask_for_bob, |task| askers[task].clone()).await;
+    let answers = send_all_at_once(&app, &ask_for_targets, |task| askers[task].clone()).await;
     assert_eq!(answers.len(), TASKS * REQUESTS_PER_TASK);
 
-    let mut served: Vec<OneTimePreKey> = Vec::new();
-    let mut without_opk = 0;
+    let mut served: Vec<Vec<OneTimePreKey>> = vec![Vec::new(); targets.len()];
+    let mut without_opk = vec![0; targets.len()];
     for answer in answers {
         assert_eq!(answer.curve_byte, curve.id());
         let Response::PeerBundles(bundles) = answer.response else {
             panic!("{curve}: expected peerBundle, got {answer:?}");
         };
-        assert_eq!(bundles.len(), 1, "{curve}");
-        assert_eq!(bundles[0].device_id.as_str(), bob);
-        let bundle = bundles[0]
-            .bundle
-            .as_ref()
-            .unwrap_or_else(|| panic!("{curve}: bob's bundle has flag 2"));
-        assert_eq!(bundle.identity_key, keys.identity_key, "{curve}");
-        assert_eq!(bundle.signed_pre_key, keys.signed_pre_key, "{curve}");
-        match &bundle.one_time_pre_key {
-            Some(opk) => served.push(opk.clone()),
-            None => without_opk += 1,
+        assert_eq!(bundles.len(), targets.len(), "{curve}");
+        for (index, (target, keys)) in targets.iter().zip(&uploaded).enumerate() {
+            assert_eq!(bundles[index].device_id.as_str(), target);
+            let bundle = bundles[index]
+                .bundle
+                .as_ref()
+                .unwrap_or_else(|| panic!("{curve}: {target}'s bundle has flag 2"));
+            assert_eq!(bundle.identity_key, keys.identity_key, "{curve}");
+            assert_eq!(bundle.signed_pre_key, keys.signed_pre_key, "{curve}");
+            match &bundle.one_time_pre_key {
+                Some(opk) => served[index].push(opk.clone()),
+                None => without_opk[index] += 1,
+            }
         }
     }
 
-    let ids: HashSet<u32> = served.iter().map(OneTimePreKey::id).collect();
-    assert_eq!(ids.len(), served.len(), "{curve}: an OPk was served twice");
-    assert_eq!(
-        served.len(),
-        OPKS as usize,
-        "{curve}: every OPk is served once"
-    );
-    for opk in &served {
-        assert!(
-            keys.one_time_pre_keys.contains(opk),
-            "{curve}: OPk {} is not one bob uploaded (id or bytes)",
-            opk.id()
+    for (index, (target, keys)) in targets.iter().zip(&uploaded).enumerate() {
+        let served = &served[index];
+        let ids: HashSet<u32> = served.iter().map(OneTimePreKey::id).collect();
+        assert_eq!(
+            ids.len(),
+            served.len(),
+            "{curve}: an OPk of {target} was served twice"
         );
+        assert_eq!(
+            served.len(),
+            OPKS as usize,
+            "{curve}: every OPk of {target} is served once"
+        );
+        for opk in served {
+            assert!(
+                keys.one_time_pre_keys.contains(opk),
+                "{curve}: OPk {} is not one {target} uploaded (id or bytes)",
+                opk.id()
+            );
+        }
+        assert_eq!(
+            without_opk[index],
+            TASKS * REQUESTS_PER_TASK - OPKS as usize,
+            "{curve}: the rest of {target}'s have flag 0"
+        );
+        let answer = app.ask(target, curve, Request::GetSelfOneTimePreKeys).await;
+        assert_eq!(answer.response, Response::SelfOneTimePreKeys(Vec::new()));
     }
-    assert_eq!(
-        without_opk,
-        TASKS * REQUESTS_PER_TASK - OPKS as usize,
-        "{curve}: the rest have flag 0"
-    );
-
-    let answer = app.ask(&bob, curve, Request::GetSelfOneTimePreKeys).await;
-    assert_eq!(answer.response, Response::SelfOneTimePreKeys(Vec::new()));
     assert_eq!(app.stored_one_time_pre_keys(curve).await, 0, "{curve}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn c25519_each_opk_is_served_once_to_64_concurrent_bundle_requests() {
-    each_opk_is_served_once_to_concurrent_requests(Curve::C25519).await;
+    each_opk_is_served_once_to_concurrent_requests(Curve::C25519, &["bob"], false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn c448mlk1024_each_opk_is_served_once_to_64_concurrent_bundle_requests() {
-    each_opk_is_served_once_to_concurrent_requests(Curve::C448Mlk1024).await;
+    each_opk_is_served_once_to_concurrent_requests(Curve::C448Mlk1024, &["bob"], false).await;
+}
+
+/// A group's request: three devices, the limit on, so that both database
+/// servers claim it in batches (MariaDB: the keys in two statements, PostgreSQL
+/// in one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn c25519_each_opk_of_a_group_is_served_once_to_64_concurrent_group_requests() {
+    each_opk_is_served_once_to_concurrent_requests(Curve::C25519, &["bob", "carol", "dave"], true)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

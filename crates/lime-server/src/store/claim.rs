@@ -79,21 +79,11 @@ pub(crate) trait ClaimQueries: Send {
 
     /// One of the one-time pre-keys of each device of `uids` (distinct), taken
     /// as [`ClaimQueries::claim_one_time_pre_key`] takes one: by uid, a device
-    /// with none left is left out. Here one statement a device.
+    /// with none left is left out.
     fn claim_one_time_pre_keys(
         &mut self,
         uids: &[i64],
-    ) -> impl Future<Output = Result<HashMap<i64, ClaimedKey>, Self::Error>> + Send {
-        async move {
-            let mut keys = HashMap::with_capacity(uids.len());
-            for &uid in uids {
-                if let Some(key) = self.claim_one_time_pre_key(uid).await? {
-                    keys.insert(uid, key);
-                }
-            }
-            Ok(keys)
-        }
-    }
+    ) -> impl Future<Output = Result<HashMap<i64, ClaimedKey>, Self::Error>> + Send;
 
     /// Records in `Requests` a request of `source` for each of `targets`.
     fn record_requests(

@@ -305,6 +305,25 @@ pub(super) async fn claim_key_bundles(
     claim::claim_key_bundles(conn, curve, tables, request).await
 }
 
+/// One key of a device, for [`ClaimQueries::claim_one_time_pre_key`].
+const CLAIM_KEY: &str =
+    "SELECT id, Uid, OPk, OPk_id FROM OPk WHERE Uid = ? LIMIT 1 FOR UPDATE SKIP LOCKED";
+/// The same, as a part of a `UNION ALL`.
+const CLAIM_KEY_PART: &str =
+    "(SELECT id, Uid, OPk, OPk_id FROM OPk WHERE Uid = ? LIMIT 1 FOR UPDATE SKIP LOCKED)";
+
+/// A row of [`CLAIM_KEY`].
+fn claimed_key(row: &sqlx::mysql::MySqlRow) -> Result<ClaimedKey, Fault> {
+    let id: i32 = row.try_get(0)?;
+    let uid: i32 = row.try_get(1)?;
+    Ok(ClaimedKey {
+        id: i64::from(id),
+        uid: i64::from(uid),
+        public: row.try_get(2)?,
+        key_id: row.try_get(3)?,
+    })
+}
+
 impl ClaimQueries for MySqlConnection {
     type Error = Fault;
 
@@ -369,26 +388,41 @@ impl ClaimQueries for MySqlConnection {
     /// lock every key of the device, so that concurrent claims skipped them all
     /// and answered "no OPk left" while keys remained (seen in the benchmarks).
     async fn claim_one_time_pre_key(&mut self, uid: i64) -> Result<Option<ClaimedKey>, Fault> {
-        let row = sqlx::query(
-            "SELECT id, OPk, OPk_id FROM OPk WHERE Uid = ? LIMIT 1 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(uid)
-        .fetch_optional(&mut *self)
-        .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let id: i32 = row.try_get(0)?;
-        Ok(Some(ClaimedKey {
-            id: i64::from(id),
-            uid,
-            public: row.try_get(1)?,
-            key_id: row.try_get(2)?,
-        }))
+        let row = sqlx::query(CLAIM_KEY)
+            .bind(uid)
+            .fetch_optional(&mut *self)
+            .await?;
+        row.as_ref().map(claimed_key).transpose()
+    }
+
+    /// One statement per batch of devices (power-of-two sizes, at most
+    /// [`MAX_CHUNK`]): a `UNION ALL` of [`claim_one_time_pre_key`]'s statement,
+    /// once per device, each part skipping and locking as it does alone.
+    /// MariaDB has no `LATERAL`, and one `SELECT ... FOR UPDATE SKIP LOCKED`
+    /// over several devices' keys would lock every key of them.
+    ///
+    /// [`claim_one_time_pre_key`]: ClaimQueries::claim_one_time_pre_key
+    async fn claim_one_time_pre_keys(
+        &mut self,
+        uids: &[i64],
+    ) -> Result<HashMap<i64, ClaimedKey>, Fault> {
+        let mut keys = HashMap::with_capacity(uids.len());
+        for batch in power_of_two_batches(uids) {
+            let sql = vec![CLAIM_KEY_PART; batch.len()].join(" UNION ALL ");
+            let mut query = sqlx::query(&sql);
+            for uid in batch {
+                query = query.bind(uid);
+            }
+            for row in query.fetch_all(&mut *self).await? {
+                let key = claimed_key(&row)?;
+                keys.insert(key.uid, key);
+            }
+        }
+        Ok(keys)
     }
 
     /// A count and a record are a statement each per device, a key another:
-    /// two devices take 6 one by one, 4 in batches.
+    /// two devices take 6 one by one, 3 in batches.
     const BATCH_FROM: usize = 2;
 
     /// One statement per [`MAX_CHUNK`] targets, through the index on
@@ -778,17 +812,27 @@ pub(super) async fn one_time_pre_key_ids(
 fn insert_batches<'r, T>(
     into: &'r str,
     row: &'r str,
-    mut rows: &'r [T],
+    rows: &'r [T],
 ) -> impl Iterator<Item = (String, &'r [T])> + 'r {
+    power_of_two_batches(rows).map(move |batch| {
+        let sql = format!(
+            "INSERT INTO {into} VALUES {}",
+            vec![row; batch.len()].join(", ")
+        );
+        (sql, batch)
+    })
+}
+
+/// `rows` cut in batches of power-of-two sizes, at most [`MAX_CHUNK`] each (100
+/// rows: 64 + 32 + 4), for statements whose parts cannot be padded.
+fn power_of_two_batches<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
     std::iter::from_fn(move || {
         if rows.is_empty() {
             return None;
         }
-        let size = power_of_two_at_most(rows.len().min(MAX_CHUNK));
-        let (batch, after) = rows.split_at(size);
+        let (batch, after) = rows.split_at(power_of_two_at_most(rows.len().min(MAX_CHUNK)));
         rows = after;
-        let sql = format!("INSERT INTO {into} VALUES {}", vec![row; size].join(", "));
-        Some((sql, batch))
+        Some(batch)
     })
 }
 
