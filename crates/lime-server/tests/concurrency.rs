@@ -176,6 +176,14 @@ async fn c25519_each_opk_of_a_group_is_served_once_to_64_concurrent_group_reques
         .await;
 }
 
+/// The same without the limit: every key of a group's request taken at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn c25519_each_opk_of_a_group_is_served_once_to_concurrent_group_requests_without_the_limit()
+{
+    each_opk_is_served_once_to_concurrent_requests(Curve::C25519, &["bob", "carol", "dave"], false)
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_retries_of_one_registration_register_the_device_once() {
     for curve in [Curve::C25519, Curve::C25519Mlk512] {

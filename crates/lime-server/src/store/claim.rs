@@ -39,8 +39,8 @@ pub(crate) trait ClaimQueries: Send {
     /// devices of its user (`devices`, when its id is a GRUU); the request
     /// recorded in `Requests` when they are [`Received::below`] `bounds`, and
     /// then, for a device held here (`claim_from`, its uid), one of its
-    /// one-time pre-keys taken as [`ClaimQueries::claim_one_time_pre_key`]
-    /// takes it.
+    /// one-time pre-keys taken as [`ClaimQueries::claim_one_time_pre_keys`]
+    /// takes them.
     fn record_if_below(
         &mut self,
         target: &DeviceId,
@@ -50,13 +50,6 @@ pub(crate) trait ClaimQueries: Send {
         bounds: Received,
         claim_from: Option<i64>,
     ) -> impl Future<Output = Result<Recorded, Self::Error>> + Send;
-
-    /// Takes one of device `uid`'s one-time pre-keys that no concurrent claim
-    /// holds, if any is left.
-    fn claim_one_time_pre_key(
-        &mut self,
-        uid: i64,
-    ) -> impl Future<Output = Result<Option<ClaimedKey>, Self::Error>> + Send;
 
     /// From how many devices counted under the limit a request is claimed in
     /// batches ([`ClaimQueries::received_by_targets`], then
@@ -77,9 +70,9 @@ pub(crate) trait ClaimQueries: Send {
         window: Duration,
     ) -> impl Future<Output = Result<HashMap<&'t str, Received>, Self::Error>> + Send;
 
-    /// One of the one-time pre-keys of each device of `uids` (distinct), taken
-    /// as [`ClaimQueries::claim_one_time_pre_key`] takes one: by uid, a device
-    /// with none left is left out.
+    /// For each device of `uids` (distinct), one of its one-time pre-keys that
+    /// no concurrent claim holds, if any is left: by uid, a device with none
+    /// left is left out.
     fn claim_one_time_pre_keys(
         &mut self,
         uids: &[i64],
@@ -204,10 +197,11 @@ pub(crate) async fn claim_key_bundles<Q: ClaimQueries>(
         counts_recorded,
     };
     let decided = match limit {
+        None => decide_without_limit(queries, &asked).await?,
         Some(limit) if planned as usize >= Q::BATCH_FROM => {
             decide_in_batches(queries, &asked, limit, &counted, &mut recorded).await?
         }
-        _ => decide_one_by_one(queries, &asked, limit, &counted, &mut recorded).await?,
+        Some(limit) => decide_one_by_one(queries, &asked, limit, &counted, &mut recorded).await?,
     };
     let mut claimed = Vec::new();
     let mut answer = Claimed::default();
@@ -275,26 +269,55 @@ struct Counted<'a> {
     counts_recorded: bool,
 }
 
-/// Each device's grant and the key taken for it, one device at a time (with the
-/// limit on: a target's counts and record in [`ClaimQueries::record_if_below`]).
+/// Each device's grant and the key taken for it without the limit: every device
+/// held here and stored is granted in full, its key taken with the others'
+/// ([`ClaimQueries::claim_one_time_pre_keys`]).
+async fn decide_without_limit<Q: ClaimQueries>(
+    queries: &mut Q,
+    asked: &[Asked<'_>],
+) -> Result<Vec<(Grant, Option<ClaimedKey>)>, Q::Error> {
+    let firsts = asked
+        .iter()
+        .filter(|asked| !asked.unknown() && asked.repeat.is_none());
+    let uids: Vec<i64> = firsts
+        .filter_map(|asked| asked.device.map(|device| device.uid))
+        .collect();
+    let mut keys = if uids.is_empty() {
+        HashMap::new()
+    } else {
+        queries.claim_one_time_pre_keys(&uids).await?
+    };
+    Ok(asked
+        .iter()
+        .map(
+            |asked| match (asked.unknown(), asked.repeat, asked.device) {
+                (true, _, _) => (Grant::Refused, None),
+                (false, Some(_), _) => (rules::repeat_grant(Grant::Full), None),
+                (false, None, device) => (
+                    Grant::Full,
+                    device.and_then(|device| keys.remove(&device.uid)),
+                ),
+            },
+        )
+        .collect())
+}
+
+/// Each device's grant and the key taken for it, one device at a time, with the
+/// limit on: a target's counts and record in [`ClaimQueries::record_if_below`].
 async fn decide_one_by_one<Q: ClaimQueries>(
     queries: &mut Q,
     asked: &[Asked<'_>],
-    limit: Option<&BundleRequestLimit>,
+    limit: &BundleRequestLimit,
     counted: &Counted<'_>,
     recorded: &mut u64,
 ) -> Result<Vec<(Grant, Option<ClaimedKey>)>, Q::Error> {
     let mut decided: Vec<(Grant, Option<ClaimedKey>)> = Vec::with_capacity(asked.len());
     for asked in asked {
         let uid = asked.device.map(|device| device.uid);
-        let (grant, key) = match (asked.unknown(), asked.repeat, limit) {
-            (true, _, _) => (Grant::Refused, None),
-            (false, Some(first), _) => (rules::repeat_grant(decided[first].0), None),
-            (false, None, None) => match uid {
-                Some(uid) => (Grant::Full, queries.claim_one_time_pre_key(uid).await?),
-                None => (Grant::Full, None),
-            },
-            (false, None, Some(limit)) => {
+        let (grant, key) = match (asked.unknown(), asked.repeat) {
+            (true, _) => (Grant::Refused, None),
+            (false, Some(first)) => (rules::repeat_grant(decided[first].0), None),
+            (false, None) => {
                 let bounds = rules::full_grant_bounds(*recorded, limit);
                 let done = queries
                     .record_if_below(

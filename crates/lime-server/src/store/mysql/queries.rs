@@ -305,7 +305,7 @@ pub(super) async fn claim_key_bundles(
     claim::claim_key_bundles(conn, curve, tables, request).await
 }
 
-/// One key of a device, for [`ClaimQueries::claim_one_time_pre_key`].
+/// One key of a device, for [`claim_one_time_pre_key`].
 const CLAIM_KEY: &str =
     "SELECT id, Uid, OPk, OPk_id FROM OPk WHERE Uid = ? LIMIT 1 FOR UPDATE SKIP LOCKED";
 /// The same, as a part of a `UNION ALL`.
@@ -322,6 +322,24 @@ fn claimed_key(row: &sqlx::mysql::MySqlRow) -> Result<ClaimedKey, Fault> {
         public: row.try_get(2)?,
         key_id: row.try_get(3)?,
     })
+}
+
+/// `SKIP LOCKED` passes over keys that another transaction (another
+/// request, another server) is claiming, so no key is handed out twice and
+/// claims never wait for each other. The row stays locked until this
+/// transaction deletes it and commits. No `ORDER BY`: any of the device's keys
+/// will do, and an order the index in use does not give made InnoDB read and
+/// lock every key of the device, so that concurrent claims skipped them all
+/// and answered "no OPk left" while keys remained (seen in the benchmarks).
+async fn claim_one_time_pre_key(
+    conn: &mut MySqlConnection,
+    uid: i64,
+) -> Result<Option<ClaimedKey>, Fault> {
+    let row = sqlx::query(CLAIM_KEY)
+        .bind(uid)
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(claimed_key).transpose()
 }
 
 impl ClaimQueries for MySqlConnection {
@@ -370,7 +388,7 @@ impl ClaimQueries for MySqlConnection {
                 .execute(&mut *self)
                 .await?;
             if let Some(uid) = claim_from {
-                key = self.claim_one_time_pre_key(uid).await?;
+                key = claim_one_time_pre_key(self, uid).await?;
             }
         }
         Ok(Recorded {
@@ -380,34 +398,26 @@ impl ClaimQueries for MySqlConnection {
         })
     }
 
-    /// `SKIP LOCKED` passes over keys that another transaction (another
-    /// request, another server) is claiming, so no key is handed out twice and
-    /// claims never wait for each other. The row stays locked until this
-    /// transaction deletes it and commits. No `ORDER BY`: any of the device's keys
-    /// will do, and an order the index in use does not give made InnoDB read and
-    /// lock every key of the device, so that concurrent claims skipped them all
-    /// and answered "no OPk left" while keys remained (seen in the benchmarks).
-    async fn claim_one_time_pre_key(&mut self, uid: i64) -> Result<Option<ClaimedKey>, Fault> {
-        let row = sqlx::query(CLAIM_KEY)
-            .bind(uid)
-            .fetch_optional(&mut *self)
-            .await?;
-        row.as_ref().map(claimed_key).transpose()
-    }
-
     /// One statement per batch of devices (power-of-two sizes, at most
     /// [`MAX_CHUNK`]): a `UNION ALL` of [`claim_one_time_pre_key`]'s statement,
-    /// once per device, each part skipping and locking as it does alone.
-    /// MariaDB has no `LATERAL`, and one `SELECT ... FOR UPDATE SKIP LOCKED`
-    /// over several devices' keys would lock every key of them.
-    ///
-    /// [`claim_one_time_pre_key`]: ClaimQueries::claim_one_time_pre_key
+    /// once per device, each part skipping and locking as it does alone; a
+    /// batch of one is that statement itself. MariaDB has no `LATERAL`, and
+    /// one `SELECT ... FOR UPDATE SKIP LOCKED` over several devices' keys
+    /// would lock every key of them.
     async fn claim_one_time_pre_keys(
         &mut self,
         uids: &[i64],
     ) -> Result<HashMap<i64, ClaimedKey>, Fault> {
         let mut keys = HashMap::with_capacity(uids.len());
         for batch in power_of_two_batches(uids) {
+            if let [uid] = batch {
+                keys.extend(
+                    claim_one_time_pre_key(self, *uid)
+                        .await?
+                        .map(|key| (key.uid, key)),
+                );
+                continue;
+            }
             let sql = vec![CLAIM_KEY_PART; batch.len()].join(" UNION ALL ");
             let mut query = sqlx::query(&sql);
             for uid in batch {

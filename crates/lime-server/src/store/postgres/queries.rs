@@ -579,17 +579,6 @@ impl ClaimQueries for PgConnection {
         })
     }
 
-    async fn claim_one_time_pre_key(&mut self, uid: i64) -> Result<Option<ClaimedKey>, Failure> {
-        let Some(row) = sqlx::query(CLAIM_ONE_TIME_PRE_KEY)
-            .bind(uid)
-            .fetch_optional(&mut *self)
-            .await?
-        else {
-            return Ok(None);
-        };
-        claimed_key(&row).map(Some)
-    }
-
     /// One by one, a device takes one statement (see `record_if_below`); in
     /// batches, a request takes three.
     const BATCH_FROM: usize = 3;
@@ -628,14 +617,19 @@ impl ClaimQueries for PgConnection {
         Ok(received)
     }
 
+    /// One device's key through [`CLAIM_ONE_TIME_PRE_KEY`]: its plan costs less
+    /// than the `LATERAL` join over an array of one (a request of one device
+    /// with the limit off: 0.30 ms of database CPU instead of 0.49 in the
+    /// benchmarks).
     async fn claim_one_time_pre_keys(
         &mut self,
         uids: &[i64],
     ) -> Result<HashMap<i64, ClaimedKey>, Failure> {
-        let rows = sqlx::query(CLAIM_ONE_TIME_PRE_KEYS)
-            .bind(uids)
-            .fetch_all(&mut *self)
-            .await?;
+        let query = match uids {
+            [uid] => sqlx::query(CLAIM_ONE_TIME_PRE_KEY).bind(*uid),
+            _ => sqlx::query(CLAIM_ONE_TIME_PRE_KEYS).bind(uids),
+        };
+        let rows = query.fetch_all(&mut *self).await?;
         rows.iter()
             .map(|row| claimed_key(row).map(|key| (key.uid, key)))
             .collect()
