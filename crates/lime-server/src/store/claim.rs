@@ -70,9 +70,9 @@ pub(crate) trait ClaimQueries: Send {
         window: Duration,
     ) -> impl Future<Output = Result<HashMap<&'t str, Received>, Self::Error>> + Send;
 
-    /// For each device of `uids` (distinct), one of its one-time pre-keys that
-    /// no concurrent claim holds, if any is left: by uid, a device with none
-    /// left is left out.
+    /// For each device of `uids` (distinct, maybe none), one of its one-time
+    /// pre-keys that no concurrent claim holds, if any is left: by uid, a
+    /// device with none left is left out.
     fn claim_one_time_pre_keys(
         &mut self,
         uids: &[i64],
@@ -276,17 +276,12 @@ async fn decide_without_limit<Q: ClaimQueries>(
     queries: &mut Q,
     asked: &[Asked<'_>],
 ) -> Result<Vec<(Grant, Option<ClaimedKey>)>, Q::Error> {
-    let firsts = asked
+    let uids: Vec<i64> = asked
         .iter()
-        .filter(|asked| !asked.unknown() && asked.repeat.is_none());
-    let uids: Vec<i64> = firsts
+        .filter(|asked| !asked.unknown() && asked.repeat.is_none())
         .filter_map(|asked| asked.device.map(|device| device.uid))
         .collect();
-    let mut keys = if uids.is_empty() {
-        HashMap::new()
-    } else {
-        queries.claim_one_time_pre_keys(&uids).await?
-    };
+    let mut keys = queries.claim_one_time_pre_keys(&uids).await?;
     Ok(asked
         .iter()
         .map(

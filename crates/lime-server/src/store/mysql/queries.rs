@@ -306,11 +306,14 @@ pub(super) async fn claim_key_bundles(
 }
 
 /// One key of a device, for [`claim_one_time_pre_key`].
-const CLAIM_KEY: &str =
-    "SELECT id, Uid, OPk, OPk_id FROM OPk WHERE Uid = ? LIMIT 1 FOR UPDATE SKIP LOCKED";
+macro_rules! claim_key {
+    () => {
+        "SELECT id, Uid, OPk, OPk_id FROM OPk WHERE Uid = ? LIMIT 1 FOR UPDATE SKIP LOCKED"
+    };
+}
+const CLAIM_KEY: &str = claim_key!();
 /// The same, as a part of a `UNION ALL`.
-const CLAIM_KEY_PART: &str =
-    "(SELECT id, Uid, OPk, OPk_id FROM OPk WHERE Uid = ? LIMIT 1 FOR UPDATE SKIP LOCKED)";
+const CLAIM_KEY_PART: &str = concat!("(", claim_key!(), ")");
 
 /// A row of [`CLAIM_KEY`].
 fn claimed_key(row: &sqlx::mysql::MySqlRow) -> Result<ClaimedKey, Fault> {
