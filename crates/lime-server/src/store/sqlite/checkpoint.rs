@@ -21,6 +21,14 @@
 //! - past [`MAX_WAL_FRAMES`] (the checkpointer falls behind, or a reader in another
 //!   process holds old pages), the writer runs a RESTART checkpoint itself.
 //!
+//! A pass's pages go to the disk a few at a time (on Linux, through the VFS of
+//! `writeback.rs`), so that a commit's fsync queues behind a few pages rather
+//! than the whole pass; a pass the writer waits for flushes at once, since no
+//! commit runs meanwhile. With commits no longer waiting behind the passes, the
+//! writer's waits for the WAL to start over were most of what was left of the
+//! p99 (every request in flight waits with the writer): they are now one per
+//! [`RESET_FRAMES`] (64 MiB of 4 KiB pages), not one per 1,000 frames.
+//!
 //! Durability does not change: a commit still fsyncs the WAL under
 //! `synchronous = FULL`; a checkpoint fsyncs the WAL and the database file as the
 //! automatic one did, on the checkpointer's connection set up alike. This module
@@ -29,6 +37,7 @@
 use rusqlite::Connection;
 use std::cell::Cell;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -38,14 +47,16 @@ use std::time::Duration;
 pub const GATHER: Duration = Duration::from_millis(10);
 
 /// WAL frames past which the writer lets a nearly caught-up checkpointer finish,
-/// so that the WAL starts over (SQLite's automatic checkpoint threshold).
-pub const RESET_FRAMES: u32 = 1_000;
+/// so that the WAL starts over. Each start-over holds the writer for one pass
+/// (5–15 ms on the disk of `docs/benchmarks.md`), so it comes rarely: at
+/// SQLite's 1,000 frames it came 37 times a second under load.
+pub const RESET_FRAMES: u32 = 16_000;
 
 /// What "nearly caught up" means: frames a pass left uncopied.
 pub const CAUGHT_UP_FRAMES: u32 = 200;
 
 /// The hard bound: past it the writer checkpoints (RESTART) itself.
-pub const MAX_WAL_FRAMES: u32 = 8_000;
+pub const MAX_WAL_FRAMES: u32 = 32_000;
 
 /// Longest the writer waits for the checkpointer's pass before going on: a
 /// checkpointer that is stuck must not stop the writer.
@@ -128,6 +139,9 @@ struct Shared {
     wake: Condvar,
     /// Wakes the writer waiting for a pass.
     done: Condvar,
+    /// The writer waits: the pass under way flushes its pages at once rather
+    /// than a few at a time (`writeback.rs`).
+    hurry: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -153,6 +167,7 @@ impl Checkpointer {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
             done: Condvar::new(),
+            hurry: Arc::new(AtomicBool::new(false)),
         });
         let thread = {
             let shared = shared.clone();
@@ -214,6 +229,9 @@ impl Checkpointer {
         let mut state = self.shared.lock();
         state.requested += 1;
         state.urgent |= urgent;
+        if urgent {
+            self.shared.hurry.store(true, Ordering::Relaxed);
+        }
         self.shared.wake.notify_one();
         state.requested
     }
@@ -247,6 +265,8 @@ impl Drop for Checkpointer {
 }
 
 fn run_checkpointer(conn: &Connection, shared: &Shared) {
+    #[cfg(target_os = "linux")]
+    super::writeback::hurry_with(shared.hurry.clone());
     loop {
         let mut state = shared.lock();
         while state.requested == state.served && !state.stop {
@@ -269,6 +289,7 @@ fn run_checkpointer(conn: &Connection, shared: &Shared) {
         }
         let serves = state.requested;
         state.served = serves;
+        shared.hurry.store(state.urgent, Ordering::Relaxed);
         state.urgent = false;
         drop(state);
         let result = checkpoint(conn, "PASSIVE");
@@ -286,12 +307,35 @@ fn run_checkpointer(conn: &Connection, shared: &Shared) {
 }
 
 /// Opens the checkpointer's connection to `path`, in WAL mode with the writer's
-/// `synchronous` (the checkpoint's fsyncs follow it).
+/// `synchronous` (the checkpoint's fsyncs follow it). On Linux it goes through
+/// the VFS that writes a checkpoint's pages back a few at a time
+/// (`writeback.rs`), so that commits do not wait behind a whole pass's flush.
 pub fn connect(path: &Path, synchronous: &str) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(path)?;
+    let conn = open(path)?;
     conn.execute_batch(&format!(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous}; \
          PRAGMA wal_autocheckpoint = 0;"
     ))?;
     Ok(conn)
+}
+
+#[cfg(target_os = "linux")]
+fn open(path: &Path) -> rusqlite::Result<Connection> {
+    use rusqlite::OpenFlags;
+    match super::writeback::register() {
+        Ok(()) => Connection::open_with_flags_and_vfs(
+            path,
+            OpenFlags::default(),
+            super::writeback::VFS_NAME,
+        ),
+        Err(error) => {
+            tracing::warn!(%error, "SQLite: checkpoints flush each pass at once");
+            Connection::open(path)
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open(path: &Path) -> rusqlite::Result<Connection> {
+    Connection::open(path)
 }

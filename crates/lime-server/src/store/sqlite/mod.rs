@@ -15,6 +15,8 @@ mod claim;
 mod queries;
 mod request_counts;
 pub mod schema;
+#[cfg(target_os = "linux")]
+mod writeback;
 mod writer;
 
 pub use checkpoint::MAX_WAL_FRAMES;
