@@ -73,8 +73,6 @@ fn runs() -> u64 {
 struct FileState {
     /// The file's descriptor, read from the unix VFS's structure and checked.
     fd: c_int,
-    /// The unix VFS's methods, called for the work itself.
-    real: *const ffi::sqlite3_io_methods,
     /// The run not yet written back: its first and end offsets in the file.
     start: i64,
     end: i64,
@@ -91,8 +89,15 @@ static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
 static STATE_OFFSET: OnceLock<usize> = OnceLock::new();
 
 /// Our copy of the unix VFS's file methods with `xWrite`, `xSync` and `xClose`
-/// replaced, and the address of the table it copies.
-static METHODS: OnceLock<(ffi::sqlite3_io_methods, usize)> = OnceLock::new();
+/// replaced, and the table it copies: the methods every file we change had,
+/// called for the work itself.
+static METHODS: OnceLock<(ffi::sqlite3_io_methods, &'static ffi::sqlite3_io_methods)> =
+    OnceLock::new();
+
+/// The unix VFS's methods of the files whose methods are ours.
+fn real_methods() -> &'static ffi::sqlite3_io_methods {
+    METHODS.get().expect("a file was opened through the VFS").1
+}
 
 /// Registers the VFS (once per process). Errors name what failed; the caller
 /// then opens its connection with SQLite's default VFS.
@@ -196,21 +201,21 @@ unsafe extern "C" fn open(
         let Some(fd) = descriptor(file, name) else {
             return code;
         };
-        let real_methods = (*file).pMethods;
+        // The unix VFS's methods are static tables, valid for the process's life.
+        let real_methods: &'static ffi::sqlite3_io_methods = &*(*file).pMethods;
         let (methods, copied) = METHODS.get_or_init(|| {
             let mut methods = *real_methods;
             methods.xWrite = Some(write);
             methods.xSync = Some(sync);
             methods.xClose = Some(close);
-            (methods, real_methods as usize)
+            (methods, real_methods)
         });
-        if *copied != real_methods as usize {
+        if !std::ptr::eq(*copied, real_methods) {
             // Another kind of file methods than the first one seen: leave it.
             return code;
         }
         state_of(file).write(FileState {
             fd,
-            real: real_methods,
             start: 0,
             end: 0,
             pages: 0,
@@ -252,7 +257,7 @@ unsafe extern "C" fn write(
 ) -> c_int {
     // SAFETY: SQLite calls our methods only on files `open` set them on.
     let state = unsafe { file_state(file) };
-    let Some(real_write) = (unsafe { (*state.real).xWrite }) else {
+    let Some(real_write) = real_methods().xWrite else {
         return ffi::SQLITE_IOERR_WRITE;
     };
     let code = unsafe { real_write(file, data, amount, offset) };
@@ -279,16 +284,16 @@ unsafe extern "C" fn sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
     } else {
         write_back(state);
     }
-    match unsafe { (*state.real).xSync } {
+    match real_methods().xSync {
         Some(real_sync) => unsafe { real_sync(file, flags) },
         None => ffi::SQLITE_IOERR_FSYNC,
     }
 }
 
 unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
-    // SAFETY: as in `write`; the `FileState` holds nothing to free.
-    let state = unsafe { file_state(file) };
-    match unsafe { (*state.real).xClose } {
+    // SAFETY: SQLite calls our methods only on files `open` set them on; the
+    // `FileState` holds nothing to free.
+    match real_methods().xClose {
         Some(real_close) => unsafe { real_close(file) },
         None => ffi::SQLITE_OK,
     }
