@@ -391,4 +391,63 @@ mod tests {
         assert_eq!(first, Progress::More);
         assert_eq!(beside_others.claimed.bundles.len(), CLAIM_STEP_DEVICES);
     }
+
+    /// Keeps the calling thread, and the threads it starts from now on, on the
+    /// CPU it runs on.
+    #[cfg(target_os = "linux")]
+    fn pin_to_this_cpu() {
+        // SAFETY: plain system calls on a zeroed set, for the calling thread.
+        unsafe {
+            let cpu = libc::sched_getcpu();
+            assert!(cpu >= 0, "sched_getcpu failed");
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu as usize, &mut set);
+            let pinned = libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
+            assert_eq!(pinned, 0, "sched_setaffinity failed");
+        }
+    }
+
+    /// On a server with one CPU (or all of them busy), the threads that take
+    /// requests in share the writer's CPU. A large claim running alone must let
+    /// such a thread, once woken, queue its job at the step's next look, not
+    /// after the kernel's time slice: 100 devices and more, several ms, that
+    /// the small request waits on top of the step's commit. Whether the kernel
+    /// lets a woken thread in at once varies, so this is tried several times.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_step_alone_lets_a_request_thread_on_its_cpu_queue_a_job() {
+        use super::super::writer::{Job, OneStep, PendingJob};
+        use std::sync::mpsc::channel;
+        use std::time::Duration;
+        const TRIES: usize = 10;
+        let (conn, devices) = store_of(1_000);
+        let (sender, mut queue) = tokio::sync::mpsc::channel::<Box<dyn Job>>(TRIES);
+        pin_to_this_cpu();
+        // A thread started for each try: how soon the kernel lets in a thread it
+        // has just started or woken varies most for the first one.
+        let steps: Vec<usize> = (0..TRIES)
+            .map(|_| {
+                let (wake, woken) = channel::<()>();
+                let sender = sender.clone();
+                let request_thread = std::thread::spawn(move || {
+                    woken.recv().unwrap();
+                    let (job, _answer) = PendingJob::new(
+                        OneStep::new(|_: &Connection| Ok(())),
+                        Duration::from_secs(5),
+                    );
+                    sender.try_send(job).ok().unwrap();
+                });
+                let mut claim = claim_of(&devices);
+                wake.send(()).unwrap();
+                claim.step(&conn, Waiting::queue(&queue)).unwrap();
+                request_thread.join().unwrap();
+                while queue.try_recv().is_ok() {}
+                claim.claimed.bundles.len()
+            })
+            .collect();
+        assert!(
+            steps.iter().all(|&step| step == CLAIM_STEP_DEVICES),
+            "devices a step served after a job was on its way: {steps:?}"
+        );
+    }
 }
