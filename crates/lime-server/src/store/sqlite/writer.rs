@@ -3,7 +3,9 @@
 //! Jobs come through a channel. The thread runs the jobs that are waiting
 //! together in one transaction (group commit), each inside its own savepoint: a
 //! job that fails rolls back alone, and no job's answer is sent before the
-//! transaction that holds it has committed.
+//! transaction that holds it has committed. Jobs that come while a
+//! transaction's jobs run join it before its commit (up to the batch's size):
+//! they would otherwise wait for that commit and then for their own.
 //!
 //! A job is [`Work`] in one step or several. A long one (a claim of hundreds of
 //! devices, see `claim.rs`) runs one step per transaction and is carried over to
@@ -306,23 +308,22 @@ pub fn run_writer(
         // Wait for a job only when none is carried.
         if carried.is_empty() {
             match queue.blocking_recv() {
-                Some(job) => batch.push(job),
+                Some(job) if !job.abandoned() => batch.push(job),
+                Some(_) => {}
                 None => break,
             }
         }
-        while batch.len() + carried.len() < max_batch {
-            match queue.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        batch.retain(|job| !job.abandoned());
+        take_queued(
+            &mut queue,
+            &mut batch,
+            max_batch.saturating_sub(carried.len()),
+        );
         // The jobs that came meanwhile first: they are what must not wait.
         batch.append(&mut carried);
         if batch.is_empty() {
             continue;
         }
-        let committed = run_batch(&conn, &mut batch, &queue);
+        let committed = run_batch(&conn, &mut batch, &mut queue, max_batch);
         if let Err(error) = &committed {
             tracing::error!(%error, jobs = batch.len(), "SQLite transaction failed, rolled back");
         }
@@ -333,24 +334,47 @@ pub fn run_writer(
     }
 }
 
-/// Runs the jobs in one transaction, each in a savepoint; commits what succeeded.
+/// Moves the jobs waiting in the queue into `batch` until it holds `max_jobs`,
+/// leaving out those whose caller gave up; false when none was added.
+fn take_queued(
+    queue: &mut mpsc::Receiver<Box<dyn Job>>,
+    batch: &mut Vec<Box<dyn Job>>,
+    max_jobs: usize,
+) -> bool {
+    let before = batch.len();
+    let room = max_jobs.saturating_sub(before);
+    batch.extend(
+        std::iter::from_fn(|| queue.try_recv().ok())
+            .take(room)
+            .filter(|job| !job.abandoned()),
+    );
+    batch.len() > before
+}
+
+/// Runs the jobs in one transaction, each in a savepoint, and the jobs that
+/// come meanwhile (up to `max_batch` in all) after them; commits what
+/// succeeded. A job that comes while others run joins their transaction rather
+/// than waiting for its commit and then for its own (a second fsync).
 fn run_batch(
     conn: &Connection,
-    batch: &mut [Box<dyn Job>],
-    queue: &mpsc::Receiver<Box<dyn Job>>,
+    batch: &mut Vec<Box<dyn Job>>,
+    queue: &mut mpsc::Receiver<Box<dyn Job>>,
+    max_batch: usize,
 ) -> Result<(), String> {
-    let waiting = Waiting {
-        queue: Some(queue),
-        in_transaction: batch.len() > 1,
-    };
     let result = (|| -> rusqlite::Result<()> {
         conn.execute_batch("BEGIN IMMEDIATE")?;
-        for job in batch.iter_mut() {
+        let mut ran = 0;
+        while ran < batch.len() || take_queued(queue, batch, max_batch) {
+            let waiting = Waiting {
+                queue: Some(&*queue),
+                in_transaction: batch.len() > 1,
+            };
             conn.execute_batch("SAVEPOINT job")?;
-            if !job.run(conn, Instant::now(), waiting) {
+            if !batch[ran].run(conn, Instant::now(), waiting) {
                 conn.execute_batch("ROLLBACK TO job")?;
             }
             conn.execute_batch("RELEASE job")?;
+            ran += 1;
         }
         conn.execute_batch("COMMIT")
     })();
@@ -362,4 +386,49 @@ fn run_batch(
         }
         error.to_string()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job that came while a transaction's jobs ran is run in that
+    /// transaction, before its commit: it would otherwise wait for this commit,
+    /// then for its own.
+    #[test]
+    fn a_job_that_comes_while_a_batch_runs_joins_its_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("writer.sqlite");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (n INTEGER)")
+            .unwrap();
+        let (sender, mut queue) = mpsc::channel::<Box<dyn Job>>(4);
+        // The late job counts the first one's row as another connection sees it:
+        // none while the transaction that holds it has not committed.
+        let (late, late_answer) = PendingJob::new(
+            OneStep::new(move |_: &Connection| {
+                let other = Connection::open(&path)?;
+                Ok(other.query_row("SELECT count(*) FROM t", [], |row| row.get::<_, i64>(0))?)
+            }),
+            Duration::from_secs(5),
+        );
+        let (first, first_answer) = PendingJob::new(
+            OneStep::new(move |conn: &Connection| {
+                conn.execute("INSERT INTO t VALUES (1)", [])?;
+                sender.try_send(late).ok().unwrap();
+                Ok(0)
+            }),
+            Duration::from_secs(5),
+        );
+        let mut batch: Vec<Box<dyn Job>> = vec![first];
+        let committed = run_batch(&conn, &mut batch, &mut queue, 64);
+        assert_eq!(committed, Ok(()));
+        assert_eq!(batch.len(), 2, "the late job did not join the transaction");
+        for job in batch {
+            assert!(job.finish(&committed).is_none());
+        }
+        assert_eq!(first_answer.blocking_recv().unwrap().unwrap(), 0);
+        assert_eq!(late_answer.blocking_recv().unwrap().unwrap(), 0);
+        assert!(queue.try_recv().is_err());
+    }
 }
