@@ -396,15 +396,10 @@ mod tests {
     /// CPU it runs on.
     #[cfg(target_os = "linux")]
     fn pin_to_this_cpu() {
-        // SAFETY: plain system calls on a zeroed set, for the calling thread.
-        unsafe {
-            let cpu = libc::sched_getcpu();
-            assert!(cpu >= 0, "sched_getcpu failed");
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu as usize, &mut set);
-            let pinned = libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
-            assert_eq!(pinned, 0, "sched_setaffinity failed");
-        }
+        use rustix::thread::{CpuSet, sched_getcpu, sched_setaffinity};
+        let mut set = CpuSet::new();
+        set.set(sched_getcpu());
+        sched_setaffinity(None, &set).expect("sched_setaffinity failed");
     }
 
     /// On a server with one CPU (or all of them busy), the threads that take

@@ -16,10 +16,11 @@
 //! the steps cost commits only when another request gains from them. Before it
 //! says nobody waits, the writer yields the CPU, so that a request thread that
 //! shares it gets to queue its job (on a busy server the kernel would otherwise
-//! let the writer run out its time slice, 60-120 devices of a large claim). Its answer
-//! is sent after its last step committed. When a step fails after earlier ones committed, the
-//! work undoes them ([`Work::undo`], in the next transaction) before its error is
-//! answered, so that an error still means that nothing changed.
+//! let the writer run out its time slice, 60-120 devices of a large claim). Its
+//! answer is sent after its last step committed. When a step fails after earlier
+//! ones committed, the work undoes them ([`Work::undo`], in the next
+//! transaction) before its error is answered, so that an error still means that
+//! nothing changed.
 //!
 //! Between two transactions the writer hands the WAL to the checkpointer
 //! (`checkpoint.rs`), which keeps it bounded.
