@@ -407,7 +407,10 @@ mod tests {
     /// such a thread, once woken, queue its job at the step's next look, not
     /// after the kernel's time slice: 100 devices and more, several ms, that
     /// the small request waits on top of the step's commit. Whether the kernel
-    /// lets a woken thread in at once varies, so this is tried several times.
+    /// lets a woken thread in at once varies, and on a loaded machine a yield
+    /// may go to another thread first (a CI run saw 2 tries of 10 end at the
+    /// second look), so this is tried several times and most tries must end at
+    /// the first look; without the yield at most 2 of 10 did, in 30 runs.
     #[cfg(target_os = "linux")]
     #[test]
     fn a_step_alone_lets_a_request_thread_on_its_cpu_queue_a_job() {
@@ -440,8 +443,12 @@ mod tests {
                 claim.claimed.bundles.len()
             })
             .collect();
+        let at_first_look = steps
+            .iter()
+            .filter(|&&step| step == CLAIM_STEP_DEVICES)
+            .count();
         assert!(
-            steps.iter().all(|&step| step == CLAIM_STEP_DEVICES),
+            at_first_look > TRIES / 2,
             "devices a step served after a job was on its way: {steps:?}"
         );
     }
