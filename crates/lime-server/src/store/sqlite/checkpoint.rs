@@ -15,9 +15,11 @@
 //! writer, between two transactions ([`Checkpointer::after_commit`]):
 //!
 //! - past [`RESET_FRAMES`], when the checkpointer's last pass left at most
-//!   [`CAUGHT_UP_FRAMES`] to copy, the writer waits for one more pass before its
-//!   next transaction: that pass is short (the rest was copied already) and
-//!   complete, so the next transaction starts the WAL over;
+//!   [`CAUGHT_UP_FRAMES`] to copy, the writer asks for a pass at once and goes
+//!   on; once that pass has ended, it waits for one more before its next
+//!   transaction. That last pass copies only what came during the first (the
+//!   rest was copied already) and is complete, so the next transaction starts
+//!   the WAL over;
 //! - past [`MAX_WAL_FRAMES`] (the checkpointer falls behind, or a reader in another
 //!   process holds old pages), the writer runs a RESTART checkpoint itself.
 //!
@@ -47,8 +49,8 @@ use std::time::Duration;
 pub const GATHER: Duration = Duration::from_millis(10);
 
 /// WAL frames past which the writer lets a nearly caught-up checkpointer finish,
-/// so that the WAL starts over. Each start-over holds the writer for one pass
-/// (5–15 ms on the disk of `docs/benchmarks.md`), so it comes rarely: at
+/// so that the WAL starts over. Each start-over holds the writer for a pass
+/// (3-5 ms on the disk of `docs/benchmarks.md`), so it comes rarely: at
 /// SQLite's 1,000 frames it came 37 times a second under load.
 pub const RESET_FRAMES: u32 = 16_000;
 
@@ -95,6 +97,9 @@ pub struct Pass {
     pub frames: u32,
     /// Of those, frames copied into the database file (by this pass or earlier).
     pub copied: u32,
+    /// Of those, frames this pass copied, as far as the checkpointer thread
+    /// knows (the whole `copied` when it has no earlier pass of the same WAL).
+    pub fresh: u32,
 }
 
 impl Pass {
@@ -109,9 +114,11 @@ fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<Pass> {
     conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
         let frames: i64 = row.get(1)?;
         let copied: i64 = row.get(2)?;
+        let copied = u32::try_from(copied).unwrap_or(0);
         Ok(Pass {
             frames: u32::try_from(frames).unwrap_or(0),
-            copied: u32::try_from(copied).unwrap_or(0),
+            copied,
+            fresh: copied,
         })
     })
 }
@@ -125,8 +132,10 @@ struct State {
     served: u64,
     /// Requests served by a pass that has ended.
     finished: u64,
-    /// The writer waits: skip the gathering.
+    /// A pass is wanted at once: skip the gathering.
     urgent: bool,
+    /// The writer waits for the pass: it flushes its pages at once.
+    hurry: bool,
     /// The last pass, when it succeeded.
     last: Option<Pass>,
     /// The store is closing.
@@ -157,6 +166,21 @@ impl Shared {
 pub struct Checkpointer {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// The request of the first of the two passes that let the WAL start over,
+    /// while it runs ([`Checkpointer::start_over`]).
+    first_pass: Cell<Option<u64>>,
+}
+
+/// How soon a pass is wanted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ask {
+    /// After [`GATHER`], its pages written back a few at a time.
+    Gathered,
+    /// At once, its pages still written back a few at a time: the first of the
+    /// two passes that let the WAL start over.
+    Soon,
+    /// At once, its pages flushed at once: the writer waits for it.
+    Waited,
 }
 
 impl Checkpointer {
@@ -178,19 +202,24 @@ impl Checkpointer {
         Ok(Checkpointer {
             shared,
             thread: Some(thread),
+            first_pass: Cell::new(None),
         })
     }
 
     /// Called by the writer after each transaction it ran on `conn`, before the
     /// next: asks for a pass, and keeps the WAL bounded (see the module's doc).
     pub fn after_commit(&self, conn: &Connection) {
-        let frames = wal_frames();
+        self.keep_bounded(conn, wal_frames());
+    }
+
+    /// [`Checkpointer::after_commit`] with the WAL at `frames`; returns the
+    /// checkpointer's pass the writer waited for, if it waited for one.
+    fn keep_bounded(&self, conn: &Connection, frames: u32) -> Option<Pass> {
         if frames == 0 {
-            return;
+            return None;
         }
         if frames >= MAX_WAL_FRAMES {
-            self.writer_restart(conn, frames);
-            return;
+            return self.writer_restart(conn, frames);
         }
         let caught_up = self
             .shared
@@ -198,17 +227,18 @@ impl Checkpointer {
             .last
             .is_some_and(|pass| pass.left() <= CAUGHT_UP_FRAMES);
         if frames >= RESET_FRAMES && caught_up {
-            self.pass_and_wait();
-        } else {
-            self.request(false);
+            return self.start_over();
         }
+        self.request(Ask::Gathered);
+        None
     }
 
     /// The writer's own checkpoint at the hard bound: RESTART, so that the next
     /// transaction starts the WAL over. The checkpointer's pass under way (if
     /// any) is waited for first, since two checkpoints cannot run at once.
-    fn writer_restart(&self, conn: &Connection, frames: u32) {
-        self.pass_and_wait();
+    fn writer_restart(&self, conn: &Connection, frames: u32) -> Option<Pass> {
+        self.first_pass.set(None);
+        let waited = self.pass_and_wait();
         match checkpoint(conn, "RESTART") {
             Ok(pass) if pass.left() == 0 => {
                 tracing::debug!(frames, "WAL at its bound: restarted by the writer");
@@ -222,14 +252,36 @@ impl Checkpointer {
             Err(error) => tracing::warn!(%error, frames, "WAL checkpoint by the writer failed"),
         }
         WAL_FRAMES.with(|cell| cell.set(0));
+        waited
     }
 
-    /// Asks for a pass; `urgent` skips the gathering.
-    fn request(&self, urgent: bool) -> u64 {
+    /// Lets the WAL start over, in two passes. The first runs at once, beside
+    /// the writer, and copies what the WAL holds; the writer then waits only for
+    /// the second, which copies what came during the first. Waiting for one
+    /// pass straight away, it waited for the pass under way (if any) and for one
+    /// that copied all that came since the last gathered pass started: 4-8 ms
+    /// on the disk of `docs/benchmarks.md`, twice a second under a group's
+    /// requests, and every request in flight waited with it.
+    fn start_over(&self) -> Option<Pass> {
+        match self.first_pass.get() {
+            None => self.first_pass.set(Some(self.request(Ask::Soon))),
+            Some(first) if self.shared.lock().finished >= first => {
+                self.first_pass.set(None);
+                return self.pass_and_wait();
+            }
+            // The first pass runs: nothing to ask meanwhile.
+            Some(_) => {}
+        }
+        None
+    }
+
+    /// Asks for a pass; returns the request's number.
+    fn request(&self, ask: Ask) -> u64 {
         let mut state = self.shared.lock();
         state.requested += 1;
-        state.urgent |= urgent;
-        if urgent {
+        state.urgent |= ask != Ask::Gathered;
+        if ask == Ask::Waited {
+            state.hurry = true;
             self.shared.hurry.store(true, Ordering::Relaxed);
         }
         self.shared.wake.notify_one();
@@ -237,9 +289,9 @@ impl Checkpointer {
     }
 
     /// Asks for a pass at once and waits (at most [`PASS_WAIT`]) until one that
-    /// started after the request has ended.
-    fn pass_and_wait(&self) {
-        let request = self.request(true);
+    /// started after the request has ended; returns that pass.
+    fn pass_and_wait(&self) -> Option<Pass> {
+        let request = self.request(Ask::Waited);
         let state = self.shared.lock();
         let (state, waited) = self
             .shared
@@ -250,7 +302,9 @@ impl Checkpointer {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if waited.timed_out() && !state.stop {
             tracing::warn!(waited = ?PASS_WAIT, "WAL checkpoint slow: the writer goes on");
+            return None;
         }
+        state.last
     }
 }
 
@@ -289,14 +343,21 @@ fn run_checkpointer(conn: &Connection, shared: &Shared) {
         }
         let serves = state.requested;
         state.served = serves;
-        shared.hurry.store(state.urgent, Ordering::Relaxed);
+        shared.hurry.store(state.hurry, Ordering::Relaxed);
         state.urgent = false;
+        state.hurry = false;
         drop(state);
         let result = checkpoint(conn, "PASSIVE");
         let mut state = shared.lock();
         state.finished = serves;
         match result {
-            Ok(pass) => state.last = Some(pass),
+            Ok(mut pass) => {
+                // The same WAL (not started over since) unless it holds fewer frames.
+                if let Some(last) = state.last.filter(|last| last.frames <= pass.frames) {
+                    pass.fresh = pass.copied.saturating_sub(last.copied);
+                }
+                state.last = Some(pass);
+            }
             Err(error) => {
                 state.last = None;
                 tracing::warn!(%error, "WAL checkpoint failed");
@@ -338,4 +399,62 @@ fn open(path: &Path) -> rusqlite::Result<Connection> {
 #[cfg(not(target_os = "linux"))]
 fn open(path: &Path) -> rusqlite::Result<Connection> {
     Connection::open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Appends about `pages` frames to the WAL, in one transaction.
+    fn write_pages(conn: &Connection, pages: usize) {
+        conn.execute_batch("BEGIN").unwrap();
+        for _ in 0..pages {
+            conn.execute("INSERT INTO t VALUES (randomblob(4000))", [])
+                .unwrap();
+        }
+        conn.execute_batch("COMMIT").unwrap();
+    }
+
+    /// Past [`RESET_FRAMES`], the writer goes on while a first pass copies the
+    /// WAL, and then waits only for a pass that copies what came meanwhile: its
+    /// wait no longer grows with all it wrote since the last gathered pass.
+    #[test]
+    fn the_pass_the_writer_waits_for_copies_only_what_came_during_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.sqlite");
+        let writer = Connection::open(&path).unwrap();
+        writer
+            .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (b BLOB)")
+            .unwrap();
+        prepare_writer(&writer).unwrap();
+        let checkpointer =
+            Checkpointer::start(connect(&path, "FULL").unwrap(), "test-ckpt".into()).unwrap();
+        // A pass that leaves the WAL caught up, then 2,000 pages no pass copied.
+        write_pages(&writer, 10);
+        checkpointer.pass_and_wait().unwrap();
+        write_pages(&writer, 2_000);
+        // The WAL at its reset, and the writer's next transactions (a page
+        // each, a millisecond apart) until it has waited for a pass.
+        let started = std::time::Instant::now();
+        let waited = loop {
+            if let Some(pass) = checkpointer.keep_bounded(&writer, RESET_FRAMES) {
+                break pass;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no pass waited for"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+            write_pages(&writer, 1);
+        };
+        // Waiting at once, it waited for the 2,000 pages.
+        assert!(
+            waited.fresh < 1_000,
+            "the writer waited for a pass that copied {} frames",
+            waited.fresh
+        );
+        // Everything was copied: the next transaction starts the WAL over.
+        write_pages(&writer, 1);
+        assert!(wal_frames() < 10, "{} frames in the WAL", wal_frames());
+    }
 }
