@@ -50,8 +50,8 @@ pub const GATHER: Duration = Duration::from_millis(10);
 
 /// WAL frames past which the writer lets a nearly caught-up checkpointer finish,
 /// so that the WAL starts over. Each start-over holds the writer for a pass
-/// (3-5 ms on the disk of `docs/benchmarks.md`), so it comes rarely: at
-/// SQLite's 1,000 frames it came 37 times a second under load.
+/// (3.5 ms at the median on the disk of `docs/benchmarks.md`), so it comes
+/// rarely: at SQLite's 1,000 frames it came 37 times a second under load.
 pub const RESET_FRAMES: u32 = 16_000;
 
 /// What "nearly caught up" means: frames a pass left uncopied.
@@ -259,9 +259,10 @@ impl Checkpointer {
     /// the writer, and copies what the WAL holds; the writer then waits only for
     /// the second, which copies what came during the first. Waiting for one
     /// pass straight away, it waited for the pass under way (if any) and for one
-    /// that copied all that came since the last gathered pass started: 4-8 ms
-    /// on the disk of `docs/benchmarks.md`, twice a second under a group's
-    /// requests, and every request in flight waited with it.
+    /// that copied all that came since the last gathered pass started: 7-8 ms
+    /// at the median on the disk of `docs/benchmarks.md` (3.5 ms now), twice a
+    /// second under a group's requests, and every request in flight waited
+    /// with it.
     fn start_over(&self) -> Option<Pass> {
         match self.first_pass.get() {
             None => self.first_pass.set(Some(self.request(Ask::Soon))),
