@@ -56,7 +56,9 @@
 #              MANY_STORES (sqlite; mariadb and postgres run C25519 only), MANY_HOL
 #              (on; off leaves out the head-of-line runs, which are SQLite's),
 #              MANY_DEVICES (2000 seeded), MANY_OPKS (40), MANY_CLAIMS (20000 devices
-#              asked per run), MANY_CONNECTIONS (1), MANY_LIMIT (on), HOL_PER_REQUEST
+#              asked per run), MANY_CONNECTIONS (1: each a user of its own),
+#              MANY_LIMIT (on; "off on": both, and their throughput's ratio; the
+#              head-of-line runs take the last), HOL_PER_REQUEST
 #              (1000), HOL_CONNECTIONS (16), HOL_REQUESTS (5000), HOL_OPKS (200),
 #              HOL_RATES ("500": paced runs of the small requests, requests/s in
 #              all; empty: only the closed loop).
@@ -364,7 +366,7 @@ scenario_digest401() {
 }
 
 scenario_many() {
-    local store curve size i side requests mode background template name db_args
+    local store curve size i side requests mode background template name db_args limit figure
     for store in $MANY_STORES; do
         for curve in $MANY_CURVES; do
             db_args=()
@@ -386,23 +388,35 @@ scenario_many() {
                 requests=$((MANY_CLAIMS / size))
                 ((requests > 0)) || requests=1
                 for ((i = 1; i <= REPEAT; i++)); do
-                    for side in "${SIDES[@]}"; do
-                        template=lime_perf_tmpl_$side
-                        [[ $store == sqlite ]] && template=$(template_dir "$side" "$curve" "$MANY_DEVICES" "$MANY_OPKS")
-                        label "$name side=$side run $i/$REPEAT: $size devices a request, limit $MANY_LIMIT, $MANY_CONNECTIONS connections, $requests requests"
-                        measure bench_run "$side" "$store" "$template" \
-                            "$curve" "$MANY_LIMIT" "" bundles --curve "$curve" --devices "$MANY_DEVICES" \
-                            --per-request "$size" --connections "$MANY_CONNECTIONS" --requests "$requests" \
-                            "${db_args[@]}"
-                        local cpu_per_device
-                        cpu_per_device=$(sed -nE 's/.*server CPU per device asked: ([0-9.]+) ms.*/\1/p' <<<"$out")
-                        # One device a request: the per-request figure is the per-device one.
-                        [[ -n $cpu_per_device ]] || cpu_per_device=$(report_server_cpu <<<"$out")
-                        record "$name" "$size devices: server CPU ms/device" "$side" "$cpu_per_device" "$mark"
-                        record "$name" "$size devices: p50 ms/request" "$side" "$(report_latency p50 <<<"$out")" "$mark"
-                        record "$name" "$size devices: p99 ms/request" "$side" "$(report_latency p99 <<<"$out")" "$mark"
+                    for limit in $MANY_LIMIT; do
+                        figure="$size devices"
+                        [[ $MANY_LIMIT == *" "* ]] && figure+=", limit $limit"
+                        for side in "${SIDES[@]}"; do
+                            template=lime_perf_tmpl_$side
+                            [[ $store == sqlite ]] && template=$(template_dir "$side" "$curve" "$MANY_DEVICES" "$MANY_OPKS")
+                            label "$name side=$side run $i/$REPEAT: $size devices a request, limit $limit, $MANY_CONNECTIONS connections, $requests requests"
+                            # Each connection a user of its own, as in the limit scenario.
+                            measure bench_run "$side" "$store" "$template" \
+                                "$curve" "$limit" "" bundles --curve "$curve" --devices "$MANY_DEVICES" \
+                                --per-request "$size" --connections "$MANY_CONNECTIONS" --requests "$requests" \
+                                --senders "$MANY_CONNECTIONS" "${db_args[@]}"
+                            local cpu_per_device
+                            cpu_per_device=$(sed -nE 's/.*server CPU per device asked: ([0-9.]+) ms.*/\1/p' <<<"$out")
+                            # One device a request: the per-request figure is the per-device one.
+                            [[ -n $cpu_per_device ]] || cpu_per_device=$(report_server_cpu <<<"$out")
+                            record "$name" "$figure: server CPU ms/device" "$side" "$cpu_per_device" "$mark"
+                            record "$name" "$figure: p50 ms/request" "$side" "$(report_latency p50 <<<"$out")" "$mark"
+                            record "$name" "$figure: p99 ms/request" "$side" "$(report_latency p99 <<<"$out")" "$mark"
+                            record "$name" "$figure: requests/s" "$side" "$(report_rate <<<"$out")" "$mark"
+                            [[ $store == sqlite ]] || record "$name" "$figure: database CPU ms/request" "$side" \
+                                "$(sed -nE 's/.*database CPU: ([0-9.]+) ms.request.*/\1/p' <<<"$out")" "$mark"
+                        done
                     done
                 done
+                if [[ " $MANY_LIMIT " == *" off "* && " $MANY_LIMIT " == *" on "* ]]; then
+                    ratio "$name" "$size devices: throughput on / off" \
+                        "$size devices, limit on: requests/s" "$size devices, limit off: requests/s"
+                fi
             done
             [[ $store == sqlite ]] || drop_sides "$store"
         done
@@ -428,7 +442,7 @@ scenario_many() {
                     [[ $mode == with ]] && background=(--background-connections 1 --background-per-request "$HOL_PER_REQUEST")
                     label "head-of-line side=$side run $i/$REPEAT: 1-device requests on $HOL_CONNECTIONS connections ($pace), $mode a connection of $HOL_PER_REQUEST-device requests"
                     measure bench_run "$side" sqlite "$(template_dir "$side" c25519 "$MANY_DEVICES" "$HOL_OPKS")" \
-                        c25519 "$MANY_LIMIT" "" bundles --curve c25519 --devices "$MANY_DEVICES" \
+                        c25519 "${MANY_LIMIT##* }" "" bundles --curve c25519 --devices "$MANY_DEVICES" \
                         --connections "$HOL_CONNECTIONS" --requests "$HOL_REQUESTS" "${pacing[@]}" "${background[@]}"
                     record "head-of-line" "$small, $mode large: p50 ms" "$side" "$(report_latency p50 <<<"$out")" "$mark"
                     record "head-of-line" "$small, $mode large: p99 ms" "$side" "$(report_latency p99 <<<"$out")" "$mark"
