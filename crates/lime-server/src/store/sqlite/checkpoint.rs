@@ -16,10 +16,12 @@
 //!
 //! - past [`RESET_FRAMES`], when the checkpointer's last pass left at most
 //!   [`CAUGHT_UP_FRAMES`] to copy, the writer asks for a pass at once and goes
-//!   on; once that pass has ended, it waits for one more before its next
-//!   transaction. That last pass copies only what came during the first (the
-//!   rest was copied already) and is complete, so the next transaction starts
-//!   the WAL over;
+//!   on; once that pass has ended, it asks for another while more than
+//!   [`CAUGHT_UP_FRAMES`] came meanwhile (each copies what came during the one
+//!   before, so less each time, up to [`START_OVER_PASSES`]), then waits for
+//!   one more before its next transaction. That last pass copies only what is
+//!   left (the rest was copied already) and is complete, so the next
+//!   transaction starts the WAL over;
 //! - past [`MAX_WAL_FRAMES`] (the checkpointer falls behind, or a reader in another
 //!   process holds old pages), the writer runs a RESTART checkpoint itself.
 //!
@@ -50,12 +52,17 @@ pub const GATHER: Duration = Duration::from_millis(10);
 
 /// WAL frames past which the writer lets a nearly caught-up checkpointer finish,
 /// so that the WAL starts over. Each start-over holds the writer for a pass
-/// (3.5 ms at the median on the disk of `docs/benchmarks.md`), so it comes
+/// (about 2 ms at the median on the disk of `docs/benchmarks.md`), so it comes
 /// rarely: at SQLite's 1,000 frames it came 37 times a second under load.
 pub const RESET_FRAMES: u32 = 16_000;
 
 /// What "nearly caught up" means: frames a pass left uncopied.
 pub const CAUGHT_UP_FRAMES: u32 = 200;
+
+/// Most passes that run beside the writer, each copying what came during the
+/// one before, before it waits for the last: a writer that writes as fast as a
+/// pass copies would never leave little enough.
+pub const START_OVER_PASSES: u32 = 4;
 
 /// The hard bound: past it the writer checkpoints (RESTART) itself.
 pub const MAX_WAL_FRAMES: u32 = 32_000;
@@ -166,9 +173,11 @@ impl Shared {
 pub struct Checkpointer {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
-    /// The request of the first of the two passes that let the WAL start over,
-    /// while it runs ([`Checkpointer::start_over`]).
-    first_pass: Cell<Option<u64>>,
+    /// The passes that let the WAL start over, while they run beside the
+    /// writer ([`Checkpointer::start_over`]).
+    starting_over: Cell<Option<StartOver>>,
+    /// [`RESET_FRAMES`], or less in tests.
+    reset_frames: u32,
 }
 
 /// How soon a pass is wanted.
@@ -181,6 +190,15 @@ enum Ask {
     Soon,
     /// At once, its pages flushed at once: the writer waits for it.
     Waited,
+}
+
+/// The passes under way that let the WAL start over.
+#[derive(Debug, Clone, Copy)]
+struct StartOver {
+    /// The request of the last pass asked for.
+    request: u64,
+    /// Passes asked for so far.
+    passes: u32,
 }
 
 impl Checkpointer {
@@ -202,7 +220,8 @@ impl Checkpointer {
         Ok(Checkpointer {
             shared,
             thread: Some(thread),
-            first_pass: Cell::new(None),
+            starting_over: Cell::new(None),
+            reset_frames: RESET_FRAMES,
         })
     }
 
@@ -226,8 +245,11 @@ impl Checkpointer {
             .lock()
             .last
             .is_some_and(|pass| pass.left() <= CAUGHT_UP_FRAMES);
-        if frames >= RESET_FRAMES && caught_up {
-            return self.start_over();
+        if frames < self.reset_frames {
+            // Started over, or never due: what ran for it is done with.
+            self.starting_over.set(None);
+        } else if caught_up || self.starting_over.get().is_some() {
+            return self.start_over(frames);
         }
         self.request(Ask::Gathered);
         None
@@ -237,7 +259,7 @@ impl Checkpointer {
     /// transaction starts the WAL over. The checkpointer's pass under way (if
     /// any) is waited for first, since two checkpoints cannot run at once.
     fn writer_restart(&self, conn: &Connection, frames: u32) -> Option<Pass> {
-        self.first_pass.set(None);
+        self.starting_over.set(None);
         let waited = self.pass_and_wait();
         match checkpoint(conn, "RESTART") {
             Ok(pass) if pass.left() == 0 => {
@@ -255,25 +277,45 @@ impl Checkpointer {
         waited
     }
 
-    /// Lets the WAL start over, in two passes. The first runs at once, beside
-    /// the writer, and copies what the WAL holds; the writer then waits only for
-    /// the second, which copies what came during the first. Waiting for one
-    /// pass straight away, it waited for the pass under way (if any) and for one
-    /// that copied all that came since the last gathered pass started: 7-8 ms
-    /// at the median on the disk of `docs/benchmarks.md` (3.5 ms now), twice a
-    /// second under a group's requests, and every request in flight waited
-    /// with it.
-    fn start_over(&self) -> Option<Pass> {
-        match self.first_pass.get() {
-            None => self.first_pass.set(Some(self.request(Ask::Soon))),
-            Some(first) if self.shared.lock().finished >= first => {
-                self.first_pass.set(None);
-                return self.pass_and_wait();
+    /// Lets the WAL start over (the WAL at `frames`). Passes run at once, one
+    /// after the other, beside the writer: the first copies what the WAL holds,
+    /// each next one what came during the one before. Once one has left at
+    /// most [`CAUGHT_UP_FRAMES`] (or after [`START_OVER_PASSES`]), the writer
+    /// waits for a last pass that copies what is left. Every request in flight
+    /// waits with the writer. Waiting for one pass straight away, it waited for
+    /// the pass under way (if any) and for one that copied all that came since
+    /// the last gathered pass started: 7-8 ms at the median on the disk of
+    /// `docs/benchmarks.md`. Waiting after one pass, for what came during it
+    /// (390-540 frames beside a stream of 1,000-device requests): about 4 ms.
+    /// Now the pass waited for copies 150-180 frames, in about 2 ms.
+    fn start_over(&self, frames: u32) -> Option<Pass> {
+        let Some(running) = self.starting_over.get() else {
+            self.start_over_pass(1);
+            return None;
+        };
+        let left = {
+            let state = self.shared.lock();
+            if state.finished < running.request {
+                // The pass runs: nothing to ask meanwhile.
+                return None;
             }
-            // The first pass runs: nothing to ask meanwhile.
-            Some(_) => {}
+            state
+                .last
+                .map_or(frames, |pass| frames.saturating_sub(pass.copied))
+        };
+        if left > CAUGHT_UP_FRAMES && running.passes < START_OVER_PASSES {
+            self.start_over_pass(running.passes + 1);
+            return None;
         }
-        None
+        self.starting_over.set(None);
+        self.pass_and_wait()
+    }
+
+    /// Asks for the `passes`-th pass beside the writer that lets the WAL start
+    /// over.
+    fn start_over_pass(&self, passes: u32) {
+        let request = self.request(Ask::Soon);
+        self.starting_over.set(Some(StartOver { request, passes }));
     }
 
     /// Asks for a pass; returns the request's number.
@@ -416,11 +458,12 @@ mod tests {
         conn.execute_batch("COMMIT").unwrap();
     }
 
-    /// Past [`RESET_FRAMES`], the writer goes on while a first pass copies the
-    /// WAL, and then waits only for a pass that copies what came meanwhile: its
-    /// wait no longer grows with all it wrote since the last gathered pass.
+    /// Past its reset, the writer goes on while passes copy the WAL, and waits
+    /// only for a pass that copies what little the last of them left, however
+    /// much it wrote while they ran: its wait no longer grows with the WAL's
+    /// size, nor with how fast the writer writes.
     #[test]
-    fn the_pass_the_writer_waits_for_copies_only_what_came_during_the_first() {
+    fn the_pass_the_writer_waits_for_copies_little_however_fast_it_writes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("checkpoint.sqlite");
         let writer = Connection::open(&path).unwrap();
@@ -428,29 +471,32 @@ mod tests {
             .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (b BLOB)")
             .unwrap();
         prepare_writer(&writer).unwrap();
-        let checkpointer =
+        let mut checkpointer =
             Checkpointer::start(connect(&path, "FULL").unwrap(), "test-ckpt".into()).unwrap();
-        // A pass that leaves the WAL caught up, then 2,000 pages no pass copied.
+        checkpointer.reset_frames = 1_000;
+        // A pass that leaves the WAL caught up, then 5,000 pages no pass copied.
         write_pages(&writer, 10);
         checkpointer.pass_and_wait().unwrap();
-        write_pages(&writer, 2_000);
-        // The WAL at its reset, and the writer's next transactions (a page
-        // each, a millisecond apart) until it has waited for a pass.
+        write_pages(&writer, 5_000);
+        // The writer's next transactions (10 pages each, a millisecond apart),
+        // each followed by what the writer does after a commit, until it has
+        // waited for a pass.
         let started = std::time::Instant::now();
         let waited = loop {
-            if let Some(pass) = checkpointer.keep_bounded(&writer, RESET_FRAMES) {
+            if let Some(pass) = checkpointer.keep_bounded(&writer, wal_frames()) {
                 break pass;
             }
             assert!(
-                started.elapsed() < Duration::from_secs(10),
+                started.elapsed() < Duration::from_secs(20),
                 "no pass waited for"
             );
             std::thread::sleep(Duration::from_millis(1));
-            write_pages(&writer, 1);
+            write_pages(&writer, 10);
         };
-        // Waiting at once, it waited for the 2,000 pages.
+        // Waiting once the first pass ended, it waited for all that came while
+        // the first pass copied 5,000 pages.
         assert!(
-            waited.fresh < 1_000,
+            waited.fresh <= CAUGHT_UP_FRAMES,
             "the writer waited for a pass that copied {} frames",
             waited.fresh
         );
