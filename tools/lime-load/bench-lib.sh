@@ -176,11 +176,16 @@ wait_for_health() {
 
 # start_server LIME_SERVER CONFIG SCHEME PORT LOG [serve options...]: the server in
 # the background, its pid in $server_pid, once it answers /health. With
-# SERVER_CPU set, it runs on that CPU only (taskset).
+# SERVER_CPU set, it runs on that CPU only (taskset). What the machine has yet to
+# write goes to disk first (a build's output, an earlier run's files): the kernel
+# would write it back 30 s after it was written (vm.dirty_expire_centisecs),
+# whatever runs then, and a run across that moment after a release build
+# stalled for about 100 ms (docs/benchmarks.md).
 server_pid=
 start_server() {
     local lime_server=$1 config=$2 scheme=$3 port=$4 log=$5 pin=()
     shift 5
+    sync
     [[ -n ${SERVER_CPU:-} ]] && pin=(taskset -c "$SERVER_CPU")
     [[ $scheme == http ]] && set -- "$@" --plain-http
     "${pin[@]}" "$lime_server" --config "$config" serve --listen "127.0.0.1:$port" "$@" \
