@@ -206,6 +206,7 @@ stop_server() {
 other_cpu() { sed -nE 's/.*other processes ([0-9.]+) s CPU.*/\1/p' | head -1; }
 report_rate() { sed -nE 's/.*rate: ([0-9.]+) (requests|claims).*/\1/p' | head -1; }
 report_server_cpu() { sed -nE 's/.*server CPU: ([0-9.]+) ms.request.*/\1/p' | head -1; }
+report_db_cpu() { sed -nE 's/.*database CPU: ([0-9.]+) ms.request.*/\1/p' | head -1; }
 # report_latency NAME: p50, p90, p99, p99.9 or max of the timed requests, in ms.
 report_latency() { sed -nE "s/^  latency:.*[ ,]$1 ([0-9.]+) ms.*/\\1/p" | head -1; }
 

@@ -311,7 +311,7 @@ scenario_limit() {
                         record "$scenario" "server CPU ms/request, limit $limit" "$side" "$(report_server_cpu <<<"$out")" "$mark"
                         if [[ $store != sqlite ]]; then
                             record "$scenario" "database CPU ms/request, limit $limit" "$side" \
-                                "$(sed -nE 's/.*database CPU: ([0-9.]+) ms.request.*/\1/p' <<<"$out")" "$mark"
+                                "$(report_db_cpu <<<"$out")" "$mark"
                         fi
                     done
                 done
@@ -409,7 +409,7 @@ scenario_many() {
                             record "$name" "$figure: p99 ms/request" "$side" "$(report_latency p99 <<<"$out")" "$mark"
                             record "$name" "$figure: requests/s" "$side" "$(report_rate <<<"$out")" "$mark"
                             [[ $store == sqlite ]] || record "$name" "$figure: database CPU ms/request" "$side" \
-                                "$(sed -nE 's/.*database CPU: ([0-9.]+) ms.request.*/\1/p' <<<"$out")" "$mark"
+                                "$(report_db_cpu <<<"$out")" "$mark"
                         done
                     done
                 done

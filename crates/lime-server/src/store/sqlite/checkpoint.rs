@@ -185,8 +185,8 @@ pub struct Checkpointer {
 enum Ask {
     /// After [`GATHER`], its pages written back a few at a time.
     Gathered,
-    /// At once, its pages still written back a few at a time: the first of the
-    /// two passes that let the WAL start over.
+    /// At once, its pages still written back a few at a time: the passes that
+    /// run beside the writer to let the WAL start over.
     Soon,
     /// At once, its pages flushed at once: the writer waits for it.
     Waited,
@@ -493,8 +493,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
             write_pages(&writer, 10);
         };
-        // Waiting once the first pass ended, it waited for all that came while
-        // the first pass copied 5,000 pages.
+        // Had it waited once the first pass ended, it would have waited for all
+        // that came while the first pass copied 5,000 pages.
         assert!(
             waited.fresh <= CAUGHT_UP_FRAMES,
             "the writer waited for a pass that copied {} frames",
